@@ -1,0 +1,95 @@
+"""Checking the composed config before anything heavy happens.
+
+Every rule fails with one line naming the key, the value and the rule, so a typo in a sweep costs seconds,
+not a model download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message is one line: key=value: rule."""
+
+
+def _fail(key: str, value: Any, rule: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        _fail(key, value, rule)
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
+    """Micro-batches per optimizer step, so ``optim.batch_size`` means the same on every hardware profile."""
+    if micro_batch_size is None or micro_batch_size >= batch_size:
+        return 1
+    if batch_size % micro_batch_size:
+        raise ConfigError(f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
+                          f"{micro_batch_size}; pick a batch size that is a multiple of it")
+    return batch_size // micro_batch_size
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first broken rule."""
+    d = cfg.data
+    labels = d.labels
+    _check(isinstance(labels, (list, ListConfig)) and len(labels) > 0, "data.labels", labels, "must be a non-empty list")
+    _check(all(isinstance(x, str) and x for x in labels), "data.labels", list(labels), "labels must be non-empty strings")
+    _check(len(set(labels)) == len(labels), "data.labels", list(labels), "labels must be unique")
+    if not d.get("demo"):
+        _check(Path(d.train_file).is_file(), "data.train_file", d.train_file, "file not found")
+        if d.val_file:
+            _check(Path(d.val_file).is_file(), "data.val_file", d.val_file, "file not found")
+    if not d.val_file:
+        _check(0 < d.val_split < 1, "data.val_split", d.val_split, "must be in (0, 1)")
+    if d.oversample_below is not None:
+        _check(0 < d.oversample_below <= 1, "data.oversample_below", d.oversample_below, "must be in (0, 1] or null")
+    _check(d.leakage in ("warn", "drop", "error"), "data.leakage", d.leakage, "must be warn, drop or error")
+    _check("{features}" in d.template, "data.template", d.template, "must contain {features}")
+
+    _check(cfg.loss.gamma >= 0, "loss.gamma", cfg.loss.gamma, "must be >= 0")
+    cw = cfg.loss.class_weights
+    if isinstance(cw, (list, ListConfig)):
+        _check(len(cw) == len(labels), "loss.class_weights", list(cw), f"needs one weight per label ({len(labels)})")
+        _check(all(isinstance(w, (int, float)) and w >= 0 for w in cw), "loss.class_weights", list(cw),
+               "weights must be numbers >= 0")
+    else:
+        _check(cw in ("auto", "sqrt_inverse", "none", None), "loss.class_weights", cw,
+               "must be auto, sqrt_inverse, none or a list of numbers")
+
+    if cfg.lora is not None:
+        _check(cfg.lora.r > 0, "lora.r", cfg.lora.r, "must be > 0")
+        _check(cfg.lora.lora_alpha > 0, "lora.lora_alpha", cfg.lora.lora_alpha, "must be > 0")
+        _check(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", cfg.lora.lora_dropout, "must be in [0, 1)")
+        _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", cfg.lora.target_modules, "must not be empty")
+
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(isinstance(o.batch_size, int) and o.batch_size > 0, "optim.batch_size", o.batch_size, "must be an int > 0")
+    _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    if o.max_grad_norm is not None:
+        _check(o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0 or null")
+
+    t = cfg.trainer
+    _check(isinstance(t.max_epochs, int) and t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "must be an int >= 1")
+    _check(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", t.early_stopping.patience, "must be >= 0")
+    _check(t.eval_batch_size > 0, "trainer.eval_batch_size", t.eval_batch_size, "must be > 0")
+
+    h = cfg.hardware
+    _check(h.precision in ("fp32", "bf16", "fp16"), "hardware.precision", h.precision, "must be fp32, bf16 or fp16")
+    if h.micro_batch_size is not None:
+        _check(h.micro_batch_size > 0, "hardware.micro_batch_size", h.micro_batch_size, "must be > 0 or null")
+    accumulation_steps(o.batch_size, h.micro_batch_size)
+    _check(cfg.model.max_length > 0, "model.max_length", cfg.model.max_length, "must be > 0")
+    _check(cfg.model.truncation_side in ("left", "right"), "model.truncation_side", cfg.model.truncation_side,
+           "must be left or right")
+    _check(cfg.model.pretrained or cfg.model.arch, "model.arch", cfg.model.arch,
+           "pretrained=false needs a shipped architecture name")
+    _check(cfg.export.max_size_mb > 0, "export.max_size_mb", cfg.export.max_size_mb, "must be > 0")

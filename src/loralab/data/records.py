@@ -1,0 +1,159 @@
+"""Reading and validating JSONL feature records.
+
+A record is ``{"id": ..., "features": {flat: values}, "label": str}``. Every malformed row is dropped and counted
+by reason, never raised: one bad line in a million must not kill a run, and the counts tell the user what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot be used at all (missing file, nothing valid left)."""
+
+
+@dataclass
+class Record:
+    id: str | int
+    features: dict[str, Any]
+    label: str | None
+
+
+@dataclass
+class LoadReport:
+    """What happened to every line of one file."""
+
+    path: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict[str, int] = field(default_factory=dict)  # reason -> first line number seen
+
+    def drop(self, reason: str, line_no: int) -> None:
+        self.dropped[reason] += 1
+        self.examples.setdefault(reason, line_no)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(sorted(self.dropped.items())),
+            "first_line_by_reason": dict(sorted(self.examples.items())),
+        }
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> float:
+    # json.loads accepts NaN/Infinity literals by default; they are not JSON and not usable features.
+    raise _NonFinite(name)
+
+
+def _check_features(features: Any, allow_null: bool) -> str | None:
+    """Return the drop reason for a features value, or None when it is valid."""
+    if features is None or features == {}:
+        return "missing_features"
+    if not isinstance(features, dict):
+        return "features_not_object"
+    for key, value in features.items():
+        if not key.isascii():
+            return "non_ascii_key"
+        if isinstance(value, (dict, list)):
+            return "features_not_flat"
+        if value is None:
+            if not allow_null:
+                return "null_feature_value"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "non_finite_value"  # e.g. 1e999 parses to inf
+        elif not isinstance(value, (bool, int, float, str)):
+            return "invalid_feature_value"
+    return None
+
+
+def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False) -> Record | str:
+    """Parse one line into a Record, or return the reason it is dropped.
+
+    ``labels=None`` accepts rows without a label (inference input).
+    """
+    try:
+        row = json.loads(text, parse_constant=_reject_constant)
+    except _NonFinite:
+        return "non_finite_value"
+    except (json.JSONDecodeError, RecursionError):
+        return "invalid_json"
+    if not isinstance(row, dict):
+        return "not_object"
+    rid = row.get("id")
+    if rid is None or isinstance(rid, (bool, dict, list, float)) or rid == "":
+        return "missing_id"
+    if "features" not in row:
+        return "missing_features"
+    reason = _check_features(row["features"], allow_null)
+    if reason:
+        return reason
+    label = row.get("label")
+    if labels is not None:
+        if label is None or label == "":
+            return "missing_label"
+        if label not in labels:
+            return "unknown_label"
+    elif label is not None and not isinstance(label, str):
+        label = None
+    return Record(id=rid, features=row["features"], label=label)
+
+
+def load_records(
+    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False
+) -> tuple[list[Record], LoadReport]:
+    """Read a JSONL file, keeping valid rows (first occurrence of an id wins) and counting the rest."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    report = LoadReport(path=str(path))
+    records: list[Record] = []
+    seen: set = set()
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 BOM written by some Windows tools
+            if not raw.strip():
+                continue  # blank lines are formatting, not rows
+            report.rows_read += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.drop("invalid_utf8", line_no)
+                continue
+            parsed = parse_line(text, labels, allow_null)
+            if isinstance(parsed, str):
+                report.drop(parsed, line_no)
+                continue
+            key = str(parsed.id)
+            if key in seen:
+                report.drop("duplicate_id", line_no)
+                continue
+            seen.add(key)
+            records.append(parsed)
+    report.rows_kept = len(records)
+    if report.dropped:
+        log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()),
+                    report.rows_read, dict(report.dropped))
+    return records, report
+
+
+def leaked_ids(train: Sequence[Record], val: Sequence[Record]) -> list[str]:
+    """Ids present in both splits: metrics on them measure memory, not generalisation."""
+    return sorted({str(r.id) for r in train} & {str(r.id) for r in val})

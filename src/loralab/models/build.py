@@ -1,0 +1,95 @@
+"""Tokenizer and sequence-classification model from a ``conf/model`` entry.
+
+Real checkpoints load by hub id or local path. ``pretrained=false`` builds the same architecture with random
+weights from a config shipped in this package, and trains a byte-level BPE tokenizer on the run's own texts, so
+tests, benchmarks and the demo need no network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerFast)
+
+log = logging.getLogger(__name__)
+
+PAD = "<|endoftext|>"  # Qwen's own pad token, reused by the trained tokenizer
+
+
+def shipped_config(name: str) -> dict:
+    """Architecture JSON shipped in ``loralab/models/configs`` (no hub access)."""
+    path = resources.files("loralab.models") / "configs" / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped architecture config named {name!r} ({path})")
+    return json.loads(path.read_text())
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with every digit its own token, so numbers are read digit by digit, not memorised."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=PAD)
+
+
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer come from. Built by Hydra from ``conf/model/*.yaml``."""
+
+    name: str
+    hub_id: str | None = None
+    path: str | None = None
+    pretrained: bool = True
+    arch: str | None = None
+    max_length: int = 256
+    truncation_side: str = "right"
+    tokenizer_vocab_size: int = 2048
+    trust_remote_code: bool = False
+
+    @property
+    def location(self) -> str | None:
+        return self.path or self.hub_id
+
+    def load_tokenizer(self, texts: Sequence[str]) -> PreTrainedTokenizerFast:
+        if self.pretrained:
+            tok = AutoTokenizer.from_pretrained(self.location, trust_remote_code=self.trust_remote_code)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        else:
+            tok = train_tokenizer(texts, self.tokenizer_vocab_size)
+        # Right padding: causal attention never lets pads touch real tokens, and Qwen2's classifier pools the
+        # last non-pad token, so batched logits equal one-by-one logits (tested).
+        tok.padding_side = "right"
+        tok.truncation_side = self.truncation_side
+        return tok
+
+    def load_model(self, labels: Sequence[str], tokenizer, attn_implementation: str = "sdpa",
+                   dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
+        label_map = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={label: i for i, label in enumerate(labels)},
+                         problem_type="single_label_classification", pad_token_id=tokenizer.pad_token_id)
+        if self.pretrained:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.location, attn_implementation=attn_implementation, dtype=dtype,
+                trust_remote_code=self.trust_remote_code, **label_map, **kwargs)
+        else:
+            arch = shipped_config(self.arch or self.name)
+            arch["vocab_size"] = max(arch.get("vocab_size") or 0, len(tokenizer))
+            config = AutoConfig.for_model(**arch, **label_map)
+            config._attn_implementation = attn_implementation
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model

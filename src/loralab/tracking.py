@@ -1,0 +1,84 @@
+"""MLflow: the one place that knows about runs. Everything goes through ``MlflowClient`` with an explicit run
+id, so no global "active run" leaks between jobs of a sweep."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict to ``a.b.c`` keys (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class MLflowTracker:
+    """One MLflow run. Built by Hydra from ``conf/tracking``; ``run.py`` starts it and always ends it."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None = None, enabled: bool = True):
+        self.uri, self.experiment, self.run_name, self.enabled = uri, experiment, run_name, enabled
+        self.client = MlflowClient(tracking_uri=uri) if enabled else None
+        self.run_id: str | None = None
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+              parent_run_id: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        flat = flatten(params)
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()])
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.run_id:
+            return
+        now = get_current_time_millis()
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.run_id:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        if self.run_id:
+            self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.run_id:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path or path.name)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run as FINISHED, FAILED or KILLED. Safe to call when it never started."""
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+            log.info("MLflow run %s ended %s", self.run_id, status)
