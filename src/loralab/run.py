@@ -92,9 +92,29 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     labels = list(cfg.data.labels)
-    label2id = {label: i for i, label in enumerate(labels)}
+    splits, weights = prepare_data(cfg, labels, out_dir, tracker)
+    device = resolve_device(cfg.hardware.device)
+    model, tokenizer, source = build_model(cfg, labels, splits, device)
+    loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
+    train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, source.max_length)
+    result = train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
+                         source, out_dir, tracker)
+    metrics = best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir, tracker)
+    summary = {
+        "objective_key": cfg.objective, "objective": result.history[result.best_epoch - 1][cfg.objective],
+        "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "epochs_run": len(result.history),
+        "history": result.history, "wall_time_s": time.time() - t_start, "fit_time_s": result.wall_time_s,
+        "train_samples_per_s": result.train_samples_per_s, "accumulation_steps": accum, "device": str(device),
+        "packages": {p: version(p) for p in PACKAGES},
+    }
+    write_json(out_dir / "training_summary.json", summary)
+    artifacts = export(cfg, out_dir, tracker)
+    return {**summary, "metrics": metrics, "run_dir": str(out_dir), "run_id": tracker.run_id,
+            "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
 
-    # --- data: validate, split, balance -------------------------------------------------------------------
+
+def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path, tracker):
+    """Validate, split and balance; write data_report.json; return splits and the loss's class weights."""
     d = cfg.data
     if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
         write_demo(Path(d.train_file).parent)
@@ -110,22 +130,25 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
     log.info("class weights (%s, from train counts after oversampling): %s", cfg.loss.class_weights, weights)
     write_json(out_dir / "data_report.json", splits.report)
     tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()})
+    return splits, weights
 
-    # --- model --------------------------------------------------------------------------------------------
-    hw = cfg.hardware
-    device = resolve_device(hw.device)
+
+def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device):
     source = instantiate(cfg.model)
-    tokenizer = source.load_tokenizer([serialize(r.features, d.template) for r in splits.train])
-    model = source.load_model(labels, tokenizer, attn_implementation=hw.attn_implementation)
+    tokenizer = source.load_tokenizer([serialize(r.features, cfg.data.template) for r in splits.train])
+    model = source.load_model(labels, tokenizer, attn_implementation=cfg.hardware.attn_implementation)
     model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None).to(device)
-    loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
+    return model, tokenizer, source
 
-    # --- batches ------------------------------------------------------------------------------------------
-    train_ds = TokenizedRecords(splits.train, tokenizer, label2id, d.template, source.max_length)
-    val_ds = TokenizedRecords(splits.val, tokenizer, label2id, d.template, source.max_length)
+
+def make_loaders(cfg: DictConfig, splits, labels: list[str], tokenizer, max_length: int):
+    label2id = {label: i for i, label in enumerate(labels)}
+    hw, template = cfg.hardware, cfg.data.template
+    train_ds = TokenizedRecords(splits.train, tokenizer, label2id, template, max_length)
+    val_ds = TokenizedRecords(splits.val, tokenizer, label2id, template, max_length)
     if train_ds.truncated or val_ds.truncated:
         log.warning("%d train / %d val texts truncated at model.max_length=%d", train_ds.truncated,
-                    val_ds.truncated, source.max_length)
+                    val_ds.truncated, max_length)
     accum = accumulation_steps(cfg.optim.batch_size, hw.micro_batch_size)
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     loader_args = dict(collate_fn=collate, num_workers=hw.num_workers, pin_memory=hw.pin_memory)
@@ -133,8 +156,11 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
                               generator=torch.Generator().manual_seed(cfg.seed), **loader_args)
     val_loader = DataLoader(val_ds, batch_size=cfg.trainer.eval_batch_size, sampler=length_sorted_order(val_ds),
                             **loader_args)
+    return train_loader, val_loader, accum
 
-    # --- optimisation -------------------------------------------------------------------------------------
+
+def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device, source,
+                out_dir: Path, tracker):
     optimizer = instantiate(cfg.optim.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     total_steps = cfg.trainer.max_epochs * -(-len(train_loader) // accum)
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_training_steps=total_steps,
@@ -145,7 +171,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
         tracker.log_metrics(metrics, step=epoch)
         if improved:
             save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
-                            {"epoch": epoch, "labels": labels, "template": d.template,
+                            {"epoch": epoch, "labels": labels, "template": cfg.data.template,
                              "max_length": source.max_length, monitor: metrics[monitor]})
 
     result = fit(model, loss_fn, optimizer, scheduler, train_loader, val_loader,
@@ -153,39 +179,35 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
                  max_epochs=cfg.trainer.max_epochs, monitor=monitor,
                  early_stopping=EarlyStopping(cfg.trainer.early_stopping.patience,
                                               cfg.trainer.early_stopping.min_delta),
-                 device=device, precision=hw.precision, accum_steps=accum,
+                 device=device, precision=cfg.hardware.precision, accum_steps=accum,
                  max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end)
+    model.load_state_dict(result.best_state, strict=False)  # the rest of the run uses the best epoch
+    return result
 
-    # --- best epoch: full report --------------------------------------------------------------------------
-    model.load_state_dict(result.best_state, strict=False)
-    logits, y = predict_logits(model, val_loader, device, hw.precision)
+
+def best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir: Path, tracker) -> dict[str, Any]:
+    """Full metrics of the best epoch (per-class table, confusion matrix, gates) into metrics.json and MLflow."""
+    logits, y = predict_logits(model, val_loader, device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
-    best = result.history[result.best_epoch - 1]
     gates = evaluate_gates(report["scalars"], cfg.trainer.gates)
-    metrics = {"best_epoch": result.best_epoch, **report["scalars"], "val_loss": best["val_loss"],
+    metrics = {"best_epoch": result.best_epoch, **report["scalars"],
+               "val_loss": result.history[result.best_epoch - 1]["val_loss"],
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates}
     write_json(out_dir / "metrics.json", metrics)
-    summary = {
-        "objective_key": cfg.objective, "objective": best[cfg.objective], "best_epoch": result.best_epoch,
-        "stop_reason": result.stop_reason, "epochs_run": len(result.history), "history": result.history,
-        "wall_time_s": time.time() - t_start, "fit_time_s": result.wall_time_s,
-        "train_samples_per_s": result.train_samples_per_s, "accumulation_steps": accum,
-        "device": str(device), "packages": {p: version(p) for p in PACKAGES},
-    }
-    write_json(out_dir / "training_summary.json", summary)
     tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=result.best_epoch)
     tracker.set_tags({"stop_reason": result.stop_reason, "best_epoch": result.best_epoch,
                       "gates_passed": all(g["passed"] is not False for g in gates.values())})
+    return metrics
 
-    # --- export -------------------------------------------------------------------------------------------
+
+def export(cfg: DictConfig, out_dir: Path, tracker) -> list[Path]:
+    """Zip the best checkpoint and send the run's files to MLflow."""
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "training_summary.json")]
     if cfg.export.zip:
         artifacts.append(zip_dir(out_dir / "checkpoint_best", out_dir / "model_final.zip", cfg.export.max_size_mb))
     for path in artifacts:
         tracker.log_artifact(path)
     tracker.log_artifact(out_dir / "checkpoint_best")
-    hydra_dir = out_dir / ".hydra"
-    if hydra_dir.is_dir():
-        tracker.log_artifact(hydra_dir, "hydra")
-    return {**summary, "metrics": metrics, "run_dir": str(out_dir), "run_id": tracker.run_id,
-            "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
+    if (out_dir / ".hydra").is_dir():
+        tracker.log_artifact(out_dir / ".hydra", "hydra")
+    return artifacts
