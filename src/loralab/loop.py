@@ -138,7 +138,10 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, train_loader
         max_epochs: int, early_stopping: EarlyStopping, monitor: str, device: torch.device,
         precision: str = "fp32", accum_steps: int = 1, max_grad_norm: float | None = 1.0,
         on_epoch_end: Callable[[int, dict[str, float], bool], None] | None = None) -> FitResult:
-    """Train up to ``max_epochs``; keep the weights of the epoch with the best ``monitor`` value."""
+    """Train up to ``max_epochs``; keep the weights of the epoch with the best ``monitor`` value.
+
+    ``metric_fn(y_true, logits)`` returns the scalar metrics of an epoch (classification or regression).
+    """
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     result = FitResult()
     t0 = time.perf_counter()
@@ -149,7 +152,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, train_loader
         logits, y = predict_logits(model, val_loader, device, precision)
         with torch.no_grad():
             val_loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item()
-        metrics = {"epoch": epoch, **stats, "val_loss": val_loss, **metric_fn(y, logits.argmax(-1))}
+        metrics = {"epoch": epoch, **stats, "val_loss": val_loss, **metric_fn(y, logits)}
         improved = early_stopping.update(metrics[monitor])
         if improved:
             result.best_epoch, result.best_state = epoch, trainable_state(model)

@@ -175,10 +175,10 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
                              "max_length": source.max_length, monitor: metrics[monitor]})
 
     result = fit(model, loss_fn, optimizer, scheduler, train_loader, val_loader,
-                 metric_fn=lambda y, p: classification_metrics(y, p, labels)["scalars"],
+                 metric_fn=lambda y, logits: classification_metrics(y, logits.argmax(-1), labels)["scalars"],
                  max_epochs=cfg.trainer.max_epochs, monitor=monitor,
                  early_stopping=EarlyStopping(cfg.trainer.early_stopping.patience,
-                                              cfg.trainer.early_stopping.min_delta),
+                                              cfg.trainer.early_stopping.min_delta, cfg.trainer.monitor_mode),
                  device=device, precision=cfg.hardware.precision, accum_steps=accum,
                  max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end)
     model.load_state_dict(result.best_state, strict=False)  # the rest of the run uses the best epoch
