@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 
 def _fsync_tree(root: Path) -> None:
@@ -63,3 +68,95 @@ def save_checkpoint(directory: str | Path, model, tokenizer, meta: dict[str, Any
         tokenizer.save_pretrained(tmp)
         (tmp / "loralab_checkpoint.json").write_text(json.dumps(meta, indent=2, default=str))
     return Path(directory)
+
+
+# --- resumable training state -------------------------------------------------------------------------------------
+# A checkpoint dir holds ``weights.safetensors`` (the trainable tensors, exact state-dict keys), ``trainer_state.pt``
+# (optimizer, scheduler, grad scaler, RNG states, loop counters; plain tensors and primitives, so it loads with
+# ``torch.load(weights_only=True)``) and the tokenizer.
+
+WEIGHTS, STATE = "weights.safetensors", "trainer_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor {name} contains NaN/Inf; refusing it")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_tensors(model) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def save_train_state(directory: str | Path, *, model, tokenizer, optimizer, scheduler, scaler,
+                     loop_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Everything needed to continue training bit-for-bit (on CPU), written atomically."""
+    weights = trainable_tensors(model)
+    _check_finite(weights, f"saving {directory}")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng": rng_state(), "loop": loop_state, "meta": meta}
+    with atomic_dir(directory) as tmp:
+        save_file(weights, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    return Path(directory)
+
+
+def load_weights(directory: str | Path, model) -> None:
+    """Load a checkpoint's trainable tensors into ``model``, checking names, shapes and finiteness first."""
+    weights = load_file(Path(directory) / WEIGHTS)
+    _check_finite(weights, f"loading {directory}")
+    current = model.state_dict()
+    for name, t in weights.items():
+        if name not in current or current[name].shape != t.shape:
+            raise CheckpointError(f"{directory}: tensor {name} {tuple(t.shape)} does not fit this model "
+                                  f"({tuple(current[name].shape) if name in current else 'missing'})")
+    model.load_state_dict(weights, strict=False)
+
+
+def load_train_state(directory: str | Path, *, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Restore a ``save_train_state`` checkpoint; returns its loop state and meta."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file() or not (directory / STATE).is_file():
+        raise CheckpointError(f"{directory} is not a complete loralab checkpoint ({WEIGHTS} + {STATE})")
+    load_weights(directory, model)
+    state = torch.load(directory / STATE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The small part of a checkpoint (loop counters, MLflow run id) without touching a model."""
+    state = torch.load(Path(directory) / STATE, weights_only=True, map_location="cpu")
+    return {"loop": state["loop"], "meta": state["meta"]}
+
+
+def rotate_top_k(checkpoint_dir: Path, ranked: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """Delete epoch checkpoints that fell out of the top ``keep``; ``ranked`` is best first."""
+    for entry in ranked[keep:]:
+        shutil.rmtree(checkpoint_dir / entry["name"], ignore_errors=True)
+    return ranked[:keep]

@@ -81,6 +81,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(t.max_epochs, int) and t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "must be an int >= 1")
     _check(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", t.early_stopping.patience, "must be >= 0")
     _check(t.monitor_mode in ("max", "min"), "trainer.monitor_mode", t.monitor_mode, "must be max or min")
+    _check(isinstance(t.save_top_k, int) and t.save_top_k >= 1, "trainer.save_top_k", t.save_top_k,
+           "must be an int >= 1 (the best epoch is reloaded from it)")
     _check(t.eval_batch_size > 0, "trainer.eval_batch_size", t.eval_batch_size, "must be > 0")
 
     h = cfg.hardware

@@ -1,7 +1,8 @@
 """The training loop: forward ▸ loss ▸ backward ▸ step, then evaluate every epoch and stop early.
 
-Read top to bottom. Everything that varies by run (what to log, where to save) arrives as a callback, so the
-loop itself knows nothing about MLflow, Hydra or files.
+Read top to bottom. Everything that varies by run (what to log, where to save) arrives as a callback, so the loop
+knows nothing about MLflow, Hydra or files. All progress lives in ``TrainState``: saving it with the weights,
+optimizer, scheduler and RNG states is enough to resume exactly, also in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -24,10 +25,15 @@ from loralab.data.text import batch_to
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SKIPPED_IN_A_ROW = 50  # fp16 overflow steps in a row before the run is declared broken
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/Inf; continuing would only write garbage."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop was requested (SIGINT/SIGTERM); ``last`` was written at an optimizer-step boundary."""
 
 
 @dataclass
@@ -55,13 +61,23 @@ class EarlyStopping:
 
 
 @dataclass
-class FitResult:
-    history: list[dict[str, Any]] = field(default_factory=list)
+class TrainState:
+    """Where training stands; plain numbers only, so it round-trips through a checkpoint."""
+
+    epoch: int = 0                 # completed epochs
+    batches_done: int = 0          # micro-batches already run in epoch ``epoch + 1`` (mid-epoch resume)
+    step: int = 0                  # optimizer steps so far
+    loss_sum: float = 0.0          # train loss x samples so far in the unfinished epoch
+    samples: int = 0
+    train_time_s: float = 0.0      # in the unfinished epoch
+    skipped_steps: int = 0         # fp16 overflow steps skipped by the GradScaler
     best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None
     stop_reason: str = "max_epochs"
-    wall_time_s: float = 0.0
-    train_samples_per_s: float = 0.0
+    early_stopping: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def autocast(device: torch.device, precision: str):
@@ -69,12 +85,6 @@ def autocast(device: torch.device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights that training changes (LoRA + head, or everything for full fine-tuning)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
 
 
 @torch.inference_mode()
@@ -95,15 +105,26 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, p
     return torch.cat(logits).cpu().numpy(), y_all
 
 
-def train_one_epoch(model, loss_fn, optimizer, scheduler, loader, *, device, precision, accum_steps,
-                    max_grad_norm, scaler, desc: str) -> dict[str, float]:
+def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state: TrainState, *, device,
+                    precision, accum_steps, max_grad_norm, stop_requested: Callable[[], bool],
+                    on_interrupt: Callable[[TrainState], None], desc: str) -> None:
+    """Run the rest of the current epoch (from ``state.batches_done``), updating ``state`` as it goes."""
     model.train()
-    n_micro = len(loader)
+    n_micro = loader.batch_sampler.__len__()
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     samples, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
+    skipped_in_a_row = 0
+
+    def sync_state() -> None:
+        state.loss_sum += loss_sum.item()
+        state.samples += samples
+        state.train_time_s += time.perf_counter() - t0
+        loss_sum.zero_()
+
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None,
+               initial=state.batches_done, total=n_micro)
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(bar):
+    for i, batch in enumerate(bar, start=state.batches_done):
         batch = batch_to(batch, device)
         y = batch.pop("labels")
         group_start = (i // accum_steps) * accum_steps
@@ -114,57 +135,84 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, loader, *, device, pre
         scaler.scale(loss / group_size).backward()
         loss_sum += loss.detach() * y.shape[0]
         samples += y.shape[0]
-        if i - group_start + 1 == group_size:  # end of an accumulation group: one optimizer step
-            scaler.unscale_(optimizer)
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if i % 10 == 0 or i == n_micro - 1:  # the only host syncs: one per 10 batches
-            mean_loss = (loss_sum / samples).item()
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(f"training loss became {mean_loss} at batch {i} ({desc})")
+        if i - group_start + 1 < group_size:
+            continue  # keep accumulating
+        # --- end of an accumulation group: one optimizer step ---
+        scaler.unscale_(optimizer)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
+        scaler.update()
+        if scale_before is not None and scaler.get_scale() < scale_before:
+            state.skipped_steps += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteLossError(f"{skipped_in_a_row} fp16 steps in a row overflowed (loss/gradients "
+                                         f"non-finite); try precision=bf16 or fp32, or a lower optim.lr")
+        else:
+            skipped_in_a_row = 0
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batches_done = i + 1
+        if state.step % 10 == 0 or state.batches_done == n_micro:  # the only host syncs: one per 10 steps
+            sync_state()
+            samples, t0 = 0, time.perf_counter()
+            mean_loss = state.loss_sum / max(state.samples, 1)
+            if not math.isfinite(mean_loss) and not scaler.is_enabled():
+                raise NonFiniteLossError(f"training loss became {mean_loss} by step {state.step} ({desc})")
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            samples_s=f"{samples / (time.perf_counter() - t0):.0f}")
-    elapsed = time.perf_counter() - t0
-    return {"train_loss": (loss_sum / max(samples, 1)).item(), "train_samples_per_s": samples / elapsed,
-            "epoch_time_s": elapsed}
+                            samples_s=f"{state.samples / max(state.train_time_s, 1e-9):.0f}")
+        if stop_requested():
+            sync_state()
+            on_interrupt(state)
+            raise TrainingInterrupted(f"stopped at step {state.step} (epoch {state.epoch + 1}, "
+                                      f"batch {state.batches_done}/{n_micro})")
 
 
-def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, train_loader: DataLoader,
-        val_loader: DataLoader, *, metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]],
-        max_epochs: int, early_stopping: EarlyStopping, monitor: str, device: torch.device,
-        precision: str = "fp32", accum_steps: int = 1, max_grad_norm: float | None = 1.0,
-        on_epoch_end: Callable[[int, dict[str, float], bool], None] | None = None) -> FitResult:
-    """Train up to ``max_epochs``; keep the weights of the epoch with the best ``monitor`` value.
+def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, train_loader: DataLoader,
+        val_loader: DataLoader, state: TrainState, *,
+        metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]], max_epochs: int,
+        early_stopping: EarlyStopping, monitor: str, device: torch.device, precision: str = "fp32",
+        accum_steps: int = 1, max_grad_norm: float | None = 1.0,
+        on_epoch_end: Callable[[TrainState, dict[str, float], bool], None] = lambda *a: None,
+        on_interrupt: Callable[[TrainState], None] = lambda s: None,
+        stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
+    """Train from ``state`` up to ``max_epochs``; track the epoch with the best ``monitor`` value.
 
     ``metric_fn(y_true, logits)`` returns the scalar metrics of an epoch (classification or regression).
+    ``on_epoch_end`` is where the caller logs and checkpoints; it runs after ``state`` is updated.
     """
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    result = FitResult()
-    t0 = time.perf_counter()
-    for epoch in range(1, max_epochs + 1):
-        stats = train_one_epoch(model, loss_fn, optimizer, scheduler, train_loader, device=device,
-                                precision=precision, accum_steps=accum_steps, max_grad_norm=max_grad_norm,
-                                scaler=scaler, desc=f"epoch {epoch}/{max_epochs}")
+    for key, value in state.early_stopping.items():
+        setattr(early_stopping, key, value)
+    if early_stopping.should_stop:  # resumed from a run that had already stopped early
+        return state
+    for epoch in range(state.epoch + 1, max_epochs + 1):
+        train_loader.batch_sampler.set_epoch(epoch, start_batch=state.batches_done)
+        train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, state, device=device,
+                        precision=precision, accum_steps=accum_steps, max_grad_norm=max_grad_norm,
+                        stop_requested=stop_requested, on_interrupt=on_interrupt,
+                        desc=f"epoch {epoch}/{max_epochs}")
+        t_eval = time.perf_counter()
         logits, y = predict_logits(model, val_loader, device, precision)
-        with torch.no_grad():
-            val_loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item()
-        metrics = {"epoch": epoch, **stats, "val_loss": val_loss, **metric_fn(y, logits)}
+        val_loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item()
+        metrics = {"epoch": epoch, "train_loss": state.loss_sum / max(state.samples, 1), "val_loss": val_loss,
+                   "train_samples_per_s": state.samples / max(state.train_time_s, 1e-9),
+                   "epoch_train_time_s": state.train_time_s,
+                   "eval_samples_per_s": len(logits) / (time.perf_counter() - t_eval),
+                   **metric_fn(y, logits)}
         improved = early_stopping.update(metrics[monitor])
+        state.epoch, state.batches_done, state.loss_sum, state.samples, state.train_time_s = epoch, 0, 0.0, 0, 0.0
+        state.early_stopping = {"best": early_stopping.best, "bad_epochs": early_stopping.bad_epochs}
+        state.history.append(metrics)
         if improved:
-            result.best_epoch, result.best_state = epoch, trainable_state(model)
-        result.history.append(metrics)
-        log.info("epoch %d: train_loss %.4f  val_loss %.4f  %s %.4f%s", epoch, stats["train_loss"], val_loss,
-                 monitor, metrics[monitor], "  (best)" if improved else "")
-        if on_epoch_end:
-            on_epoch_end(epoch, metrics, improved)
+            state.best_epoch = epoch
         if early_stopping.should_stop:
-            result.stop_reason = f"early_stopping: no {monitor} improvement for {early_stopping.patience} epochs"
+            state.stop_reason = f"early_stopping: no {monitor} improvement for {early_stopping.patience} epochs"
+        log.info("epoch %d: train_loss %.4f  val_loss %.4f  %s %.4f%s", epoch, metrics["train_loss"], val_loss,
+                 monitor, metrics[monitor], "  (best)" if improved else "")
+        on_epoch_end(state, metrics, improved)
+        if early_stopping.should_stop:
             break
-    result.wall_time_s = time.perf_counter() - t0
-    total_samples = sum(h["train_samples_per_s"] * h["epoch_time_s"] for h in result.history)
-    result.train_samples_per_s = total_samples / max(sum(h["epoch_time_s"] for h in result.history), 1e-9)
-    return result
+    return state

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import platform
+import signal
 import subprocess
+import threading
 import time
+from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -16,16 +21,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, get_scheduler, set_seed
+from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
 from loralab import console
-from loralab.checkpoint import save_checkpoint
-from loralab.config import accumulation_steps, validate
+from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
+                                save_train_state)
+from loralab.config import ConfigError, accumulation_steps, validate
 from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
+from loralab.data.sampler import EpochBatchSampler
 from loralab.data.text import TokenizedRecords, length_sorted_order, serialize
 from loralab.export import zip_dir
-from loralab.loop import EarlyStopping, fit, predict_logits
+from loralab.loop import EarlyStopping, TrainingInterrupted, TrainState, fit, predict_logits
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.models.lora import apply_lora
@@ -43,6 +50,26 @@ def git_state(root: str | Path) -> dict[str, str]:
         return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain")))}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(cfg: DictConfig) -> dict[str, str]:
+    """Where a result came from: data hashes, code version, packages, machine, time. Logged as MLflow tags."""
+    prov = {**git_state(cfg.paths.root_dir), "host": platform.node(),
+            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **{f"version.{p}": version(p) for p in PACKAGES}}
+    for key in ("train_file", "val_file"):
+        path = cfg.data.get(key)
+        if path and Path(path).is_file():
+            prov[f"data.{key}.sha256"] = sha256_file(path)
+    return prov
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -65,20 +92,67 @@ def hydra_tags() -> dict[str, str]:
     return {"hydra.overrides": " ".join(hc.overrides.task) or "(none)", "hydra.job.num": str(hc.job.get("num", 0))}
 
 
+def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
+    """``auto``: this run dir's ``checkpoints/last`` if there is one; a path: that checkpoint; None: fresh."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = out_dir / "checkpoints" / "last"
+        recover(last)
+        if last.is_dir():
+            return last
+        log.info("resume=auto: no checkpoint in %s, starting fresh", out_dir / "checkpoints")
+        return None
+    path = Path(resume)
+    recover(path)
+    if not path.is_dir():
+        raise ConfigError(f"resume={resume!r}: checkpoint directory not found")
+    return path
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask the loop to stop after the current optimizer step (a second SIGINT aborts at once)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop.is_set
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s received: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
     validate(cfg)  # before any data or model is loaded
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = resolve_resume(cfg.resume, out_dir)
+    resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
+    prov = provenance(cfg)
     tracker = instantiate(cfg.tracking)
-    tags = {**hydra_tags(), **git_state(cfg.paths.root_dir), "host": platform.node()}
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=tags)
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags={**hydra_tags(), **prov},
+                  resume_run_id=resumed_run_id)
     status = "FAILED"
     try:
-        summary = _train(cfg, out_dir, tracker)
+        with stop_on_signals() as stop_requested:
+            summary = _train(cfg, out_dir, tracker, resume_dir, stop_requested, prov)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (TrainingInterrupted, KeyboardInterrupt):
         status = "KILLED"
+        raise
+    except Exception as err:
+        tracker.set_tags({"error": f"{type(err).__name__}: {err}"})
         raise
     finally:
         tracker.end(status)
@@ -86,7 +160,8 @@ def train(cfg: DictConfig) -> float:
     return summary["objective"]
 
 
-def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
+def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, stop_requested,
+           prov: dict[str, str]) -> dict[str, Any]:
     t_start = time.time()
     set_seed(cfg.seed)
     if cfg.trainer.deterministic:
@@ -94,18 +169,22 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
     labels = list(cfg.data.labels)
     splits, weights = prepare_data(cfg, labels, out_dir, tracker)
     device = resolve_device(cfg.hardware.device)
-    model, tokenizer, source = build_model(cfg, labels, splits, device)
+    model, tokenizer, source = build_model(cfg, labels, splits, device,
+                                           tokenizer_dir=resume_dir / "tokenizer" if resume_dir else None)
     loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
     train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, source.max_length)
-    result = train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
-                         source, out_dir, tracker)
-    metrics = best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir, tracker)
+    state = train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
+                        out_dir, tracker, resume_dir, stop_requested)
+    metrics = best_epoch_report(cfg, model, val_loader, labels, device, state, out_dir, tracker)
+    history = state.history
     summary = {
-        "objective_key": cfg.objective, "objective": result.history[result.best_epoch - 1][cfg.objective],
-        "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "epochs_run": len(result.history),
-        "history": result.history, "wall_time_s": time.time() - t_start, "fit_time_s": result.wall_time_s,
-        "train_samples_per_s": result.train_samples_per_s, "accumulation_steps": accum, "device": str(device),
-        "packages": {p: version(p) for p in PACKAGES},
+        "objective_key": cfg.objective, "objective": history[state.best_epoch - 1][cfg.objective],
+        "best_epoch": state.best_epoch, "stop_reason": state.stop_reason, "epochs_run": len(history),
+        "history": history, "wall_time_s": time.time() - t_start,
+        "train_samples_per_s": sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in history)
+        / max(sum(h["epoch_train_time_s"] for h in history), 1e-9),
+        "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
+        "device": str(device), "resumed_from": str(resume_dir) if resume_dir else None, "provenance": prov,
     }
     write_json(out_dir / "training_summary.json", summary)
     artifacts = export(cfg, out_dir, tracker)
@@ -133,9 +212,13 @@ def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path, tracker):
     return splits, weights
 
 
-def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device):
+def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device, tokenizer_dir: Path | None = None):
+    """Model (LoRA-wrapped unless lora=none) on ``device``; a resumed run reuses its checkpoint's tokenizer."""
     source = instantiate(cfg.model)
-    tokenizer = source.load_tokenizer([serialize(r.features, cfg.data.template) for r in splits.train])
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = source.load_tokenizer([serialize(r.features, cfg.data.template) for r in splits.train])
     model = source.load_model(labels, tokenizer, attn_implementation=cfg.hardware.attn_implementation)
     model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None).to(device)
     return model, tokenizer, source
@@ -152,50 +235,74 @@ def make_loaders(cfg: DictConfig, splits, labels: list[str], tokenizer, max_leng
     accum = accumulation_steps(cfg.optim.batch_size, hw.micro_batch_size)
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     loader_args = dict(collate_fn=collate, num_workers=hw.num_workers, pin_memory=hw.pin_memory)
-    train_loader = DataLoader(train_ds, batch_size=cfg.optim.batch_size // accum, shuffle=True,
-                              generator=torch.Generator().manual_seed(cfg.seed), **loader_args)
+    sampler = EpochBatchSampler(train_ds.lengths, cfg.optim.batch_size // accum, cfg.seed,
+                                group_by_length=cfg.trainer.group_by_length)
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, **loader_args)
     val_loader = DataLoader(val_ds, batch_size=cfg.trainer.eval_batch_size, sampler=length_sorted_order(val_ds),
                             **loader_args)
     return train_loader, val_loader, accum
 
 
-def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device, source,
-                out_dir: Path, tracker):
+def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
+                out_dir: Path, tracker, resume_dir: Path | None, stop_requested) -> TrainState:
+    """Optimizer, schedule and checkpoints around ``loop.fit``; leaves the best epoch's weights in ``model``."""
     optimizer = instantiate(cfg.optim.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     total_steps = cfg.trainer.max_epochs * -(-len(train_loader) // accum)
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps))
-    monitor = cfg.trainer.monitor
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.hardware.precision == "fp16")
+    monitor, mode = cfg.trainer.monitor, cfg.trainer.monitor_mode
+    ckpt_dir = out_dir / "checkpoints"
+    state, ranked = TrainState(), []
+    if resume_dir is not None:
+        saved = load_train_state(resume_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        state, ranked = TrainState(**saved["loop"]), saved["meta"]["top_k"]
+        log.info("resumed from %s at epoch %d, step %d", resume_dir, state.epoch, state.step)
+        tracker.set_tags({"resumed_from": str(resume_dir)})
+    parts = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
-    def on_epoch_end(epoch: int, metrics: dict[str, float], improved: bool) -> None:
-        tracker.log_metrics(metrics, step=epoch)
+    def save(name: str, st: TrainState) -> None:
+        save_train_state(ckpt_dir / name, **parts, loop_state=st.as_dict(),
+                         meta={"mlflow_run_id": tracker.run_id, "top_k": ranked, "monitor": monitor})
+
+    def on_epoch_end(st: TrainState, metrics: dict[str, float], improved: bool) -> None:
+        nonlocal ranked
+        tracker.log_metrics(metrics, step=st.epoch)
+        entry = {"name": f"epoch={st.epoch:03d}", "epoch": st.epoch, "value": metrics[monitor]}
+        ranked = sorted([*ranked, entry], key=lambda e: e["value"], reverse=mode == "max")
+        if entry in ranked[:cfg.trainer.save_top_k]:
+            save(entry["name"], st)
+        save("last", st)  # always; written after the top-k entry so `last` never points at a missing one
+        ranked = rotate_top_k(ckpt_dir, ranked, cfg.trainer.save_top_k)
         if improved:
             save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
-                            {"epoch": epoch, "labels": labels, "template": cfg.data.template,
-                             "max_length": source.max_length, monitor: metrics[monitor]})
+                            {"epoch": st.epoch, "labels": labels, "template": cfg.data.template,
+                             "max_length": cfg.model.max_length, monitor: metrics[monitor]})
 
-    result = fit(model, loss_fn, optimizer, scheduler, train_loader, val_loader,
-                 metric_fn=lambda y, logits: classification_metrics(y, logits.argmax(-1), labels)["scalars"],
-                 max_epochs=cfg.trainer.max_epochs, monitor=monitor,
-                 early_stopping=EarlyStopping(cfg.trainer.early_stopping.patience,
-                                              cfg.trainer.early_stopping.min_delta, cfg.trainer.monitor_mode),
-                 device=device, precision=cfg.hardware.precision, accum_steps=accum,
-                 max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end)
-    model.load_state_dict(result.best_state, strict=False)  # the rest of the run uses the best epoch
-    return result
+    state = fit(model, loss_fn, optimizer, scheduler, scaler, train_loader, val_loader, state,
+                metric_fn=lambda y, logits: classification_metrics(y, logits.argmax(-1), labels)["scalars"],
+                max_epochs=cfg.trainer.max_epochs, monitor=monitor,
+                early_stopping=EarlyStopping(cfg.trainer.early_stopping.patience,
+                                             cfg.trainer.early_stopping.min_delta, mode),
+                device=device, precision=cfg.hardware.precision, accum_steps=accum,
+                max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end,
+                on_interrupt=lambda st: save("last", st), stop_requested=stop_requested)
+    load_weights(ckpt_dir / ranked[0]["name"], model)  # the rest of the run uses the best epoch
+    return state
 
 
-def best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir: Path, tracker) -> dict[str, Any]:
+def best_epoch_report(cfg, model, val_loader, labels, device, state: TrainState, out_dir: Path,
+                      tracker) -> dict[str, Any]:
     """Full metrics of the best epoch (per-class table, confusion matrix, gates) into metrics.json and MLflow."""
     logits, y = predict_logits(model, val_loader, device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
     gates = evaluate_gates(report["scalars"], cfg.trainer.gates)
-    metrics = {"best_epoch": result.best_epoch, **report["scalars"],
-               "val_loss": result.history[result.best_epoch - 1]["val_loss"],
+    metrics = {"best_epoch": state.best_epoch, **report["scalars"],
+               "val_loss": state.history[state.best_epoch - 1]["val_loss"],
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates}
     write_json(out_dir / "metrics.json", metrics)
-    tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=result.best_epoch)
-    tracker.set_tags({"stop_reason": result.stop_reason, "best_epoch": result.best_epoch,
+    tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=state.best_epoch)
+    tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch,
                       "gates_passed": all(g["passed"] is not False for g in gates.values())})
     return metrics
 

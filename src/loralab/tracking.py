@@ -37,9 +37,17 @@ class MLflowTracker:
         self.run_id: str | None = None
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
-              parent_run_id: str | None = None) -> str | None:
+              parent_run_id: str | None = None, resume_run_id: str | None = None) -> str | None:
+        """Create the run (params = flattened config), or reopen ``resume_run_id`` so a resumed training
+        continues the same run instead of duplicating it."""
         if not self.enabled:
             return None
+        if resume_run_id:
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.set_tags({k: v for k, v in (tags or {}).items() if not k.startswith("version.")})
+            log.info("MLflow run %s reopened (resumed training)", resume_run_id)
+            return self.run_id
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         tags = dict(tags or {})
