@@ -1,0 +1,190 @@
+"""Resume and fault tolerance: atomic checkpoints, exact resume after SIGKILL/SIGTERM, non-finite stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loralab.checkpoint import CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
+from loralab.data.demo import write_demo
+from loralab.loop import EarlyStopping, NonFiniteLossError, TrainState, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_atomic_dir_keeps_previous_version_when_writing_fails(tmp_path):
+    final = tmp_path / "ckpt"
+    with atomic_dir(final) as d:
+        (d / "a.txt").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as d:
+            (d / "a.txt").write_text("v2-partial")
+            raise RuntimeError("crash while writing")
+    assert (final / "a.txt").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+WRITER = """
+import sys, os
+from loralab.checkpoint import atomic_dir
+final = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    with atomic_dir(final) as d:
+        payload = os.urandom(1 << 20)
+        (d / "blob.bin").write_bytes(payload)
+        (d / "size.txt").write_text(str(len(payload)) + ":" + str(i))
+"""
+
+
+def test_sigkill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path):
+    final = tmp_path / "ckpt"
+    for delay in (0.3, 0.45, 0.6, 0.75):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        recover(final)
+        if final.exists():  # the first save may not have finished yet
+            size = int((final / "size.txt").read_text().split(":")[0])
+            assert (final / "blob.bin").stat().st_size == size
+
+
+def test_checkpoint_refuses_nan_weights_and_wrong_shapes(tmp_path):
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer only needs save_pretrained)
+
+    class Tok:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True)
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    parts = dict(model=model, tokenizer=Tok(), optimizer=opt, scheduler=sched,
+                 scaler=torch.amp.GradScaler("cpu", enabled=False), loop_state={}, meta={})
+    save_train_state(tmp_path / "ok", **parts)
+    with pytest.raises(CheckpointError, match="shape|does not fit"):
+        load_weights(tmp_path / "ok", torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN"):
+        save_train_state(tmp_path / "bad", **parts)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fit_stops_on_non_finite_loss():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return type("Out", (), {"logits": self.lin(x) * float("nan")})()
+
+    from torch.utils.data import DataLoader
+
+    from loralab.data.sampler import EpochBatchSampler
+
+    data = [{"x": torch.randn(2), "labels": torch.tensor(i % 2)} for i in range(40)]
+    loader = DataLoader(data, batch_sampler=EpochBatchSampler([1] * 40, 4, 0, group_by_length=False))
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError):
+        fit(model, torch.nn.CrossEntropyLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+            torch.amp.GradScaler("cpu", enabled=False), loader, loader, TrainState(),
+            metric_fn=lambda y, p: {"acc": 0.0}, max_epochs=1, early_stopping=EarlyStopping(1), monitor="acc",
+            device=torch.device("cpu"))
+
+
+# --- end to end through train.py ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume_data")
+    write_demo(d, n_train=400, n_val=60)
+    return d
+
+
+def train_cmd(data_dir, run_dir, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={data_dir}/train.jsonl",
+            f"data.val_file={data_dir}/val.jsonl", "trainer.max_epochs=3", "model.tokenizer_vocab_size=300",
+            "export.zip=false", f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+            *extra]
+
+
+def start_and_signal(cmd, run_dir, sig):
+    """Start a run and send ``sig`` as soon as the first epoch's `last` checkpoint exists."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run_dir / "checkpoints" / "last" / "trainer_state.pt"
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def history(run_dir):
+    return [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy")}
+            for h in json.loads((run_dir / "training_summary.json").read_text())["history"]]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(train_cmd(data_dir, run_dir), check=True, capture_output=True)
+    return run_dir
+
+
+def assert_same_run(a, b):
+    assert history(a) == history(b)
+    wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_equals_uninterrupted_run(data_dir, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, _ = start_and_signal(train_cmd(data_dir, run_dir), run_dir, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert read_meta(run_dir / "checkpoints" / "last")["loop"]["epoch"] < 3
+    subprocess.run(train_cmd(data_dir, run_dir, "resume=auto"), check=True, capture_output=True)
+    assert_same_run(reference, run_dir)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # continued, not duplicated
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_macro_f1")] == [1, 2, 3]
+    tags = runs[0].data.tags
+    assert len(tags["data.train_file.sha256"]) == 64 and "git_commit" in tags and "host" in tags
+
+
+@pytest.mark.slow
+def test_sigterm_writes_last_marks_killed_and_resumes_exactly(data_dir, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out = start_and_signal(train_cmd(data_dir, run_dir), run_dir, signal.SIGTERM)
+    assert rc == 130, out
+    assert "resume=auto" in out and f"hydra.run.dir={run_dir}" in out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
+    assert run.info.status == "KILLED"
+    subprocess.run(train_cmd(data_dir, run_dir, "resume=auto"), check=True, capture_output=True)
+    assert_same_run(reference, run_dir)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_non_finite_training_fails_the_run_with_reason(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(data_dir, run_dir, "optim.lr=1e30", "optim.max_grad_norm=null",
+                                    "trainer.max_epochs=1"), capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
+    assert run.info.status == "FAILED" and "NonFinite" in run.data.tags["error"]
