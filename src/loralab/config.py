@@ -90,6 +90,17 @@ def validate(cfg: DictConfig) -> None:
     if h.micro_batch_size is not None:
         _check(h.micro_batch_size > 0, "hardware.micro_batch_size", h.micro_batch_size, "must be > 0 or null")
     accumulation_steps(o.batch_size, h.micro_batch_size)
+    _check(h.preflight in ("error", "warn", "off"), "hardware.preflight", h.preflight, "must be error, warn or off")
+    if h.load_in_4bit:
+        _check(str(h.device).startswith("cuda"), "hardware.load_in_4bit", True,
+               f"4-bit (bitsandbytes) needs a CUDA device, hardware.device is {h.device}")
+        _check(cfg.lora is not None, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)")
+        _check(cfg.model.pretrained, "hardware.load_in_4bit", True, "needs model.pretrained=true")
+    if str(h.device).startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), "hardware.device", h.device,
+               "CUDA is not available here; use hardware=cpu or hardware=auto")
     _check(cfg.model.max_length > 0, "model.max_length", cfg.model.max_length, "must be > 0")
     _check(cfg.model.truncation_side in ("left", "right"), "model.truncation_side", cfg.model.truncation_side,
            "must be left or right")

@@ -201,7 +201,10 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, trai
                    "train_samples_per_s": state.samples / max(state.train_time_s, 1e-9),
                    "epoch_train_time_s": state.train_time_s,
                    "eval_samples_per_s": len(logits) / (time.perf_counter() - t_eval),
-                   **metric_fn(y, logits)}
+                   "skipped_steps": state.skipped_steps, **metric_fn(y, logits)}
+        if device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
         improved = early_stopping.update(metrics[monitor])
         state.epoch, state.batches_done, state.loss_sum, state.samples, state.train_time_s = epoch, 0, 0.0, 0, 0.0
         state.early_stopping = {"best": early_stopping.best, "bad_epochs": early_stopping.bad_epochs}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
@@ -32,9 +32,11 @@ from loralab.data.splits import build_splits
 from loralab.data.sampler import EpochBatchSampler
 from loralab.data.text import TokenizedRecords, length_sorted_order, serialize
 from loralab.export import zip_dir
+from loralab.hardware import estimate_memory, preflight, resolve_auto
 from loralab.loop import EarlyStopping, TrainingInterrupted, TrainState, fit, predict_logits
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics, evaluate_gates
+from loralab.models.build import shipped_config
 from loralab.models.lora import apply_lora
 
 log = logging.getLogger(__name__)
@@ -132,9 +134,27 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
+def check_memory(cfg: DictConfig) -> None:
+    """Estimate training memory for model x hardware x batch x length; refuse a clear misfit before loading."""
+    hw, m = cfg.hardware, cfg.model
+    arch = shipped_config(m.arch)
+    arch["vocab_size"] = arch.get("vocab_size") or m.tokenizer_vocab_size
+    est = estimate_memory(arch, num_labels=len(cfg.data.labels), lora_r=cfg.lora.r if cfg.lora else None,
+                          target_modules=list(cfg.lora.target_modules) if cfg.lora else [],
+                          precision=hw.precision, load_in_4bit=hw.load_in_4bit,
+                          micro_batch=hw.micro_batch_size or cfg.optim.batch_size, max_length=m.max_length,
+                          gradient_checkpointing=hw.gradient_checkpointing, on_cuda=hw.device.startswith("cuda"))
+    preflight(est, hw.memory_gib, hw.preflight, f"{m.name} (lora={'r=%d' % cfg.lora.r if cfg.lora else 'none'}) "
+              f"on hardware={hw.name}")
+
+
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
+    with open_dict(cfg):
+        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
     validate(cfg)  # before any data or model is loaded
+    if cfg.model.arch:
+        check_memory(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = resolve_resume(cfg.resume, out_dir)
@@ -219,8 +239,18 @@ def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
         tokenizer = source.load_tokenizer([serialize(r.features, cfg.data.template) for r in splits.train])
-    model = source.load_model(labels, tokenizer, attn_implementation=cfg.hardware.attn_implementation)
-    model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None).to(device)
+    hw = cfg.hardware
+    # LoRA trains fp32 adapters on a frozen base, so the base can sit in 16 bits; full fine-tuning keeps fp32
+    # master weights and gets its speed from autocast.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
+    dtype = half if cfg.lora is not None and half is not None and device.type == "cuda" else torch.float32
+    model = source.load_model(labels, tokenizer, attn_implementation=hw.attn_implementation, dtype=dtype,
+                              load_in_4bit=hw.load_in_4bit, compute_dtype=half)
+    if hw.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None)
+    if not hw.load_in_4bit:  # bitsandbytes places quantized weights itself
+        model = model.to(device)
     return model, tokenizer, source
 
 

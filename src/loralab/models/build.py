@@ -45,6 +45,19 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=PAD)
 
 
+def quantization_4bit(compute_dtype: torch.dtype | None):
+    """QLoRA's NF4 base weights. bitsandbytes is CUDA-only and optional, hence the late import."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("hardware.load_in_4bit=true needs bitsandbytes on a CUDA machine: "
+                          "pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
+
+
 @dataclass
 class ModelSource:
     """Where weights and tokenizer come from. Built by Hydra from ``conf/model/*.yaml``."""
@@ -77,14 +90,22 @@ class ModelSource:
         return tok
 
     def load_model(self, labels: Sequence[str], tokenizer, attn_implementation: str = "sdpa",
-                   dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
+                   dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
+                   compute_dtype: torch.dtype | None = None) -> PreTrainedModel:
         label_map = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                          label2id={label: i for i, label in enumerate(labels)},
                          problem_type="single_label_classification", pad_token_id=tokenizer.pad_token_id)
+        kwargs = {"quantization_config": quantization_4bit(compute_dtype)} if load_in_4bit else {}
+        if load_in_4bit and not self.pretrained:
+            raise ValueError("hardware.load_in_4bit=true needs model.pretrained=true (random weights are not quantized)")
         if self.pretrained:
             model = AutoModelForSequenceClassification.from_pretrained(
                 self.location, attn_implementation=attn_implementation, dtype=dtype,
                 trust_remote_code=self.trust_remote_code, **label_map, **kwargs)
+            if load_in_4bit:
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
             arch = shipped_config(self.arch or self.name)
             arch["vocab_size"] = max(arch.get("vocab_size") or 0, len(tokenizer))

@@ -1,0 +1,127 @@
+"""Hardware profiles: resolving ``auto`` values and a memory preflight that runs before any weights load.
+
+The preflight counts parameters exactly by building the architecture on PyTorch's ``meta`` device (no memory, no
+download) and adds the usual training costs. It is an estimate — allocator fragmentation and kernels' workspaces
+come on top — so it refuses only clear misfits and logs every term so a user can see what to cut.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from loralab.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces, before any tensor
+
+
+def resolve_auto(hw: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``auto`` values from what torch sees: device, precision, micro-batch, checkpointing, memory."""
+    hw = dict(hw)
+    cuda = torch.cuda.is_available()
+    if hw.get("device") == "auto":
+        hw["device"] = "cuda" if cuda else "cpu"
+    on_cuda = hw["device"].startswith("cuda")
+    mem_gib = torch.cuda.get_device_properties(0).total_memory / GIB if on_cuda and cuda else None
+    if hw.get("memory_gib") == "auto":
+        hw["memory_gib"] = mem_gib
+    if hw.get("precision") == "auto":
+        hw["precision"] = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda and cuda else "fp32"
+    small = mem_gib is not None and mem_gib < 12
+    if hw.get("micro_batch_size") == "auto":
+        hw["micro_batch_size"] = None if not on_cuda else (4 if small else 32)
+    if hw.get("gradient_checkpointing") == "auto":
+        hw["gradient_checkpointing"] = bool(small)
+    if hw.get("pin_memory") == "auto":
+        hw["pin_memory"] = on_cuda
+    return hw
+
+
+@dataclass
+class MemoryEstimate:
+    weights_gib: float
+    trainable_params: int
+    total_params: int
+    trainable_gib: float      # trainable weights (fp32 master copies) + their gradients + AdamW's two moments
+    activations_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.trainable_gib + self.activations_gib + self.overhead_gib
+
+    def describe(self) -> str:
+        return (f"~{self.total_gib:.1f} GiB = weights {self.weights_gib:.2f} + trainable state "
+                f"{self.trainable_gib:.2f} ({self.trainable_params:,} params) + activations "
+                f"{self.activations_gib:.2f} + overhead {self.overhead_gib:.2f}")
+
+
+def meta_model(arch: dict[str, Any], num_labels: int):
+    config = AutoConfig.for_model(**{**arch, "vocab_size": arch.get("vocab_size") or 32000},
+                                  num_labels=num_labels, pad_token_id=0)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def lora_params(model, r: int, target_modules: Sequence[str]) -> int:
+    """Parameters LoRA adds: r x (in + out) for every Linear whose name ends with a target module."""
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules)
+
+
+def estimate_memory(arch: dict[str, Any], *, num_labels: int, lora_r: int | None, target_modules: Sequence[str],
+                    precision: str, load_in_4bit: bool, micro_batch: int, max_length: int,
+                    gradient_checkpointing: bool, on_cuda: bool) -> MemoryEstimate:
+    """Peak training memory: weights + trainable state + activations (+ CUDA context)."""
+    model = meta_model(arch, num_labels)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    if lora_r:
+        trainable = lora_params(model, lora_r, target_modules) + model.score.weight.numel()
+        if load_in_4bit:  # NF4 blocks (~0.5 B + constants) for Linear layers; embeddings stay 16-bit
+            weights = (total - embed) * 0.53 + embed * 2
+        else:
+            weights = total * BYTES[precision]
+    else:
+        trainable, weights = total, 0  # full fine-tuning: the weights are the fp32 trainable state below
+    trainable_bytes = trainable * 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+    c = model.config
+    d, layers = c.hidden_size, c.num_hidden_layers
+    tokens = micro_batch * max_length
+    act_bytes = BYTES[precision]
+    # Stored activations per layer and token, in elements: Korthikanti et al. (2022) ~34·d for a transformer
+    # layer without the attention matrix (SDPA never materialises it), scaled for Qwen's wider SwiGLU MLP.
+    per_layer = tokens * (10 * d + 4 * c.intermediate_size) * act_bytes
+    if gradient_checkpointing:  # keep each layer's input; recompute one layer at a time in backward
+        activations = layers * tokens * d * act_bytes + per_layer
+    else:
+        activations = layers * per_layer
+    return MemoryEstimate(weights_gib=weights / GIB, trainable_params=trainable, total_params=total,
+                          trainable_gib=trainable_bytes / GIB, activations_gib=activations / GIB,
+                          overhead_gib=CUDA_CONTEXT_GIB if on_cuda else 0.0)
+
+
+def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: str) -> None:
+    """``mode``: error (refuse a misfit), warn (log and go on), off."""
+    if mode == "off" or memory_gib is None:
+        log.info("memory preflight skipped (%s): %s", "off" if mode == "off" else "device memory unknown",
+                 est.describe())
+        return
+    if est.total_gib <= memory_gib:
+        log.info("memory preflight: %s fits in %.1f GiB: %s", what, memory_gib, est.describe())
+        return
+    message = (f"hardware.preflight: {what} needs {est.describe()} > {memory_gib:.1f} GiB on this device; try "
+               f"hardware.load_in_4bit=true, lora=default, a smaller hardware.micro_batch_size or model.max_length, "
+               f"hardware.gradient_checkpointing=true, or hardware.preflight=warn to try anyway")
+    if mode == "warn":
+        log.warning(message)
+    else:
+        raise ConfigError(message)

@@ -1,0 +1,94 @@
+"""Hardware profiles, batch geometry, memory preflight and the offline Qwen2.5 shapes."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from loralab.config import ConfigError, accumulation_steps, validate
+from loralab.hardware import estimate_memory, resolve_auto
+from loralab.models.build import ModelSource, shipped_config, train_tokenizer
+from loralab.run import check_memory
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+MODELS = ["tiny_qwen2", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"]
+PROFILES = ["cpu", "rtx3050", "a100", "h100", "auto"]
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("hardware", PROFILES)
+def test_every_model_and_profile_composes(model, hardware):
+    cfg = compose_cfg(f"model={model}", f"hardware={hardware}")
+    hw = resolve_auto(OmegaConf.to_container(cfg.hardware))
+    assert "auto" not in [v for k, v in hw.items() if k != "name"]
+    assert hw["precision"] in ("fp32", "bf16", "fp16")
+    assert cfg.model.name == model and cfg.model.max_length > 0 and cfg.model.truncation_side in ("left", "right")
+
+
+def test_effective_batch_is_kept_across_profiles():
+    assert accumulation_steps(16, None) == 1
+    assert accumulation_steps(16, 4) == 4
+    assert accumulation_steps(16, 32) == 1  # a micro batch above the effective one is capped at it
+    for profile in PROFILES:
+        hw = resolve_auto(OmegaConf.to_container(compose_cfg(f"hardware={profile}").hardware))
+        micro = hw["micro_batch_size"] or 32
+        steps = accumulation_steps(32, micro)
+        assert min(micro, 32) * steps == 32
+    with pytest.raises(ConfigError, match=r"optim.batch_size=10.*micro_batch_size=4"):
+        accumulation_steps(10, 4)
+
+
+def test_preflight_refuses_7b_on_a_4gb_gpu_and_accepts_0_5b_lora():
+    with pytest.raises(ConfigError) as err:
+        check_memory(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050"))
+    message = str(err.value)
+    assert "\n" not in message and "hardware.preflight" in message and "> 4.0 GiB" in message
+    check_memory(compose_cfg("model=qwen2_5_0_5b", "hardware=rtx3050"))  # no error
+    check_memory(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050", "hardware.preflight=warn"))  # warns only
+
+
+def test_memory_estimate_moves_the_right_way():
+    arch = shipped_config("qwen2_5_0_5b")
+    base = dict(num_labels=3, lora_r=8, target_modules=["q_proj", "v_proj"], precision="fp16",
+                load_in_4bit=False, micro_batch=4, max_length=256, gradient_checkpointing=False, on_cuda=True)
+    ref = estimate_memory(arch, **base)
+    assert estimate_memory(arch, **{**base, "gradient_checkpointing": True}).activations_gib < ref.activations_gib
+    assert estimate_memory(arch, **{**base, "micro_batch": 8}).activations_gib == pytest.approx(2 * ref.activations_gib)
+    assert estimate_memory(arch, **{**base, "lora_r": None}).trainable_params == ref.total_params
+    lora_16 = estimate_memory(arch, **{**base, "lora_r": 16}).trainable_params
+    head = arch["hidden_size"] * 3
+    assert lora_16 - head == 2 * (ref.trainable_params - head)  # LoRA params scale with r
+
+
+def test_pretrained_false_builds_qwen2_5_0_5b_shape_offline():
+    tok = train_tokenizer(['{"a": 1}', '{"b": true}'], vocab_size=300)
+    source = ModelSource(name="qwen2_5_0_5b", pretrained=False, arch="qwen2_5_0_5b")
+    with torch.device("meta"):  # same code path, no 2 GB allocation
+        model = source.load_model(["long", "short", "skip"], tok)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 494e6) / 494e6 < 0.01  # published: 0.49B parameters (tied embeddings, no LM head)
+    assert model.config.hidden_size == 896 and model.config.num_hidden_layers == 24
+
+
+@pytest.mark.parametrize("override, key", [
+    (["hardware.load_in_4bit=true"], "hardware.load_in_4bit"),
+    (["hardware=rtx3050"], "hardware.device"),  # no CUDA on this machine
+    (["hardware.precision=fp8"], "hardware.precision"),
+    (["hardware.preflight=maybe"], "hardware.preflight"),
+])
+def test_bad_hardware_values_fail_in_one_line(override, key, tmp_path):
+    if "rtx3050" in override[0] and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    cfg = compose_cfg("lora=default", *override)
+    cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
