@@ -251,14 +251,17 @@ def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device
     model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None)
     if not hw.load_in_4bit:  # bitsandbytes places quantized weights itself
         model = model.to(device)
+    if cfg.trainer.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay the same
     return model, tokenizer, source
 
 
 def make_loaders(cfg: DictConfig, splits, labels: list[str], tokenizer, max_length: int):
     label2id = {label: i for i, label in enumerate(labels)}
     hw, template = cfg.hardware, cfg.data.template
-    train_ds = TokenizedRecords(splits.train, tokenizer, label2id, template, max_length)
-    val_ds = TokenizedRecords(splits.val, tokenizer, label2id, template, max_length)
+    cache = cfg.data.cache_dir
+    train_ds = TokenizedRecords(splits.train, tokenizer, label2id, template, max_length, cache)
+    val_ds = TokenizedRecords(splits.val, tokenizer, label2id, template, max_length, cache)
     if train_ds.truncated or val_ds.truncated:
         log.warning("%d train / %d val texts truncated at model.max_length=%d", train_ds.truncated,
                     val_ds.truncated, max_length)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from loralab.data.records import Record
+
+log = logging.getLogger(__name__)
 
 
 def serialize(features: dict[str, Any], template: str = "{features}") -> str:
@@ -16,14 +22,49 @@ def serialize(features: dict[str, Any], template: str = "{features}") -> str:
     return template.format(features=json.dumps(features, sort_keys=True, ensure_ascii=True))
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the tokenizer would produce different ids (vocab, merges, normaliser, special tokens)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)  # call-time state, set by every tokenizer() call
+    spec["loralab"] = [tokenizer.truncation_side, tokenizer.special_tokens_map]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | Path | None = None) -> list[list[int]]:
+    """Token ids per text. Each distinct text is tokenized once (oversampling repeats rows), and the result is
+    cached on disk as safetensors, keyed by the texts, the tokenizer and ``max_length``: a rerun or sweep job on
+    the same data skips tokenization, and any change to data, template or tokenizer misses the cache."""
+    unique = list(dict.fromkeys(texts))
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256()
+        for part in (tokenizer_fingerprint(tokenizer), str(max_length), *unique):
+            key.update(part.encode() + b"\0")
+        path = Path(cache_dir) / f"{key.hexdigest()[:32]}.safetensors"
+    if path is not None and path.is_file():
+        cached = load_file(path)
+        flat, offsets = cached["ids"].tolist(), cached["offsets"].tolist()
+        ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        log.info("tokenized %d texts: from cache %s", len(unique), path.name)
+    else:
+        ids = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            offsets = torch.tensor([0, *torch.tensor([len(x) for x in ids]).cumsum(0).tolist()], dtype=torch.int64)
+            tmp = path.with_suffix(".tmp")
+            save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets}, tmp)
+            tmp.replace(path)
+    by_text = dict(zip(unique, ids))
+    return [by_text[t] for t in texts]
+
+
 class TokenizedRecords(Dataset):
     """Token ids of each record's feature text, tokenized once up front (not per epoch)."""
 
     def __init__(self, records: Sequence[Record], tokenizer, label2id: dict[str, int] | None,
-                 template: str, max_length: int):
+                 template: str, max_length: int, cache_dir: str | Path | None = None):
         texts = [serialize(r.features, template) for r in records]
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
-        self.input_ids: list[list[int]] = enc["input_ids"]
+        self.input_ids: list[list[int]] = tokenize(texts, tokenizer, max_length, cache_dir)
         self.ids = [r.id for r in records]
         self.labels = [label2id[r.label] for r in records] if label2id is not None else None
         self.truncated = sum(len(ids) >= max_length for ids in self.input_ids)

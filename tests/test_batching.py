@@ -1,0 +1,85 @@
+"""The training path's batching: epoch-deterministic sampler, tokenization cache, dynamic padding."""
+
+import random
+
+import pytest
+import torch
+from transformers import DataCollatorWithPadding
+
+from loralab.data.sampler import EpochBatchSampler
+from loralab.data.text import tokenize
+from loralab.models.build import ModelSource, train_tokenizer
+
+_rng = random.Random(0)
+LENGTHS = [_rng.randint(5, 120) for _ in range(203)]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_sampler_covers_every_example_once_per_epoch(group):
+    sampler = EpochBatchSampler(LENGTHS, 16, seed=3, group_by_length=group, bucket_size=4)
+    seen = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(len(LENGTHS)))
+        seen.append(flat)
+    assert seen[0] != seen[1]  # reshuffled every epoch
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch_and_skips_for_resume():
+    a, b = (EpochBatchSampler(LENGTHS, 16, seed=3) for _ in range(2))
+    a.set_epoch(2)
+    b.set_epoch(2, start_batch=5)
+    assert list(a)[5:] == list(b)
+
+
+def test_length_grouping_cuts_padding():
+    def padded_tokens(sampler):
+        sampler.set_epoch(1)
+        return sum(len(b) * max(LENGTHS[i] for i in b) for b in sampler)
+    grouped = padded_tokens(EpochBatchSampler(LENGTHS, 16, seed=0, group_by_length=True))
+    plain = padded_tokens(EpochBatchSampler(LENGTHS, 16, seed=0, group_by_length=False))
+    assert grouped < 0.8 * plain
+
+
+def test_ranks_split_an_epoch_without_overlap():
+    parts = []
+    for rank in (0, 1):
+        s = EpochBatchSampler(LENGTHS, 16, seed=1, rank=rank, world_size=2)
+        s.set_epoch(1)
+        parts.append([i for b in s for i in b])
+    assert len(parts[0]) > 0 and set(parts[0]) | set(parts[1]) == set(range(len(LENGTHS)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(['{"atr": 1.25, "ext_dir": -1}', '{"session": "london", "wave": 0.7}'] * 20, 300)
+
+
+def test_tokenization_cache_hits_and_invalidates(tokenizer, tmp_path):
+    texts = ['{"a": 1}', '{"b": 2}', '{"a": 1}']
+    first = tokenize(texts, tokenizer, 32, tmp_path)
+    assert tokenize(texts, tokenizer, 32, tmp_path) == first == tokenize(texts, tokenizer, 32, None)
+    assert len(list(tmp_path.iterdir())) == 1  # second call was a hit
+    tokenize(['{"a": 1}', '{"b": 3}'], tokenizer, 32, tmp_path)  # data changed
+    tokenize([f"features: {t}" for t in texts], tokenizer, 32, tmp_path)  # template changed
+    tokenize(texts, tokenizer, 8, tmp_path)  # max_length changed
+    other = train_tokenizer(['{"zzz": 9}'] * 5, 280)
+    tokenize(texts, other, 32, tmp_path)  # tokenizer changed
+    assert len(list(tmp_path.iterdir())) == 5
+
+
+def test_dynamic_padding_never_changes_logits(tokenizer):
+    torch.manual_seed(0)
+    model = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2").load_model(["a", "b", "c"], tokenizer)
+    model.eval()
+    texts = ['{"atr": 1.25}', '{"session": "london", "wave": 0.7, "ext_dir": -1}', '{"x": 1}']
+    ids = tokenize(texts, tokenizer, 64)
+    batch = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)([{"input_ids": x} for x in ids])
+    assert batch["input_ids"].shape[1] % 8 == 0
+    with torch.no_grad():
+        batched = model(**batch).logits
+        single = torch.cat([model(input_ids=torch.tensor([x])).logits for x in ids])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
