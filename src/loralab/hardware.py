@@ -125,3 +125,22 @@ def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: st
         log.warning(message)
     else:
         raise ConfigError(message)
+
+
+if __name__ == "__main__":  # python -m loralab.hardware model=qwen2_5_7b hardware=rtx3050 [lora=none ...]
+    import sys
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from loralab.run import check_memory
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=sys.argv[1:])
+    try:
+        check_memory(cfg)
+    except ConfigError as err:
+        print(err)
+        sys.exit(1)
