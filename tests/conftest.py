@@ -41,13 +41,19 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-def run_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``python train.py`` in a subprocess on the tiny model, with its run dir and MLflow store under ``run_dir``."""
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}",
-           f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "model.tokenizer_vocab_size=300", "trainer.max_epochs=2",
-           *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
+    """``python train.py`` subprocesses on the tiny model, each with its run dir and MLflow store under its
+    ``run_dir``; returns (exit code, console output) per run. All start at once and use one thread each, so
+    on a small machine they share the cores instead of oversubscribing them."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for run_dir, overrides in runs:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}",
+               f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "model.tokenizer_vocab_size=300",
+               "trainer.max_epochs=2", *overrides]
+        with (run_dir / "console.log").open("w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return [(proc.wait(timeout=600), (run_dir / "console.log").read_text()) for proc, (run_dir, _) in zip(procs, runs)]
 
 
 # Malformed lines appended to the end-to-end train file, each with the drop reason it must be counted under.
@@ -63,7 +69,7 @@ BAD_TRAIN_LINES = [
 def tiny_data(tmp_path_factory) -> dict[str, Any]:
     """Small demo train/val files; train gets the malformed lines above, a blank line and one val row (a leak)."""
     out = tmp_path_factory.mktemp("tiny_data")
-    train, val = write_demo(out, n_train=120, n_val=40)
+    train, val = write_demo(out, n_train=80, n_val=30)
     clean = [json.loads(line) for line in train.read_text().splitlines()]
     leaked = json.loads(val.read_text().splitlines()[0])
     write_jsonl(train, [*clean, leaked, "", *(line for _, line in BAD_TRAIN_LINES)])
