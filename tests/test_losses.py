@@ -58,6 +58,15 @@ def test_focal_shrinks_confident_correct_examples():
     assert focal < 0.01 * ce
 
 
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("margin", [20.0, 200.0])  # p_t rounds to 1; then 1 - p_t underflows to 0 too
+def test_focal_gradient_stays_finite_for_certain_examples(gamma, margin):
+    logits = torch.tensor([[margin, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    FocalLoss(gamma=gamma)(logits, torch.tensor([0, 1])).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[1].abs().sum() > 0  # the uncertain example still learns
+
+
 def test_negative_gamma_rejected():
     with pytest.raises(ValueError, match="gamma"):
         FocalLoss(gamma=-1.0)
