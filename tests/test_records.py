@@ -137,3 +137,16 @@ def test_carved_val_split_is_disjoint_stratified_and_seeded(tmp_path):
     assert splits.report["val_from_train"]["val_ids"] == val_ids
     assert [r.id for r in carve(seed=3).val] == val_ids
     assert {r.id for r in carve(seed=4).val} != set(val_ids)
+
+
+def test_tiny_file_carves_val_without_stratification(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [row(i, LABELS[i % 3]) for i in range(10)])
+    splits = build_splits(str(path), None, LABELS, val_split=0.2, oversample_below=None)  # 2 val rows, 3 classes
+    assert len(splits.val) == 2 and len(splits.train) == 8
+    assert not {r.id for r in splits.train} & {r.id for r in splits.val}
+
+
+def test_val_split_leaving_train_empty_is_a_data_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [row(1, "long"), row(2, "short")])
+    with pytest.raises(DataError, match="data.val_split=0.9 of 2 valid rows leaves a split empty"):
+        build_splits(str(path), None, LABELS, val_split=0.9)
