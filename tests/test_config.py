@@ -21,10 +21,10 @@ def test_every_group_has_been_found():
 def test_every_option_composes_resolves_and_validates(group, option, tmp_path):
     train_file = tmp_path / "train.jsonl"
     train_file.touch()
-    cfg = compose_train(f"{group}={option}", f"data.train_file={train_file}", f"hydra.run.dir={tmp_path}",
-                        hydra_config=True)
+    cfg = compose_train(f"{group}={option}", f"data.train_file={train_file}", hydra_config=True)
     assert OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") == option
-    # run.py logs the fully resolved config to MLflow: every interpolation must resolve.
+    # run.py logs the fully resolved config to MLflow: every interpolation must resolve (the compose API leaves
+    # hydra.runtime.output_dir, which paths.output_dir reads, for @hydra.main to fill in).
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig().set_config(cfg)

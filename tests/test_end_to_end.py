@@ -124,7 +124,8 @@ def test_mlflow_run_record(finished):
     assert run.data.params["loss.gamma"] == GAMMA
     assert run.data.params["trainer.max_epochs"] == "2"
     assert f"loss.gamma={GAMMA}" in run.data.tags["hydra.overrides"].split()
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
 
     history = read_json(finished / "training_summary.json")["history"]

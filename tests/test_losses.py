@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from loralab.losses import FocalLoss, class_weights
 
-TIGHT = dict(rtol=1e-6, atol=1e-7)
+TIGHT = {"rtol": 1e-6, "atol": 1e-7}
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ BAD = [  # (reason, line) — each line is dropped for exactly that reason
     ("features_not_object", json.dumps({"id": "c", "features": "x=1", "label": "long"})),
     ("features_not_flat", json.dumps(row("d", x={"y": 1}))),
     ("features_not_flat", json.dumps(row("d", x=[1, 2]))),
-    ("non_ascii_key", json.dumps(row("e", **{"é": 1}))),
+    ("non_ascii_key", json.dumps(row("e", é=1))),
     ("non_finite_value", '{"id": "f", "features": {"x": NaN}, "label": "long"}'),
     ("non_finite_value", '{"id": "f", "features": {"x": Infinity}, "label": "long"}'),
     ("non_finite_value", '{"id": "f", "features": {"x": -Infinity}, "label": "long"}'),
