@@ -53,7 +53,10 @@ class FocalLoss(nn.Module):
         log_pt = log_p.gather(1, target[:, None]).squeeze(1)
         loss = -log_pt
         if self.gamma:
-            loss = (1.0 - log_pt.exp()).clamp_min(0.0).pow(self.gamma) * loss
+            # -expm1(log p_t) is 1 - p_t without exp() rounding it to 0 for confident examples; the clamp keeps
+            # pow's gradient finite (not inf * 0 = NaN) for gamma < 1 when 1 - p_t still underflows to 0.
+            one_minus_pt = (-torch.expm1(log_pt)).clamp_min(torch.finfo(log_pt.dtype).tiny)
+            loss = one_minus_pt.pow(self.gamma) * loss
         if self.weight is None:
             return loss.mean()
         w = self.weight.to(loss.device)[target]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,8 +26,12 @@ def carve_val(records: Sequence[Record], val_split: float, seed: int) -> tuple[l
     """A stratified, seed-fixed validation slice: the same seed always holds out the same ids."""
     strat = [r.label for r in records]
     counts = {label: strat.count(label) for label in set(strat)}
-    if min(counts.values()) < 2:
-        log.warning("a class has fewer than 2 rows; carving the validation split without stratification")
+    n_val = math.ceil(val_split * len(records))  # as scikit-learn rounds it
+    if not 0 < n_val < len(records):
+        raise DataError(f"data.val_split={val_split} of {len(records)} valid rows leaves a split empty")
+    if min(counts.values()) < 2 or min(n_val, len(records) - n_val) < len(counts):
+        log.warning("too few rows to give each class a place in both splits; carving the validation split "
+                    "without stratification")
         strat = None
     train, val = train_test_split(list(records), test_size=val_split, random_state=seed, stratify=strat)
     return train, val

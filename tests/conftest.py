@@ -1,0 +1,77 @@
+"""Shared helpers: JSONL writing, Hydra composition, and tiny training runs as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from loralab.data.demo import write_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+LABELS = ["long", "short", "skip"]
+
+
+def row(rid: Any, label: str | None = "long", **features: Any) -> dict[str, Any]:
+    """One record as written to JSONL; features default to a single valid value."""
+    out = {"id": rid, "features": features or {"x": 1}}
+    if label is not None:
+        out["label"] = label
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any] | str | bytes]) -> Path:
+    """Dicts are JSON-encoded; str and bytes lines are written verbatim (for malformed input)."""
+    lines = [r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode() for r in rows]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed as ``python train.py <overrides>`` would compose it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
+    """``python train.py`` subprocesses on the tiny model, each with its run dir and MLflow store under its
+    ``run_dir``; returns (exit code, console output) per run. All start at once and use one thread each, so
+    on a small machine they share the cores instead of oversubscribing them."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for run_dir, overrides in runs:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}",
+               f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "model.tokenizer_vocab_size=300",
+               "trainer.max_epochs=2", *overrides]
+        with (run_dir / "console.log").open("w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return [(proc.wait(timeout=600), (run_dir / "console.log").read_text()) for proc, (run_dir, _) in zip(procs, runs)]
+
+
+# Malformed lines appended to the end-to-end train file, each with the drop reason it must be counted under.
+BAD_TRAIN_LINES = [
+    ("invalid_json", '{"id": "bad-1", "features": '),
+    ("unknown_label", json.dumps(row("bad-2", "maybe"))),
+    ("non_finite_value", '{"id": "bad-3", "features": {"x": NaN}, "label": "long"}'),
+    ("missing_features", json.dumps({"id": "bad-4", "label": "skip"})),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Any]:
+    """Small demo train/val files; train gets the malformed lines above, a blank line and one val row (a leak)."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    train, val = write_demo(out, n_train=80, n_val=30)
+    clean = [json.loads(line) for line in train.read_text().splitlines()]
+    leaked = json.loads(val.read_text().splitlines()[0])
+    write_jsonl(train, [*clean, leaked, "", *(line for _, line in BAD_TRAIN_LINES)])
+    return {"train": train, "val": val, "train_rows": [*clean, leaked], "leaked_id": leaked["id"],
+            "val_rows": [json.loads(line) for line in val.read_text().splitlines()]}
