@@ -50,12 +50,13 @@ def test_gates_pass_fail_and_skip():
 
 
 @pytest.mark.parametrize(("rule", "passed"), [("> 0.6", False), (">= 0.6", True), ("< 0.6", False),
-                                              ("<= 0.6", True), ("> 0.59", True)])
+                                              ("<= 0.6", True), ("> 0.59", True), (">=0.6", True),
+                                              ("<0.6", False)])
 def test_gate_operators_at_the_boundary(rule, passed):
     assert evaluate_gates({"m": 0.6}, {"m": rule})["m"]["passed"] is passed
 
 
-@pytest.mark.parametrize("rule", ["== 0.6", ">=0.6", "0.6"])
+@pytest.mark.parametrize("rule", ["== 0.6", "=> 0.6", "0.6", ">= high"])
 def test_malformed_gate_rejected(rule):
     with pytest.raises(ValueError, match="not '<op> <number>'"):
         evaluate_gates({"m": 0.6}, {"m": rule})

@@ -57,7 +57,7 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
+        return self.bad_epochs > 0 and self.bad_epochs >= self.patience  # patience 0: stop at the first miss
 
 
 @dataclass

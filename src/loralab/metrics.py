@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_RULE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str],
@@ -45,9 +47,10 @@ def evaluate_gates(scalars: Mapping[str, float], gates: Mapping[str, str]) -> di
     """Check each ``metric: "op threshold"`` gate. Reported, never fatal; a missing metric is skipped with a note."""
     out = {}
     for metric, rule in gates.items():
-        op, _, threshold = str(rule).strip().partition(" ")
-        if op not in _OPS:
+        match = _RULE.match(str(rule))
+        if not match:
             raise ValueError(f"gate {metric}: {rule!r} is not '<op> <number>' with op in {sorted(_OPS)}")
+        op, threshold = match.groups()
         if metric not in scalars:
             out[metric] = {"rule": rule, "value": None, "passed": None,
                            "note": "skipped: metric not available (class absent from this data set?)"}
