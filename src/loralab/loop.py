@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from loralab.data.text import batch_to
+from loralab.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,12 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, p
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state: TrainState, *, device,
                     precision, accum_steps, max_grad_norm, stop_requested: Callable[[], bool],
-                    on_interrupt: Callable[[TrainState], None], desc: str) -> None:
-    """Run the rest of the current epoch (from ``state.batches_done``), updating ``state`` as it goes."""
+                    on_interrupt: Callable[[TrainState], None], desc: str, ddp: Dist = Dist()) -> None:
+    """Run the rest of the current epoch (from ``state.batches_done``), updating ``state`` as it goes.
+
+    Under DDP each rank runs its own shard of batches; gradients are all-reduced once per optimizer step (not per
+    micro-batch: ``no_sync``), and a stop request is agreed on by all ranks so none is left waiting.
+    """
     model.train()
     n_micro = loader.batch_sampler.__len__()
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
@@ -129,13 +134,16 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state:
         y = batch.pop("labels")
         group_start = (i // accum_steps) * accum_steps
         group_size = min(accum_steps, n_micro - group_start)  # the last group may be short
-        with autocast(device, precision):
-            logits = model(**batch).logits
-        loss = loss_fn(logits, y)
-        scaler.scale(loss / group_size).backward()
+        last_in_group = i - group_start + 1 == group_size
+        sync = contextlib.nullcontext() if last_in_group or not ddp.enabled else model.no_sync()
+        with sync:
+            with autocast(device, precision):
+                logits = model(**batch).logits
+            loss = loss_fn(logits, y)
+            scaler.scale(loss / group_size).backward()
         loss_sum += loss.detach() * y.shape[0]
         samples += y.shape[0]
-        if i - group_start + 1 < group_size:
+        if not last_in_group:
             continue  # keep accumulating
         # --- end of an accumulation group: one optimizer step ---
         scaler.unscale_(optimizer)
@@ -156,7 +164,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batches_done = i + 1
-        if state.step % 10 == 0 or state.batches_done == n_micro:  # the only host syncs: one per 10 steps
+        at_sync_point = state.step % 10 == 0 or state.batches_done == n_micro
+        if at_sync_point:  # the only host syncs: one per 10 steps
             sync_state()
             samples, t0 = 0, time.perf_counter()
             mean_loss = state.loss_sum / max(state.samples, 1)
@@ -164,8 +173,12 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state:
                 raise NonFiniteLossError(f"training loss became {mean_loss} by step {state.step} ({desc})")
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             samples_s=f"{state.samples / max(state.train_time_s, 1e-9):.0f}")
-        if stop_requested():
-            sync_state()
+        stop = stop_requested()
+        if ddp.enabled:  # agree across ranks, at sync points only, so no rank waits in an all-reduce forever
+            stop = at_sync_point and ddp.sum(float(stop))[0] > 0
+        if stop:
+            if not at_sync_point:
+                sync_state()
             on_interrupt(state)
             raise TrainingInterrupted(f"stopped at step {state.step} (epoch {state.epoch + 1}, "
                                       f"batch {state.batches_done}/{n_micro})")
@@ -178,7 +191,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, trai
         accum_steps: int = 1, max_grad_norm: float | None = 1.0,
         on_epoch_end: Callable[[TrainState, dict[str, float], bool], None] = lambda *a: None,
         on_interrupt: Callable[[TrainState], None] = lambda s: None,
-        stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
+        stop_requested: Callable[[], bool] = lambda: False, ddp: Dist = Dist()) -> TrainState:
     """Train from ``state`` up to ``max_epochs``; track the epoch with the best ``monitor`` value.
 
     ``metric_fn(y_true, logits)`` returns the scalar metrics of an epoch (classification or regression).
@@ -193,12 +206,13 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, trai
         train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, state, device=device,
                         precision=precision, accum_steps=accum_steps, max_grad_norm=max_grad_norm,
                         stop_requested=stop_requested, on_interrupt=on_interrupt,
-                        desc=f"epoch {epoch}/{max_epochs}")
+                        desc=f"epoch {epoch}/{max_epochs}", ddp=ddp)
         t_eval = time.perf_counter()
-        logits, y = predict_logits(model, val_loader, device, precision)
+        logits, y = ddp.gather_predictions(*predict_logits(model, val_loader, device, precision))
         val_loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item()
-        metrics = {"epoch": epoch, "train_loss": state.loss_sum / max(state.samples, 1), "val_loss": val_loss,
-                   "train_samples_per_s": state.samples / max(state.train_time_s, 1e-9),
+        loss_sum, samples = ddp.sum(state.loss_sum, state.samples)  # every rank's share of the epoch
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(samples, 1), "val_loss": val_loss,
+                   "train_samples_per_s": samples / max(state.train_time_s, 1e-9),
                    "epoch_train_time_s": state.train_time_s,
                    "eval_samples_per_s": len(logits) / (time.perf_counter() - t_eval),
                    "skipped_steps": state.skipped_steps, **metric_fn(y, logits)}

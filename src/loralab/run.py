@@ -20,10 +20,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
-from loralab import console
+from loralab import console, distributed
 from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
                                 save_train_state)
 from loralab.config import ConfigError, accumulation_steps, validate
@@ -155,18 +156,20 @@ def train(cfg: DictConfig) -> float:
     validate(cfg)  # before any data or model is loaded
     if cfg.model.arch:
         check_memory(cfg)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
+    out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
+    if ddp.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = resolve_resume(cfg.resume, out_dir)
     resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
     prov = provenance(cfg)
-    tracker = instantiate(cfg.tracking)
+    tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
     tracker.start(OmegaConf.to_container(cfg, resolve=True), tags={**hydra_tags(), **prov},
                   resume_run_id=resumed_run_id)
     status = "FAILED"
     try:
         with stop_on_signals() as stop_requested:
-            summary = _train(cfg, out_dir, tracker, resume_dir, stop_requested, prov)
+            summary = _train(cfg, out_dir, tracker, resume_dir, stop_requested, prov, ddp)
         status = "FINISHED"
     except (TrainingInterrupted, KeyboardInterrupt):
         status = "KILLED"
@@ -176,25 +179,32 @@ def train(cfg: DictConfig) -> float:
         raise
     finally:
         tracker.end(status)
-    console.print_summary(summary)
+        distributed.shutdown()
+    if ddp.is_main:
+        console.print_summary(summary)
     return summary["objective"]
 
 
 def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, stop_requested,
-           prov: dict[str, str]) -> dict[str, Any]:
+           prov: dict[str, str], ddp: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     t_start = time.time()
     set_seed(cfg.seed)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     labels = list(cfg.data.labels)
-    splits, weights = prepare_data(cfg, labels, out_dir, tracker)
+    splits, weights = prepare_data(cfg, labels, out_dir if ddp.is_main else None, tracker)
     device = resolve_device(cfg.hardware.device)
+    if ddp.enabled and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
     model, tokenizer, source = build_model(cfg, labels, splits, device,
-                                           tokenizer_dir=resume_dir / "tokenizer" if resume_dir else None)
+                                           tokenizer_dir=resume_dir / "tokenizer" if resume_dir else None, ddp=ddp)
     loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
-    train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, source.max_length)
+    train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, source.max_length, ddp)
     state = train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
-                        out_dir, tracker, resume_dir, stop_requested)
+                        out_dir, tracker, resume_dir, stop_requested, ddp)
+    if not ddp.is_main:  # rank 0 reports and exports
+        return {"objective": state.history[state.best_epoch - 1][cfg.objective]}
+    model = model.module if isinstance(model, DistributedDataParallel) else model
     metrics = best_epoch_report(cfg, model, val_loader, labels, device, state, out_dir, tracker)
     history = state.history
     summary = {
@@ -204,7 +214,8 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
         "train_samples_per_s": sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in history)
         / max(sum(h["epoch_train_time_s"] for h in history), 1e-9),
         "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
-        "device": str(device), "resumed_from": str(resume_dir) if resume_dir else None, "provenance": prov,
+        "device": str(device), "world_size": ddp.world_size,
+        "resumed_from": str(resume_dir) if resume_dir else None, "provenance": prov,
     }
     write_json(out_dir / "training_summary.json", summary)
     artifacts = export(cfg, out_dir, tracker)
@@ -212,11 +223,12 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
             "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
 
 
-def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path, tracker):
-    """Validate, split and balance; write data_report.json; return splits and the loss's class weights."""
+def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path | None, tracker):
+    """Validate, split and balance; write data_report.json (unless ``out_dir`` is None); return splits and the
+    loss's class weights. Deterministic, so every DDP rank gets the same oversampled split before sharding."""
     d = cfg.data
     if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
-        write_demo(Path(d.train_file).parent)
+        write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
     splits = build_splits(d.train_file, d.val_file, labels, val_split=d.val_split, seed=cfg.seed,
                           oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null)
     counts = splits.report["class_counts"]
@@ -227,18 +239,23 @@ def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path, tracker):
                                       "computed_from": "train_after_oversampling"}
     log.info("class counts: %s", counts)
     log.info("class weights (%s, from train counts after oversampling): %s", cfg.loss.class_weights, weights)
-    write_json(out_dir / "data_report.json", splits.report)
+    if out_dir is not None:
+        write_json(out_dir / "data_report.json", splits.report)
     tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()})
     return splits, weights
 
 
-def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device, tokenizer_dir: Path | None = None):
-    """Model (LoRA-wrapped unless lora=none) on ``device``; a resumed run reuses its checkpoint's tokenizer."""
+def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device, tokenizer_dir: Path | None = None,
+                ddp: distributed.Dist = distributed.Dist()):
+    """Model (LoRA-wrapped unless lora=none) on ``device``; a resumed run reuses its checkpoint's tokenizer.
+    Under DDP the model is wrapped in ``DistributedDataParallel`` (gradients of trainable weights only)."""
     source = instantiate(cfg.model)
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
         tokenizer = source.load_tokenizer([serialize(r.features, cfg.data.template) for r in splits.train])
+        if ddp.enabled and not source.pretrained:  # a trained tokenizer must be rank 0's on every rank
+            tokenizer = source.tokenizer_from_json(ddp.broadcast(tokenizer.backend_tokenizer.to_str()))
     hw = cfg.hardware
     # LoRA trains fp32 adapters on a frozen base, so the base can sit in 16 bits; full fine-tuning keeps fp32
     # master weights and gets its speed from autocast.
@@ -253,10 +270,14 @@ def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device
         model = model.to(device)
     if cfg.trainer.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
+    if ddp.enabled:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, tokenizer, source
 
 
-def make_loaders(cfg: DictConfig, splits, labels: list[str], tokenizer, max_length: int):
+def make_loaders(cfg: DictConfig, splits, labels: list[str], tokenizer, max_length: int,
+                 ddp: distributed.Dist = distributed.Dist()):
+    """Train batches (this rank's shard under DDP) and the whole validation set, longest first."""
     label2id = {label: i for i, label in enumerate(labels)}
     hw, template = cfg.hardware, cfg.data.template
     cache = cfg.data.cache_dir
@@ -265,20 +286,37 @@ def make_loaders(cfg: DictConfig, splits, labels: list[str], tokenizer, max_leng
     if train_ds.truncated or val_ds.truncated:
         log.warning("%d train / %d val texts truncated at model.max_length=%d", train_ds.truncated,
                     val_ds.truncated, max_length)
-    accum = accumulation_steps(cfg.optim.batch_size, hw.micro_batch_size)
+    if cfg.optim.batch_size % ddp.world_size:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size}: the global batch must be divisible by the "
+                          f"{ddp.world_size} processes")
+    per_rank = cfg.optim.batch_size // ddp.world_size
+    accum = accumulation_steps(per_rank, hw.micro_batch_size)
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     loader_args = dict(collate_fn=collate, num_workers=hw.num_workers, pin_memory=hw.pin_memory)
-    sampler = EpochBatchSampler(train_ds.lengths, cfg.optim.batch_size // accum, cfg.seed,
-                                group_by_length=cfg.trainer.group_by_length)
+    sampler = EpochBatchSampler(train_ds.lengths, per_rank // accum, cfg.seed,
+                                group_by_length=cfg.trainer.group_by_length, rank=ddp.rank,
+                                world_size=ddp.world_size)
     train_loader = DataLoader(train_ds, batch_sampler=sampler, **loader_args)
     val_loader = DataLoader(val_ds, batch_size=cfg.trainer.eval_batch_size, sampler=length_sorted_order(val_ds),
                             **loader_args)
     return train_loader, val_loader, accum
 
 
+def shard(loader: DataLoader, ddp: distributed.Dist) -> DataLoader:
+    """This rank's slice of an (ordered) evaluation loader; the slices are gathered again after prediction."""
+    if not ddp.enabled:
+        return loader
+    indices = list(loader.sampler)[ddp.rank::ddp.world_size]
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
 def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
-                out_dir: Path, tracker, resume_dir: Path | None, stop_requested) -> TrainState:
-    """Optimizer, schedule and checkpoints around ``loop.fit``; leaves the best epoch's weights in ``model``."""
+                out_dir: Path, tracker, resume_dir: Path | None, stop_requested,
+                ddp: distributed.Dist = distributed.Dist()) -> TrainState:
+    """Optimizer, schedule and checkpoints around ``loop.fit``; leaves the best epoch's weights in ``model``.
+    Only rank 0 writes checkpoints; every rank can resume from them."""
+    core = model.module if isinstance(model, DistributedDataParallel) else model
     optimizer = instantiate(cfg.optim.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     total_steps = cfg.trainer.max_epochs * -(-len(train_loader) // accum)
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_training_steps=total_steps,
@@ -288,13 +326,15 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
     ckpt_dir = out_dir / "checkpoints"
     state, ranked = TrainState(), []
     if resume_dir is not None:
-        saved = load_train_state(resume_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        saved = load_train_state(resume_dir, model=core, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         state, ranked = TrainState(**saved["loop"]), saved["meta"]["top_k"]
         log.info("resumed from %s at epoch %d, step %d", resume_dir, state.epoch, state.step)
         tracker.set_tags({"resumed_from": str(resume_dir)})
-    parts = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    parts = dict(model=core, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     def save(name: str, st: TrainState) -> None:
+        if not ddp.is_main:
+            return
         save_train_state(ckpt_dir / name, **parts, loop_state=st.as_dict(),
                          meta={"mlflow_run_id": tracker.run_id, "top_k": ranked, "monitor": monitor})
 
@@ -306,21 +346,26 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
         if entry in ranked[:cfg.trainer.save_top_k]:
             save(entry["name"], st)
         save("last", st)  # always; written after the top-k entry so `last` never points at a missing one
+        if not ddp.is_main:
+            ranked = ranked[:cfg.trainer.save_top_k]
+            return
         ranked = rotate_top_k(ckpt_dir, ranked, cfg.trainer.save_top_k)
         if improved:
-            save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
+            save_checkpoint(out_dir / "checkpoint_best", core, tokenizer,
                             {"epoch": st.epoch, "labels": labels, "template": cfg.data.template,
                              "max_length": cfg.model.max_length, monitor: metrics[monitor]})
 
-    state = fit(model, loss_fn, optimizer, scheduler, scaler, train_loader, val_loader, state,
+    state = fit(model, loss_fn, optimizer, scheduler, scaler, train_loader, shard(val_loader, ddp), state,
                 metric_fn=lambda y, logits: classification_metrics(y, logits.argmax(-1), labels)["scalars"],
                 max_epochs=cfg.trainer.max_epochs, monitor=monitor,
                 early_stopping=EarlyStopping(cfg.trainer.early_stopping.patience,
                                              cfg.trainer.early_stopping.min_delta, mode),
                 device=device, precision=cfg.hardware.precision, accum_steps=accum,
                 max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end,
-                on_interrupt=lambda st: save("last", st), stop_requested=stop_requested)
-    load_weights(ckpt_dir / ranked[0]["name"], model)  # the rest of the run uses the best epoch
+                on_interrupt=lambda st: save("last", st), stop_requested=stop_requested, ddp=ddp)
+    ddp.barrier()  # rank 0's checkpoints are complete
+    if ddp.is_main:
+        load_weights(ckpt_dir / ranked[0]["name"], core)  # the rest of the run uses the best epoch
     return state
 
 

@@ -42,6 +42,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    return wrap_tokenizer(tok)
+
+
+def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=PAD)
 
 
@@ -83,6 +87,13 @@ class ModelSource:
                 tok.pad_token = tok.eos_token
         else:
             tok = train_tokenizer(texts, self.tokenizer_vocab_size)
+        return self._configure(tok)
+
+    def tokenizer_from_json(self, spec: str) -> PreTrainedTokenizerFast:
+        """A trained tokenizer received from another process (DDP rank 0)."""
+        return self._configure(wrap_tokenizer(Tokenizer.from_str(spec)))
+
+    def _configure(self, tok):
         # Right padding: causal attention never lets pads touch real tokens, and Qwen2's classifier pools the
         # last non-pad token, so batched logits equal one-by-one logits (tested).
         tok.padding_side = "right"
