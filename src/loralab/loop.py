@@ -96,12 +96,13 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, p
 
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, loader, *, device, precision, accum_steps,
-                    max_grad_norm, scaler, desc: str) -> dict[str, float]:
+                    max_grad_norm, scaler, desc: str, progress: bool = True) -> dict[str, float]:
     model.train()
     n_micro = len(loader)
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     samples, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if progress else True)  # None: off when not a TTY; progress=False: quiet sweeps
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         batch = batch_to(batch, device)
@@ -137,7 +138,8 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, train_loader
         val_loader: DataLoader, *, metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]],
         max_epochs: int, early_stopping: EarlyStopping, monitor: str, device: torch.device,
         precision: str = "fp32", accum_steps: int = 1, max_grad_norm: float | None = 1.0,
-        on_epoch_end: Callable[[int, dict[str, float], bool], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[int, dict[str, float], bool], None] | None = None, progress: bool = True
+        ) -> FitResult:
     """Train up to ``max_epochs``; keep the weights of the epoch with the best ``monitor`` value.
 
     ``metric_fn(y_true, logits)`` returns the scalar metrics of an epoch (classification or regression).
@@ -148,7 +150,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, train_loader
     for epoch in range(1, max_epochs + 1):
         stats = train_one_epoch(model, loss_fn, optimizer, scheduler, train_loader, device=device,
                                 precision=precision, accum_steps=accum_steps, max_grad_norm=max_grad_norm,
-                                scaler=scaler, desc=f"epoch {epoch}/{max_epochs}")
+                                scaler=scaler, desc=f"epoch {epoch}/{max_epochs}", progress=progress)
         logits, y = predict_logits(model, val_loader, device, precision)
         with torch.no_grad():
             val_loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item()

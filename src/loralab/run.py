@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler, set_seed
 
 from loralab import console
+from loralab.baseline import fit_baseline
 from loralab.checkpoint import save_checkpoint
 from loralab.config import accumulation_steps, validate
 from loralab.data.demo import write_demo
@@ -29,6 +31,7 @@ from loralab.loop import EarlyStopping, fit, predict_logits
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.models.lora import apply_lora
+from loralab.report import write_reports
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,23 @@ def hydra_tags() -> dict[str, str]:
     return {"hydra.overrides": " ".join(hc.overrides.task) or "(none)", "hydra.job.num": str(hc.job.get("num", 0))}
 
 
+def multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def quiet_mode(cfg: DictConfig) -> bool:
+    return console.is_quiet(cfg.get("quiet", "auto"), multirun())
+
+
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
     validate(cfg)  # before any data or model is loaded
+    quiet = quiet_mode(cfg)
+    if quiet:
+        console.quiet_logging()
+    else:
+        console.print_config(OmegaConf.to_container(cfg, resolve=True),
+                             HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = instantiate(cfg.tracking)
@@ -82,7 +99,10 @@ def train(cfg: DictConfig) -> float:
         raise
     finally:
         tracker.end(status)
-    console.print_summary(summary)
+    if quiet:
+        console.print_run_line(summary, HydraConfig.get().job.num if multirun() else None)
+    else:
+        console.print_summary(summary)
     return summary["objective"]
 
 
@@ -93,13 +113,14 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     labels = list(cfg.data.labels)
     splits, weights = prepare_data(cfg, labels, out_dir, tracker)
+    baseline = baseline_stage(cfg, splits, labels, tracker)
     device = resolve_device(cfg.hardware.device)
     model, tokenizer, source = build_model(cfg, labels, splits, device)
     loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
     train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, source.max_length)
     result = train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
                          source, out_dir, tracker)
-    metrics = best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir, tracker)
+    metrics = best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir, tracker, baseline)
     summary = {
         "objective_key": cfg.objective, "objective": result.history[result.best_epoch - 1][cfg.objective],
         "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "epochs_run": len(result.history),
@@ -109,6 +130,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
     }
     write_json(out_dir / "training_summary.json", summary)
     artifacts = export(cfg, out_dir, tracker)
+    artifacts += write_reports(out_dir, labels, summary, metrics, splits.report, tracker)
     return {**summary, "metrics": metrics, "run_dir": str(out_dir), "run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
 
@@ -131,6 +153,18 @@ def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path, tracker):
     write_json(out_dir / "data_report.json", splits.report)
     tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()})
     return splits, weights
+
+
+def baseline_stage(cfg: DictConfig, splits, labels: list[str], tracker) -> dict[str, Any] | None:
+    """The scikit-learn baseline on the train rows before oversampling, scored on the same val split."""
+    if cfg.get("baseline") is None:
+        return None
+    b = cfg.baseline
+    result = fit_baseline(b.name, splits.train_original, splits.val, labels, cfg.seed,
+                          OmegaConf.to_container(b.params, resolve=True), b.get("threads"))
+    if result:
+        tracker.log_metrics({f"baseline_{k}": v for k, v in result["scalars"].items()})
+    return result
 
 
 def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device):
@@ -180,19 +214,21 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
                  early_stopping=EarlyStopping(cfg.trainer.early_stopping.patience,
                                               cfg.trainer.early_stopping.min_delta, cfg.trainer.monitor_mode),
                  device=device, precision=cfg.hardware.precision, accum_steps=accum,
-                 max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end)
+                 max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end, progress=not quiet_mode(cfg))
     model.load_state_dict(result.best_state, strict=False)  # the rest of the run uses the best epoch
     return result
 
 
-def best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir: Path, tracker) -> dict[str, Any]:
+def best_epoch_report(cfg, model, val_loader, labels, device, result, out_dir: Path, tracker,
+                      baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Full metrics of the best epoch (per-class table, confusion matrix, gates) into metrics.json and MLflow."""
     logits, y = predict_logits(model, val_loader, device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
     gates = evaluate_gates(report["scalars"], cfg.trainer.gates)
     metrics = {"best_epoch": result.best_epoch, **report["scalars"],
                "val_loss": result.history[result.best_epoch - 1]["val_loss"],
-               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates}
+               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
+               "baseline": baseline}
     write_json(out_dir / "metrics.json", metrics)
     tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=result.best_epoch)
     tracker.set_tags({"stop_reason": result.stop_reason, "best_epoch": result.best_epoch,
