@@ -174,7 +174,11 @@ def test_summary_table_shows_baseline_gates_and_mlflow(run_data):
     out = Console(record=True, width=200)
     console.print_summary(full, out)
     text = out.export_text()
-    assert "baseline (logreg)" in text and "FAIL" in text and "skipped" not in text.split("gates:")[0]
+    assert "baseline (logreg)" in text and "FAIL" in text
+    table_rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert "skipped" in table_rows["val_f1_absent"] and "FAIL" in table_rows["val_f1_long"]
+    base = f"{metrics['baseline']['scalars']['val_macro_f1']:.4f}"
+    assert base in table_rows["val_macro_f1"]
     assert "/runs/x/report.md" in text and "mlflow ui --backend-store-uri sqlite:///m.db" in text
     line = console.run_line(full, job=4)
     assert "\n" not in line and line.startswith("run 4 |") and "mlflow abc123" in line

@@ -82,6 +82,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         if isinstance(value, float):
             base = [f"{base_scalars[key]:.4f}" if key in base_scalars else ""] if baseline else []
             table.add_row(key, f"{value:.4f}", *base, _gate_text(gates.get(key)))
+    for key, gate in gates.items():  # gated metrics this run has no value for (class absent from val)
+        if key not in m:
+            table.add_row(key, "—", *([""] if baseline else []), _gate_text(gate))
     console.print(table)
     verdicts = [g["passed"] for g in gates.values()]
     console.print(f"gates: {verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"

@@ -45,7 +45,7 @@ def _epoch_axis(ax, epochs: Sequence[int]) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: a 2-epoch run shows no 1.25, 1.5 ...
     if len(epochs) == 1:
-        ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+        ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
     ax.grid(alpha=0.3)
 
 
