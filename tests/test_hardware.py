@@ -1,6 +1,5 @@
 """Hardware profiles, batch geometry, memory preflight and the offline Qwen2.5 shapes."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -107,3 +107,6 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.model.pretrained or cfg.model.arch, "model.arch", cfg.model.arch,
            "pretrained=false needs a shipped architecture name")
     _check(cfg.export.max_size_mb > 0, "export.max_size_mb", cfg.export.max_size_mb, "must be > 0")
+    if cfg.get("baseline") is not None:
+        _check(cfg.baseline.name in ("hgb", "logreg"), "baseline.name", cfg.baseline.name,
+               "must be hgb or logreg (baseline=none switches the baseline off)")

@@ -1,29 +1,120 @@
-"""What a person reads in the terminal at the end of a run."""
+"""What a person reads in the terminal: the resolved config at the start, a summary table at the end, or — in
+quiet mode (sweeps) — one line per run."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Mapping, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.tree import Tree
+
+GATE_MARK = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "skipped"}
+
+
+def is_quiet(setting: Any, multirun: bool) -> bool:
+    """``quiet: auto`` is quiet in a Hydra multirun (a sweep of 50 runs must not print 50 config trees)."""
+    return multirun if str(setting).lower() == "auto" else bool(setting)
+
+
+def quiet_logging() -> None:
+    """Raise the root logger's terminal handlers to WARNING; file handlers (the run's log file) keep everything.
+
+    Also silences transformers' progress bars (checkpoint writing) for the process.
+    """
+    from transformers.utils import logging as hf_logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # exact type: FileHandler subclasses StreamHandler
+            handler.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+
+def _overridden(path: str, overrides: Sequence[str]) -> bool:
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return any(path == k or path.startswith(k + ".") for k in keys)
+
+
+def config_tree(config: Mapping[str, Any], overrides: Sequence[str] = (), label: str = "config") -> Tree:
+    """The resolved config as a tree; keys set on the command line (or inside an overridden group) in yellow."""
+    tree = Tree(f"[bold]{label}[/]")
+
+    def add(node: Tree, mapping: Mapping[str, Any], prefix: str) -> None:
+        for key, value in mapping.items():
+            path = f"{prefix}{key}"
+            style = "yellow" if _overridden(path, overrides) else ""
+            if isinstance(value, Mapping) and value:
+                add(node.add(f"[bold {style}]{escape(str(key))}[/]" if style else f"[bold]{escape(str(key))}[/]"),
+                    value, path + ".")
+            else:
+                text = f"{escape(str(key))}: {escape(repr(value) if isinstance(value, str) else str(value))}"
+                node.add(f"[{style}]{text}[/]" if style else text)
+
+    add(tree, config, "")
+    return tree
+
+
+def print_config(config: Mapping[str, Any], overrides: Sequence[str] = (), console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(config_tree(config, overrides))
+
+
+def _gate_text(gate: Mapping[str, Any] | None) -> str:
+    return "" if gate is None else f"{GATE_MARK[gate['passed']]} ({escape(str(gate['rule']))})"
 
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    """Metrics with gates and the baseline, the artifacts written, and how to open the run in MLflow."""
     console = console or Console()
     m = summary["metrics"]
+    gates = m.get("gates", {})
+    baseline = m.get("baseline") or {}
+    base_scalars = baseline.get("scalars", {})
     table = Table(title=f"best epoch {summary['best_epoch']} of {summary['epochs_run']} — {summary['stop_reason']}")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("model", justify="right")
+    if baseline:
+        table.add_column(f"baseline ({baseline['name']})", justify="right")
     table.add_column("gate")
     for key, value in m.items():
         if isinstance(value, float):
-            gate = m["gates"].get(key)
-            mark = "" if gate is None else {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "skipped"}[
-                gate["passed"]] + f" ({gate['rule']})"
-            table.add_row(key, f"{value:.4f}", mark)
+            base = [f"{base_scalars[key]:.4f}" if key in base_scalars else ""] if baseline else []
+            table.add_row(key, f"{value:.4f}", *base, _gate_text(gates.get(key)))
+    for key, gate in gates.items():  # gated metrics this run has no value for (class absent from val)
+        if key not in m:
+            table.add_row(key, "—", *([""] if baseline else []), _gate_text(gate))
     console.print(table)
+    verdicts = [g["passed"] for g in gates.values()]
+    console.print(f"gates: {verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"
+                  + (f"; model − baseline macro-F1 {m['val_macro_f1'] - base_scalars['val_macro_f1']:+.4f}"
+                     if 'val_macro_f1' in base_scalars else ""))
     console.print(f"train {summary['train_samples_per_s']:.0f} samples/s on {summary['device']}, "
                   f"wall {summary['wall_time_s']:.0f} s")
-    console.print(f"run dir: {summary['run_dir']}")
+    console.print(f"run dir: {summary['run_dir']}", soft_wrap=True)
+    for path in summary.get("artifacts", []):
+        console.print(f"  {escape(str(path))}", soft_wrap=True, highlight=False)
     if summary.get("run_id"):
-        console.print(f"MLflow run {summary['run_id']} — mlflow ui --backend-store-uri {summary['tracking_uri']}")
+        console.print(f"MLflow run {summary['run_id']} — mlflow ui --backend-store-uri {summary['tracking_uri']}",
+                      soft_wrap=True)
+
+
+def run_line(summary: Mapping[str, Any], job: str | None = None) -> str:
+    """The one line quiet mode prints per run: objective, baseline, gates, time, where to look."""
+    m = summary["metrics"]
+    verdicts = [g["passed"] for g in m.get("gates", {}).values()]
+    base = (m.get("baseline") or {}).get("scalars", {}).get("val_macro_f1")
+    parts = [f"run {job}" if job is not None else "run",
+             f"{summary['objective_key']} {summary['objective']:.4f} (epoch {summary['best_epoch']}/"
+             f"{summary['epochs_run']})",
+             f"baseline macro-F1 {base:.4f}" if base is not None else "no baseline",
+             f"gates {verdicts.count(True)}/{len(verdicts)} pass",
+             f"{summary['wall_time_s']:.0f} s", str(summary["run_dir"])]
+    if summary.get("run_id"):
+        parts.append(f"mlflow {summary['run_id']}")
+    return " | ".join(parts)
+
+
+def print_run_line(summary: Mapping[str, Any], job: str | None = None, console: Console | None = None) -> None:
+    (console or Console()).print(run_line(summary, job), soft_wrap=True, highlight=False, markup=False)

@@ -108,7 +108,8 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, p
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state: TrainState, *, device,
                     precision, accum_steps, max_grad_norm, stop_requested: Callable[[], bool],
-                    on_interrupt: Callable[[TrainState], None], desc: str, ddp: Dist = Dist()) -> None:
+                    on_interrupt: Callable[[TrainState], None], desc: str, ddp: Dist = Dist(),
+                    progress: bool = True) -> None:
     """Run the rest of the current epoch (from ``state.batches_done``), updating ``state`` as it goes.
 
     Under DDP each rank runs its own shard of batches; gradients are all-reduced once per optimizer step (not per
@@ -126,8 +127,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, state:
         state.train_time_s += time.perf_counter() - t0
         loss_sum.zero_()
 
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None,
-               initial=state.batches_done, total=n_micro)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, initial=state.batches_done,
+               total=n_micro, disable=None if progress else True)  # None: off when not a TTY; False: quiet sweeps
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar, start=state.batches_done):
         batch = batch_to(batch, device)
@@ -191,7 +192,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, trai
         accum_steps: int = 1, max_grad_norm: float | None = 1.0,
         on_epoch_end: Callable[[TrainState, dict[str, float], bool], None] = lambda *a: None,
         on_interrupt: Callable[[TrainState], None] = lambda s: None,
-        stop_requested: Callable[[], bool] = lambda: False, ddp: Dist = Dist()) -> TrainState:
+        stop_requested: Callable[[], bool] = lambda: False, ddp: Dist = Dist(), progress: bool = True) -> TrainState:
     """Train from ``state`` up to ``max_epochs``; track the epoch with the best ``monitor`` value.
 
     ``metric_fn(y_true, logits)`` returns the scalar metrics of an epoch (classification or regression).
@@ -206,7 +207,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, trai
         train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, state, device=device,
                         precision=precision, accum_steps=accum_steps, max_grad_norm=max_grad_norm,
                         stop_requested=stop_requested, on_interrupt=on_interrupt,
-                        desc=f"epoch {epoch}/{max_epochs}", ddp=ddp)
+                        desc=f"epoch {epoch}/{max_epochs}", ddp=ddp, progress=progress)
         t_eval = time.perf_counter()
         logits, y = ddp.gather_predictions(*predict_logits(model, val_loader, device, precision))
         val_loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.parallel import DistributedDataParallel
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
 from loralab import console, distributed
+from loralab.baseline import fit_baseline
 from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
                                 save_train_state)
 from loralab.config import ConfigError, accumulation_steps, validate
@@ -39,6 +41,7 @@ from loralab.losses import class_weights
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.models.build import shipped_config
 from loralab.models.lora import apply_lora
+from loralab.report import write_reports
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,14 @@ def hydra_tags() -> dict[str, str]:
         return {}
     hc = HydraConfig.get()
     return {"hydra.overrides": " ".join(hc.overrides.task) or "(none)", "hydra.job.num": str(hc.job.get("num", 0))}
+
+
+def multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def quiet_mode(cfg: DictConfig) -> bool:
+    return console.is_quiet(cfg.get("quiet", "auto"), multirun())
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
@@ -154,9 +165,15 @@ def train(cfg: DictConfig) -> float:
     with open_dict(cfg):
         cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
     validate(cfg)  # before any data or model is loaded
+    ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
+    quiet = quiet_mode(cfg) or not ddp.is_main
+    if quiet:
+        console.quiet_logging()
+    else:
+        console.print_config(OmegaConf.to_container(cfg, resolve=True),
+                             HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     if cfg.model.arch:
         check_memory(cfg)
-    ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
     out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +197,11 @@ def train(cfg: DictConfig) -> float:
     finally:
         tracker.end(status)
         distributed.shutdown()
-    if ddp.is_main:
+    if not ddp.is_main:
+        pass
+    elif quiet:
+        console.print_run_line(summary, HydraConfig.get().job.num if multirun() else None)
+    else:
         console.print_summary(summary)
     return summary["objective"]
 
@@ -193,6 +214,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
         torch.use_deterministic_algorithms(True, warn_only=True)
     labels = list(cfg.data.labels)
     splits, weights = prepare_data(cfg, labels, out_dir if ddp.is_main else None, tracker)
+    baseline = baseline_stage(cfg, splits, labels, tracker) if ddp.is_main else None
     device = resolve_device(cfg.hardware.device)
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
@@ -205,7 +227,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
     if not ddp.is_main:  # rank 0 reports and exports
         return {"objective": state.history[state.best_epoch - 1][cfg.objective]}
     model = model.module if isinstance(model, DistributedDataParallel) else model
-    metrics = best_epoch_report(cfg, model, val_loader, labels, device, state, out_dir, tracker)
+    metrics = best_epoch_report(cfg, model, val_loader, labels, device, state, out_dir, tracker, baseline)
     history = state.history
     summary = {
         "objective_key": cfg.objective, "objective": history[state.best_epoch - 1][cfg.objective],
@@ -219,6 +241,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
     }
     write_json(out_dir / "training_summary.json", summary)
     artifacts = export(cfg, out_dir, tracker)
+    artifacts += write_reports(out_dir, labels, summary, metrics, splits.report, tracker)
     return {**summary, "metrics": metrics, "run_dir": str(out_dir), "run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
 
@@ -243,6 +266,18 @@ def prepare_data(cfg: DictConfig, labels: list[str], out_dir: Path | None, track
         write_json(out_dir / "data_report.json", splits.report)
     tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()})
     return splits, weights
+
+
+def baseline_stage(cfg: DictConfig, splits, labels: list[str], tracker) -> dict[str, Any] | None:
+    """The scikit-learn baseline on the train rows before oversampling, scored on the same val split."""
+    if cfg.get("baseline") is None:
+        return None
+    b = cfg.baseline
+    result = fit_baseline(b.name, splits.train_original, splits.val, labels, cfg.seed,
+                          OmegaConf.to_container(b.params, resolve=True), b.get("threads"))
+    if result:
+        tracker.log_metrics({f"baseline_{k}": v for k, v in result["scalars"].items()})
+    return result
 
 
 def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device, tokenizer_dir: Path | None = None,
@@ -362,7 +397,8 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
                                              cfg.trainer.early_stopping.min_delta, mode),
                 device=device, precision=cfg.hardware.precision, accum_steps=accum,
                 max_grad_norm=cfg.optim.max_grad_norm, on_epoch_end=on_epoch_end,
-                on_interrupt=lambda st: save("last", st), stop_requested=stop_requested, ddp=ddp)
+                on_interrupt=lambda st: save("last", st), stop_requested=stop_requested, ddp=ddp,
+                progress=not quiet_mode(cfg))
     ddp.barrier()  # rank 0's checkpoints are complete
     if ddp.is_main:
         load_weights(ckpt_dir / ranked[0]["name"], core)  # the rest of the run uses the best epoch
@@ -370,14 +406,15 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
 
 
 def best_epoch_report(cfg, model, val_loader, labels, device, state: TrainState, out_dir: Path,
-                      tracker) -> dict[str, Any]:
+                      tracker, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Full metrics of the best epoch (per-class table, confusion matrix, gates) into metrics.json and MLflow."""
     logits, y = predict_logits(model, val_loader, device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
     gates = evaluate_gates(report["scalars"], cfg.trainer.gates)
     metrics = {"best_epoch": state.best_epoch, **report["scalars"],
                "val_loss": state.history[state.best_epoch - 1]["val_loss"],
-               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates}
+               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
+               "baseline": baseline}
     write_json(out_dir / "metrics.json", metrics)
     tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=state.best_epoch)
     tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from sklearn.model_selection import train_test_split
@@ -20,6 +20,7 @@ class Splits:
     train: list[Record]  # after oversampling
     val: list[Record]
     report: dict[str, Any]
+    train_original: list[Record] = field(default_factory=list)  # train before oversampling (for baselines)
 
 
 def carve_val(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -76,6 +77,7 @@ def build_splits(
             message += "; dropped from train"
         log.warning(message)
 
+    original = list(train)
     before = class_counts(train, labels)
     report["class_counts"] = {"train_before_oversampling": before, "val": class_counts(val, labels)}
     if oversample_below is not None and needs_oversampling(before, oversample_below):
@@ -84,4 +86,4 @@ def build_splits(
                  before, class_counts(train, labels))
     report["oversampled"] = len(train) != sum(before.values())
     report["class_counts"]["train_after_oversampling"] = class_counts(train, labels)
-    return Splits(train=train, val=val, report=report)
+    return Splits(train=train, val=val, report=report, train_original=original)

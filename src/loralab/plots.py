@@ -1,0 +1,159 @@
+"""The run's plots, as PNG files under ``<run_dir>/plots/``.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot state, no display needed), so plotting
+is safe in sweeps and in worker processes. Every function takes plain data and a path and returns the path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import ConfusionMatrixDisplay
+
+log = logging.getLogger(__name__)
+
+DPI = 110
+SPLIT_NAMES = {"train_before_oversampling": "train (before oversampling)",
+               "train_after_oversampling": "train (after oversampling)", "val": "val"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _mark_best(ax, best_epoch: int | None) -> None:
+    if best_epoch:
+        ax.axvline(best_epoch, color="grey", linestyle=":", linewidth=1, label=f"best epoch ({best_epoch})")
+
+
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: a 2-epoch run shows no 1.25, 1.5 ...
+    if len(epochs) == 1:
+        ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+    ax.grid(alpha=0.3)
+
+
+def loss_curves(history: Sequence[Mapping[str, float]], path: Path, best_epoch: int | None = None) -> Path:
+    """Train and val loss per epoch: diverging curves are overfitting, flat ones a learning rate problem."""
+    epochs = [h["epoch"] for h in history]
+    fig = _figure(6.4, 4)
+    ax = fig.add_subplot()
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], marker="s", label="val loss")
+    _mark_best(ax, best_epoch)
+    _epoch_axis(ax, epochs)
+    ax.set_ylabel("loss (training objective)")
+    ax.set_title("Loss per epoch")
+    ax.legend()
+    return _save(fig, path)
+
+
+def f1_curves(history: Sequence[Mapping[str, float]], labels: Sequence[str], path: Path,
+              best_epoch: int | None = None, baseline_macro_f1: float | None = None) -> Path:
+    """Val macro-F1 (bold) and each class's F1 per epoch, with the baseline's macro-F1 as a reference line."""
+    epochs = [h["epoch"] for h in history]
+    fig = _figure(8, 4)
+    ax = fig.add_subplot()
+    ax.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", linewidth=2.5, color="black",
+            label="macro-F1")
+    for label in labels:
+        key = f"val_f1_{label}"
+        if all(key in h for h in history):  # absent when the class has no val rows
+            ax.plot(epochs, [h[key] for h in history], marker=".", linestyle="--", label=f"F1 {label}")
+    if baseline_macro_f1 is not None:
+        ax.axhline(baseline_macro_f1, color="tab:red", linestyle="-.", linewidth=1.2,
+                   label=f"baseline macro-F1 ({baseline_macro_f1:.2f})")
+    _mark_best(ax, best_epoch)
+    _epoch_axis(ax, epochs)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("F1 on val")
+    ax.set_title("Validation F1 per epoch")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: lines stay visible
+    return _save(fig, path)
+
+
+def confusion_matrices(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path,
+                       title: str = "Confusion matrix (val, best epoch)") -> Path:
+    """Counts and row-normalised (share of each true class) side by side; rows are true, columns predicted."""
+    counts = np.asarray(matrix, dtype=int)
+    row_sums = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
+    fig = _figure(11, 4.6)
+    ax_counts, ax_share = fig.subplots(1, 2)
+    ConfusionMatrixDisplay(counts, display_labels=list(labels)).plot(ax=ax_counts, cmap="Blues", values_format="d",
+                                                                      colorbar=True)
+    ax_counts.set_title("counts")
+    disp = ConfusionMatrixDisplay(share, display_labels=list(labels))
+    disp.plot(ax=ax_share, cmap="Blues", values_format=".2f", colorbar=True)
+    disp.im_.set_clim(0, 1)
+    ax_share.set_title("row-normalised (recall per true class)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def class_distribution(class_counts: Mapping[str, Mapping[str, int]], path: Path) -> Path:
+    """Rows per class in each split (train before/after oversampling, val) as grouped bars with counts."""
+    splits = [s for s in SPLIT_NAMES if s in class_counts] + [s for s in class_counts if s not in SPLIT_NAMES]
+    labels = list(next(iter(class_counts.values())))
+    x = np.arange(len(labels))
+    width = 0.8 / len(splits)
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    for i, split in enumerate(splits):
+        bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, [class_counts[split][lb] for lb in labels], width,
+                      label=SPLIT_NAMES.get(split, split))
+        ax.bar_label(bars, fontsize="x-small", padding=1)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("class")
+    ax.set_ylabel("rows")
+    ax.margins(y=0.12)  # room for the count labels
+    ax.set_title("Class distribution per split")
+    fig.legend(loc="outside lower center", ncols=len(splits), fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def make_plots(plot_dir: Path, history: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
+               class_counts: Mapping[str, Mapping[str, int]] | None, labels: Sequence[str]) -> dict[str, Path]:
+    """All of a run's plots; ``metrics`` is metrics.json's content (best epoch, confusion matrix, baseline).
+
+    A plot whose data the run does not have (no F1 or confusion matrix in a regression run) is left out.
+    """
+    t0 = time.perf_counter()
+    plot_dir = Path(plot_dir)
+    best = metrics.get("best_epoch")
+    baseline = metrics.get("baseline") or {}
+    has = {key for h in history[:1] for key in h}
+    plots = {}
+    if {"train_loss", "val_loss"} <= has:
+        plots["loss_curves"] = loss_curves(history, plot_dir / "loss_curves.png", best)
+    if "val_macro_f1" in has:
+        plots["f1_curves"] = f1_curves(history, labels, plot_dir / "f1_curves.png", best,
+                                       baseline.get("scalars", {}).get("val_macro_f1"))
+    if metrics.get("confusion_matrix"):
+        plots["confusion_matrix"] = confusion_matrices(metrics["confusion_matrix"]["matrix"], labels,
+                                                       plot_dir / "confusion_matrix.png")
+    if class_counts:
+        plots["class_distribution"] = class_distribution(class_counts, plot_dir / "class_distribution.png")
+    if baseline.get("confusion_matrix"):
+        plots["baseline_confusion_matrix"] = confusion_matrices(
+            baseline["confusion_matrix"]["matrix"], labels, plot_dir / "baseline_confusion_matrix.png",
+            title=f"Baseline ({baseline['name']}) confusion matrix (val)")
+    log.info("wrote %d plots to %s in %.2f s", len(plots), plot_dir, time.perf_counter() - t0)
+    return plots

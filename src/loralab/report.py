@@ -1,0 +1,140 @@
+"""``report.md``: what a colleague reads about a run — how it was configured, what the data looked like, how the
+model scored against the gates and the scikit-learn baseline, and the plots. Built from the run dir's files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import OmegaConf
+
+from loralab.plots import make_plots
+
+log = logging.getLogger(__name__)
+
+RELIABILITY = "plots/reliability_diagram.png"  # written by calibration when it runs
+STATUS = {True: "pass", False: "**FAIL**", None: "skipped"}
+PLOT_TITLES = {"loss_curves": "Loss per epoch", "f1_curves": "Validation F1 per epoch",
+               "confusion_matrix": "Confusion matrix (best epoch)", "class_distribution": "Class distribution",
+               "baseline_confusion_matrix": "Baseline confusion matrix", "reliability_diagram": "Reliability diagram"}
+
+
+def hydra_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides Hydra saved for this run; None when the run did not go through Hydra."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.is_file() else None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v).replace("|", "\\|"))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""]
+
+
+def _data_section(data_report: Mapping[str, Any]) -> list[str]:
+    out = ["## Data", ""]
+    files = [(name, data_report[name]) for name in ("train_file", "val_file") if name in data_report]
+    out += _table(["file", "path", "rows read", "kept", "dropped"],
+                  [(name, f"`{f['path']}`", f["rows_read"], f["rows_kept"], f["rows_dropped"]) for name, f in files])
+    drops = [(name, reason, n, f["first_line_by_reason"].get(reason)) for name, f in files
+             for reason, n in f["dropped_by_reason"].items()]
+    if drops:
+        out += ["Dropped rows by reason:", ""] + _table(["file", "reason", "rows", "first line"], drops)
+    if "val_from_train" in data_report:
+        v = data_report["val_from_train"]
+        out += [f"Validation carved from the train file: {v['val_split']:.0%} stratified, seed {v['seed']}.", ""]
+    counts = data_report.get("class_counts")
+    if not counts:
+        return out
+    splits = [s for s in ("train_before_oversampling", "train_after_oversampling", "val") if s in counts]
+    out += ["Class counts:", ""] + _table(["class", *(s.replace("_", " ") for s in splits)],
+                                         [(label, *(counts[s][label] for s in splits)) for label in counts["val"]])
+    leak = data_report.get("leakage", {})
+    out += [f"Oversampled: {'yes' if data_report.get('oversampled') else 'no'}. "
+            f"Ids in both train and val: {leak.get('ids_in_both', 0)} (policy: {leak.get('policy', 'n/a')}).", ""]
+    return out
+
+
+def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
+    baseline = metrics.get("baseline") or {}
+    base_scalars = baseline.get("scalars", {})
+    gates = metrics.get("gates", {})
+    name = baseline.get("name")
+    base_col = [f"baseline ({name})"] if name else []
+    out = [f"## Metrics (validation, best epoch {metrics.get('best_epoch')})", ""]
+    rows = []
+    for key, value in metrics.items():
+        if not isinstance(value, float):
+            continue
+        gate = gates.get(key)
+        rows.append((key, value, *([base_scalars.get(key)] if name else []), gate["rule"] if gate else "",
+                     STATUS[gate["passed"]] if gate else ""))
+    for key, gate in gates.items():  # gates on metrics this run has no value for (class absent)
+        if key not in metrics:
+            rows.append((key, None, *([base_scalars.get(key)] if name else []), gate["rule"], STATUS[gate["passed"]]))
+    out += _table(["metric", "model", *base_col, "gate", "status"], rows)
+    if baseline:
+        out += [f"Baseline: {name} fit on the {baseline['train_rows']} train rows before oversampling in "
+                f"{baseline['fit_time_s']:.2f} s, scored on the same val split.", ""]
+    per_class = metrics.get("per_class")
+    if not per_class:
+        return out
+    base_pc = baseline.get("per_class", {})
+    out += ["Per class:", ""] + _table(
+        ["class", "precision", "recall", "F1", "support", *(["baseline F1"] if name else [])],
+        [(label, c["precision"], c["recall"], c["f1"], c["support"], *([base_pc[label]["f1"]] if name else []))
+         for label, c in per_class.items()])
+    return out
+
+
+def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any], summary: Mapping[str, Any],
+                  plots: Mapping[str, str], overrides: Sequence[str] | None, run_id: str | None,
+                  tracking_uri: str | None, run_dir: str) -> str:
+    """The report's Markdown; ``plots`` maps a plot name to its path relative to the run dir."""
+    out = ["# Run report", ""]
+    verdicts = [g["passed"] for g in metrics.get("gates", {}).values()]
+    baseline = metrics.get("baseline") or {}
+    base_f1 = baseline.get("scalars", {}).get("val_macro_f1")
+    out += _table(["", ""], [
+        ("objective", f"{summary['objective_key']} = {summary['objective']:.4f}"),
+        ("gates", f"{verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"),
+        ("baseline", f"{baseline['name']} val_macro_f1 = {base_f1:.4f} (model − baseline: "
+                     f"{metrics['val_macro_f1'] - base_f1:+.4f})" if base_f1 is not None else "none"),
+        ("run dir", f"`{run_dir}`"),
+        ("MLflow run", f"`{run_id}`" if run_id else "tracking disabled"),
+        ("MLflow UI", f"`mlflow ui --backend-store-uri {tracking_uri}`" if run_id else ""),
+        ("best epoch", f"{summary['best_epoch']} of {summary['epochs_run']} ({summary['stop_reason']})"),
+        ("time", f"{summary['wall_time_s']:.0f} s wall, {summary['train_samples_per_s']:.0f} train samples/s "
+                 f"on {summary['device']}"),
+    ])
+    out += ["## Config overrides", ""]
+    if overrides is None:
+        out += ["Not run through Hydra: no overrides recorded.", ""]
+    else:
+        out += ["```", *(overrides or ["(none: defaults only)"]), "```", ""]
+    out += _data_section(data_report) + _metrics_section(metrics)
+    out += ["## Plots", ""]
+    for name, rel in plots.items():
+        out += [f"### {PLOT_TITLES.get(name, name)}", "", f"![{name}]({rel})", ""]
+    return "\n".join(out)
+
+
+def write_reports(run_dir: Path, labels: Sequence[str], summary: Mapping[str, Any], metrics: Mapping[str, Any],
+                  data_report: Mapping[str, Any], tracker) -> list[Path]:
+    """Plots and report.md into the run dir, both sent to MLflow; returns the files written."""
+    run_dir = Path(run_dir)
+    paths = make_plots(run_dir / "plots", summary["history"], metrics, data_report.get("class_counts"), labels)
+    if (run_dir / RELIABILITY).is_file():
+        paths["reliability_diagram"] = run_dir / RELIABILITY
+    text = render_report(metrics=metrics, data_report=data_report, summary=summary,
+                         plots={k: p.relative_to(run_dir).as_posix() for k, p in paths.items()},
+                         overrides=hydra_overrides(run_dir), run_id=tracker.run_id, tracking_uri=tracker.uri,
+                         run_dir=str(run_dir))
+    report = run_dir / "report.md"
+    report.write_text(text)
+    tracker.log_artifact(run_dir / "plots")  # the report's relative links resolve in MLflow's artifact view too
+    tracker.log_artifact(report)
+    log.info("wrote %s", report)
+    return [report, *paths.values()]
