@@ -13,15 +13,26 @@ os.environ.setdefault("LORALAB_ROOT", str(Path(__file__).resolve().parent))
 from loralab.config import ConfigError  # noqa: E402
 from loralab.data.records import DataError  # noqa: E402
 from loralab.run import train  # noqa: E402
+from loralab.sweep import is_multirun  # noqa: E402
+
+log = logging.getLogger("loralab")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
-    except (ConfigError, DataError) as err:
-        logging.getLogger("loralab").error("%s: %s", type(err).__name__, err)
-        sys.exit(2)
+    except Exception as err:
+        if is_multirun():
+            # Hydra's sweepers abort the whole sweep on a raising job; this one's MLflow run is already FAILED with
+            # the error, so hand the sweeper a NaN objective and let the other jobs go on.
+            log.error("job failed, sweep continues: %s: %s", type(err).__name__, err,
+                      exc_info=not isinstance(err, (ConfigError, DataError)))
+            return float("nan")
+        if isinstance(err, (ConfigError, DataError)):
+            log.error("%s: %s", type(err).__name__, err)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

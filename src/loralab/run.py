@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler, set_seed
 
-from loralab import console
+from loralab import console, sweep
 from loralab.checkpoint import save_checkpoint
 from loralab.config import accumulation_steps, validate
 from loralab.data.demo import write_demo
@@ -67,18 +67,22 @@ def hydra_tags() -> dict[str, str]:
 
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
-    validate(cfg)  # before any data or model is loaded
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = instantiate(cfg.tracking)
-    tags = {**hydra_tags(), **git_state(cfg.paths.root_dir), "host": platform.node()}
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=tags)
+    parent_run_id, sweep_tags = sweep.job_context(tracker)  # (None, {}) outside -m
+    tags = {**hydra_tags(), **sweep_tags, **git_state(cfg.paths.root_dir), "host": platform.node()}
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=tags, parent_run_id=parent_run_id)
     status = "FAILED"
     try:
+        validate(cfg)  # before any data or model is loaded; a bad value still leaves a FAILED run with its error
         summary = _train(cfg, out_dir, tracker)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as err:
+        tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
         raise
     finally:
         tracker.end(status)
