@@ -103,10 +103,18 @@ def columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     cells = []
     for row in rows:
         values = row["override_values"] if keys != ["overrides"] else {"overrides": row["overrides"]}
-        cells.append(["" if row["job"] is None else str(row["job"]), *(values.get(k, "") for k in keys),
+        cells.append(["" if row["job"] is None else str(row["job"]), *(_short(values.get(k, "")) for k in keys),
                       row["status"], _num(row["objective"]), *(_num(row["f1"].get(label)) for label in labels),
                       row["error"][:120]])
     return header, cells
+
+
+def _short(value: str) -> str:
+    """Sampled floats (Optuna) to 4 significant digits for reading; the CSV keeps them whole."""
+    try:
+        return f"{float(value):.4g}" if len(value) > 8 else value
+    except ValueError:
+        return value
 
 
 def _num(value: float | None) -> str:
@@ -136,13 +144,16 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Objective over the two swept keys (gamma × rank for the gamma_rank grid); None unless exactly two numeric
-    keys vary. Failed jobs are blank cells."""
+    keys vary over a full grid (an Optuna search samples points, not a grid). Failed jobs are marked cells."""
     keys = swept_keys(rows)
     if len(keys) != 2:
         return None
     try:
-        axes = [sorted({float(row["override_values"][k]) for row in rows}) for k in keys]
+        points = {tuple(float(row["override_values"][k]) for k in keys) for row in rows}
     except (KeyError, ValueError):
+        return None
+    axes = [sorted({p[n] for p in points}) for n in range(2)]
+    if len(points) != len(axes[0]) * len(axes[1]):
         return None
     from matplotlib.figure import Figure  # object API: no pyplot state, no display backend
 
