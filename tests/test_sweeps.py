@@ -41,11 +41,19 @@ def demo_files(tmp_path_factory) -> Path:
     return out
 
 
-def run_train(tmp: Path, data: Path, *overrides: str, multirun: bool = True) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module (its schema takes seconds to create); each test uses its own experiment."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool = True) -> subprocess.CompletedProcess:
     base = ["data=jsonl", f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'val.jsonl'}",
             "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=64", "export.zip=false",
             f"hydra.sweep.dir={tmp / 'multirun'}", f"hydra.run.dir={tmp / 'run'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
+            f"tracking.uri={uri}", f"tracking.experiment={tmp.name}"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, str(REPO / "train.py"), *(["-m"] if multirun else []), *base, *overrides]
     # cwd=tmp: MLflow's default artifact root (./mlruns) lands in the temporary dir, not the checkout
@@ -68,8 +76,8 @@ def summary_csv(client: MlflowClient, parent_id: str, tmp: Path) -> list[dict[st
 # --- the sweeps (subprocess, tiny model) ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, demo_files):
-    proc = run_train(tmp_path, demo_files, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
+def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, demo_files, store):
+    proc = run_train(tmp_path, demo_files, store, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
                      "lora=default", "loss.gamma=1.0,2.0", "lora.r=4,8")
     client, parent_id, children = sweep_result(tmp_path, proc)
     assert "database is locked" not in proc.stdout + proc.stderr
@@ -98,8 +106,8 @@ def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, dem
 
 
 @pytest.mark.slow
-def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_files, capsys):
-    proc = run_train(tmp_path, demo_files, "loss.gamma=1.0,-1.0")
+def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_files, store, capsys):
+    proc = run_train(tmp_path, demo_files, store, "loss.gamma=1.0,-1.0")
     client, parent_id, children = sweep_result(tmp_path, proc)  # exit code 0: the sweep finished
 
     by_gamma = {c.data.params["loss.gamma"]: c for c in children}
@@ -123,8 +131,8 @@ def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_file
 
 
 @pytest.mark.slow
-def test_optuna_sweep_runs_its_trials_and_optimises_the_returned_objective(tmp_path, demo_files):
-    proc = run_train(tmp_path, demo_files, "sweep=optuna", "hydra.sweeper.n_trials=3")
+def test_optuna_sweep_runs_its_trials_and_optimises_the_returned_objective(tmp_path, demo_files, store):
+    proc = run_train(tmp_path, demo_files, store, "sweep=optuna", "hydra.sweeper.n_trials=3")
     client, parent_id, children = sweep_result(tmp_path, proc)
     assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
     assert len({c.data.params["loss.gamma"] for c in children}) == 3  # TPE sampled three points
@@ -136,11 +144,11 @@ def test_optuna_sweep_runs_its_trials_and_optimises_the_returned_objective(tmp_p
 
 
 @pytest.mark.slow
-def test_single_run_with_a_bad_value_still_exits_non_zero(tmp_path, demo_files):
-    proc = run_train(tmp_path, demo_files, "loss.gamma=-1.0", multirun=False)
+def test_single_run_with_a_bad_value_still_exits_non_zero(tmp_path, demo_files, store):
+    proc = run_train(tmp_path, demo_files, store, "loss.gamma=-1.0", multirun=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("loralab").experiment_id])
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "mlflow.parentRunId" not in runs[0].data.tags
 
@@ -151,19 +159,18 @@ def _parent_id(args):
     return get_or_create_parent(*args)
 
 
-def test_parallel_processes_create_one_parent(tmp_path):
-    uri, sweep_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "sweep"
-    MlflowClient(uri).search_experiments()  # create the schema once, as the sweep's callback does
+def test_parallel_processes_create_one_parent(tmp_path, store):
     with ProcessPoolExecutor(4, mp_context=get_context("fork")) as pool:
-        ids = list(pool.map(_parent_id, [(sweep_dir, uri, "exp")] * 4))
+        ids = list(pool.map(_parent_id, [(tmp_path / "sweep", store, tmp_path.name)] * 4))
     assert len(set(ids)) == 1
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
     assert [r.info.run_id for r in runs] == ids[:1]
 
 
-def _child(uri: str, parent: str, job: int, overrides: list[str], objective: float | None, status: str):
-    tracker = MLflowTracker(uri, "exp")
+def _child(uri: str, exp: str, parent: str, job: int, overrides: list[str], objective: float | None,
+           status: str) -> str:
+    tracker = MLflowTracker(uri, exp)
     tracker.start({"objective": "val_macro_f1", "trainer": {"monitor_mode": "max"}},
                   tags={"hydra.job.num": str(job), compare.OVERRIDES_TAG: json.dumps(overrides)},
                   parent_run_id=parent)
@@ -174,14 +181,14 @@ def _child(uri: str, parent: str, job: int, overrides: list[str], objective: flo
     return tracker.run_id
 
 
-def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = get_or_create_parent(tmp_path / "sweep", uri, "exp")
+def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path, store):
+    exp = tmp_path.name
+    parent = get_or_create_parent(tmp_path / "sweep", store, exp)
     values = {(1.0, 4): 0.5, (1.0, 8): 0.7, (2.0, 4): 0.6}
     for job, ((gamma, r), f1) in enumerate(values.items()):
-        _child(uri, parent, job, ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"], f1, "FINISHED")
-    orphan = _child(uri, parent, 3, ["lora=default", "loss.gamma=2.0", "lora.r=8"], None, "RUNNING")
-    client = MlflowClient(uri)
+        _child(store, exp, parent, job, ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"], f1, "FINISHED")
+    orphan = _child(store, exp, parent, 3, ["lora=default", "loss.gamma=2.0", "lora.r=8"], None, "RUNNING")
+    client = MlflowClient(store)
 
     assert close_orphans(client, parent) == 1
     assert client.get_run(orphan).info.status == "FAILED"
