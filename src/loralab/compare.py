@@ -172,8 +172,8 @@ def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     for i, line in enumerate(grid):
         for j, value in enumerate(line):
             failed = math.isnan(value)
-            ax.text(j, i, "failed" if failed else f"{value:.3f}", ha="center", va="center",
-                    color="crimson" if failed else "w")
+            color = "crimson" if failed else ("k" if image.norm(value) > 0.6 else "w")  # readable on any cell
+            ax.text(j, i, "failed" if failed else f"{value:.3f}", ha="center", va="center", color=color)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
