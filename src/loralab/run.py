@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
-from loralab import console, distributed
+from loralab import console, distributed, sweep
 from loralab.baseline import fit_baseline
 from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
                                 save_train_state)
@@ -160,20 +160,30 @@ def check_memory(cfg: DictConfig) -> None:
               f"on hardware={hw.name}")
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every rule and the memory preflight: one-line errors before any data or model is loaded."""
+    validate(cfg)
+    if cfg.model.arch:
+        check_memory(cfg)
+
+
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
     with open_dict(cfg):
         cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
-    validate(cfg)  # before any data or model is loaded
-    ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
-    quiet = quiet_mode(cfg) or not ddp.is_main
+    in_sweep = multirun()
+    quiet = quiet_mode(cfg)
     if quiet:
         console.quiet_logging()
-    else:
+    if not in_sweep:
+        check_config(cfg)  # a single run with a bad value fails before an MLflow run exists
+    ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
+    if not ddp.is_main:
+        quiet = True
+        console.quiet_logging()
+    if not quiet:
         console.print_config(OmegaConf.to_container(cfg, resolve=True),
                              HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
-    if cfg.model.arch:
-        check_memory(cfg)
     out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,10 +191,13 @@ def train(cfg: DictConfig) -> float:
     resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
     prov = provenance(cfg)
     tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags={**hydra_tags(), **prov},
-                  resume_run_id=resumed_run_id)
+    parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})  # (None, {}) outside -m
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags={**hydra_tags(), **sweep_tags, **prov},
+                  parent_run_id=parent_run_id, resume_run_id=resumed_run_id)
     status = "FAILED"
     try:
+        if in_sweep:
+            check_config(cfg)  # in a sweep a bad value is recorded as a FAILED child, and the sweep goes on
         with stop_on_signals() as stop_requested:
             summary = _train(cfg, out_dir, tracker, resume_dir, stop_requested, prov, ddp)
         status = "FINISHED"
@@ -192,7 +205,7 @@ def train(cfg: DictConfig) -> float:
         status = "KILLED"
         raise
     except Exception as err:
-        tracker.set_tags({"error": f"{type(err).__name__}: {err}"})
+        tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
         raise
     finally:
         tracker.end(status)

@@ -53,7 +53,8 @@ class MLflowTracker:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags)
+        # A tagged run name (sweep jobs name theirs after their overrides) wins over the configured one.
+        run = self.client.create_run(exp_id, run_name=tags.pop("mlflow.runName", self.run_name), tags=tags)
         self.run_id = run.info.run_id
         flat = flatten(params)
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()])

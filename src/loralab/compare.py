@@ -1,0 +1,237 @@
+"""Compare runs from MLflow: one row per job (overrides, status, objective, per-class F1, error), best first.
+
+The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``python -m loralab.compare`` read the same
+rows, so the terminal and the MLflow artifact never disagree.
+
+    python -m loralab.compare multirun/2025-01-31/12-00-00        # one sweep (its dir holds the parent run id)
+    python -m loralab.compare loralab --tracking-uri sqlite:///mlflow.db   # every run of an experiment
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+
+OVERRIDES_TAG = "loralab.overrides"  # JSON list of a job's Hydra overrides (set on sweep children)
+F1_PREFIX = "best.val_f1_"  # per-class F1 of the best epoch, as run.py logs it
+MAX_RUNS = 5000
+
+
+def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
+    exp_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=MAX_RUNS)
+
+
+def _overrides(run: Run) -> list[str]:
+    tags = run.data.tags
+    if OVERRIDES_TAG in tags:
+        return json.loads(tags[OVERRIDES_TAG])
+    text = tags.get("hydra.overrides", "")
+    return [] if text in ("", "(none)") else text.split(" ")
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    key = params.get("objective", "val_macro_f1")
+    overrides = _overrides(run)
+    return {
+        "job": int(tags["hydra.job.num"]) if tags.get("hydra.job.num", "").isdigit() else None,
+        "run_name": run.info.run_name,
+        "overrides": " ".join(overrides),
+        "override_values": dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o),
+        "status": run.info.status,
+        "objective_key": key,
+        "objective": metrics.get(f"best.{key}", math.nan),
+        "mode": params.get("trainer.monitor_mode", "max"),
+        "f1": {k[len(F1_PREFIX):]: v for k, v in sorted(metrics.items()) if k.startswith(F1_PREFIX)},
+        "error": tags.get("error", ""),
+        "run_id": run.info.run_id,
+    }
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best objective first (direction from ``trainer.monitor_mode``); runs without one last, by job."""
+    def key(row):
+        value = row["objective"]
+        missing = math.isnan(value)
+        return (missing, 0.0 if missing else (-value if row["mode"] == "max" else value), row["job"] or 0)
+    return sorted(rows, key=key)
+
+
+def sweep_rows(client: MlflowClient, parent_id: str) -> list[dict[str, Any]]:
+    return sort_rows([run_row(r) for r in child_runs(client, parent_id)])
+
+
+def experiment_rows(client: MlflowClient, experiment: str) -> list[dict[str, Any]]:
+    """Every run of an experiment except sweep parents (their children are listed instead)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
+    return sort_rows([run_row(r) for r in runs if r.data.tags.get("loralab.role") != "sweep"])
+
+
+def swept_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between rows, in first-seen order."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row["override_values"] if k not in keys]
+    return [k for k in keys if len({row["override_values"].get(k) for row in rows}) > 1]
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells shared by the markdown and terminal tables."""
+    keys = swept_keys(rows) or ["overrides"]
+    labels = sorted({label for row in rows for label in row["f1"]})
+    objective = rows[0]["objective_key"] if rows else "objective"
+    header = ["job", *keys, "status", objective, *(f"f1_{label}" for label in labels), "error"]
+    cells = []
+    for row in rows:
+        values = row["override_values"] if keys != ["overrides"] else {"overrides": row["overrides"]}
+        cells.append(["" if row["job"] is None else str(row["job"]), *(_short(values.get(k, "")) for k in keys),
+                      row["status"], _num(row["objective"]), *(_num(row["f1"].get(label)) for label in labels),
+                      row["error"][:120]])
+    return header, cells
+
+
+def _short(value: str) -> str:
+    """Sampled floats (Optuna) to 4 significant digits for reading; the CSV keeps them whole."""
+    try:
+        return f"{float(value):.4g}" if len(value) > 8 else value
+    except ValueError:
+        return value
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    header, cells = columns(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    keys = swept_keys(rows)
+    labels = sorted({label for row in rows for label in row["f1"]})
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["job", "run_id", "status", *keys, "objective_key", "objective",
+                    *(f"f1_{label}" for label in labels), "overrides", "error"])
+        for row in rows:
+            w.writerow([row["job"], row["run_id"], row["status"], *(row["override_values"].get(k, "") for k in keys),
+                        row["objective_key"], row["objective"], *(row["f1"].get(label, "") for label in labels),
+                        row["overrides"], row["error"]])
+    return path
+
+
+def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Objective over the two swept keys (gamma × rank for the gamma_rank grid); None unless exactly two numeric
+    keys vary over a full grid (an Optuna search samples points, not a grid). Failed jobs are marked cells."""
+    keys = swept_keys(rows)
+    if len(keys) != 2:
+        return None
+    try:
+        points = {tuple(float(row["override_values"][k]) for k in keys) for row in rows}
+    except (KeyError, ValueError):
+        return None
+    axes = [sorted({p[n] for p in points}) for n in range(2)]
+    if len(points) != len(axes[0]) * len(axes[1]):
+        return None
+    from matplotlib.figure import Figure  # object API: no pyplot state, no display backend
+
+    grid = [[math.nan] * len(axes[1]) for _ in axes[0]]
+    for row in rows:
+        i, j = (axes[n].index(float(row["override_values"][k])) for n, k in enumerate(keys))
+        grid[i][j] = row["objective"]
+    fig = Figure(figsize=(1.2 * len(axes[1]) + 2.5, 0.9 * len(axes[0]) + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=rows[0]["objective_key"])
+    ax.set_xticks(range(len(axes[1])), [f"{v:g}" for v in axes[1]])
+    ax.set_yticks(range(len(axes[0])), [f"{v:g}" for v in axes[0]])
+    ax.set_xlabel(keys[1])
+    ax.set_ylabel(keys[0])
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            failed = math.isnan(value)
+            color = "crimson" if failed else ("k" if image.norm(value) > 0.6 else "w")  # readable on any cell
+            ax.text(j, i, "failed" if failed else f"{value:.3f}", ha="center", va="center", color=color)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_summary(rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "sweep_summary") -> list[Path]:
+    """CSV + markdown table (+ heatmap PNG when two numeric keys were swept) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    md = out_dir / f"{name}.md"
+    md.write_text(to_markdown(rows))
+    paths = [write_csv(rows, out_dir / f"{name}.csv"), md]
+    png = heatmap(rows, out_dir / f"{name}_heatmap.png")
+    return paths + ([png] if png else [])
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | None = None) -> None:
+    header, cells = columns(rows)
+    table = Table(title=title)
+    for name in header:
+        free = name in ("error", "overrides")
+        # values never wrap or shrink; the free-text columns fold into what width is left
+        table.add_column(name, justify="left" if free or name == "status" else "right", no_wrap=not free,
+                         min_width=None if free else max(len(name), 8 if name == "status" else 0),
+                         overflow="fold")
+    for line, row in zip(cells, rows):
+        table.add_row(*line, style=None if row["status"] == "FINISHED" else "red")
+    console = console or Console()
+    need = console.measure(table, options=console.options.update_width(10_000))
+    if need.minimum > console.width:  # a narrow terminal gets long lines rather than numbers cut off
+        console = Console(width=max(need.minimum, min(need.maximum, 160)), file=console.file)
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loralab.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", help="a multirun sweep dir (or a job dir inside it) or an MLflow experiment name")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="for an experiment name (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
+    args = parser.parse_args(argv)
+    from loralab.sweep import read_parent  # the sweep dir → parent run record
+
+    target = Path(args.target)
+    if target.is_dir():
+        record = next((r for d in (target, *target.resolve().parents) if (r := read_parent(d))), None)
+        if record is None:
+            raise SystemExit(f"{target} holds no sweep parent record (was it run with train.py -m?)")
+        client = MlflowClient(tracking_uri=args.tracking_uri or record["uri"])
+        rows, title = sweep_rows(client, record["run_id"]), f"sweep {target} (parent run {record['run_id']})"
+    else:
+        uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        client = MlflowClient(tracking_uri=uri)
+        rows, title = experiment_rows(client, args.target), f"experiment {args.target} at {uri}"
+    if not rows:
+        print(f"no runs for {args.target}", file=sys.stderr)
+        return 1
+    print_table(rows, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Sweeps end to end: Hydra multirun → one MLflow parent, a child per job, a summary; plus the configs composing.
+
+The sweep tests run ``train.py -m`` in a subprocess on the tiny model (1 epoch, a few dozen rows) against a
+temporary SQLite store, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from itertools import product
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from loralab import compare
+from loralab.data.demo import write_demo
+from loralab.sweep import close_orphans, get_or_create_parent, read_parent
+from loralab.tracking import MLflowTracker
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    write_demo(out, n_train=30, n_val=15)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module (its schema takes seconds to create); each test uses its own experiment."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool = True) -> subprocess.CompletedProcess:
+    base = ["data=jsonl", f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'val.jsonl'}",
+            "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=64", "export.zip=false",
+            f"hydra.sweep.dir={tmp / 'multirun'}", f"hydra.run.dir={tmp / 'run'}",
+            f"tracking.uri={uri}", f"tracking.experiment={tmp.name}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, str(REPO / "train.py"), *(["-m"] if multirun else []), *base, *overrides]
+    # cwd=tmp: MLflow's default artifact root (./mlruns) lands in the temporary dir, not the checkout
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def sweep_result(tmp: Path, proc: subprocess.CompletedProcess):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = read_parent(tmp / "multirun")
+    assert record is not None, "no parent record in the sweep dir"
+    client = MlflowClient(record["uri"])
+    return client, record["run_id"], compare.child_runs(client, record["run_id"])
+
+
+def summary_csv(client: MlflowClient, parent_id: str, tmp: Path) -> list[dict[str, str]]:
+    path = client.download_artifacts(parent_id, "summary/sweep_summary.csv", str(tmp))
+    return list(csv.DictReader(io.StringIO(Path(path).read_text())))
+
+
+# --- the sweeps (subprocess, tiny model) ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, demo_files, store):
+    proc = run_train(tmp_path, demo_files, store, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
+                     "lora=default", "loss.gamma=1.0,2.0", "lora.r=4,8")
+    client, parent_id, children = sweep_result(tmp_path, proc)
+    assert "database is locked" not in proc.stdout + proc.stderr
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["hydra.launcher"].endswith("JoblibLauncher")
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert sorted((c.data.params["loss.gamma"], c.data.params["lora.r"]) for c in children) == \
+        sorted(product(["1.0", "2.0"], ["4", "8"]))
+    assert sorted(c.data.tags["hydra.job.num"] for c in children) == ["0", "1", "2", "3"]
+    assert all("loss.gamma=" in c.data.tags["hydra.overrides"] for c in children)
+    # two jobs wrote to the one SQLite store at the same time
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "summary")}
+    assert artifacts == {f"summary/sweep_summary.{ext}" for ext in ("csv", "md")} | \
+        {"summary/sweep_summary_heatmap.png"}
+    rows = summary_csv(client, parent_id, tmp_path)
+    best = {c.info.run_id: c.data.metrics["best.val_macro_f1"] for c in children}
+    assert {r["run_id"]: float(r["objective"]) for r in rows} == pytest.approx(best)
+    assert [float(r["objective"]) for r in rows] == sorted(best.values(), reverse=True)
+    assert {k for k in rows[0] if k.startswith("f1_")} == {"f1_long", "f1_short", "f1_skip"}
+    assert parent.data.metrics["best.val_macro_f1"] == pytest.approx(max(best.values()))
+
+
+@pytest.mark.slow
+def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_files, store, capsys):
+    proc = run_train(tmp_path, demo_files, store, "loss.gamma=1.0,-1.0")
+    client, parent_id, children = sweep_result(tmp_path, proc)  # exit code 0: the sweep finished
+
+    by_gamma = {c.data.params["loss.gamma"]: c for c in children}
+    assert by_gamma["1.0"].info.status == "FINISHED"
+    failed = by_gamma["-1.0"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error_type"] == "ConfigError" and "loss.gamma" in failed.data.tags["error"]
+
+    rows = {r["run_id"]: r for r in summary_csv(client, parent_id, tmp_path)}
+    assert rows[failed.info.run_id]["status"] == "FAILED"
+    assert "loss.gamma" in rows[failed.info.run_id]["error"]
+    assert math.isnan(float(rows[failed.info.run_id]["objective"]))
+    assert "| FAILED |" in (tmp_path / "multirun" / "sweep_summary.md").read_text()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_failed"] == 1
+
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "multirun" / "0")]) == 0  # a job dir finds its sweep
+    table = capsys.readouterr().out
+    assert table.index("FINISHED") < table.index("FAILED")  # best objective first, failed last
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_its_trials_and_optimises_the_returned_objective(tmp_path, demo_files, store):
+    proc = run_train(tmp_path, demo_files, store, "sweep=optuna", "hydra.sweeper.n_trials=3")
+    client, parent_id, children = sweep_result(tmp_path, proc)
+    assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
+    assert len({c.data.params["loss.gamma"] for c in children}) == 3  # TPE sampled three points
+
+    results = OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml")
+    best = max(children, key=lambda c: c.data.metrics["best.val_macro_f1"])
+    assert results.best_value == pytest.approx(best.data.metrics["best.val_macro_f1"])
+    assert str(results.best_params["loss.gamma"]) == best.data.params["loss.gamma"]
+
+
+@pytest.mark.slow
+def test_single_run_with_a_bad_value_still_exits_non_zero(tmp_path, demo_files, store):
+    proc = run_train(tmp_path, demo_files, store, "loss.gamma=-1.0", multirun=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "loss.gamma=-1.0" in proc.stdout + proc.stderr
+    # A single run fails before any MLflow run exists (a typo leaves no noise); only sweep jobs record FAILED runs.
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(tmp_path.name)
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+# --- parent-run plumbing and the summary (real SQLite MLflow, no training) -----------------------------------------
+
+def _parent_id(args):
+    return get_or_create_parent(*args)
+
+
+def test_parallel_processes_create_one_parent(tmp_path, store):
+    with ProcessPoolExecutor(4, mp_context=get_context("fork")) as pool:
+        ids = list(pool.map(_parent_id, [(tmp_path / "sweep", store, tmp_path.name)] * 4))
+    assert len(set(ids)) == 1
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
+    assert [r.info.run_id for r in runs] == ids[:1]
+
+
+def _child(uri: str, exp: str, parent: str, job: int, overrides: list[str], objective: float | None,
+           status: str) -> str:
+    tracker = MLflowTracker(uri, exp)
+    tracker.start({"objective": "val_macro_f1", "trainer": {"monitor_mode": "max"}},
+                  tags={"hydra.job.num": str(job), compare.OVERRIDES_TAG: json.dumps(overrides)},
+                  parent_run_id=parent)
+    if objective is not None:
+        tracker.log_metrics({"best.val_macro_f1": objective, "best.val_f1_long": objective / 2})
+    if status != "RUNNING":
+        tracker.end(status)
+    return tracker.run_id
+
+
+def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path, store):
+    exp = tmp_path.name
+    parent = get_or_create_parent(tmp_path / "sweep", store, exp)
+    values = {(1.0, 4): 0.5, (1.0, 8): 0.7, (2.0, 4): 0.6}
+    for job, ((gamma, r), f1) in enumerate(values.items()):
+        _child(store, exp, parent, job, ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"], f1, "FINISHED")
+    orphan = _child(store, exp, parent, 3, ["lora=default", "loss.gamma=2.0", "lora.r=8"], None, "RUNNING")
+    client = MlflowClient(store)
+
+    assert close_orphans(client, parent) == 1
+    assert client.get_run(orphan).info.status == "FAILED"
+    rows = compare.sweep_rows(client, parent)
+    assert [r["objective"] for r in rows[:3]] == sorted(values.values(), reverse=True)
+    assert rows[-1]["status"] == "FAILED" and rows[-1]["error"]
+    assert compare.swept_keys(rows) == ["loss.gamma", "lora.r"]  # lora=default is constant
+    paths = compare.write_summary(rows, tmp_path)
+    assert [p.name for p in paths] == ["sweep_summary.csv", "sweep_summary.md", "sweep_summary_heatmap.png"]
+    assert compare.heatmap(rows[:3], tmp_path / "partial.png") is None  # 3 of 4 grid points: not a grid
+
+
+# --- configs compose (compose API) ---------------------------------------------------------------------------------
+
+def _compose(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_gamma_rank_sweep_is_the_three_by_three_grid():
+    cfg = _compose("sweep=gamma_rank")
+    params = cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    assert len(jobs) == 9
+    values = [dict(o.split("=", 1) for o in job) for job in jobs]
+    assert {v["lora"] for v in values} == {"default"}
+    assert {(v["loss.gamma"], v["lora.r"]) for v in values} == set(product(["1.0", "1.5", "2.0"], ["8", "16", "32"]))
+    job = _compose(*jobs[-1])  # a job of the grid composes with LoRA on
+    assert job.lora is not None and job.lora.r == 32 and job.loss.gamma == 2.0
+
+
+def test_optuna_sweep_config():
+    cfg = _compose("sweep=optuna", "hydra.sweeper.n_trials=7")
+    s = cfg.hydra.sweeper
+    assert s._target_.endswith("OptunaSweeper") and s.sampler._target_.endswith("TPESampler")
+    assert s.direction == "maximize" and s.n_trials == 7
+    assert s.sampler.seed == cfg.seed
+    assert set(s.params) == {"loss.gamma", "optim.lr"}
+
+
+@pytest.mark.parametrize("launcher, keys, target", [
+    ("local_parallel", {"n_jobs": 3}, "JoblibLauncher"),
+    ("slurm", {"partition": "gpu", "gpus_per_node": 2, "timeout_min": 30}, "SlurmLauncher"),
+])
+def test_launcher_configs_compose_with_sweeps(launcher, keys, target):
+    cfg = _compose(f"hydra/launcher={launcher}", "sweep=optuna",
+                   *(f"hydra.launcher.{k}={v}" for k, v in keys.items()))
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert {k: cfg.hydra.launcher[k] for k in keys} == keys
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.callbacks.sweep_tracking._target_ == "loralab.sweep.SweepTracking"
