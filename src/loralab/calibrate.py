@@ -96,10 +96,11 @@ def calibrate(logits: np.ndarray, y: Sequence[int], method: str = "temperature",
     return {"method": method, "temperature": temperature, "n_bins": n_bins, "scalars": scalars}
 
 
-def reliability_diagram(y: Sequence[int], curves: dict[str, np.ndarray], path: str | Path, n_bins: int = 15,
-                        title: str = "Reliability diagram") -> Path:
+def reliability_figure(y: Sequence[int], curves: dict[str, np.ndarray], n_bins: int = 15,
+                       title: str = "Reliability diagram"):
     """Accuracy against confidence per bin for each named probability matrix, with the diagonal of perfect
-    calibration; ECE in the legend, rows per bin underneath. Rendered by the Agg backend (no display needed)."""
+    calibration; ECE in the legend, rows per bin underneath. A bare ``Figure`` on the Agg canvas: no pyplot state,
+    no display needed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -119,7 +120,13 @@ def reliability_diagram(y: Sequence[int], curves: dict[str, np.ndarray], path: s
     ax_hist.set(xlabel="confidence (top-label probability)", ylabel="rows")
     ax_hist.legend(loc="upper left")
     fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(y: Sequence[int], curves: dict[str, np.ndarray], path: str | Path, n_bins: int = 15,
+                        title: str = "Reliability diagram") -> Path:
+    """Save ``reliability_figure`` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    reliability_figure(y, curves, n_bins, title).savefig(path, dpi=120)
     return path

@@ -150,6 +150,12 @@ def _save(directory: Path, model, tokenizer) -> None:
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        if config_path.is_file():  # a full model, not an adapter
+            # transformers 5 derives num_labels from id2label and leaves it out; readers of the file expect it.
+            config = json.loads(config_path.read_text())
+            config["num_labels"] = len(config["id2label"])
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def label_config(model) -> dict[str, Any]:

@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler, set_seed
 
 from loralab import console
+from loralab.calibrate import calibrate, probabilities, reliability_diagram
 from loralab.checkpoint import save_checkpoint
 from loralab.config import accumulation_steps, validate
 from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
 from loralab.data.text import TokenizedRecords, length_sorted_order, serialize
-from loralab.calibrate import calibrate, probabilities, reliability_diagram
 from loralab.export import export_model, sha256_file, zip_dir
 from loralab.loop import EarlyStopping, fit, predict_logits
 from loralab.losses import class_weights
@@ -217,7 +217,7 @@ def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, va
            metrics: dict[str, Any]) -> list[Path]:
     """Export the best model (merged, adapter, loralab.json; verified by reloading), zip it, send files to MLflow."""
     e = cfg.export
-    batch = next(iter(val_loader))
+    batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
     data_files = {k: cfg.data[k] for k in ("train_file", "val_file") if cfg.data[k]}
     meta = {"labels": labels, "temperature": metrics["temperature"], "calibration": metrics["calibration"],
             "serialization": {"template": cfg.data.template, "json_sort_keys": True, "json_ensure_ascii": True,
@@ -229,7 +229,8 @@ def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, va
             "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path,
                       "pretrained": source.pretrained, "lora": OmegaConf.to_container(cfg.lora, resolve=True)},
             "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir)}
-    export_model(model, tokenizer, out_dir, {k: v[:e.verify_rows] for k, v in batch.items()}, meta=meta,
+    rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
+    export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()}, meta=meta,
                  base_location=source.location, save_base=not source.pretrained, atol=e.verify_atol,
                  trust_remote_code=source.trust_remote_code)
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "training_summary.json", "loralab.json")]
