@@ -88,6 +88,6 @@ def test_export_mismatch_fails_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loralab.export, "_save", corrupting_save)
     with pytest.raises(ExportError, match="merged/ logits differ"):
-        train(compose_run(tmp_path, "run"))
+        train(compose_run(tmp_path, "run", "lora=none"))  # full fine-tuning: merged/ is the only form
     _, run = only_run(tmp_path)
     assert run.info.status == "FAILED"

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 META_FILE = "loralab.json"
 FORMAT = "loralab-export/1"
-PARTS = ("merged", "adapter", "base", META_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # never loaded: torch.load unpickles
 LABEL_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id")
 

@@ -227,7 +227,7 @@ def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, va
             "gates": OmegaConf.to_container(cfg.trainer.gates),
             "data": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in data_files.items()},
             "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path,
-                      "pretrained": source.pretrained, "lora": OmegaConf.to_container(cfg.lora, resolve=True)},
+                      "pretrained": source.pretrained, "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora is not None else None},
             "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir)}
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()}, meta=meta,
