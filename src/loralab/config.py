@@ -110,3 +110,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("baseline") is not None:
         _check(cfg.baseline.name in ("hgb", "logreg"), "baseline.name", cfg.baseline.name,
                "must be hgb or logreg (baseline=none switches the baseline off)")
+    c = cfg.calibration
+    _check(c.method in ("temperature", "none"), "calibration.method", c.method, "must be temperature or none")
+    _check(isinstance(c.n_bins, int) and c.n_bins >= 1, "calibration.n_bins", c.n_bins, "must be an int >= 1")
+    _check(len(c.t_bounds) == 2 and 0 < c.t_bounds[0] < 1 < c.t_bounds[1], "calibration.t_bounds", list(c.t_bounds),
+           "must be [lo, hi] with 0 < lo < 1 < hi")
+    parts = list(cfg.export.zip_parts)
+    _check(set(parts) <= {"merged", "adapter", "base", "loralab.json"}, "export.zip_parts", parts,
+           "allowed parts: merged, adapter, base, loralab.json")
+    _check("loralab.json" in parts and bool({"merged", "adapter"} & set(parts)), "export.zip_parts", parts,
+           "needs loralab.json and merged or adapter (or the zip cannot be loaded)")
+    _check(cfg.export.verify_rows >= 1, "export.verify_rows", cfg.export.verify_rows, "must be >= 1")
+    _check(cfg.export.verify_atol >= 0, "export.verify_atol", cfg.export.verify_atol, "must be >= 0")

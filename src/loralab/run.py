@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import platform
@@ -27,6 +26,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, 
 
 from loralab import console, distributed, sweep
 from loralab.baseline import fit_baseline
+from loralab.calibrate import calibrate, probabilities, reliability_diagram
 from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
                                 save_train_state)
 from loralab.config import ConfigError, accumulation_steps, validate
@@ -34,7 +34,7 @@ from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
 from loralab.data.sampler import EpochBatchSampler
 from loralab.data.text import TokenizedRecords, length_sorted_order, serialize
-from loralab.export import zip_dir
+from loralab.export import export_model, sha256_file, zip_dir
 from loralab.hardware import estimate_memory, preflight, resolve_auto
 from loralab.loop import EarlyStopping, TrainingInterrupted, TrainState, fit, predict_logits
 from loralab.losses import class_weights
@@ -45,7 +45,7 @@ from loralab.report import write_reports
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "transformers", "peft", "mlflow", "hydra-core", "scikit-learn")
+PACKAGES = ("torch", "transformers", "peft", "mlflow", "hydra-core", "scikit-learn", "safetensors", "tokenizers")
 
 
 def git_state(root: str | Path) -> dict[str, str]:
@@ -56,14 +56,6 @@ def git_state(root: str | Path) -> dict[str, str]:
         return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain")))}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def provenance(cfg: DictConfig) -> dict[str, str]:
@@ -253,7 +245,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
         "resumed_from": str(resume_dir) if resume_dir else None, "provenance": prov,
     }
     write_json(out_dir / "training_summary.json", summary)
-    artifacts = export(cfg, out_dir, tracker)
+    artifacts = export(cfg, out_dir, tracker, model, tokenizer, source, val_loader, labels, metrics)
     artifacts += write_reports(out_dir, labels, summary, metrics, splits.report, tracker)
     return {**summary, "metrics": metrics, "run_dir": str(out_dir), "run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
@@ -420,29 +412,59 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
 
 def best_epoch_report(cfg, model, val_loader, labels, device, state: TrainState, out_dir: Path,
                       tracker, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Full metrics of the best epoch (per-class table, confusion matrix, gates) into metrics.json and MLflow."""
+    """Full metrics of the best epoch (per-class table, confusion matrix, gates, calibration, baseline) into
+    metrics.json and MLflow."""
     logits, y = predict_logits(model, val_loader, device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
     gates = evaluate_gates(report["scalars"], cfg.trainer.gates)
+    c = cfg.calibration
+    calib = calibrate(logits, y, c.method, c.n_bins, list(c.t_bounds))
+    curves = {"uncalibrated": probabilities(logits)}
+    if c.method != "none":
+        curves[f"T = {calib['temperature']:.3f}"] = probabilities(logits, calib["temperature"])
+    plot = reliability_diagram(y, curves, out_dir / "plots" / "reliability_diagram.png", c.n_bins,
+                               title=f"Reliability diagram: validation, best epoch {state.best_epoch}")
     metrics = {"best_epoch": state.best_epoch, **report["scalars"],
-               "val_loss": state.history[state.best_epoch - 1]["val_loss"],
+               "val_loss": state.history[state.best_epoch - 1]["val_loss"], **calib.pop("scalars"),
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
-               "baseline": baseline}
+               "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
     write_json(out_dir / "metrics.json", metrics)
     tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=state.best_epoch)
+    tracker.log_metrics({f"best.{k}": v for k, v in metrics.items() if k.startswith(("val_nll", "val_ece",
+                         "val_brier", "temperature"))}, step=state.best_epoch)
+    tracker.log_artifact(plot, "plots")
     tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch,
                       "gates_passed": all(g["passed"] is not False for g in gates.values())})
     return metrics
 
 
-def export(cfg: DictConfig, out_dir: Path, tracker) -> list[Path]:
-    """Zip the best checkpoint and send the run's files to MLflow."""
-    artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "training_summary.json")]
-    if cfg.export.zip:
-        artifacts.append(zip_dir(out_dir / "checkpoint_best", out_dir / "model_final.zip", cfg.export.max_size_mb))
-    for path in artifacts:
+def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, val_loader, labels,
+           metrics: dict[str, Any]) -> list[Path]:
+    """Export the best model (merged, adapter, loralab.json; verified by reloading), zip it, send files to MLflow."""
+    e = cfg.export
+    batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
+    data_files = {k: cfg.data[k] for k in ("train_file", "val_file") if cfg.data[k]}
+    meta = {"labels": labels, "temperature": metrics["temperature"], "calibration": metrics["calibration"],
+            "serialization": {"template": cfg.data.template, "json_sort_keys": True, "json_ensure_ascii": True,
+                              "max_length": source.max_length, "truncation_side": source.truncation_side},
+            "max_length": source.max_length, "allow_null": cfg.data.allow_null,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "gates": OmegaConf.to_container(cfg.trainer.gates),
+            "data": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in data_files.items()},
+            "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path,
+                      "pretrained": source.pretrained,
+                      "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora is not None else None},
+            "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir)}
+    rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
+    export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()}, meta=meta,
+                 base_location=source.location, save_base=not source.pretrained, atol=e.verify_atol,
+                 trust_remote_code=source.trust_remote_code)
+    artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "training_summary.json", "loralab.json")]
+    if e.zip:
+        artifacts.append(zip_dir(out_dir, out_dir / "model_final.zip", e.max_size_mb,
+                                 include=[p for p in e.zip_parts if (out_dir / p).exists()]))
+    for path in [*artifacts, out_dir / "checkpoint_best"]:
         tracker.log_artifact(path)
-    tracker.log_artifact(out_dir / "checkpoint_best")
     if (out_dir / ".hydra").is_dir():
         tracker.log_artifact(out_dir / ".hydra", "hydra")
     return artifacts

@@ -1,0 +1,93 @@
+"""A LoRA run end to end through ``run.train``: calibration and export land in the run dir and in MLflow, the
+zip predicts, and an export that does not reproduce the model fails the run."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
+
+import loralab.export
+from loralab.config import ConfigError, validate
+from loralab.data.demo import write_demo
+from loralab.export import ExportError
+from loralab.predict import predict_file
+from loralab.run import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_run(tmp_path, name, *extra):
+    train_file, val_file = write_demo(tmp_path / "data", n_train=32, n_val=16)
+    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "lora=default",
+                 "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=48",
+                 "optim.batch_size=8", f"paths.output_dir={tmp_path / name}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def only_run(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("loralab").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_calibration_and_export_config(tmp_path):
+    cfg = compose_run(tmp_path, "run", "calibration=none")
+    assert cfg.calibration.method == "none" and cfg.calibration.n_bins == 15
+    validate(cfg)
+    for override, key in (("export.zip_parts=[merged]", "export.zip_parts"),
+                          ("export.zip_parts=[merged,loralab.json,weights]", "export.zip_parts"),
+                          ("calibration.method=platt", "calibration.method"),
+                          ("calibration.t_bounds=[2,5]", "calibration.t_bounds")):
+        with pytest.raises(ConfigError, match=key):
+            validate(compose_run(tmp_path, "run", override))
+
+
+@pytest.mark.slow
+def test_lora_run_calibrates_exports_and_tracks(tmp_path):
+    cfg = compose_run(tmp_path, "run")
+    train(cfg)
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("temperature", "val_nll", "val_ece", "val_brier", "val_nll_calibrated", "val_ece_calibrated",
+                "val_brier_calibrated"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["val_nll_calibrated"] <= metrics["val_nll"]  # T=1 is inside the search range
+    assert (run_dir / "plots/reliability_diagram.png").is_file()
+    meta = json.loads((run_dir / "loralab.json").read_text())
+    assert meta["parts"] == ["merged", "adapter", "base"] and meta["temperature"] == metrics["temperature"]
+    assert meta["data"]["train_file"]["sha256"] == loralab.export.sha256_file(cfg.data.train_file)
+    assert meta["serialization"]["template"] == cfg.data.template and meta["max_length"] == 48
+    assert set(meta["packages"]) >= {"torch", "transformers", "peft"}
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["best.temperature"] == pytest.approx(metrics["temperature"])
+    assert run.data.metrics["best.val_ece_calibrated"] == pytest.approx(metrics["val_ece_calibrated"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_final.zip", "loralab.json", "plots"} <= artifacts
+    assert "plots/reliability_diagram.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    stats = predict_file(run_dir / "model_final.zip", cfg.data.val_file, tmp_path / "pred.jsonl", device="cpu")
+    assert stats["rows_kept"] == 16 and stats["model_part"] == "merged"
+
+
+@pytest.mark.slow
+def test_export_mismatch_fails_the_run(tmp_path, monkeypatch):
+    save = loralab.export._save
+
+    def corrupting_save(directory, model, tokenizer):  # an exporter bug: merged/ weights are off
+        save(directory, model, tokenizer)
+        if directory.name == "merged":
+            weights = load_file(directory / "model.safetensors")
+            weights["score.weight"] += 0.01
+            save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(loralab.export, "_save", corrupting_save)
+    with pytest.raises(ExportError, match="merged/ logits differ"):
+        train(compose_run(tmp_path, "run", "lora=none"))  # full fine-tuning: merged/ is the only form
+    _, run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
