@@ -67,6 +67,9 @@ def hydra_tags() -> dict[str, str]:
 
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
+    if cfg.get("task", "classification") != "classification":
+        from loralab.regression.runner import train as train_regression  # same lifecycle, its own stages
+        return train_regression(cfg)
     validate(cfg)  # before any data or model is loaded
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
