@@ -115,27 +115,26 @@ def strata(rows: Sequence[dict], kind: str, n_tiers: int) -> tuple[list[str], li
     return score_tiers([float(np.mean(r["labels"])) for r in rows], n_tiers)
 
 
-def _split(idx: np.ndarray, strat: list[str] | None, share: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(rest, held-out) with ``share`` of ``idx`` held out; stratified unless a stratum is too small for it."""
-    if share <= 0:
+def _split(idx: np.ndarray, strat: list[str] | None, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(rest, held-out) with ``n_held`` rows of ``idx`` held out; stratified unless a stratum is too small for it."""
+    if n_held <= 0:
         return idx, idx[:0], True
     try:
-        rest, held = train_test_split(idx, test_size=share, random_state=seed, stratify=strat)
+        rest, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=strat)
         return rest, held, strat is not None
     except ValueError as err:  # a stratum with one row, or fewer held-out rows than strata
         log.warning("stratified split impossible (%s); splitting without stratification", err)
-        rest, held = train_test_split(idx, test_size=share, random_state=seed)
+        rest, held = train_test_split(idx, test_size=n_held, random_state=seed)
         return rest, held, False
 
 
 def stratified_split(strat: Sequence[str], ratios: dict[str, float], seed: int) -> tuple[dict[str, list[int]], bool]:
-    """Row indices per split (``train``, ``val``, optionally ``test``), each list in file order."""
+    """Row indices per split (``train``, ``val``, optionally ``test``), each list in file order. Held-out sizes are
+    rounded from the whole file (not from what is left), so 0.7/0.2/0.1 of 100 rows is exactly 70/20/10."""
     labels = np.asarray(strat)
     idx = np.arange(len(labels))
-    test_share = ratios.get("test", 0.0)
-    rest, test, ok_test = _split(idx, labels.tolist(), test_share, seed)
-    val_share = ratios["val"] / (ratios["train"] + ratios["val"])
-    train, val, ok_val = _split(rest, labels[rest].tolist(), val_share, seed)
+    rest, test, ok_test = _split(idx, labels.tolist(), round(ratios.get("test", 0.0) * len(idx)), seed)
+    train, val, ok_val = _split(rest, labels[rest].tolist(), round(ratios["val"] * len(idx)), seed)
     out = {"train": sorted(train.tolist()), "val": sorted(val.tolist())}
     if "test" in ratios:
         out["test"] = sorted(test.tolist())
