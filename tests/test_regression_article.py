@@ -60,6 +60,7 @@ def compose_article(data: dict, out_dir: Path, *overrides: str):
         return compose("train", overrides=[
             "experiment=article_regression", "data.demo=false", f"data.train_file={data['train']}",
             f"data.val_file={data['val']}", f"paths.output_dir={out_dir}", "model.tokenizer_vocab_size=300",
+            "hardware.torch_threads=1",
             f"tracking.uri=sqlite:///{out_dir}/mlflow.db", *overrides])
 
 

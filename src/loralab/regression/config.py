@@ -41,6 +41,9 @@ def _common(cfg: DictConfig) -> None:
            "must be >= 0")
     _check(t.monitor_mode in ("max", "min"), "trainer.monitor_mode", t.monitor_mode, "must be max or min")
     _check(t.eval_batch_size > 0, "trainer.eval_batch_size", t.eval_batch_size, "must be > 0")
+    threads = cfg.hardware.get("torch_threads")
+    _check(threads is None or (isinstance(threads, int) and threads >= 1), "hardware.torch_threads", threads,
+           "must be an int >= 1 or null")
     _check(cfg.hardware.precision in ("fp32", "bf16", "fp16"), "hardware.precision", cfg.hardware.precision,
            "must be fp32, bf16 or fp16")
 

@@ -6,7 +6,6 @@ gradients, early stopping on val loss, and only the best model kept (``checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -40,25 +39,7 @@ def make_loaders(train_file: str, val_file: str, schema_file: str, n_targets: in
     return DataLoader(train_ds, batch_size=batch_size, **args), DataLoader(val_ds, batch_size=eval_batch_size, **args)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Intra-op threads for this run only: a tiny MLP gains nothing from them and, on a busy CPU, their
-    synchronisation costs far more than the maths (measured 40x slower steps with 2 threads on a loaded host)."""
-    previous = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
-    with torch_threads(cfg.hardware.get("torch_threads")):
-        return _run(cfg, out_dir, tracker)
-
-
-def _run(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
     t_start = time.time()
     set_seed(cfg.seed)
     if cfg.trainer.deterministic:
