@@ -60,7 +60,8 @@ def load_splits(train_file: str, val_file: str | None, dimension_names: Sequence
         if leakage == "error":
             raise DataError(f"{len(leaks)} ids appear in both train and val (e.g. {leaks[:3]})")
         if leakage == "drop":
-            train = [a for a in train if str(a.id) not in set(leaks)]
+            leaked = set(leaks)
+            train = [a for a in train if str(a.id) not in leaked]
         log.warning("%d ids appear in both train and val (e.g. %s)%s", len(leaks), leaks[:3],
                     "; dropped from train" if leakage == "drop" else "")
     if not train or not val:

@@ -80,6 +80,7 @@ def validate_text(cfg: DictConfig) -> None:
     _names("data.dimension_names", d.dimension_names, allow_null=True)
     _check("{title}" in d.template or "{content}" in d.template, "data.template", d.template,
            "must contain {title} and/or {content}")
+    _check(d.leakage in ("warn", "drop", "error"), "data.leakage", d.leakage, "must be warn, drop or error")
     _check(isinstance(d.score_tiers, int) and d.score_tiers >= 1, "data.score_tiers", d.score_tiers,
            "must be an int >= 1")
     m = cfg.model
