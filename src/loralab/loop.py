@@ -80,6 +80,15 @@ class TrainState:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def fit_time_s(self) -> float:
+        """Training time of the finished epochs (evaluation excluded)."""
+        return sum(h["epoch_train_time_s"] for h in self.history)
+
+    @property
+    def train_samples_per_s(self) -> float:
+        return sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in self.history) / max(self.fit_time_s, 1e-9)
+
 
 def autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]

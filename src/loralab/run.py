@@ -161,6 +161,9 @@ def check_config(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
+    if cfg.get("task", "classification") != "classification":
+        from loralab.regression.runner import train as train_regression  # same lifecycle, its own stages
+        return train_regression(cfg)
     with open_dict(cfg):
         cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
     in_sweep = multirun()
@@ -238,8 +241,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
         "objective_key": cfg.objective, "objective": history[state.best_epoch - 1][cfg.objective],
         "best_epoch": state.best_epoch, "stop_reason": state.stop_reason, "epochs_run": len(history),
         "history": history, "wall_time_s": time.time() - t_start,
-        "train_samples_per_s": sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in history)
-        / max(sum(h["epoch_train_time_s"] for h in history), 1e-9),
+        "fit_time_s": state.fit_time_s, "train_samples_per_s": state.train_samples_per_s,
         "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
         "device": str(device), "world_size": ddp.world_size,
         "resumed_from": str(resume_dir) if resume_dir else None, "provenance": prov,

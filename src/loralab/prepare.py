@@ -1,0 +1,207 @@
+"""Split one labelled JSONL into train/val/test, stratified and deterministic by seed.
+
+    python -m loralab.prepare input=labeled.jsonl output_dir=data/split train_ratio=0.8 val_ratio=0.1 test_ratio=0.1
+
+Classification records (``label``) are stratified by label; regression records (``labels``, a list of numbers) by
+score tier: the quantile bin of the row's mean score, so every split sees low, middle and high scores alike.
+Each id lands in exactly one split (repeated ids are dropped and counted). Rows keep their file order inside a
+split. ``split_report.json`` says how many rows each split kept and how far each stratum's share drifted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import KBinsDiscretizer
+
+from loralab.data.records import DataError, LoadReport
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PrepareConfig:
+    input: str = MISSING         # labelled JSONL (classification or regression records)
+    output_dir: str = MISSING    # gets train.jsonl, val.jsonl, test.jsonl, split_report.json
+    train_ratio: float = 0.8
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1      # 0 writes an empty test.jsonl
+    seed: int = 42               # same seed + same file = same splits
+    score_tiers: int = 3         # regression only: quantile tiers of the mean score used as strata
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def record_kind(row: dict) -> str | None:
+    """``classification``, ``regression`` or None (no usable label)."""
+    if isinstance(row.get("labels"), list) and row["labels"] and all(_finite_number(v) for v in row["labels"]):
+        return "regression"
+    if isinstance(row.get("label"), str) and row["label"]:
+        return "classification"
+    return None
+
+
+def read_labelled(path: str | Path) -> tuple[list[str], list[dict], str, LoadReport]:
+    """Raw lines and parsed rows of one kind (the first valid row decides), with every dropped line counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    report, lines, rows, seen, kind = LoadReport(path=str(path)), [], [], set(), None
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+        if not text.strip():
+            continue
+        report.rows_read += 1
+        try:
+            row = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            report.drop("invalid_json", line_no)
+            continue
+        if not isinstance(row, dict):
+            report.drop("not_object", line_no)
+            continue
+        rid = row.get("id")
+        if rid is None or rid == "" or isinstance(rid, (bool, dict, list, float)):
+            report.drop("missing_id", line_no)
+            continue
+        row_kind = record_kind(row)
+        if row_kind is None:
+            report.drop("missing_label", line_no)
+            continue
+        kind = kind or row_kind
+        if row_kind != kind:
+            report.drop(f"not_{kind}_record", line_no)
+            continue
+        if str(rid) in seen:
+            report.drop("duplicate_id", line_no)
+            continue
+        seen.add(str(rid))
+        lines.append(text)
+        rows.append(row)
+    report.rows_kept = len(rows)
+    if not rows:
+        raise DataError(f"{path}: no usable labelled rows ({dict(report.dropped)})")
+    return lines, rows, kind, report
+
+
+def score_tiers(scores: Sequence[float], n_tiers: int) -> tuple[list[str], list[float]]:
+    """Quantile tier of each score (``tier_0`` lowest) and the tier edges."""
+    values = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    if n_tiers <= 1 or np.ptp(values) == 0:
+        return ["tier_0"] * len(values), [float(values.min()), float(values.max())]
+    binner = KBinsDiscretizer(n_bins=n_tiers, encode="ordinal", strategy="quantile", subsample=None)
+    tiers = binner.fit_transform(values)[:, 0].astype(int)
+    return [f"tier_{t}" for t in tiers], [float(e) for e in binner.bin_edges_[0]]
+
+
+def strata(rows: Sequence[dict], kind: str, n_tiers: int) -> tuple[list[str], list[float] | None]:
+    if kind == "classification":
+        return [r["label"] for r in rows], None
+    return score_tiers([float(np.mean(r["labels"])) for r in rows], n_tiers)
+
+
+def _split(idx: np.ndarray, strat: list[str] | None, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(rest, held-out) with ``n_held`` rows of ``idx`` held out; stratified unless a stratum is too small for it."""
+    if n_held <= 0:
+        return idx, idx[:0], True
+    try:
+        rest, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=strat)
+        return rest, held, strat is not None
+    except ValueError as err:  # a stratum with one row, or fewer held-out rows than strata
+        log.warning("stratified split impossible (%s); splitting without stratification", err)
+        rest, held = train_test_split(idx, test_size=n_held, random_state=seed)
+        return rest, held, False
+
+
+def stratified_split(strat: Sequence[str], ratios: dict[str, float], seed: int) -> tuple[dict[str, list[int]], bool]:
+    """Row indices per split (``train``, ``val``, optionally ``test``), each list in file order. Held-out sizes are
+    rounded from the whole file (not from what is left), so 0.7/0.2/0.1 of 100 rows is exactly 70/20/10."""
+    labels = np.asarray(strat)
+    idx = np.arange(len(labels))
+    rest, test, ok_test = _split(idx, labels.tolist(), round(ratios.get("test", 0.0) * len(idx)), seed)
+    train, val, ok_val = _split(rest, labels[rest].tolist(), round(ratios["val"] * len(idx)), seed)
+    out = {"train": sorted(train.tolist()), "val": sorted(val.tolist())}
+    if "test" in ratios:
+        out["test"] = sorted(test.tolist())
+    return out, ok_test and ok_val
+
+
+def split_report(strat: Sequence[str], parts: dict[str, list[int]]) -> dict[str, Any]:
+    """Rows and stratum shares per split next to the whole file's shares, and the largest drift."""
+    total = len(strat)
+    overall = Counter(strat)
+    names = sorted(overall)
+    report: dict[str, Any] = {"overall": {s: overall[s] / total for s in names}, "splits": {}}
+    drift = 0.0
+    for split, rows in parts.items():
+        counts = Counter(strat[i] for i in rows)
+        shares = {s: counts[s] / len(rows) if rows else 0.0 for s in names}
+        if rows:
+            drift = max(drift, *(abs(shares[s] - report["overall"][s]) for s in names))
+        report["splits"][split] = {"rows": len(rows), "share_of_rows": len(rows) / total,
+                                   "strata_counts": {s: counts[s] for s in names}, "strata_shares": shares}
+    report["max_stratum_share_drift"] = drift
+    return report
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    ratios = {"train": cfg.train_ratio, "val": cfg.val_ratio, "test": cfg.test_ratio}
+    if any(r < 0 for r in ratios.values()) or cfg.train_ratio <= 0 or cfg.val_ratio <= 0:
+        raise ValueError(f"ratios={ratios}: train_ratio and val_ratio must be > 0, test_ratio >= 0")
+    if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"ratios={ratios}: must sum to 1 (they sum to {sum(ratios.values()):g})")
+    lines, rows, kind, load = read_labelled(cfg.input)
+    strat, edges = strata(rows, kind, cfg.score_tiers)
+    parts, stratified = stratified_split(strat, ratios, cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        path = out / f"{split}.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(lines[i] + "\n" for i in parts.get(split, [])), encoding="utf-8")
+        tmp.replace(path)
+    report = {"input": load.as_dict(), "kind": kind, "stratified_by": "label" if kind == "classification"
+              else f"score tier ({cfg.score_tiers} quantile bins of the mean score)", "tier_edges": edges,
+              "stratified": stratified, "seed": cfg.seed, "ratios_requested": ratios,
+              **split_report(strat, parts)}
+    (out / "split_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.from_cli(list(argv or sys.argv[1:])))
+        report = prepare(OmegaConf.to_object(cfg))
+    except (DataError, ValueError, OmegaConfBaseException) as err:
+        log.error("%s", err)
+        return 2
+    dropped = report["input"]["dropped_by_reason"]
+    print(f"{report['input']['rows_kept']} of {report['input']['rows_read']} rows kept"
+          + (f" (dropped: {dropped})" if dropped else "") + f"; {report['kind']} records, stratified by "
+          f"{report['stratified_by']}{'' if report['stratified'] else ' (fell back to unstratified)'}")
+    for split, s in report["splits"].items():
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in s["strata_shares"].items())
+        print(f"  {split:5s} {s['rows']:6d} rows ({s['share_of_rows']:.1%})  {shares}")
+    print(f"largest stratum share drift from the whole file: {report['max_stratum_share_drift']:.2%}; "
+          f"files in {cfg.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

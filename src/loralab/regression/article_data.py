@@ -1,0 +1,139 @@
+"""Article records for regression: ``{"id", "title", "content", "labels": [numbers], "dimension_names": [...]}``.
+
+Like classification records, a malformed row is dropped and counted by reason, never raised. The run's dimensions
+are ``data.dimension_names`` or, when that is null, those of the first valid training row; rows with other
+dimensions are dropped (``dimension_names_mismatch``), since their scores would land in the wrong heads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch.utils.data import Dataset
+
+from loralab.data.records import DataError, LoadReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Article:
+    id: str | int
+    title: str
+    content: str
+    labels: list[float]
+    dimension_names: list[str]
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> float:
+    raise _NonFinite(name)  # NaN/Infinity literals are not JSON and not usable targets
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_article(text: str) -> Article | str:
+    """One line into an Article, or the reason it is dropped."""
+    try:
+        row = json.loads(text, parse_constant=_reject_constant)
+    except _NonFinite:
+        return "non_finite_label"
+    except (json.JSONDecodeError, RecursionError):
+        return "invalid_json"
+    if not isinstance(row, dict):
+        return "not_object"
+    rid = row.get("id")
+    if rid is None or rid == "" or isinstance(rid, (bool, dict, list, float)):
+        return "missing_id"
+    title, content = row.get("title", ""), row.get("content", "")
+    if not isinstance(title, (str, type(None))) or not isinstance(content, (str, type(None))):
+        return "text_not_string"
+    title, content = title or "", content or ""
+    if not (title.strip() or content.strip()):
+        return "missing_text"
+    labels = row.get("labels")
+    if labels is None:
+        return "missing_labels"
+    if not isinstance(labels, list) or not labels:
+        return "labels_not_list"
+    if not all(_number(v) for v in labels):
+        return "label_not_number"
+    if not all(math.isfinite(v) for v in labels):
+        return "non_finite_label"  # e.g. 1e999 parses to inf
+    dims = row.get("dimension_names")
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, str) and d for d in dims):
+        return "missing_dimension_names"
+    if len(dims) != len(labels):
+        return "labels_length_mismatch"
+    return Article(id=rid, title=title, content=content, labels=[float(v) for v in labels], dimension_names=dims)
+
+
+def load_articles(path: str | Path, dimension_names: Sequence[str] | None
+                  ) -> tuple[list[Article], LoadReport, list[str]]:
+    """Valid rows (first occurrence of an id wins), the per-reason drop report and the dimensions in force."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    dims = list(dimension_names) if dimension_names is not None else None
+    report, articles, seen = LoadReport(path=str(path)), [], set()
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            report.rows_read += 1
+            try:
+                parsed = parse_article(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                parsed = "invalid_utf8"
+            if isinstance(parsed, str):
+                report.drop(parsed, line_no)
+                continue
+            dims = dims if dims is not None else list(parsed.dimension_names)
+            if parsed.dimension_names != dims:
+                report.drop("dimension_names_mismatch", line_no)
+                continue
+            if str(parsed.id) in seen:
+                report.drop("duplicate_id", line_no)
+                continue
+            seen.add(str(parsed.id))
+            articles.append(parsed)
+    report.rows_kept = len(articles)
+    if report.dropped:
+        log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()), report.rows_read,
+                    dict(report.dropped))
+    if not articles:
+        raise DataError(f"{path}: no valid rows left ({dict(report.dropped)})")
+    return articles, report, dims
+
+
+def article_text(article: Article, template: str) -> str:
+    return template.format(title=article.title, content=article.content)
+
+
+class TokenizedArticles(Dataset):
+    """Token ids of each article's text (tokenized once) and its score vector."""
+
+    def __init__(self, articles: Sequence[Article], tokenizer, template: str, max_length: int):
+        enc = tokenizer([article_text(a, template) for a in articles], truncation=True, max_length=max_length)
+        self.input_ids: list[list[int]] = enc["input_ids"]
+        self.labels = [a.labels for a in articles]
+        self.ids = [a.id for a in articles]
+        self.truncated = sum(len(ids) >= max_length for ids in self.input_ids)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}

@@ -1,0 +1,99 @@
+"""What a regression run leaves next to its checkpoint: per-epoch history, metadata, and plots to read."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from matplotlib.figure import (
+    Figure,  # object API: the Agg canvas, no pyplot global state, no display needed
+)
+from omegaconf import DictConfig, OmegaConf
+
+from loralab.loop import TrainState
+from loralab.run import PACKAGES, git_state, write_json
+
+log = logging.getLogger(__name__)
+
+
+def plot_loss_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Path) -> Path:
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
+    ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return path
+
+
+def plot_per_target(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, path: Path,
+                    metric: str = "mae") -> Path:
+    """One line per dimension (a head, for the MLP) of its validation ``metric`` across epochs."""
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    for name in names:
+        ax.plot(epochs, [h[f"val_{metric}_{name}"] for h in history], marker="o", label=name)
+    ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+    ax.set(xlabel="epoch", ylabel=f"validation {metric.upper()}", title=f"Validation {metric.upper()} per dimension")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, out_dir: Path
+                ) -> list[Path]:
+    """``plots/loss_curves.png`` and ``plots/per_dimension_mae.png``."""
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = [plot_loss_curves(history, best_epoch, plots / "loss_curves.png"),
+             plot_per_target(history, names, best_epoch, plots / "per_dimension_mae.png")]
+    log.info("plots: %s", ", ".join(str(p) for p in paths))
+    return paths
+
+
+def finish_run(cfg: DictConfig, out_dir: Path, tracker, result: TrainState, names: Sequence[str],
+               data_info: dict[str, Any], device: torch.device, t_start: float, artifacts: Sequence[Path]
+               ) -> dict[str, Any]:
+    """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; send them and
+    ``artifacts`` to MLflow; return the summary the console prints."""
+    if result.best_epoch is None:
+        raise RuntimeError(f"no epoch produced a usable {cfg.trainer.monitor}; nothing to report")
+    best = result.history[result.best_epoch - 1]
+    objective = cfg.get("objective", cfg.trainer.monitor)
+    write_json(out_dir / "training_history.json", result.history)
+    write_json(out_dir / "metrics.json", {"best_epoch": result.best_epoch, **best})
+    metadata = {
+        "task": cfg.task, "config": OmegaConf.to_container(cfg, resolve=True), "data": data_info,
+        "target_names": list(names), "best_epoch": result.best_epoch, "best_metrics": best,
+        "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode, "stop_reason": result.stop_reason,
+        "epochs_run": len(result.history), "wall_time_s": time.time() - t_start, "fit_time_s": result.fit_time_s,
+        "train_samples_per_s": result.train_samples_per_s, "device": str(device),
+        "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir),
+    }
+    write_json(out_dir / "training_metadata.json", metadata)
+    plots = write_plots(result.history, names, result.best_epoch, out_dir)
+    tracker.log_metrics({f"best.{k}": v for k, v in best.items() if k.startswith("val_")}, step=result.best_epoch)
+    tracker.set_tags({"stop_reason": result.stop_reason, "best_epoch": result.best_epoch})
+    files = [out_dir / n for n in ("training_history.json", "training_metadata.json", "metrics.json")]
+    for path in [*files, *artifacts]:
+        tracker.log_artifact(path)
+    tracker.log_artifact(out_dir / "plots")
+    if (out_dir / ".hydra").is_dir():
+        tracker.log_artifact(out_dir / ".hydra", "hydra")
+    metrics = {k: v for k, v in best.items() if k == "val_loss" or k.startswith("val_")}
+    return {"objective_key": objective, "objective": best[objective], "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history), "stop_reason": result.stop_reason,
+            "metrics": {**metrics, "gates": {}}, "train_samples_per_s": result.train_samples_per_s,
+            "wall_time_s": metadata["wall_time_s"], "device": str(device), "run_dir": str(out_dir),
+            "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+            "artifacts": [str(p) for p in [*files, *plots, *artifacts]]}
