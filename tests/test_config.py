@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from conftest import CONF_DIR, LABELS, compose_train
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF_DIR, LABELS, compose_train
 from loralab.config import ConfigError, validate
+from loralab.hardware import resolve_auto
 
+# Options that only make sense inside a regression experiment (conf/experiment/*.yaml sets task and them).
+REGRESSION_ONLY = {("data", "articles"), ("data", "marketsentinel"), ("model", "mlp"), ("loss", "mse"),
+                   ("loss", "head_mse")}
 GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "hydra")
 
 
@@ -32,6 +37,14 @@ def test_every_option_composes_resolves_and_validates(group, option, tmp_path):
         del cfg["hydra"]
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert resolved["paths"]["output_dir"] == str(tmp_path)
+    if cfg.task != "classification" or (group, option) in REGRESSION_ONLY:
+        return  # regression options are validated with their experiments (tests/test_regression_*.py)
+    with open_dict(cfg):  # as run.train does: "auto" values become what torch sees
+        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware))
+    if str(cfg.hardware.device).startswith("cuda") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):  # GPU profiles refuse clearly on CPU
+            validate(cfg)
+        return
     validate(cfg)
 
 

@@ -145,7 +145,12 @@ def reference(data_dir, tmp_path_factory):
 
 
 def assert_same_run(a, b):
-    assert history(a) == history(b)
+    """Val metrics and weights identical. The logged train loss of an epoch interrupted mid-way is summed in a
+    different grouping (the running sum is flushed at the interrupt), so it matches to float rounding only."""
+    ha, hb = history(a), history(b)
+    assert [{k: v for k, v in h.items() if k != "train_loss"} for h in ha] == \
+        [{k: v for k, v in h.items() if k != "train_loss"} for h in hb]
+    assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-6)
     wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
