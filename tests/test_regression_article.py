@@ -29,7 +29,7 @@ BAD_LINES = [
     ("missing_labels", json.dumps({"id": "bad-2", "title": "t", "content": "c", "dimension_names": DIMENSIONS})),
     ("label_not_number", json.dumps({"id": "bad-3", "title": "t", "content": "c", "labels": ["high", 1, 2],
                                      "dimension_names": DIMENSIONS})),
-    ("non_finite_label", '{"id": "bad-4", "title": "t", "content": "c", "labels": [NaN, 1, 2], '
+    ("non_finite_value", '{"id": "bad-4", "title": "t", "content": "c", "labels": [NaN, 1, 2], '
                          '"dimension_names": ["relevance", "sentiment", "urgency"]}'),
     ("labels_length_mismatch", json.dumps({"id": "bad-5", "title": "t", "content": "c", "labels": [1, 2],
                                            "dimension_names": DIMENSIONS})),

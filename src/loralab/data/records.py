@@ -12,9 +12,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -83,11 +85,8 @@ def _check_features(features: Any, allow_null: bool) -> str | None:
     return None
 
 
-def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False) -> Record | str:
-    """Parse one line into a Record, or return the reason it is dropped.
-
-    ``labels=None`` accepts rows without a label (inference input).
-    """
+def parse_object(text: str) -> dict[str, Any] | str:
+    """A JSON object with a usable ``id``, or the reason the line is dropped."""
     try:
         row = json.loads(text, parse_constant=_reject_constant)
     except _NonFinite:
@@ -99,6 +98,11 @@ def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False
     rid = row.get("id")
     if rid is None or isinstance(rid, (bool, dict, list, float)) or rid == "":
         return "missing_id"
+    return row
+
+
+def record_from_row(row: dict[str, Any], labels: Sequence[str] | None, allow_null: bool = False) -> Record | str:
+    """A feature record, or the reason it is dropped. ``labels=None`` accepts unlabelled rows (inference input)."""
     if "features" not in row:
         return "missing_features"
     reason = _check_features(row["features"], allow_null)
@@ -112,19 +116,24 @@ def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False
             return "unknown_label"
     elif label is not None and not isinstance(label, str):
         label = None
-    return Record(id=rid, features=row["features"], label=label)
+    return Record(id=row["id"], features=row["features"], label=label)
 
 
-def load_records(
-    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False
-) -> tuple[list[Record], LoadReport]:
-    """Read a JSONL file, keeping valid rows (first occurrence of an id wins) and counting the rest."""
+def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False) -> Record | str:
+    """One line into a Record, or the reason it is dropped."""
+    row = parse_object(text)
+    return row if isinstance(row, str) else record_from_row(row, labels, allow_null)
+
+
+def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str]) -> tuple[list[T], LoadReport]:
+    """Parse every line of a JSONL file with ``parse``; keep valid rows (the first occurrence of an id wins) and
+    count the rest by reason. Shared by every record format, so all of them treat bad input the same way."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     report = LoadReport(path=str(path))
-    records: list[Record] = []
-    seen: set = set()
+    rows: list[T] = []
+    seen: set[str] = set()
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -133,25 +142,31 @@ def load_records(
                 continue  # blank lines are formatting, not rows
             report.rows_read += 1
             try:
-                text = raw.decode("utf-8")
+                row = parse_object(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                report.drop("invalid_utf8", line_no)
-                continue
-            parsed = parse_line(text, labels, allow_null)
+                row = "invalid_utf8"
+            parsed = parse(row) if isinstance(row, dict) else row
             if isinstance(parsed, str):
                 report.drop(parsed, line_no)
                 continue
-            key = str(parsed.id)
+            key = str(row["id"])
             if key in seen:
                 report.drop("duplicate_id", line_no)
                 continue
             seen.add(key)
-            records.append(parsed)
-    report.rows_kept = len(records)
+            rows.append(parsed)
+    report.rows_kept = len(rows)
     if report.dropped:
         log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()),
                     report.rows_read, dict(report.dropped))
-    return records, report
+    return rows, report
+
+
+def load_records(
+    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False
+) -> tuple[list[Record], LoadReport]:
+    """Feature records of a JSONL file, with the per-reason report of what was dropped."""
+    return read_rows(path, lambda row: record_from_row(row, labels, allow_null))
 
 
 def leaked_ids(train: Sequence[Record], val: Sequence[Record]) -> list[str]:

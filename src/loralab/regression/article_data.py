@@ -7,7 +7,6 @@ dimensions are dropped (``dimension_names_mismatch``), since their scores would 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
-from loralab.data.records import DataError, LoadReport
+from loralab.data.records import DataError, LoadReport, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +29,12 @@ class Article:
     dimension_names: list[str]
 
 
-class _NonFinite(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> float:
-    raise _NonFinite(name)  # NaN/Infinity literals are not JSON and not usable targets
-
-
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def parse_article(text: str) -> Article | str:
-    """One line into an Article, or the reason it is dropped."""
-    try:
-        row = json.loads(text, parse_constant=_reject_constant)
-    except _NonFinite:
-        return "non_finite_label"
-    except (json.JSONDecodeError, RecursionError):
-        return "invalid_json"
-    if not isinstance(row, dict):
-        return "not_object"
-    rid = row.get("id")
-    if rid is None or rid == "" or isinstance(rid, (bool, dict, list, float)):
-        return "missing_id"
+def article_from_row(row: dict[str, Any]) -> Article | str:
+    """An Article from a parsed JSON object (id already checked), or the reason it is dropped."""
     title, content = row.get("title", ""), row.get("content", "")
     if not isinstance(title, (str, type(None))) or not isinstance(content, (str, type(None))):
         return "text_not_string"
@@ -75,44 +55,24 @@ def parse_article(text: str) -> Article | str:
         return "missing_dimension_names"
     if len(dims) != len(labels):
         return "labels_length_mismatch"
-    return Article(id=rid, title=title, content=content, labels=[float(v) for v in labels], dimension_names=dims)
+    return Article(id=row["id"], title=title, content=content, labels=[float(v) for v in labels],
+                   dimension_names=dims)
 
 
 def load_articles(path: str | Path, dimension_names: Sequence[str] | None
                   ) -> tuple[list[Article], LoadReport, list[str]]:
     """Valid rows (first occurrence of an id wins), the per-reason drop report and the dimensions in force."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    dims = list(dimension_names) if dimension_names is not None else None
-    report, articles, seen = LoadReport(path=str(path)), [], set()
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            report.rows_read += 1
-            try:
-                parsed = parse_article(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                parsed = "invalid_utf8"
-            if isinstance(parsed, str):
-                report.drop(parsed, line_no)
-                continue
-            dims = dims if dims is not None else list(parsed.dimension_names)
-            if parsed.dimension_names != dims:
-                report.drop("dimension_names_mismatch", line_no)
-                continue
-            if str(parsed.id) in seen:
-                report.drop("duplicate_id", line_no)
-                continue
-            seen.add(str(parsed.id))
-            articles.append(parsed)
-    report.rows_kept = len(articles)
-    if report.dropped:
-        log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()), report.rows_read,
-                    dict(report.dropped))
+    dims: list[str] | None = list(dimension_names) if dimension_names is not None else None
+
+    def parse(row: dict[str, Any]) -> Article | str:
+        nonlocal dims
+        article = article_from_row(row)
+        if isinstance(article, str):
+            return article
+        dims = dims if dims is not None else list(article.dimension_names)
+        return article if article.dimension_names == dims else "dimension_names_mismatch"
+
+    articles, report = read_rows(path, parse)
     if not articles:
         raise DataError(f"{path}: no valid rows left ({dict(report.dropped)})")
     return articles, report, dims
