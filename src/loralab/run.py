@@ -205,11 +205,9 @@ def train(cfg: DictConfig) -> float:
     finally:
         tracker.end(status)
         distributed.shutdown()
-    if not ddp.is_main:
-        pass
-    elif quiet:
+    if ddp.is_main and quiet:
         console.print_run_line(summary, HydraConfig.get().job.num if multirun() else None)
-    else:
+    elif ddp.is_main:
         console.print_summary(summary)
     return summary["objective"]
 
