@@ -91,3 +91,25 @@ def test_bad_hardware_values_fail_in_one_line(override, key, tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_lora_over_a_16_bit_base_trains_fp32_weights_with_a_grad_scaler():
+    from peft import LoraConfig
+
+    from loralab.models.lora import apply_lora
+
+    tok = train_tokenizer(['{"a": 1}', '{"b": true}'] * 5, vocab_size=300)
+    base = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2").load_model(
+        ["long", "short", "skip"], tok, dtype=torch.float16)
+    model = apply_lora(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu")
+    batch = tok(['{"a": 1}', '{"b": true}'], padding=True, return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(**batch, labels=torch.tensor([0, 1])).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # raises "Attempting to unscale FP16 gradients" if any trainable weight is fp16
+    scaler.step(opt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
@@ -18,6 +19,11 @@ def apply_lora(model: PreTrainedModel, config: LoraConfig | None) -> PreTrainedM
         wrapped = model
     else:
         wrapped = get_peft_model(model, config)
+        # peft keeps LoRA weights in fp32 over a 16-bit base, but its trainable copy of the score head keeps the
+        # base dtype; fp16 gradients cannot be unscaled by a GradScaler, and 16-bit updates lose small steps.
+        for param in wrapped.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
