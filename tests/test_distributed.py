@@ -8,24 +8,28 @@ wrap-around) or class-weighted means per half-batch would add small, documented 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from loralab.data.demo import write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def run(cmd, tmp_path, name, data):
+def run(cmd, tmp_path, name, data, *extra, db=None):
     run_dir = tmp_path / name
-    args = ["data=jsonl", f"data.train_file={data}/train.jsonl", f"data.val_file={data}/val.jsonl",
+    args = [*extra, "data=jsonl", f"data.train_file={data}/train.jsonl", f"data.val_file={data}/val.jsonl",
             "trainer.max_epochs=2", "trainer.group_by_length=false", "data.oversample_below=null",
             "loss.class_weights=none", "model.tokenizer_vocab_size=300", "export.zip=false",
-            f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/{name}.db"]
+            "baseline=none", f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/{db or name}.db"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,8 +40,7 @@ def run(cmd, tmp_path, name, data):
 def test_torchrun_two_processes_match_one_process(tmp_path):
     data = tmp_path / "data"
     write_demo(data, n_train=192, n_val=64)  # 192 = 12 global batches of 16: no partial batch
-    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-              tmp_path, "ddp", data)
+    ddp = run(TORCHRUN, tmp_path, "ddp", data)
     single = run([sys.executable], tmp_path, "single", data)
 
     h_ddp, h_single = (json.loads((d / "training_summary.json").read_text()) for d in (ddp, single))
@@ -52,3 +55,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, whatever the number of processes
     assert (ddp / "metrics.json").is_file() and (ddp / "checkpoints" / "last").is_dir()
     assert not list(tmp_path.glob("ddp/**/*.tmp"))
+
+    # Resume under DDP: rank 0's epoch-1 checkpoint, loaded by both ranks, replays epoch 2 exactly.
+    shutil.copytree(ddp, tmp_path / "resumed")
+    resumed = run(TORCHRUN, tmp_path, "resumed", data, f"resume={tmp_path}/resumed/checkpoints/epoch_001", db="ddp")
+    h_resumed = json.loads((resumed / "training_summary.json").read_text())["history"]
+    assert h_resumed[1]["val_loss"] == h_ddp["history"][1]["val_loss"]
+    wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (ddp, resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -381,7 +381,8 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
     def on_epoch_end(st: TrainState, metrics: dict[str, float], improved: bool) -> None:
         nonlocal ranked
         tracker.log_metrics(metrics, step=st.epoch)
-        entry = {"name": f"epoch={st.epoch:03d}", "epoch": st.epoch, "value": metrics[monitor]}
+        # No "=" in the name: the path must work as a Hydra override value (resume=.../epoch_003).
+        entry = {"name": f"epoch_{st.epoch:03d}", "epoch": st.epoch, "value": metrics[monitor]}
         ranked = sorted([*ranked, entry], key=lambda e: e["value"], reverse=mode == "max")
         if entry in ranked[:cfg.trainer.save_top_k]:
             save(entry["name"], st)
