@@ -182,7 +182,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "lora": OmegaConf.to_container(cfg.lora) if cfg.lora else None,
+        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "lora": OmegaConf.to_container(cfg.lora) if cfg.lora.enabled else None,
         "precision": cfg.hardware.precision, "batch_size": cfg.optim.batch_size,
         "micro_batch_size": cfg.hardware.micro_batch_size, "train_rows": samples, "train_tokens": tokens,
         "mean_tokens_per_row": tokens / samples, "repeat": args.repeat, "loralab": ours, "hf_trainer_peft": hf,

@@ -72,7 +72,7 @@ def test_default_labels():
 
 
 def test_tiny_model_defaults_to_full_fine_tuning():
-    assert compose_train("model=tiny_qwen2").lora is None
+    assert compose_train("model=tiny_qwen2").lora.enabled is False
 
 
 @pytest.mark.parametrize("order", [("model=tiny_qwen2", "lora=default"), ("lora=default", "model=tiny_qwen2")])
@@ -82,7 +82,7 @@ def test_command_line_lora_wins_over_model_default(order):
 
 def test_real_model_gets_lora_rank_8():
     cfg = compose_train("model=qwen2_5_0_5b")
-    assert cfg.lora.r == 8 and cfg.lora._target_ == "peft.LoraConfig"
+    assert cfg.lora.r == 8 and cfg.lora.enabled is True
 
 
 def test_default_config_validates():
@@ -111,3 +111,22 @@ def test_validate_rejects_with_one_line(overrides, key, value, rule):
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"{key}=") and value in message and rule in message
+
+
+@pytest.mark.parametrize("overrides, enabled", [
+    (["loss.gamma=1.5", "lora.r=16"], True),        # the design card's sweep: python train.py -m ... lora.r=8,16,32
+    (["lora=none"], False),
+    (["lora=none", "lora.enabled=false", "lora.r=4"], False),  # explicit off wins
+    (["model=qwen2_5_0_5b"], True),
+])
+def test_lora_keys_on_the_command_line_turn_lora_on(overrides, enabled):
+    from omegaconf import open_dict
+
+    from loralab.config import enable_lora_if_asked
+
+    cfg = compose_train(*overrides)  # default model tiny_qwen2 trains fully unless asked
+    with open_dict(cfg):
+        enable_lora_if_asked(cfg, overrides)
+    assert cfg.lora.enabled is enabled
+    if enabled:
+        assert cfg.lora.r == (16 if "lora.r=16" in overrides else 8)

@@ -6,10 +6,13 @@ not a model download.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, ListConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,33 @@ def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
         raise ConfigError(f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
                           f"{micro_batch_size}; pick a batch size that is a multiple of it")
     return batch_size // micro_batch_size
+
+
+def enable_lora_if_asked(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A lora.* key set on the command line (a sweep over lora.r, say) means the user wants LoRA, also where the
+    model's default is full fine-tuning (tiny_qwen2). Say so loudly rather than ignore the key."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    asked = [k for k in keys if k.startswith("lora.") and k != "lora.enabled"]
+    if asked and not cfg.lora.enabled and "lora.enabled" not in keys:
+        log.warning("LoRA turned on because %s was set (model=%s defaults to full fine-tuning); "
+                    "pass lora=none without lora.* keys to train fully", ", ".join(asked), cfg.model.name)
+        cfg.lora.enabled = True
+
+
+def check_lora(cfg: DictConfig) -> None:
+    if not cfg.lora.enabled:
+        return
+    _check(cfg.lora.r > 0, "lora.r", cfg.lora.r, "must be > 0")
+    _check(cfg.lora.lora_alpha > 0, "lora.lora_alpha", cfg.lora.lora_alpha, "must be > 0")
+    _check(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", cfg.lora.lora_dropout, "must be in [0, 1)")
+    _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", cfg.lora.target_modules, "must not be empty")
+
+
+def check_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    _check(m.max_length > 0, "model.max_length", m.max_length, "must be > 0")
+    _check(m.truncation_side in ("left", "right"), "model.truncation_side", m.truncation_side, "must be left or right")
+    _check(m.pretrained or m.arch, "model.arch", m.arch, "pretrained=false needs a shipped architecture name")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -63,11 +93,7 @@ def validate(cfg: DictConfig) -> None:
         _check(cw in ("auto", "sqrt_inverse", "none", None), "loss.class_weights", cw,
                "must be auto, sqrt_inverse, none or a list of numbers")
 
-    if cfg.lora is not None:
-        _check(cfg.lora.r > 0, "lora.r", cfg.lora.r, "must be > 0")
-        _check(cfg.lora.lora_alpha > 0, "lora.lora_alpha", cfg.lora.lora_alpha, "must be > 0")
-        _check(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", cfg.lora.lora_dropout, "must be in [0, 1)")
-        _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", cfg.lora.target_modules, "must not be empty")
+    check_lora(cfg)
 
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -94,18 +120,14 @@ def validate(cfg: DictConfig) -> None:
     if h.load_in_4bit:
         _check(str(h.device).startswith("cuda"), "hardware.load_in_4bit", True,
                f"4-bit (bitsandbytes) needs a CUDA device, hardware.device is {h.device}")
-        _check(cfg.lora is not None, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)")
+        _check(cfg.lora.enabled, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)")
         _check(cfg.model.pretrained, "hardware.load_in_4bit", True, "needs model.pretrained=true")
     if str(h.device).startswith("cuda"):
         import torch
 
         _check(torch.cuda.is_available(), "hardware.device", h.device,
                "CUDA is not available here; use hardware=cpu or hardware=auto")
-    _check(cfg.model.max_length > 0, "model.max_length", cfg.model.max_length, "must be > 0")
-    _check(cfg.model.truncation_side in ("left", "right"), "model.truncation_side", cfg.model.truncation_side,
-           "must be left or right")
-    _check(cfg.model.pretrained or cfg.model.arch, "model.arch", cfg.model.arch,
-           "pretrained=false needs a shipped architecture name")
+    check_model(cfg)
     _check(cfg.export.max_size_mb > 0, "export.max_size_mb", cfg.export.max_size_mb, "must be > 0")
     if cfg.get("baseline") is not None:
         _check(cfg.baseline.name in ("hgb", "logreg"), "baseline.name", cfg.baseline.name,

@@ -29,7 +29,7 @@ from loralab.baseline import fit_baseline
 from loralab.calibrate import calibrate, probabilities, reliability_diagram
 from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
                                 save_train_state)
-from loralab.config import ConfigError, accumulation_steps, validate
+from loralab.config import ConfigError, accumulation_steps, enable_lora_if_asked, validate
 from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
 from loralab.data.sampler import EpochBatchSampler
@@ -143,12 +143,13 @@ def check_memory(cfg: DictConfig) -> None:
     hw, m = cfg.hardware, cfg.model
     arch = shipped_config(m.arch)
     arch["vocab_size"] = arch.get("vocab_size") or m.tokenizer_vocab_size
-    est = estimate_memory(arch, num_labels=len(cfg.data.labels), lora_r=cfg.lora.r if cfg.lora else None,
-                          target_modules=list(cfg.lora.target_modules) if cfg.lora else [],
+    lora = cfg.lora if cfg.lora.enabled else None
+    est = estimate_memory(arch, num_labels=len(cfg.data.labels), lora_r=lora.r if lora else None,
+                          target_modules=list(lora.target_modules) if lora else [],
                           precision=hw.precision, load_in_4bit=hw.load_in_4bit,
                           micro_batch=hw.micro_batch_size or cfg.optim.batch_size, max_length=m.max_length,
                           gradient_checkpointing=hw.gradient_checkpointing, on_cuda=hw.device.startswith("cuda"))
-    preflight(est, hw.memory_gib, hw.preflight, f"{m.name} (lora={'r=%d' % cfg.lora.r if cfg.lora else 'none'}) "
+    preflight(est, hw.memory_gib, hw.preflight, f"{m.name} (lora={'r=%d' % lora.r if lora else 'none'}) "
               f"on hardware={hw.name}")
 
 
@@ -161,6 +162,9 @@ def check_config(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
+    if HydraConfig.initialized():
+        with open_dict(cfg):
+            enable_lora_if_asked(cfg, HydraConfig.get().overrides.task)
     if cfg.get("task", "classification") != "classification":
         from loralab.regression.runner import train as train_regression  # same lifecycle, its own stages
         return train_regression(cfg)
@@ -300,12 +304,12 @@ def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device
     # LoRA trains fp32 adapters on a frozen base, so the base can sit in 16 bits; full fine-tuning keeps fp32
     # master weights and gets its speed from autocast.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
-    dtype = half if cfg.lora is not None and half is not None and device.type == "cuda" else torch.float32
+    dtype = half if cfg.lora.enabled and half is not None and device.type == "cuda" else torch.float32
     model = source.load_model(labels, tokenizer, attn_implementation=hw.attn_implementation, dtype=dtype,
                               load_in_4bit=hw.load_in_4bit, compute_dtype=half)
     if hw.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None)
+    model = apply_lora(model, instantiate(cfg.lora))  # None (full fine-tuning) when lora.enabled is false
     if not hw.load_in_4bit:  # bitsandbytes places quantized weights itself
         model = model.to(device)
     if cfg.trainer.compile:
@@ -454,7 +458,7 @@ def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, va
             "data": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in data_files.items()},
             "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path,
                       "pretrained": source.pretrained,
-                      "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora is not None else None},
+                      "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
             "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir)}
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()}, meta=meta,

@@ -11,6 +11,11 @@ from transformers import PreTrainedModel
 log = logging.getLogger(__name__)
 
 
+def lora_config(enabled: bool = True, **kwargs) -> LoraConfig | None:
+    """``conf/lora``'s target: a peft ``LoraConfig``, or None for full fine-tuning (``enabled: false``)."""
+    return LoraConfig(**kwargs) if enabled else None
+
+
 def apply_lora(model: PreTrainedModel, config: LoraConfig | None) -> PreTrainedModel | PeftModel:
     """``config=None`` means full fine-tuning. With ``task_type=SEQ_CLS`` peft keeps the ``score`` head trainable
     and saves it with the adapter, so the head is never lost on save/reload."""

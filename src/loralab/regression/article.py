@@ -82,7 +82,7 @@ def build_model(cfg: DictConfig, dims: Sequence[str], train: Sequence[Article], 
     tokenizer = source.load_tokenizer([article_text(a, cfg.data.template) for a in train])
     model = source.load_model(list(dims), tokenizer, attn_implementation=cfg.hardware.attn_implementation)
     model.config.problem_type = "regression"  # num_labels = len(dims); saved with the checkpoint's config
-    model = apply_lora(model, instantiate(cfg.lora) if cfg.lora is not None else None).to(device)
+    model = apply_lora(model, instantiate(cfg.lora)).to(device)  # None: full fine-tuning
     return model, tokenizer, source
 
 

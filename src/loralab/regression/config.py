@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from loralab.config import _check, accumulation_steps
+from loralab.config import _check, accumulation_steps, check_lora, check_model
 from loralab.regression.metrics import metric_names
 
 
@@ -83,15 +83,8 @@ def validate_text(cfg: DictConfig) -> None:
     _check(d.leakage in ("warn", "drop", "error"), "data.leakage", d.leakage, "must be warn, drop or error")
     _check(isinstance(d.score_tiers, int) and d.score_tiers >= 1, "data.score_tiers", d.score_tiers,
            "must be an int >= 1")
-    m = cfg.model
-    _check(m.max_length > 0, "model.max_length", m.max_length, "must be > 0")
-    _check(m.truncation_side in ("left", "right"), "model.truncation_side", m.truncation_side, "must be left or right")
-    _check(m.pretrained or m.arch, "model.arch", m.arch, "pretrained=false needs a shipped architecture name")
-    if cfg.lora is not None:
-        _check(cfg.lora.r > 0, "lora.r", cfg.lora.r, "must be > 0")
-        _check(cfg.lora.lora_alpha > 0, "lora.lora_alpha", cfg.lora.lora_alpha, "must be > 0")
-        _check(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", cfg.lora.lora_dropout, "must be in [0, 1)")
-        _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", cfg.lora.target_modules, "must not be empty")
+    check_model(cfg)
+    check_lora(cfg)
     _common(cfg)
     if cfg.hardware.micro_batch_size is not None:
         _check(cfg.hardware.micro_batch_size > 0, "hardware.micro_batch_size", cfg.hardware.micro_batch_size,
