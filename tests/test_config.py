@@ -101,6 +101,8 @@ BAD_VALUES = [
     (["data=jsonl", "data.train_file=/nonexistent/train.jsonl"], "data.train_file", "/nonexistent/train.jsonl",
      "not found"),
     (["optim.batch_size=10", "hardware.micro_batch_size=4"], "optim.batch_size", "10", "divisible"),
+    (["trainer.monitor=val_f1"], "trainer.monitor", "val_f1", "val_macro_f1"),
+    (["trainer.gates.val_accuracy=high"], "trainer.gates.val_accuracy", "high", "<op> <number>"),
 ]
 
 

@@ -247,3 +247,33 @@ def test_size_gate_refuses(tmp_path):
         zip_dir(src, tmp_path / "m.zip", max_mb=32 * 1024 / 2**20)
     assert list(tmp_path.glob("m.zip*")) == []  # nothing left behind
     assert zip_dir(src, tmp_path / "m.zip", max_mb=128 * 1024 / 2**20).is_file()
+
+
+def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
+    """What a CUDA run holds (frozen base in bf16, adapters + head in fp32) mixes dtypes outside autocast; run.export
+    casts to fp32 on CPU first, and the export then verifies like any other."""
+    model, tokenizer, rows, _ = tiny_model(lora=True)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    batch = make_batch(tokenizer, rows[:4])
+    with pytest.raises(RuntimeError):  # the mixed model cannot even score without autocast
+        with torch.inference_mode():
+            model(**batch)
+    model = model.to("cpu", torch.float32)
+    result = export_model(model, tokenizer, tmp_path, batch, meta=meta(), base_location=None, save_base=True)
+    assert {"merged", "adapter"} <= set(result["parts"])
+
+
+def test_auto_zip_parts_fall_back_to_the_adapter_when_merged_is_too_big(tmp_path):
+    from loralab.run import zip_parts
+
+    for part, size in (("merged", 3 << 20), ("adapter", 1 << 10), ("loralab.json", None)):
+        if size is None:
+            (tmp_path / part).write_text("{}")
+        else:
+            (tmp_path / part).mkdir()
+            (tmp_path / part / "w.bin").write_bytes(b"0" * size)
+    assert zip_parts(tmp_path, "auto", max_mb=10) == ["merged", "adapter", "loralab.json"]
+    assert zip_parts(tmp_path, "auto", max_mb=1) == ["adapter", "loralab.json"]
+    assert zip_parts(tmp_path, ["merged", "base", "loralab.json"], max_mb=1) == ["merged", "loralab.json"]

@@ -150,3 +150,12 @@ def test_val_split_leaving_train_empty_is_a_data_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [row(1, "long"), row(2, "short")])
     with pytest.raises(DataError, match="data.val_split=0.9 of 2 valid rows leaves a split empty"):
         build_splits(str(path), None, LABELS, val_split=0.9)
+
+
+def test_leakage_drop_that_empties_train_is_a_clear_error(tmp_path):
+    rows = [{"id": i, "features": {"x": i}, "label": "long"} for i in range(3)]
+    for name in ("train", "val"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="leakage=drop removed every training row"):
+        build_splits(str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), ["long", "short", "skip"],
+                     leakage="drop")

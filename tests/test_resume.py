@@ -209,3 +209,18 @@ def test_early_stopping_patience(patience, values, stops_after):
             stopped = epoch
             break
     assert stopped == stops_after
+
+
+@pytest.mark.slow
+def test_resume_from_another_runs_checkpoint_replays_it_exactly(data_dir, reference, tmp_path):
+    """resume=<path>: the other run's ranked epochs come along (the best one is reloaded at the end), and a
+    checkpoint whose MLflow run is not in this store starts a new run instead of failing."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(data_dir, run_dir, f"resume={reference}/checkpoints/epoch_001"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_run(reference, run_dir)
+    assert (run_dir / "checkpoints" / "epoch_001").is_dir()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
+    assert run.info.status == "FINISHED"

@@ -106,7 +106,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def trainable_tensors(model) -> dict[str, torch.Tensor]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k in names}
 
 
 def save_train_state(directory: str | Path, *, model, tokenizer, optimizer, scheduler, scaler,

@@ -155,7 +155,9 @@ def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     axes = [sorted({p[n] for p in points}) for n in range(2)]
     if len(points) != len(axes[0]) * len(axes[1]):
         return None
-    from matplotlib.figure import Figure  # object API: no pyplot state, no display backend
+    from matplotlib.figure import (
+        Figure,  # object API: no pyplot state, no display backend
+    )
 
     grid = [[math.nan] * len(axes[1]) for _ in axes[0]]
     for row in rows:

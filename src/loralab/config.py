@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, ListConfig
 
+from loralab.metrics import is_rule
+
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +109,13 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(t.max_epochs, int) and t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "must be an int >= 1")
     _check(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", t.early_stopping.patience, "must be >= 0")
     _check(t.monitor_mode in ("max", "min"), "trainer.monitor_mode", t.monitor_mode, "must be max or min")
+    known = {"val_macro_f1", "val_accuracy", "val_loss", *(f"val_{m}_{label}" for m in ("precision", "recall", "f1")
+                                                          for label in labels)}
+    rule = "must be val_macro_f1, val_accuracy, val_loss or val_<precision|recall|f1>_<label>"
+    _check(t.monitor in known, "trainer.monitor", t.monitor, rule)
+    _check(cfg.objective in known, "objective", cfg.objective, rule)
+    for metric, gate in (t.gates or {}).items():
+        _check(is_rule(gate), f"trainer.gates.{metric}", gate, "must be '<op> <number>' with op in >=, >, <=, <")
     _check(isinstance(t.save_top_k, int) and t.save_top_k >= 1, "trainer.save_top_k", t.save_top_k,
            "must be an int >= 1 (the best epoch is reloaded from it)")
     _check(t.eval_batch_size > 0, "trainer.eval_batch_size", t.eval_batch_size, "must be > 0")
@@ -137,10 +146,11 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(c.n_bins, int) and c.n_bins >= 1, "calibration.n_bins", c.n_bins, "must be an int >= 1")
     _check(len(c.t_bounds) == 2 and 0 < c.t_bounds[0] < 1 < c.t_bounds[1], "calibration.t_bounds", list(c.t_bounds),
            "must be [lo, hi] with 0 < lo < 1 < hi")
-    parts = list(cfg.export.zip_parts)
-    _check(set(parts) <= {"merged", "adapter", "base", "loralab.json"}, "export.zip_parts", parts,
-           "allowed parts: merged, adapter, base, loralab.json")
-    _check("loralab.json" in parts and bool({"merged", "adapter"} & set(parts)), "export.zip_parts", parts,
-           "needs loralab.json and merged or adapter (or the zip cannot be loaded)")
+    if cfg.export.zip_parts != "auto":
+        parts = list(cfg.export.zip_parts)
+        _check(set(parts) <= {"merged", "adapter", "base", "loralab.json"}, "export.zip_parts", parts,
+               "allowed parts: auto, or a list of merged, adapter, base, loralab.json")
+        _check("loralab.json" in parts and bool({"merged", "adapter"} & set(parts)), "export.zip_parts", parts,
+               "needs loralab.json and merged or adapter (or the zip cannot be loaded)")
     _check(cfg.export.verify_rows >= 1, "export.verify_rows", cfg.export.verify_rows, "must be >= 1")
     _check(cfg.export.verify_atol >= 0, "export.verify_atol", cfg.export.verify_atol, "must be >= 0")

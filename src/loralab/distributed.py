@@ -53,9 +53,11 @@ class Dist:
     def sum(self, *values: float) -> list[float]:
         if not self.enabled:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)  # gloo reduces CPU tensors; with nccl the process group also has a CPU side via gloo
-        return t.tolist()
+        nccl_only = dist.get_backend() == "nccl"  # "auto" also gives gloo for CPU tensors; plain nccl does not
+        device = torch.device("cuda", self.local_rank) if nccl_only else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.cpu().tolist()
 
     def barrier(self) -> None:
         if self.enabled:

@@ -137,8 +137,15 @@ if __name__ == "__main__":  # python -m loralab.hardware model=qwen2_5_7b hardwa
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     conf = Path(__file__).resolve().parents[2] / "conf"
+    from omegaconf import OmegaConf, open_dict
+
+    from loralab.config import enable_lora_if_asked
+
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("train", overrides=sys.argv[1:])
+    with open_dict(cfg):  # as run.train does
+        enable_lora_if_asked(cfg, sys.argv[1:])
+        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
     try:
         check_memory(cfg)
     except ConfigError as err:

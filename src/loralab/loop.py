@@ -229,7 +229,11 @@ def fit(model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler, trai
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        improved = early_stopping.update(metrics[monitor])
+        value = metrics[monitor]
+        earlier = [h[monitor] for h in state.history]
+        # Best = best raw value (as the checkpoint ranking sees it); min_delta only decides when patience runs out.
+        improved = not earlier or (value > max(earlier) if early_stopping.mode == "max" else value < min(earlier))
+        early_stopping.update(value)
         state.epoch, state.batches_done, state.loss_sum, state.samples, state.train_time_s = epoch, 0, 0.0, 0, 0.0
         state.early_stopping = {"best": early_stopping.best, "bad_epochs": early_stopping.bad_epochs}
         state.history.append(metrics)

@@ -7,7 +7,12 @@ import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _RULE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
@@ -41,6 +46,11 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         "confusion_matrix": {"labels": list(labels),
                              "matrix": confusion_matrix(y_true, y_pred, labels=idx).tolist()},
     }
+
+
+def is_rule(rule: Any) -> bool:
+    """A gate rule is '<op> <number>' with op in >=, >, <=, <."""
+    return bool(_RULE.match(str(rule)))
 
 
 def evaluate_gates(scalars: Mapping[str, float], gates: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -24,12 +24,22 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from peft import PeftModel
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+)
 
 from loralab.calibrate import probabilities
 from loralab.data.records import DataError, Record, load_records
 from loralab.data.text import TokenizedRecords, length_sorted_order
-from loralab.export import META_FILE, ExportError, check_manifest, load_base, safe_extract
+from loralab.export import (
+    META_FILE,
+    ExportError,
+    check_manifest,
+    load_base,
+    safe_extract,
+)
 from loralab.loop import predict_logits
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import platform
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.parallel import DistributedDataParallel
@@ -27,20 +27,39 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, 
 from loralab import console, distributed, sweep
 from loralab.baseline import fit_baseline
 from loralab.calibrate import calibrate, probabilities, reliability_diagram
-from loralab.checkpoint import (load_train_state, load_weights, read_meta, recover, rotate_top_k, save_checkpoint,
-                                save_train_state)
-from loralab.config import ConfigError, accumulation_steps, enable_lora_if_asked, validate
+from loralab.checkpoint import (
+    load_train_state,
+    load_weights,
+    read_meta,
+    recover,
+    rotate_top_k,
+    save_checkpoint,
+    save_train_state,
+)
+from loralab.config import (
+    ConfigError,
+    accumulation_steps,
+    enable_lora_if_asked,
+    validate,
+)
 from loralab.data.demo import write_demo
-from loralab.data.splits import build_splits
 from loralab.data.sampler import EpochBatchSampler
+from loralab.data.splits import build_splits
 from loralab.data.text import TokenizedRecords, length_sorted_order, serialize
 from loralab.export import export_model, sha256_file, zip_dir
 from loralab.hardware import estimate_memory, preflight, resolve_auto
-from loralab.loop import EarlyStopping, TrainingInterrupted, TrainState, fit, predict_logits
+from loralab.loop import (
+    EarlyStopping,
+    TrainingInterrupted,
+    TrainState,
+    fit,
+    predict_logits,
+)
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.models.build import shipped_config
 from loralab.models.lora import apply_lora
+from loralab.predict import resolve_device
 from loralab.report import write_reports
 
 log = logging.getLogger(__name__)
@@ -77,12 +96,6 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def hydra_tags() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
@@ -90,12 +103,8 @@ def hydra_tags() -> dict[str, str]:
     return {"hydra.overrides": " ".join(hc.overrides.task) or "(none)", "hydra.job.num": str(hc.job.get("num", 0))}
 
 
-def multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def quiet_mode(cfg: DictConfig) -> bool:
-    return console.is_quiet(cfg.get("quiet", "auto"), multirun())
+    return console.is_quiet(cfg.get("quiet", "auto"), sweep.is_multirun())
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
@@ -166,11 +175,13 @@ def train(cfg: DictConfig) -> float:
         with open_dict(cfg):
             enable_lora_if_asked(cfg, HydraConfig.get().overrides.task)
     if cfg.get("task", "classification") != "classification":
-        from loralab.regression.runner import train as train_regression  # same lifecycle, its own stages
+        from loralab.regression.runner import (
+            train as train_regression,  # same lifecycle, its own stages
+        )
         return train_regression(cfg)
     with open_dict(cfg):
         cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
-    in_sweep = multirun()
+    in_sweep = sweep.is_multirun()
     quiet = quiet_mode(cfg)
     if quiet:
         console.quiet_logging()
@@ -210,7 +221,7 @@ def train(cfg: DictConfig) -> float:
         tracker.end(status)
         distributed.shutdown()
     if ddp.is_main and quiet:
-        console.print_run_line(summary, HydraConfig.get().job.num if multirun() else None)
+        console.print_run_line(summary, HydraConfig.get().job.num if sweep.is_multirun() else None)
     elif ddp.is_main:
         console.print_summary(summary)
     return summary["objective"]
@@ -249,7 +260,7 @@ def _train(cfg: DictConfig, out_dir: Path, tracker, resume_dir: Path | None, sto
         "resumed_from": str(resume_dir) if resume_dir else None, "provenance": prov,
     }
     write_json(out_dir / "training_summary.json", summary)
-    artifacts = export(cfg, out_dir, tracker, model, tokenizer, source, val_loader, labels, metrics)
+    artifacts = export(cfg, out_dir, tracker, model, tokenizer, source, val_loader, labels, metrics, prov)
     artifacts += write_reports(out_dir, labels, summary, metrics, splits.report, tracker)
     return {**summary, "metrics": metrics, "run_dir": str(out_dir), "run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "artifacts": [str(p) for p in artifacts]}
@@ -295,7 +306,7 @@ def build_model(cfg: DictConfig, labels: list[str], splits, device: torch.device
     Under DDP the model is wrapped in ``DistributedDataParallel`` (gradients of trainable weights only)."""
     source = instantiate(cfg.model)
     if tokenizer_dir is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = source.configure(AutoTokenizer.from_pretrained(tokenizer_dir))
     else:
         tokenizer = source.load_tokenizer([serialize(r.features, cfg.data.template) for r in splits.train])
         if ddp.enabled and not source.pretrained:  # a trained tokenizer must be rank 0's on every rank
@@ -355,6 +366,21 @@ def shard(loader: DataLoader, ddp: distributed.Dist) -> DataLoader:
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
+def adopt_checkpoints(source: Path, ckpt_dir: Path, ranked: list[dict[str, Any]], ddp) -> list[dict[str, Any]]:
+    """Resuming from another run's checkpoint: copy that run's ranked epochs here, so the best epoch can still be
+    reloaded at the end; entries whose directories are gone drop out of the ranking."""
+    if source.resolve() != ckpt_dir.resolve() and ddp.is_main:
+        for entry in ranked:
+            if (source / entry["name"]).is_dir() and not (ckpt_dir / entry["name"]).exists():
+                shutil.copytree(source / entry["name"], ckpt_dir / entry["name"])
+    ddp.barrier()
+    kept = [e for e in ranked if (ckpt_dir / e["name"]).is_dir()]
+    if len(kept) < len(ranked):
+        log.warning("resume: %d ranked checkpoint(s) of %s not found; the best epoch is chosen among the rest",
+                    len(ranked) - len(kept), source)
+    return kept
+
+
 def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum, labels, device,
                 out_dir: Path, tracker, resume_dir: Path | None, stop_requested,
                 ddp: distributed.Dist = distributed.Dist()) -> TrainState:
@@ -372,6 +398,7 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
     if resume_dir is not None:
         saved = load_train_state(resume_dir, model=core, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         state, ranked = TrainState(**saved["loop"]), saved["meta"]["top_k"]
+        ranked = adopt_checkpoints(resume_dir.parent, ckpt_dir, ranked, ddp)
         log.info("resumed from %s at epoch %d, step %d", resume_dir, state.epoch, state.step)
         tracker.set_tags({"resumed_from": str(resume_dir)})
     parts = dict(model=core, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
@@ -410,8 +437,10 @@ def train_model(cfg, model, tokenizer, loss_fn, train_loader, val_loader, accum,
                 on_interrupt=lambda st: save("last", st), stop_requested=stop_requested, ddp=ddp,
                 progress=not quiet_mode(cfg))
     ddp.barrier()  # rank 0's checkpoints are complete
-    if ddp.is_main:
+    if ddp.is_main and ranked:
         load_weights(ckpt_dir / ranked[0]["name"], core)  # the rest of the run uses the best epoch
+    elif ddp.is_main:
+        log.warning("no ranked checkpoint to reload (resumed after the last epoch?); using the current weights")
     return state
 
 
@@ -421,7 +450,7 @@ def best_epoch_report(cfg, model, val_loader, labels, device, state: TrainState,
     metrics.json and MLflow."""
     logits, y = predict_logits(model, val_loader, device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
-    gates = evaluate_gates(report["scalars"], cfg.trainer.gates)
+    gates = evaluate_gates(report["scalars"], cfg.trainer.gates or {})
     c = cfg.calibration
     calib = calibrate(logits, y, c.method, c.n_bins, list(c.t_bounds))
     curves = {"uncalibrated": probabilities(logits)}
@@ -434,7 +463,8 @@ def best_epoch_report(cfg, model, val_loader, labels, device, state: TrainState,
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
     write_json(out_dir / "metrics.json", metrics)
-    tracker.log_metrics({f"best.{k}": v for k, v in report["scalars"].items()}, step=state.best_epoch)
+    best = state.history[state.best_epoch - 1]  # every metric of the best epoch (val_loss too) as best.*
+    tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=state.best_epoch)
     tracker.log_metrics({f"best.{k}": v for k, v in metrics.items() if k.startswith(("val_nll", "val_ece",
                          "val_brier", "temperature"))}, step=state.best_epoch)
     tracker.log_artifact(plot, "plots")
@@ -443,8 +473,22 @@ def best_epoch_report(cfg, model, val_loader, labels, device, state: TrainState,
     return metrics
 
 
+def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
+    """``auto``: merged + adapter (+ base) when they fit the size gate, else the adapter alone — a real model's
+    merged weights (GBs) stay in the run dir instead of failing a finished run at the last step."""
+    if parts != "auto":
+        return [p for p in parts if (out_dir / p).exists()]
+    present = [p for p in ("merged", "adapter", "base", "loralab.json") if (out_dir / p).exists()]
+    size_mb = sum(f.stat().st_size for p in present for f in (out_dir / p).rglob("*") if f.is_file()) / 2**20
+    if size_mb <= max_mb or "adapter" not in present:
+        return present
+    log.warning("export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter "
+                "(merged/ stays in the run dir)", size_mb, max_mb)
+    return ["adapter", "loralab.json"]
+
+
 def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, val_loader, labels,
-           metrics: dict[str, Any]) -> list[Path]:
+           metrics: dict[str, Any], prov: dict[str, str]) -> list[Path]:
     """Export the best model (merged, adapter, loralab.json; verified by reloading), zip it, send files to MLflow."""
     e = cfg.export
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
@@ -454,20 +498,24 @@ def export(cfg: DictConfig, out_dir: Path, tracker, model, tokenizer, source, va
                               "max_length": source.max_length, "truncation_side": source.truncation_side},
             "max_length": source.max_length, "allow_null": cfg.data.allow_null,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            "gates": OmegaConf.to_container(cfg.trainer.gates),
-            "data": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in data_files.items()},
+            "gates": OmegaConf.to_container(cfg.trainer.gates) if cfg.trainer.gates else {},
+            "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
+                     for k, p in data_files.items()},
             "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path,
                       "pretrained": source.pretrained,
                       "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
             "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir)}
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
+    # Export (and its reload check, specified in fp32) from an fp32 copy: a LoRA run on CUDA keeps its base in
+    # 16 bits and its adapters/head in fp32, which only mix under autocast.
+    model = model.to("cpu", torch.float32)
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()}, meta=meta,
                  base_location=source.location, save_base=not source.pretrained, atol=e.verify_atol,
                  trust_remote_code=source.trust_remote_code)
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "training_summary.json", "loralab.json")]
     if e.zip:
         artifacts.append(zip_dir(out_dir, out_dir / "model_final.zip", e.max_size_mb,
-                                 include=[p for p in e.zip_parts if (out_dir / p).exists()]))
+                                 include=zip_parts(out_dir, e.zip_parts, e.max_size_mb)))
     for path in [*artifacts, out_dir / "checkpoint_best"]:
         tracker.log_artifact(path)
     if (out_dir / ".hydra").is_dir():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
@@ -42,6 +43,10 @@ class MLflowTracker:
         continues the same run instead of duplicating it."""
         if not self.enabled:
             return None
+        if resume_run_id and not self._exists(resume_run_id):
+            log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume_run_id,
+                        self.uri)
+            resume_run_id = None
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
@@ -60,6 +65,13 @@ class MLflowTracker:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()])
         log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
         return self.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.run_id:

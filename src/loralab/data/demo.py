@@ -8,6 +8,7 @@ under 25%, so oversampling and class weights have work to do.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def write_demo(out_dir: str | Path, n_train: int = 2400, n_val: int = 600, seed:
     for name, n, offset in (("train", n_train, 0), ("val", n_val, n_train)):
         path = out / f"{name}.jsonl"
         rows = make_rows(n, seed + offset, start_id=offset)
-        tmp = path.with_suffix(".jsonl.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # DDP ranks / sweep jobs may write at once
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(path)
         paths.append(path)

@@ -75,6 +75,8 @@ def build_splits(
             leaked = set(leaks)
             train = [r for r in train if str(r.id) not in leaked]
             message += "; dropped from train"
+            if not train:
+                raise DataError(f"data.leakage=drop removed every training row: all {len(leaks)} train ids are in val")
         log.warning(message)
 
     original = list(train)

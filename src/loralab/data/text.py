@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,7 +52,7 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | 
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             offsets = torch.tensor([0, *torch.tensor([len(x) for x in ids]).cumsum(0).tolist()], dtype=torch.int64)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers (DDP ranks) never clash
             save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets}, tmp)
             tmp.replace(path)
     by_text = dict(zip(unique, ids))

@@ -15,8 +15,13 @@ from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +92,14 @@ class ModelSource:
                 tok.pad_token = tok.eos_token
         else:
             tok = train_tokenizer(texts, self.tokenizer_vocab_size)
-        return self._configure(tok)
+        return self.configure(tok)
 
     def tokenizer_from_json(self, spec: str) -> PreTrainedTokenizerFast:
         """A trained tokenizer received from another process (DDP rank 0)."""
-        return self._configure(wrap_tokenizer(Tokenizer.from_str(spec)))
+        return self.configure(wrap_tokenizer(Tokenizer.from_str(spec)))
 
-    def _configure(self, tok):
+    def configure(self, tok):
+        """Padding and truncation sides (saved tokenizers do not always keep them)."""
         # Right padding: causal attention never lets pads touch real tokens, and Qwen2's classifier pools the
         # last non-pad token, so batched logits equal one-by-one logits (tested).
         tok.padding_side = "right"

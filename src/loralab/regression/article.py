@@ -26,6 +26,7 @@ from loralab.data.text import length_sorted_order
 from loralab.export import zip_dir
 from loralab.loop import EarlyStopping, TrainState, fit
 from loralab.models.lora import apply_lora
+from loralab.predict import resolve_device
 from loralab.prepare import score_tiers, stratified_split
 from loralab.regression.article_data import (
     Article,
@@ -36,7 +37,6 @@ from loralab.regression.article_data import (
 from loralab.regression.demo import write_article_demo
 from loralab.regression.metrics import regression_metrics
 from loralab.regression.report import finish_run
-from loralab.run import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -24,7 +25,7 @@ DIMENSIONS = ["relevance", "sentiment", "urgency"]
 
 
 def _atomic_h5(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may write the demo at once
     with h5py.File(tmp, "w") as fh:  # track_times=False: rewriting gives a byte-identical file
         fh.create_dataset("X", data=x, track_times=False)
         fh.create_dataset("y", data=y, track_times=False)
@@ -93,7 +94,7 @@ def make_articles(n: int, seed: int, start_id: int = 0) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may write the demo at once
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
     return path

@@ -20,12 +20,12 @@ from transformers import get_scheduler, set_seed
 from loralab.checkpoint import trainable_tensors
 from loralab.data.sampler import EpochBatchSampler
 from loralab.loop import EarlyStopping, TrainState, fit
+from loralab.predict import resolve_device
 from loralab.regression.demo import write_tabular_demo
 from loralab.regression.hdf5 import H5Regression, read_schema
 from loralab.regression.metrics import regression_metrics
 from loralab.regression.mlp import save_best
 from loralab.regression.report import finish_run
-from loralab.run import resolve_device
 
 log = logging.getLogger(__name__)
 

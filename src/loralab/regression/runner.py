@@ -6,17 +6,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import platform
+import signal
+import threading
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from loralab import console
+from loralab import console, sweep
 from loralab.config import ConfigError
+from loralab.hardware import resolve_auto
 from loralab.regression.config import validate_tabular, validate_text
-from loralab.run import git_state, hydra_tags
+from loralab.run import hydra_tags, provenance
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,52 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop) ends the run like Ctrl-C: MLflow KILLED, not left RUNNING. Regression keeps
+    only the best model (by spec), so there is no mid-run state to save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: DictConfig) -> float:
     """Run one regression experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r}: must be classification or one of {sorted(TASKS)}")
+    if cfg.get("resume"):
+        raise ConfigError(f"resume={cfg.resume!r}: regression experiments keep only their best model, so they "
+                          "cannot resume; start a new run")
+    with open_dict(cfg):
+        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
     validate, module = TASKS[cfg.task]
     validate(cfg)  # before any data or model is loaded
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = instantiate(cfg.tracking)
+    parent_run_id, sweep_tags = sweep.job_context(tracker)  # (None, {}) outside -m
     tracker.start(OmegaConf.to_container(cfg, resolve=True),
-                  tags={**hydra_tags(), **git_state(cfg.paths.root_dir), "host": platform.node(), "task": cfg.task})
+                  tags={**hydra_tags(), **sweep_tags, **provenance(cfg), "task": cfg.task},
+                  parent_run_id=parent_run_id)
     status = "FAILED"
     try:
-        with torch_threads(cfg.hardware.get("torch_threads")):
+        with torch_threads(cfg.hardware.get("torch_threads")), sigterm_as_interrupt():
             summary = importlib.import_module(module).run(cfg, out_dir, tracker)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as err:
+        tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
         raise
     finally:
         tracker.end(status)
