@@ -204,21 +204,13 @@ def train(cfg: DictConfig) -> float:
     parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})  # (None, {}) outside -m
     tracker.start(OmegaConf.to_container(cfg, resolve=True), tags={**hydra_tags(), **sweep_tags, **prov},
                   parent_run_id=parent_run_id, resume_run_id=resumed_run_id)
-    status = "FAILED"
     try:
-        if in_sweep:
-            check_config(cfg)  # in a sweep a bad value is recorded as a FAILED child, and the sweep goes on
-        with stop_on_signals() as stop_requested:
-            summary = _train(cfg, out_dir, tracker, resume_dir, stop_requested, prov, ddp)
-        status = "FINISHED"
-    except (TrainingInterrupted, KeyboardInterrupt):
-        status = "KILLED"
-        raise
-    except Exception as err:
-        tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
-        raise
+        with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
+            if in_sweep:
+                check_config(cfg)  # in a sweep a bad value is recorded as a FAILED child, and the sweep goes on
+            with stop_on_signals() as stop_requested:
+                summary = _train(cfg, out_dir, tracker, resume_dir, stop_requested, prov, ddp)
     finally:
-        tracker.end(status)
         distributed.shutdown()
     if ddp.is_main and quiet:
         console.print_run_line(summary, HydraConfig.get().job.num if sweep.is_multirun() else None)

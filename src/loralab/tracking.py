@@ -3,9 +3,10 @@ id, so no global "active run" leaks between jobs of a sweep."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -97,6 +98,23 @@ class MLflowTracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path or path.name)
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    @contextlib.contextmanager
+    def closing(self, killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> Iterator[None]:
+        """End the run however the block ends: FINISHED, KILLED (``killed`` exceptions) or FAILED with the error
+        as tags. Every entry point uses this, so no run is ever left RUNNING by an exception."""
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except killed:
+            status = "KILLED"
+            raise
+        except Exception as err:
+            self.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
+            raise
+        finally:
+            self.end(status)
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED. Safe to call when it never started."""

@@ -79,18 +79,7 @@ def train(cfg: DictConfig) -> float:
     tracker.start(OmegaConf.to_container(cfg, resolve=True),
                   tags={**hydra_tags(), **sweep_tags, **provenance(cfg), "task": cfg.task},
                   parent_run_id=parent_run_id)
-    status = "FAILED"
-    try:
-        with torch_threads(cfg.hardware.get("torch_threads")), sigterm_as_interrupt():
-            summary = importlib.import_module(module).run(cfg, out_dir, tracker)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except Exception as err:
-        tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
-        raise
-    finally:
-        tracker.end(status)
+    with tracker.closing(), torch_threads(cfg.hardware.get("torch_threads")), sigterm_as_interrupt():
+        summary = importlib.import_module(module).run(cfg, out_dir, tracker)
     console.print_summary(summary)
     return summary["objective"]
