@@ -2,7 +2,7 @@
 
 import sys
 
-from loralab.predict import main
+from loralab.inference import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,12 +11,12 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("LORALAB_ROOT", str(Path(__file__).resolve().parent))
 
-from loralab.checkpoint import CheckpointError  # noqa: E402
+from loralab.core.checkpoint import CheckpointError  # noqa: E402
 from loralab.config import ConfigError  # noqa: E402
 from loralab.data.records import DataError  # noqa: E402
-from loralab.loop import NonFiniteLossError, TrainingInterrupted  # noqa: E402
+from loralab.core.trainer import NonFiniteLossError, TrainingInterrupted  # noqa: E402
 from loralab.run import train  # noqa: E402
-from loralab.sweep import is_multirun  # noqa: E402
+from loralab.tracking.sweep import is_multirun  # noqa: E402
 
 log = logging.getLogger("loralab")
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from loralab.data.demo import write_demo  # noqa: E402
-from loralab.hardware import resolve_auto  # noqa: E402
-from loralab.loop import TrainState, predict_logits, train_one_epoch  # noqa: E402
+from loralab.core.memory import resolve_auto  # noqa: E402
+from loralab.core.trainer import TrainState, predict_logits, train_one_epoch  # noqa: E402
 from loralab.metrics import classification_metrics  # noqa: E402
 from loralab.run import build_model, make_loaders, prepare_data, resolve_device  # noqa: E402
 

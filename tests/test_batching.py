@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding
 
-from loralab.data.sampler import EpochBatchSampler
+from loralab.core.sampler import EpochBatchSampler
 from loralab.data.text import tokenize
 from loralab.models.build import ModelSource, train_tokenizer
 

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from loralab.config import ConfigError, validate
-from loralab.hardware import resolve_auto
+from loralab.core.memory import resolve_auto
 
 # Options that only make sense inside a regression experiment (conf/experiment/*.yaml sets task and them).
 REGRESSION_ONLY = {("data", "articles"), ("data", "marketsentinel"), ("model", "mlp"), ("loss", "mse"),

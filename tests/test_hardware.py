@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from loralab.config import ConfigError, accumulation_steps, validate
-from loralab.hardware import estimate_memory, resolve_auto
+from loralab.core.memory import estimate_memory, resolve_auto
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
 from loralab.run import check_memory
 

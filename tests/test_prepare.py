@@ -1,4 +1,4 @@
-"""python -m loralab.prepare: stratified, seed-deterministic train/val/test splits with disjoint ids."""
+"""python -m loralab.data.prepare: stratified, seed-deterministic train/val/test splits with disjoint ids."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loralab.prepare import PrepareConfig, main, prepare
-from loralab.regression.demo import make_articles
+from loralab.data.prepare import PrepareConfig, main, prepare
+from loralab.data.regression_demo import make_articles
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -94,7 +94,7 @@ def test_cli_reports_proportions_and_rejects_bad_ratios(tmp_path, capsys):
 
 def test_python_m_entry_point(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", classification_rows(60))
-    proc = subprocess.run([sys.executable, "-m", "loralab.prepare", f"input={src}", f"output_dir={tmp_path / 'o'}",
+    proc = subprocess.run([sys.executable, "-m", "loralab.data.prepare", f"input={src}", f"output_dir={tmp_path / 'o'}",
                            "train_ratio=0.8", "val_ratio=0.1", "test_ratio=0.1"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
     assert proc.returncode == 0, proc.stderr

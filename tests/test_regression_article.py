@@ -17,8 +17,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from loralab.config import ConfigError
 from loralab.regression.article import build_model, load_splits
-from loralab.regression.article_data import article_text, load_articles
-from loralab.regression.demo import DIMENSIONS, make_articles
+from loralab.data.articles import article_text, load_articles
+from loralab.data.regression_demo import DIMENSIONS, make_articles
 from loralab.run import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,13 +20,13 @@ from torch.utils.data import SequentialSampler
 
 from loralab.config import ConfigError
 from loralab.data.records import DataError
-from loralab.regression import mlp as mlp_module
-from loralab.regression.demo import write_tabular_demo
-from loralab.regression.hdf5 import H5Regression, read_schema
-from loralab.regression.losses import SummedHeadMSE
+from loralab.models import mlp as mlp_module
+from loralab.data.regression_demo import write_tabular_demo
+from loralab.data.hdf5 import H5Regression, read_schema
+from loralab.losses import SummedHeadMSE
 from loralab.regression.marketsentinel import CHECKPOINT, make_loaders
-from loralab.regression.metrics import regression_metrics
-from loralab.regression.mlp import MLPRegressor, load_best, save_best
+from loralab.metrics import regression_metrics
+from loralab.models.mlp import MLPRegressor, load_best, save_best
 from loralab.run import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,13 +21,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from loralab import console, plots
+from loralab.reporting import console, plots
 from loralab.baseline import build_estimator, feature_dicts, fit_baseline
 from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
 from loralab.metrics import classification_metrics, evaluate_gates
-from loralab.report import render_report, write_reports
-from loralab.tracking import MLflowTracker
+from loralab.reporting.report import render_report, write_reports
+from loralab.tracking.mlflow import MLflowTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["long", "short", "skip"]

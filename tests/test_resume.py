@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loralab.checkpoint import CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
+from loralab.core.checkpoint import CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
 from loralab.data.demo import write_demo
-from loralab.loop import EarlyStopping, NonFiniteLossError, TrainState, fit
+from loralab.core.trainer import EarlyStopping, NonFiniteLossError, TrainState, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_atomic_dir_keeps_previous_version_when_writing_fails(tmp_path):
 
 WRITER = """
 import sys, os
-from loralab.checkpoint import atomic_dir
+from loralab.core.checkpoint import atomic_dir
 final = sys.argv[1]
 i = 0
 while True:
@@ -92,7 +92,7 @@ def test_fit_stops_on_non_finite_loss():
 
     from torch.utils.data import DataLoader
 
-    from loralab.data.sampler import EpochBatchSampler
+    from loralab.core.sampler import EpochBatchSampler
 
     data = [{"x": torch.randn(2), "labels": torch.tensor(i % 2)} for i in range(40)]
     loader = DataLoader(data, batch_sampler=EpochBatchSampler([1] * 40, 4, 0, group_by_length=False))

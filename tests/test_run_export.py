@@ -13,7 +13,7 @@ import loralab.export
 from loralab.config import ConfigError, validate
 from loralab.data.demo import write_demo
 from loralab.export import ExportError
-from loralab.predict import predict_file
+from loralab.inference import predict_file
 from loralab.run import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

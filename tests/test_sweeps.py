@@ -25,10 +25,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from loralab import compare
+from loralab.reporting import compare
 from loralab.data.demo import write_demo
-from loralab.sweep import close_orphans, get_or_create_parent, read_parent
-from loralab.tracking import MLflowTracker
+from loralab.tracking.sweep import close_orphans, get_or_create_parent, read_parent
+from loralab.tracking.mlflow import MLflowTracker
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -242,4 +242,4 @@ def test_launcher_configs_compose_with_sweeps(launcher, keys, target):
     assert cfg.hydra.launcher._target_.endswith(target)
     assert {k: cfg.hydra.launcher[k] for k in keys} == keys
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.hydra.callbacks.sweep_tracking._target_ == "loralab.sweep.SweepTracking"
+    assert cfg.hydra.callbacks.sweep_tracking._target_ == "loralab.tracking.sweep.SweepTracking"

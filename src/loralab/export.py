@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from loralab.checkpoint import atomic_dir
+from loralab.core.checkpoint import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -64,3 +64,11 @@ class FocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, weight={None if self.weight is None else self.weight.tolist()}"
+
+
+class SummedHeadMSE(nn.Module):
+    """MSE(head 0) + MSE(head 1) + …: each head's error counts fully, whatever the number of heads."""
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(pred.dtype)
+        return sum(F.mse_loss(pred[:, i], target[:, i]) for i in range(pred.shape[1]))

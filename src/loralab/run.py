@@ -24,10 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
-from loralab import console, distributed, sweep
+from loralab.core import distributed
+from loralab.reporting import console
+from loralab.tracking import sweep
 from loralab.baseline import fit_baseline
 from loralab.calibrate import calibrate, probabilities, reliability_diagram
-from loralab.checkpoint import (
+from loralab.core.checkpoint import (
     load_train_state,
     load_weights,
     read_meta,
@@ -43,12 +45,12 @@ from loralab.config import (
     validate,
 )
 from loralab.data.demo import write_demo
-from loralab.data.sampler import EpochBatchSampler
+from loralab.core.sampler import EpochBatchSampler
 from loralab.data.splits import build_splits
 from loralab.data.text import TokenizedRecords, length_sorted_order, serialize
 from loralab.export import export_model, sha256_file, zip_dir
-from loralab.hardware import estimate_memory, preflight, resolve_auto
-from loralab.loop import (
+from loralab.core.memory import estimate_memory, preflight, resolve_auto
+from loralab.core.trainer import (
     EarlyStopping,
     TrainingInterrupted,
     TrainState,
@@ -59,8 +61,8 @@ from loralab.losses import class_weights
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.models.build import shipped_config
 from loralab.models.lora import apply_lora
-from loralab.predict import resolve_device
-from loralab.report import write_reports
+from loralab.inference import resolve_device
+from loralab.reporting.report import write_reports
 
 log = logging.getLogger(__name__)
 

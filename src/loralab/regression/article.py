@@ -18,25 +18,25 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_scheduler, set_seed
 
-from loralab.checkpoint import save_checkpoint, trainable_tensors
+from loralab.core.checkpoint import save_checkpoint, trainable_tensors
 from loralab.config import accumulation_steps
 from loralab.data.records import DataError, leaked_ids
-from loralab.data.sampler import EpochBatchSampler
+from loralab.core.sampler import EpochBatchSampler
 from loralab.data.text import length_sorted_order
 from loralab.export import zip_dir
-from loralab.loop import EarlyStopping, TrainState, fit
+from loralab.core.trainer import EarlyStopping, TrainState, fit
 from loralab.models.lora import apply_lora
-from loralab.predict import resolve_device
-from loralab.prepare import score_tiers, stratified_split
-from loralab.regression.article_data import (
+from loralab.inference import resolve_device
+from loralab.data.prepare import score_tiers, stratified_split
+from loralab.data.articles import (
     Article,
     TokenizedArticles,
     article_text,
     load_articles,
 )
-from loralab.regression.demo import write_article_demo
-from loralab.regression.metrics import regression_metrics
-from loralab.regression.report import finish_run
+from loralab.data.regression_demo import write_article_demo
+from loralab.metrics import regression_metrics
+from loralab.reporting.regression import finish_run
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_splits(train_file: str, val_file: str | None, dimension_names: Sequence
     if val_file:
         val, val_report, _ = load_articles(val_file, dims)
         report["val_file"] = val_report.as_dict()
-    else:  # carve val stratified by score tier, like loralab.prepare
+    else:  # carve val stratified by score tier, like loralab.data.prepare
         tiers, _ = score_tiers([float(np.mean(a.labels)) for a in train], score_tiers_n)
         parts, stratified = stratified_split(tiers, {"train": 1 - val_split, "val": val_split}, seed)
         train, val = [train[i] for i in parts["train"]], [train[i] for i in parts["val"]]

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from loralab.config import _check, accumulation_steps, check_lora, check_model
-from loralab.regression.metrics import metric_names
+from loralab.metrics import metric_names
 
 
 def _names(key: str, value, allow_null: bool = False) -> None:

@@ -17,15 +17,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import get_scheduler, set_seed
 
-from loralab.checkpoint import trainable_tensors
-from loralab.data.sampler import EpochBatchSampler
-from loralab.loop import EarlyStopping, TrainState, fit
-from loralab.predict import resolve_device
-from loralab.regression.demo import write_tabular_demo
-from loralab.regression.hdf5 import H5Regression, read_schema
-from loralab.regression.metrics import regression_metrics
-from loralab.regression.mlp import save_best
-from loralab.regression.report import finish_run
+from loralab.core.checkpoint import trainable_tensors
+from loralab.core.sampler import EpochBatchSampler
+from loralab.core.trainer import EarlyStopping, TrainState, fit
+from loralab.inference import resolve_device
+from loralab.data.regression_demo import write_tabular_demo
+from loralab.data.hdf5 import H5Regression, read_schema
+from loralab.metrics import regression_metrics
+from loralab.models.mlp import save_best
+from loralab.reporting.regression import finish_run
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from loralab import console, sweep
+from loralab.reporting import console
+from loralab.tracking import sweep
 from loralab.config import ConfigError
-from loralab.hardware import resolve_auto
+from loralab.core.memory import resolve_auto
 from loralab.regression.config import validate_tabular, validate_text
 from loralab.run import hydra_tags, provenance
 

@@ -40,7 +40,7 @@ from loralab.export import (
     load_base,
     safe_extract,
 )
-from loralab.loop import predict_logits
+from loralab.core.trainer import predict_logits
 
 log = logging.getLogger(__name__)
 

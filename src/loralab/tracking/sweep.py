@@ -20,8 +20,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from loralab import compare
-from loralab.tracking import MLflowTracker
+from loralab.reporting import compare
+from loralab.tracking.mlflow import MLflowTracker
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Split one labelled JSONL into train/val/test, stratified and deterministic by seed.
 
-    python -m loralab.prepare input=labeled.jsonl output_dir=data/split train_ratio=0.8 val_ratio=0.1 test_ratio=0.1
+    python -m loralab.data.prepare input=labeled.jsonl output_dir=data/split train_ratio=0.8 val_ratio=0.1 test_ratio=0.1
 
 Classification records (``label``) are stratified by label; regression records (``labels``, a list of numbers) by
 score tier: the quantile bin of the row's mean score, so every split sees low, middle and high scores alike.

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from loralab.data.text import batch_to
-from loralab.distributed import Dist
+from loralab.core.distributed import Dist
 
 log = logging.getLogger(__name__)
 

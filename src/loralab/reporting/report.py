@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from loralab.plots import make_plots
+from loralab.reporting.plots import make_plots
 
 log = logging.getLogger(__name__)
 

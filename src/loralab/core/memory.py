@@ -127,7 +127,7 @@ def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: st
         raise ConfigError(message)
 
 
-if __name__ == "__main__":  # python -m loralab.hardware model=qwen2_5_7b hardware=rtx3050 [lora=none ...]
+if __name__ == "__main__":  # python -m loralab.core.memory model=qwen2_5_7b hardware=rtx3050 [lora=none ...]
     import sys
     from pathlib import Path
 

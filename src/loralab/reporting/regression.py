@@ -14,7 +14,7 @@ from matplotlib.figure import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.loop import TrainState
+from loralab.core.trainer import TrainState
 from loralab.run import PACKAGES, git_state, write_json
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Metrics report of an exported model on a labelled JSONL, shaped like training's ``metrics.json``.
 
-CLI: ``python -m loralab.evaluate model=<zip or dir> input=<test.jsonl> [output=<metrics.json>] [prefix=test_]``
+CLI: ``python -m loralab.cli.evaluate model=<zip or dir> input=<test.jsonl> [output=<metrics.json>] [prefix=test_]``
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import MISSING
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.data.records import DataError, load_records
 from loralab.metrics import classification_metrics, evaluate_gates
-from loralab.predict import load_exported, resolve_device, run_cli, score
+from loralab.inference import load_exported, resolve_device, run_cli, score
 
 
 def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
@@ -69,7 +69,7 @@ def _evaluate(args: EvaluateArgs) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_evaluate, EvaluateArgs, argv, "python -m loralab.evaluate model=<zip or dir> input=<jsonl>")
+    return run_cli(_evaluate, EvaluateArgs, argv, "python -m loralab.cli.evaluate model=<zip or dir> input=<jsonl>")
 
 
 if __name__ == "__main__":

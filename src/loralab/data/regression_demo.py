@@ -6,7 +6,7 @@
 * Articles: JSONL rows ``{id, title, content, labels, dimension_names}`` whose scores follow the words used
   (topic words → relevance, tone words → sentiment, alarm words → urgency), plus noise.
 
-``python -m loralab.regression.demo [tabular|articles] OUT_DIR``
+``python -m loralab.data.regression_demo [tabular|articles] OUT_DIR``
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def write_article_demo(out_dir: str | Path, n_train: int = 480, n_val: int = 120, seed: int = 5
                        ) -> tuple[Path, Path, Path]:
-    """``train.jsonl`` and ``val.jsonl`` (disjoint ids) plus ``labeled.jsonl`` (both, for ``loralab.prepare``)."""
+    """``train.jsonl`` and ``val.jsonl`` (disjoint ids) plus ``labeled.jsonl`` (both, for ``loralab.data.prepare``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val = make_articles(n_train, seed), make_articles(n_val, seed + 1, start_id=n_train)

@@ -1,10 +1,10 @@
 """Compare runs from MLflow: one row per job (overrides, status, objective, per-class F1, error), best first.
 
-The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``python -m loralab.compare`` read the same
+The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``python -m loralab.reporting.compare`` read the same
 rows, so the terminal and the MLflow artifact never disagree.
 
-    python -m loralab.compare multirun/2025-01-31/12-00-00        # one sweep (its dir holds the parent run id)
-    python -m loralab.compare loralab --tracking-uri sqlite:///mlflow.db   # every run of an experiment
+    python -m loralab.reporting.compare multirun/2025-01-31/12-00-00        # one sweep (its dir holds the parent run id)
+    python -m loralab.reporting.compare loralab --tracking-uri sqlite:///mlflow.db   # every run of an experiment
 """
 
 from __future__ import annotations
@@ -210,12 +210,12 @@ def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loralab.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loralab.reporting.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="a multirun sweep dir (or a job dir inside it) or an MLflow experiment name")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="for an experiment name (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
     args = parser.parse_args(argv)
-    from loralab.sweep import read_parent  # the sweep dir → parent run record
+    from loralab.tracking.sweep import read_parent  # the sweep dir → parent run record
 
     target = Path(args.target)
     if target.is_dir():
