@@ -67,7 +67,7 @@ def only_run(uri: str, experiment: str = "marketsentinel"):
 
 def test_experiment_composes_the_frozen_loop(tabular, tmp_path):
     cfg = compose_ms(tabular, tmp_path)
-    assert cfg.task == "tabular_regression" and cfg.lora.enabled is False
+    assert cfg.task.name == "tabular_regression" and cfg.lora.enabled is False
     assert cfg.model._target_.endswith("MLPRegressor") and cfg.model.hidden_dim == 128
     assert cfg.loss._target_.endswith("SummedHeadMSE")
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size) == (1e-3, 1e-4, 16)

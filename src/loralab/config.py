@@ -12,13 +12,10 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, ListConfig
 
+from loralab.errors import ConfigError
 from loralab.metrics import is_rule
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value breaks a rule; the message is one line: key=value: rule."""
 
 
 def _fail(key: str, value: Any, rule: str) -> None:

@@ -24,6 +24,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from loralab.core.checkpoint import atomic_dir
+from loralab.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ META_FILE = "loralab.json"
 FORMAT = "loralab-export/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # never loaded: torch.load unpickles
 LABEL_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id")
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------- files and zips

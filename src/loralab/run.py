@@ -176,7 +176,7 @@ def train(cfg: DictConfig) -> float:
     if HydraConfig.initialized():
         with open_dict(cfg):
             enable_lora_if_asked(cfg, HydraConfig.get().overrides.task)
-    if cfg.get("task", "classification") != "classification":
+    if cfg.task.name != "classification":
         from loralab.regression.runner import (
             train as train_regression,  # same lifecycle, its own stages
         )

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loralab.errors import CheckpointError
+
 
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
@@ -76,10 +78,6 @@ def save_checkpoint(directory: str | Path, model, tokenizer, meta: dict[str, Any
 # ``torch.load(weights_only=True)``) and the tokenizer.
 
 WEIGHTS, STATE = "weights.safetensors", "trainer_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -20,21 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from loralab.data.text import batch_to
 from loralab.core.distributed import Dist
+from loralab.data.text import batch_to
+from loralab.errors import NonFiniteLossError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SKIPPED_IN_A_ROW = 50  # fp16 overflow steps in a row before the run is declared broken
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/Inf; continuing would only write garbage."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """A stop was requested (SIGINT/SIGTERM); ``last`` was written at an optimizer-step boundary."""
 
 
 @dataclass

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from loralab.errors import DataError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """The data cannot be used at all (missing file, nothing valid left)."""
 
 
 @dataclass

@@ -133,7 +133,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
         if improved:
             best.update(trainable_tensors(model))
             save_checkpoint(ckpt_dir, model, tokenizer,
-                            {"epoch": state.epoch, "task": cfg.task, "dimension_names": dims, "template": d.template,
+                            {"epoch": state.epoch, "task": cfg.task.name, "dimension_names": dims, "template": d.template,
                              "max_length": source.max_length, monitor: metrics[monitor]})
 
     scaler = torch.amp.GradScaler(device.type, enabled=hw.precision == "fp16")

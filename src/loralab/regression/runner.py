@@ -23,7 +23,7 @@ from loralab.run import hydra_tags, provenance
 
 log = logging.getLogger(__name__)
 
-# cfg.task -> (config rules, module whose run(cfg, out_dir, tracker) trains it)
+# cfg.task.name -> (config rules, module whose run(cfg, out_dir, tracker) trains it)
 TASKS = {
     "tabular_regression": (validate_tabular, "loralab.regression.marketsentinel"),
     "text_regression": (validate_text, "loralab.regression.article"),
@@ -64,21 +64,21 @@ def sigterm_as_interrupt():
 
 def train(cfg: DictConfig) -> float:
     """Run one regression experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task={cfg.task!r}: must be classification or one of {sorted(TASKS)}")
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task={cfg.task.name!r}: must be classification or one of {sorted(TASKS)}")
     if cfg.get("resume"):
         raise ConfigError(f"resume={cfg.resume!r}: regression experiments keep only their best model, so they "
                           "cannot resume; start a new run")
     with open_dict(cfg):
         cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
-    validate, module = TASKS[cfg.task]
+    validate, module = TASKS[cfg.task.name]
     validate(cfg)  # before any data or model is loaded
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = instantiate(cfg.tracking)
     parent_run_id, sweep_tags = sweep.job_context(tracker)  # (None, {}) outside -m
     tracker.start(OmegaConf.to_container(cfg, resolve=True),
-                  tags={**hydra_tags(), **sweep_tags, **provenance(cfg), "task": cfg.task},
+                  tags={**hydra_tags(), **sweep_tags, **provenance(cfg), "task": cfg.task.name},
                   parent_run_id=parent_run_id)
     with tracker.closing(), torch_threads(cfg.hardware.get("torch_threads")), sigterm_as_interrupt():
         summary = importlib.import_module(module).run(cfg, out_dir, tracker)

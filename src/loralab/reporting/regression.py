@@ -73,7 +73,7 @@ def finish_run(cfg: DictConfig, out_dir: Path, tracker, result: TrainState, name
     write_json(out_dir / "training_history.json", result.history)
     write_json(out_dir / "metrics.json", {"best_epoch": result.best_epoch, **best})
     metadata = {
-        "task": cfg.task, "config": OmegaConf.to_container(cfg, resolve=True), "data": data_info,
+        "task": cfg.task.name, "config": OmegaConf.to_container(cfg, resolve=True), "data": data_info,
         "target_names": list(names), "best_epoch": result.best_epoch, "best_metrics": best,
         "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode, "stop_reason": result.stop_reason,
         "epochs_run": len(result.history), "wall_time_s": time.time() - t_start, "fit_time_s": result.fit_time_s,
