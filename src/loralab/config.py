@@ -151,3 +151,26 @@ def validate(cfg: DictConfig) -> None:
                "needs loralab.json and merged or adapter (or the zip cannot be loaded)")
     _check(cfg.export.verify_rows >= 1, "export.verify_rows", cfg.export.verify_rows, "must be >= 1")
     _check(cfg.export.verify_atol >= 0, "export.verify_atol", cfg.export.verify_atol, "must be >= 0")
+
+
+# TEMPORARY (lead's branch): replaced by the config helper's package at merge.
+def check(cfg: DictConfig) -> DictConfig:
+    if cfg.task.name == "classification":
+        validate(cfg)
+    else:
+        from loralab.regression_config_tmp import validate_tabular, validate_text
+
+        {"text_regression": validate_text, "tabular_regression": validate_tabular}[cfg.task.name](cfg)
+    return cfg
+
+
+def resolve_hardware(cfg: DictConfig):
+    from omegaconf import OmegaConf, open_dict
+
+    from loralab.core.memory import resolve_auto
+
+    before = OmegaConf.to_container(cfg.hardware, resolve=True)
+    after = resolve_auto(before)
+    with open_dict(cfg):
+        cfg.hardware = after
+    return cfg, {k: v for k, v in after.items() if before.get(k) != v}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -14,7 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loralab.core.distributed import Dist
 from loralab.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -107,8 +111,8 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k in names}
 
 
-def save_train_state(directory: str | Path, *, model, tokenizer, optimizer, scheduler, scaler,
-                     loop_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+def save_train_state(directory: str | Path, *, model, optimizer, scheduler, scaler, loop_state: dict[str, Any],
+                     meta: dict[str, Any], tokenizer=None) -> Path:
     """Everything needed to continue training bit-for-bit (on CPU), written atomically."""
     weights = trainable_tensors(model)
     _check_finite(weights, f"saving {directory}")
@@ -117,7 +121,8 @@ def save_train_state(directory: str | Path, *, model, tokenizer, optimizer, sche
     with atomic_dir(directory) as tmp:
         save_file(weights, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        if tokenizer is not None:  # a trained tokenizer is part of the model: resume must reuse it
+            tokenizer.save_pretrained(tmp / "tokenizer")
     return Path(directory)
 
 
@@ -158,3 +163,69 @@ def rotate_top_k(checkpoint_dir: Path, ranked: list[dict[str, Any]], keep: int) 
     for entry in ranked[keep:]:
         shutil.rmtree(checkpoint_dir / entry["name"], ignore_errors=True)
     return ranked[:keep]
+
+
+class Checkpoints:
+    """The resumable checkpoints of one run dir: ``last`` after every epoch (and on a stop), and the top ``keep``
+    epochs by the monitored value, ``ranked`` best first. Only rank 0 writes; every rank can resume from them."""
+
+    def __init__(self, directory: Path, *, keep: int, mode: str, meta: dict[str, Any], tokenizer=None,
+                 resume_from: Path | None = None, ddp: Dist = Dist()):
+        self.dir, self.keep, self.mode, self.meta = Path(directory), keep, mode, meta
+        self.tokenizer, self.resume_from, self.ddp = tokenizer, resume_from, ddp
+        self.ranked: list[dict[str, Any]] = []
+        self.parts: dict[str, Any] = {}
+
+    def restore(self, *, model, optimizer, scheduler, scaler) -> dict[str, Any] | None:
+        """Load ``resume_from`` into the parts; returns its loop state (None for a fresh run)."""
+        if self.resume_from is None:
+            return None
+        saved = load_train_state(self.resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 scaler=scaler)
+        self.ranked = self._adopt(self.resume_from.parent, saved["meta"]["top_k"])
+        return saved["loop"]
+
+    def bind(self, **parts: Any) -> None:
+        """The model, optimizer, scheduler and scaler every later save writes."""
+        self.parts = parts
+
+    def save(self, name: str, loop_state: dict[str, Any]) -> None:
+        if self.ddp.is_main:
+            save_train_state(self.dir / name, **self.parts, loop_state=loop_state, tokenizer=self.tokenizer,
+                             meta={**self.meta, "top_k": self.ranked})
+
+    def save_last(self, loop_state: dict[str, Any]) -> None:
+        self.save("last", loop_state)
+
+    def epoch_end(self, loop_state: dict[str, Any], epoch: int, value: float) -> None:
+        """Rank the epoch; save it if it made the top ``keep``; always save ``last``; drop what fell out."""
+        # No "=" in the name: the path must work as a Hydra override value (resume=.../epoch_003).
+        entry = {"name": f"epoch_{epoch:03d}", "epoch": epoch, "value": value}
+        self.ranked = sorted([*self.ranked, entry], key=lambda e: e["value"], reverse=self.mode == "max")
+        if entry in self.ranked[:self.keep]:
+            self.save(entry["name"], loop_state)
+        self.save_last(loop_state)  # after the top-k entry, so `last` never points at a missing one
+        if self.ddp.is_main:
+            self.ranked = rotate_top_k(self.dir, self.ranked, self.keep)
+        else:
+            self.ranked = self.ranked[:self.keep]
+
+    def load_best(self, model) -> None:
+        if self.ranked:
+            load_weights(self.dir / self.ranked[0]["name"], model)
+        else:
+            log.warning("no ranked checkpoint to reload (resumed after the last epoch?); using the current weights")
+
+    def _adopt(self, source: Path, ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Resuming from another run's checkpoint: copy that run's ranked epochs here, so the best epoch can still
+        be reloaded at the end; entries whose directories are gone drop out of the ranking."""
+        if source.resolve() != self.dir.resolve() and self.ddp.is_main:
+            for entry in ranked:
+                if (source / entry["name"]).is_dir() and not (self.dir / entry["name"]).exists():
+                    shutil.copytree(source / entry["name"], self.dir / entry["name"])
+        self.ddp.barrier()
+        kept = [e for e in ranked if (self.dir / e["name"]).is_dir()]
+        if len(kept) < len(ranked):
+            log.warning("resume: %d ranked checkpoint(s) of %s not found; the best epoch is chosen among the rest",
+                        len(ranked) - len(kept), source)
+        return kept

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from loralab.config import ConfigError
+from loralab.errors import ConfigError
+from loralab.models.build import shipped_config
 
 log = logging.getLogger(__name__)
 
@@ -127,27 +128,17 @@ def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: st
         raise ConfigError(message)
 
 
-if __name__ == "__main__":  # python -m loralab.core.memory model=qwen2_5_7b hardware=rtx3050 [lora=none ...]
-    import sys
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from loralab.run import check_memory
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    from omegaconf import OmegaConf, open_dict
-
-    from loralab.config import enable_lora_if_asked
-
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=sys.argv[1:])
-    with open_dict(cfg):  # as run.train does
-        enable_lora_if_asked(cfg, sys.argv[1:])
-        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
-    try:
-        check_memory(cfg)
-    except ConfigError as err:
-        print(err)
-        sys.exit(1)
+def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int) -> MemoryEstimate:
+    """Estimate training memory for the ``model`` x ``lora`` x ``hardware`` groups at ``optim.batch_size``; refuse
+    (``hardware.preflight=error``) a clear misfit before any weights load."""
+    arch = shipped_config(model.arch)
+    arch["vocab_size"] = arch.get("vocab_size") or model.get("tokenizer_vocab_size")
+    r = lora.r if lora.enabled else None
+    est = estimate_memory(arch, num_labels=max(num_labels, 1), lora_r=r,
+                          target_modules=list(lora.target_modules) if r else [], precision=hardware.precision,
+                          load_in_4bit=hardware.load_in_4bit, micro_batch=hardware.micro_batch_size or batch_size,
+                          max_length=model.max_length, gradient_checkpointing=hardware.gradient_checkpointing,
+                          on_cuda=str(hardware.device).startswith("cuda"))
+    preflight(est, hardware.memory_gib, hardware.preflight,
+              f"{model.name} (lora={'r=%d' % r if r else 'none'}) on hardware={hardware.name}")
+    return est

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from matplotlib.figure import (
     Figure,  # object API: the Agg canvas, no pyplot global state, no display needed
 )
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.core.trainer import TrainState
-from loralab.run import PACKAGES, git_state, write_json
+from loralab.fs import atomic_write_json
+from loralab.reporting.provenance import git_state, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -61,39 +58,25 @@ def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_ep
     return paths
 
 
-def finish_run(cfg: DictConfig, out_dir: Path, tracker, result: TrainState, names: Sequence[str],
-               data_info: dict[str, Any], device: torch.device, t_start: float, artifacts: Sequence[Path]
-               ) -> dict[str, Any]:
-    """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; send them and
-    ``artifacts`` to MLflow; return the summary the console prints."""
-    if result.best_epoch is None:
-        raise RuntimeError(f"no epoch produced a usable {cfg.trainer.monitor}; nothing to report")
-    best = result.history[result.best_epoch - 1]
-    objective = cfg.get("objective", cfg.trainer.monitor)
-    write_json(out_dir / "training_history.json", result.history)
-    write_json(out_dir / "metrics.json", {"best_epoch": result.best_epoch, **best})
+def write_regression_report(cfg: DictConfig, out_dir: Path, tracker, summary: dict[str, Any], names: Sequence[str],
+                            data_info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; log ``best.*``;
+    return the metrics and files for the summary."""
+    best_epoch, history = summary["best_epoch"], summary["history"]
+    best = history[best_epoch - 1]
+    atomic_write_json(out_dir / "training_history.json", history)
+    atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best})
     metadata = {
         "task": cfg.task.name, "config": OmegaConf.to_container(cfg, resolve=True), "data": data_info,
-        "target_names": list(names), "best_epoch": result.best_epoch, "best_metrics": best,
-        "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode, "stop_reason": result.stop_reason,
-        "epochs_run": len(result.history), "wall_time_s": time.time() - t_start, "fit_time_s": result.fit_time_s,
-        "train_samples_per_s": result.train_samples_per_s, "device": str(device),
-        "packages": {p: version(p) for p in PACKAGES}, **git_state(cfg.paths.root_dir),
+        "target_names": list(names), "best_epoch": best_epoch, "best_metrics": best,
+        "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode,
+        **{k: summary[k] for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s", "train_samples_per_s",
+                                   "device")},
+        "packages": package_versions(), **git_state(cfg.paths.root_dir),
     }
-    write_json(out_dir / "training_metadata.json", metadata)
-    plots = write_plots(result.history, names, result.best_epoch, out_dir)
-    tracker.log_metrics({f"best.{k}": v for k, v in best.items() if k.startswith("val_")}, step=result.best_epoch)
-    tracker.set_tags({"stop_reason": result.stop_reason, "best_epoch": result.best_epoch})
+    atomic_write_json(out_dir / "training_metadata.json", metadata)
+    plots = write_plots(history, names, best_epoch, out_dir)
+    tracker.log_metrics({f"best.{k}": v for k, v in best.items() if k.startswith("val_")}, step=best_epoch)
     files = [out_dir / n for n in ("training_history.json", "training_metadata.json", "metrics.json")]
-    for path in [*files, *artifacts]:
-        tracker.log_artifact(path)
-    tracker.log_artifact(out_dir / "plots")
-    if (out_dir / ".hydra").is_dir():
-        tracker.log_artifact(out_dir / ".hydra", "hydra")
-    metrics = {k: v for k, v in best.items() if k == "val_loss" or k.startswith("val_")}
-    return {"objective_key": objective, "objective": best[objective], "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history), "stop_reason": result.stop_reason,
-            "metrics": {**metrics, "gates": {}}, "train_samples_per_s": result.train_samples_per_s,
-            "wall_time_s": metadata["wall_time_s"], "device": str(device), "run_dir": str(out_dir),
-            "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-            "artifacts": [str(p) for p in [*files, *plots, *artifacts]]}
+    metrics = {k: v for k, v in best.items() if k.startswith("val_")}
+    return {"metrics": {**metrics, "gates": {}}, "artifacts": [*files, out_dir / "plots"]}

@@ -62,10 +62,15 @@ class MLflowTracker:
         # A tagged run name (sweep jobs name theirs after their overrides) wins over the configured one.
         run = self.client.create_run(exp_id, run_name=tags.pop("mlflow.runName", self.run_name), tags=tags)
         self.run_id = run.info.run_id
-        flat = flatten(params)
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()])
+        self.log_params(params)
         log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
         return self.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """The flattened config as params (write-once in MLflow: log them once per run)."""
+        if self.run_id and params:
+            flat = flatten(params)
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()])
 
     def _exists(self, run_id: str) -> bool:
         try:

@@ -1,0 +1,48 @@
+"""loralab-train (and ``python train.py``): one experiment, or a sweep with -m. A Hydra app over the packaged conf/.
+
+Exit codes: 0 done, 2 bad config/data/checkpoint (one line), 3 non-finite training, 130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from loralab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
+from loralab.lifecycle import run
+from loralab.paths import conf_dir
+from loralab.tracking.sweep import is_multirun
+
+log = logging.getLogger("loralab")
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except TrainingInterrupted as err:  # stops a sweep too: Ctrl-C means stop
+        log.error("interrupted: %s. Resume with: python train.py %s resume=auto hydra.run.dir=%s", err,
+                  " ".join(HydraConfig.get().overrides.task), HydraConfig.get().runtime.output_dir)
+        sys.exit(130)
+    except Exception as err:
+        if is_multirun():
+            # Hydra's sweepers abort the whole sweep on a raising job; this job's MLflow run is already FAILED
+            # with the error, so hand the sweeper a NaN objective and let the other jobs go on.
+            log.error("job failed, sweep continues: %s: %s", type(err).__name__, err,
+                      exc_info=not isinstance(err, (ConfigError, DataError)))
+            return float("nan")
+        if isinstance(err, (ConfigError, DataError, CheckpointError)):
+            log.error("%s: %s", type(err).__name__, err)
+            sys.exit(2)
+        if isinstance(err, NonFiniteLossError):
+            log.error("training stopped: %s (best checkpoint kept in %s)", err, HydraConfig.get().runtime.output_dir)
+            sys.exit(3)
+        raise
+
+
+if __name__ == "__main__":
+    main()

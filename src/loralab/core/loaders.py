@@ -1,0 +1,66 @@
+"""Loaders for any task: resumable, length-grouped training batches (this rank's shard under DDP) and the whole
+validation set, longest first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch.utils.data import DataLoader, Dataset
+
+from loralab.core.distributed import Dist
+from loralab.core.sampler import EpochBatchSampler
+from loralab.errors import ConfigError
+
+
+@dataclass
+class TaskData:
+    """What a task's ``build_data`` hands the trainer."""
+
+    train: Dataset
+    val: Dataset
+    train_lengths: Sequence[int] | None = None  # tokens per train row: batches of similar length pad less
+    val_lengths: Sequence[int] | None = None    # tokens per val row: evaluated longest first
+    collate: Callable | None = None
+    shuffle: bool = True                        # False keeps file (time) order, e.g. for time series
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
+    """Micro-batches per optimizer step, so ``optim.batch_size`` means the same on every hardware profile."""
+    if micro_batch_size is None or micro_batch_size >= batch_size:
+        return 1
+    if batch_size % micro_batch_size:
+        raise ConfigError(f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
+                          f"{micro_batch_size}; pick a batch size that is a multiple of it")
+    return batch_size // micro_batch_size
+
+
+def make_loaders(data: TaskData, *, batch_size: int, hardware, trainer, seed: int, ddp: Dist = Dist()
+                 ) -> tuple[DataLoader, DataLoader, int]:
+    """(train loader, val loader, accumulation steps). ``hardware``/``trainer`` are the run's groups."""
+    if batch_size % ddp.world_size:
+        raise ConfigError(f"optim.batch_size={batch_size}: the global batch must be divisible by the "
+                          f"{ddp.world_size} processes")
+    per_rank = batch_size // ddp.world_size
+    accum = accumulation_steps(per_rank, hardware.micro_batch_size)
+    args = dict(collate_fn=data.collate, num_workers=hardware.num_workers,
+                pin_memory=bool(hardware.pin_memory) and str(hardware.device).startswith("cuda"))
+    lengths = data.train_lengths or [1] * len(data.train)
+    sampler = EpochBatchSampler(lengths, per_rank // accum, seed, shuffle=data.shuffle,
+                                group_by_length=trainer.group_by_length and data.train_lengths is not None,
+                                rank=ddp.rank, world_size=ddp.world_size)
+    train = DataLoader(data.train, batch_sampler=sampler, **args)
+    order = list(range(len(data.val)))
+    if data.val_lengths is not None:
+        order.sort(key=lambda i: -data.val_lengths[i])  # the first batch shows peak memory; little padding
+    val = DataLoader(data.val, batch_size=trainer.eval_batch_size, sampler=order, **args)
+    return train, val, accum
+
+
+def shard(loader: DataLoader, ddp: Dist) -> DataLoader:
+    """This rank's every ``world_size``-th row of an ordered evaluation loader; the trainer gathers the shards."""
+    if not ddp.enabled:
+        return loader
+    indices = list(loader.sampler)[ddp.rank::ddp.world_size]
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)

@@ -1,0 +1,65 @@
+"""The task protocol: what differs between experiments. Everything else (validation, tracking, resume, signals,
+top-k checkpoints, DDP, sweeps, provenance, the memory preflight) is the lifecycle's, so every task gets it.
+
+The lifecycle calls, in order: ``build_data`` ▸ ``build_model`` ▸ ``loss`` ▸ (the trainer fits, scoring each epoch
+with ``metrics``) ▸ ``finalize``. ``conf/task/<name>.yaml`` names the class (``_target_``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from loralab.core.distributed import Dist
+from loralab.core.loaders import TaskData
+
+
+@dataclass
+class RunContext:
+    """What the lifecycle hands a task: where to write, what to run on, whom to report to."""
+
+    out_dir: Path
+    device: torch.device
+    tracker: Any                       # loralab.tracking.mlflow.MLflowTracker (disabled on DDP ranks > 0)
+    ddp: Dist = field(default_factory=Dist)
+    resume_dir: Path | None = None     # the checkpoint this run continues (its tokenizer is reused)
+
+
+class Task(ABC):
+    """One kind of experiment, built from the run's (checked) config."""
+
+    name: str = "task"
+    tokenizer: Any = None  # saved into every checkpoint when set: a resumed run must tokenize identically
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    @abstractmethod
+    def build_data(self) -> TaskData:
+        """Read, validate and split the data (drops counted), write ``data_report.json``; datasets ready to batch."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model on ``ctx.device`` (LoRA-wrapped where configured); its outputs come as ``.logits``."""
+
+    @abstractmethod
+    def loss(self) -> nn.Module:
+        """``loss(outputs, targets)``, on ``ctx.device``."""
+
+    @abstractmethod
+    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        """Scalar validation metrics of one epoch (``val_*``); the monitored one must be among them."""
+
+    @abstractmethod
+    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+        """After training, on rank 0 with the best epoch's weights in ``model``: reports, export, artifacts.
+        ``summary`` is ``training_summary.json`` (history, best epoch, timings). Returns ``{"metrics": {...},
+        "artifacts": [paths]}``."""

@@ -1,0 +1,103 @@
+"""Records -> labels: validated JSONL records, serialized and tokenized once, a Qwen2 sequence classifier (LoRA or
+full fine-tuning), class-weighted focal loss, macro-F1; after training a scikit-learn baseline beside it,
+calibration, the best-epoch report and a verified export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from loralab.baseline import fit_baseline
+from loralab.core.loaders import TaskData
+from loralab.data.demo import write_demo
+from loralab.data.splits import build_splits
+from loralab.data.text import TokenizedRecords, serialize
+from loralab.fs import atomic_write_json
+from loralab.losses import class_weights
+from loralab.metrics import classification_metrics
+from loralab.reporting.report import write_reports
+from loralab.tasks.base import Task
+from loralab.tasks.classification_export import best_epoch_report, export
+from loralab.tasks.text_model import load_text_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Classification(Task):
+    name = "classification"
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.cfg.data.labels)
+
+    def build_data(self) -> TaskData:
+        """Validate, split and balance (deterministic, so every DDP rank gets the same split before sharding);
+        the baseline fits on the train rows before oversampling; texts are tokenized once."""
+        d, ctx = self.cfg.data, self.ctx
+        if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
+            write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
+        self.splits = build_splits(d.train_file, d.val_file, self.labels, val_split=d.val_split, seed=self.cfg.seed,
+                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null)
+        counts = self.splits.report["class_counts"]
+        # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
+        mode = self.cfg.loss.class_weights
+        self.class_weights = class_weights(list(counts["train_after_oversampling"].values()), mode)
+        self.splits.report["class_weights"] = {
+            "values": dict(zip(self.labels, self.class_weights)) if self.class_weights else None, "mode": mode,
+            "computed_from": "train_after_oversampling"}
+        log.info("class counts: %s", counts)
+        log.info("class weights (%s, from train counts after oversampling): %s", mode, self.class_weights)
+        if ctx.ddp.is_main:
+            atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
+        ctx.tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items()
+                                 for label, n in c.items()})
+        self.baseline = self._baseline() if ctx.ddp.is_main else None
+
+        self.source = instantiate(self.cfg.model)
+        texts = [serialize(r.features, d.template) for r in self.splits.train]
+        self.tokenizer = load_tokenizer(self.source, texts, ctx.resume_dir, ctx.ddp)
+        label2id = {label: i for i, label in enumerate(self.labels)}
+        train, val = (TokenizedRecords(rows, self.tokenizer, label2id, d.template, self.source.max_length, d.cache_dir)
+                      for rows in (self.splits.train, self.splits.val))
+        if train.truncated or val.truncated:
+            log.warning("%d train / %d val texts truncated at model.max_length=%d", train.truncated, val.truncated,
+                        self.source.max_length)
+        return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths,
+                        collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
+
+    def _baseline(self) -> dict[str, Any] | None:
+        """The scikit-learn baseline on the train rows before oversampling, scored on the same val split."""
+        b = self.cfg.get("baseline")
+        if b is None:
+            return None
+        result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed,
+                              OmegaConf.to_container(b.params, resolve=True), b.get("threads"))
+        if result:
+            self.ctx.tracker.log_metrics({f"baseline_{k}": v for k, v in result["scalars"].items()})
+        return result
+
+    def build_model(self) -> nn.Module:
+        return load_text_model(self.source, self.labels, self.tokenizer, hardware=self.cfg.hardware,
+                               lora=self.cfg.lora, device=self.ctx.device)
+
+    def loss(self) -> nn.Module:
+        return instantiate(self.cfg.loss, class_weights=self.class_weights).to(self.ctx.device)
+
+    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        return classification_metrics(y, outputs.argmax(-1), self.labels)["scalars"]
+
+    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+        """Best-epoch report (per class, gates, calibration, baseline), verified export, reports and plots."""
+        metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline)
+        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx)
+        artifacts += write_reports(self.ctx.out_dir, self.labels, summary, metrics, self.splits.report,
+                                   self.ctx.tracker)
+        return {"metrics": metrics, "artifacts": artifacts}

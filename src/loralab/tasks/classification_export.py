@@ -1,0 +1,107 @@
+"""After a classification run: the best epoch's full report (per-class table, confusion matrix, gates,
+calibration, baseline) and the verified export (merged, adapter, ``loralab.json``, ``model_final.zip``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from loralab.calibrate import calibrate, probabilities, reliability_diagram
+from loralab.core.checkpoint import save_checkpoint
+from loralab.core.trainer import predict_logits
+from loralab.export import export_model, zip_dir
+from loralab.fs import atomic_write_json, sha256_file
+from loralab.metrics import classification_metrics, evaluate_gates
+from loralab.reporting.provenance import git_state, package_versions
+from loralab.tasks.base import RunContext
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_KEYS = ("val_nll", "val_ece", "val_brier", "temperature")
+
+
+def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any], ctx: RunContext,
+                      baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``)."""
+    labels, best_epoch = list(cfg.data.labels), summary["best_epoch"]
+    logits, y = predict_logits(model, val_loader, ctx.device, cfg.hardware.precision)
+    report = classification_metrics(y, logits.argmax(-1), labels)
+    gates = evaluate_gates(report["scalars"], cfg.trainer.gates or {})
+    c = cfg.calibration
+    calib = calibrate(logits, y, c.method, c.n_bins, list(c.t_bounds))
+    curves = {"uncalibrated": probabilities(logits)}
+    if c.method != "none":
+        curves[f"T = {calib['temperature']:.3f}"] = probabilities(logits, calib["temperature"])
+    plot = reliability_diagram(y, curves, ctx.out_dir / "plots" / "reliability_diagram.png", c.n_bins,
+                               title=f"Reliability diagram: validation, best epoch {best_epoch}")
+    best = summary["history"][best_epoch - 1]
+    metrics = {"best_epoch": best_epoch, **report["scalars"], "val_loss": best["val_loss"], **calib.pop("scalars"),
+               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
+               "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
+    atomic_write_json(ctx.out_dir / "metrics.json", metrics)
+    ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
+    ctx.tracker.log_metrics({f"best.{k}": v for k, v in metrics.items() if k.startswith(CALIBRATION_KEYS)},
+                            step=best_epoch)
+    ctx.tracker.log_artifact(plot, "plots")
+    ctx.tracker.set_tags({"gates_passed": all(g["passed"] is not False for g in gates.values())})
+    return metrics
+
+
+def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
+    """``auto``: merged + adapter (+ base) when they fit the size gate, else the adapter alone — a real model's
+    merged weights (GBs) stay in the run dir instead of failing a finished run at the last step."""
+    if parts != "auto":
+        return [p for p in parts if (out_dir / p).exists()]
+    present = [p for p in ("merged", "adapter", "base", "loralab.json") if (out_dir / p).exists()]
+    size_mb = sum(f.stat().st_size for p in present for f in (out_dir / p).rglob("*") if f.is_file()) / 2**20
+    if size_mb <= max_mb or "adapter" not in present:
+        return present
+    log.warning("export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter "
+                "(merged/ stays in the run dir)", size_mb, max_mb)
+    return ["adapter", "loralab.json"]
+
+
+def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from."""
+    prov = summary["provenance"]
+    data_files = {k: cfg.data[k] for k in ("train_file", "val_file") if cfg.data[k]}
+    return {
+        "labels": list(cfg.data.labels), "temperature": metrics["temperature"], "calibration": metrics["calibration"],
+        "serialization": {"template": cfg.data.template, "json_sort_keys": True, "json_ensure_ascii": True,
+                          "max_length": source.max_length, "truncation_side": source.truncation_side},
+        "max_length": source.max_length, "allow_null": cfg.data.allow_null,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "gates": OmegaConf.to_container(cfg.trainer.gates) if cfg.trainer.gates else {},
+        "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
+                 for k, p in data_files.items()},
+        "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
+                  "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
+        "packages": package_versions(), **git_state(cfg.paths.root_dir)}
+
+
+def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[str, Any], summary: dict[str, Any],
+           ctx: RunContext) -> list[Path]:
+    """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip.
+    Returns the files for MLflow."""
+    out_dir, e = ctx.out_dir, cfg.export
+    save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
+                    {"epoch": summary["best_epoch"], "labels": list(cfg.data.labels), "template": cfg.data.template,
+                     "max_length": source.max_length,
+                     cfg.trainer.monitor: summary["history"][summary["best_epoch"] - 1][cfg.trainer.monitor]})
+    batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
+    rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
+    # Export (and its reload check, specified in fp32) from an fp32 copy: a LoRA run on CUDA keeps its base in
+    # 16 bits and its adapters/head in fp32, which only mix under autocast.
+    model = model.to("cpu", torch.float32)
+    export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
+                 meta=export_meta(cfg, source, metrics, summary), base_location=source.location,
+                 save_base=not source.pretrained, atol=e.verify_atol, trust_remote_code=source.trust_remote_code)
+    artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json")]
+    if e.zip:
+        artifacts.append(zip_dir(out_dir, out_dir / "model_final.zip", e.max_size_mb,
+                                 include=zip_parts(out_dir, e.zip_parts, e.max_size_mb)))
+    return [*artifacts, out_dir / "checkpoint_best"]

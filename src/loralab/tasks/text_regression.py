@@ -1,0 +1,112 @@
+"""Article scoring: a Qwen2 sequence model with a regression head (one output per dimension) over title +
+content, MSE loss, MAE/RMSE/R² per dimension each epoch, the best epoch chosen by ``trainer.monitor`` (val MAE)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from loralab.core.checkpoint import save_checkpoint
+from loralab.core.loaders import TaskData
+from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles
+from loralab.data.prepare import score_tiers, stratified_split
+from loralab.data.records import leaked_ids
+from loralab.data.regression_demo import write_article_demo
+from loralab.errors import DataError
+from loralab.export import zip_dir
+from loralab.metrics import regression_metrics
+from loralab.reporting.regression import write_regression_report
+from loralab.tasks.base import Task
+from loralab.tasks.text_model import load_text_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def label_stats(articles: Sequence[Article], dims: Sequence[str]) -> dict[str, dict[str, float]]:
+    y = np.asarray([a.labels for a in articles], dtype=np.float64)
+    return {d: {"mean": float(y[:, i].mean()), "std": float(y[:, i].std()), "min": float(y[:, i].min()),
+                "max": float(y[:, i].max())} for i, d in enumerate(dims)}
+
+
+def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str], dict]:
+    """Validated train/val articles (``data`` is the run's data group), the dimensions in force and the report."""
+    train, train_report, dims = load_articles(data.train_file, data.dimension_names)
+    report: dict[str, Any] = {"dimension_names": dims, "train_file": train_report.as_dict()}
+    if data.val_file:
+        val, val_report, _ = load_articles(data.val_file, dims)
+        report["val_file"] = val_report.as_dict()
+    else:  # carve val stratified by score tier, like loralab-prepare
+        tiers, _ = score_tiers([float(np.mean(a.labels)) for a in train], data.score_tiers)
+        parts, stratified = stratified_split(tiers, {"train": 1 - data.val_split, "val": data.val_split}, seed)
+        train, val = [train[i] for i in parts["train"]], [train[i] for i in parts["val"]]
+        report["val_from_train"] = {"val_split": data.val_split, "seed": seed, "stratified_by_score_tier": stratified}
+    leaks = leaked_ids(train, val)
+    report["leakage"] = {"ids_in_both": len(leaks), "examples": leaks[:20], "policy": data.leakage}
+    if leaks:
+        if data.leakage == "error":
+            raise DataError(f"{len(leaks)} ids appear in both train and val (e.g. {leaks[:3]})")
+        if data.leakage == "drop":
+            leaked = set(leaks)
+            train = [a for a in train if str(a.id) not in leaked]
+        log.warning("%d ids appear in both train and val (e.g. %s)%s", len(leaks), leaks[:3],
+                    "; dropped from train" if data.leakage == "drop" else "")
+    if not train or not val:
+        raise DataError(f"empty split: {len(train)} train / {len(val)} val articles")
+    report.update(rows={"train": len(train), "val": len(val)}, label_stats={"train": label_stats(train, dims),
+                                                                          "val": label_stats(val, dims)})
+    return train, val, dims, report
+
+
+class TextRegression(Task):
+    name = "text_regression"
+
+    def build_data(self) -> TaskData:
+        d, ctx = self.cfg.data, self.ctx
+        if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file or d.train_file)):
+            write_article_demo(Path(d.train_file).parent)
+        train, val, self.dims, self.data_info = load_splits(d, self.cfg.seed)
+        ctx.tracker.log_metrics({"data.train_rows": len(train), "data.val_rows": len(val),
+                                 **{f"data.dropped.{k}": v
+                                    for k, v in self.data_info["train_file"]["dropped_by_reason"].items()}})
+        self.source = instantiate(self.cfg.model)
+        self.tokenizer = load_tokenizer(self.source, [article_text(a, d.template) for a in train], ctx.resume_dir,
+                                        ctx.ddp)
+        train_ds, val_ds = (TokenizedArticles(rows, self.tokenizer, d.template, self.source.max_length)
+                            for rows in (train, val))
+        if train_ds.truncated or val_ds.truncated:
+            log.warning("%d train / %d val texts truncated at model.max_length=%d", train_ds.truncated,
+                        val_ds.truncated, self.source.max_length)
+        lengths = [[len(x) for x in ds.input_ids] for ds in (train_ds, val_ds)]
+        return TaskData(train_ds, val_ds, train_lengths=lengths[0], val_lengths=lengths[1],
+                        collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
+
+    def build_model(self) -> nn.Module:
+        return load_text_model(self.source, self.dims, self.tokenizer, hardware=self.cfg.hardware,
+                               lora=self.cfg.lora, device=self.ctx.device, problem_type="regression")
+
+    def loss(self) -> nn.Module:
+        return instantiate(self.cfg.loss).to(self.ctx.device)
+
+    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        return regression_metrics(y, outputs, self.dims)
+
+    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+        """``checkpoint_best/`` (weights, tokenizer, dimensions), its zip, the history, metadata and plots."""
+        cfg, out_dir = self.cfg, self.ctx.out_dir
+        best = summary["history"][summary["best_epoch"] - 1]
+        ckpt = save_checkpoint(out_dir / "checkpoint_best", model, self.tokenizer,
+                               {"epoch": summary["best_epoch"], "task": self.name, "dimension_names": self.dims,
+                                "template": cfg.data.template, "max_length": self.source.max_length,
+                                cfg.trainer.monitor: best[cfg.trainer.monitor]})
+        artifacts = [ckpt]
+        if cfg.export.zip:
+            artifacts.append(zip_dir(ckpt, out_dir / "model_final.zip", cfg.export.max_size_mb))
+        out = write_regression_report(cfg, out_dir, self.ctx.tracker, summary, self.dims, self.data_info)
+        return {**out, "artifacts": [*out["artifacts"], *artifacts]}
