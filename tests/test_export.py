@@ -266,7 +266,7 @@ def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
 
 
 def test_auto_zip_parts_fall_back_to_the_adapter_when_merged_is_too_big(tmp_path):
-    from loralab.run import zip_parts
+    from loralab.tasks.classification_export import zip_parts
 
     for part, size in (("merged", 3 << 20), ("adapter", 1 << 10), ("loralab.json", None)):
         if size is None:

@@ -10,11 +10,17 @@ from omegaconf import OmegaConf
 from loralab.config import ConfigError, accumulation_steps, validate
 from loralab.core.memory import estimate_memory, resolve_auto
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
-from loralab.run import check_memory
+from loralab.core.memory import check_memory
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MODELS = ["tiny_qwen2", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"]
 PROFILES = ["cpu", "rtx3050", "a100", "h100", "auto"]
+
+
+def preflight(cfg):
+    """The lifecycle's memory check on a composed config's model, lora and hardware groups."""
+    return check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(cfg.data.labels),
+                        batch_size=cfg.optim.batch_size)
 
 
 def compose_cfg(*overrides):
@@ -47,11 +53,11 @@ def test_effective_batch_is_kept_across_profiles():
 
 def test_preflight_refuses_7b_on_a_4gb_gpu_and_accepts_0_5b_lora():
     with pytest.raises(ConfigError) as err:
-        check_memory(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050"))
+        preflight(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050"))
     message = str(err.value)
     assert "\n" not in message and "hardware.preflight" in message and "> 4.0 GiB" in message
-    check_memory(compose_cfg("model=qwen2_5_0_5b", "hardware=rtx3050"))  # no error
-    check_memory(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050", "hardware.preflight=warn"))  # warns only
+    preflight(compose_cfg("model=qwen2_5_0_5b", "hardware=rtx3050"))  # no error
+    preflight(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050", "hardware.preflight=warn"))  # warns only
 
 
 def test_memory_estimate_moves_the_right_way():

@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from peft import PeftModel
 from sklearn.metrics import mean_absolute_error
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from loralab.config import ConfigError
-from loralab.regression.article import build_model, load_splits
+from loralab.tasks.text_model import load_text_model
+from loralab.tasks.text_regression import load_splits
 from loralab.data.articles import article_text, load_articles
 from loralab.data.regression_demo import DIMENSIONS, make_articles
-from loralab.run import train
+from loralab.lifecycle import run as train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +79,10 @@ def test_bad_rows_are_dropped_and_counted_by_reason(articles):
 def test_val_carved_from_train_is_stratified_deterministic_and_disjoint(tmp_path):
     rows = make_articles(90, seed=3)
     path = write_jsonl(tmp_path / "all.jsonl", rows)
-    train_a, val_a, _, report = load_splits(str(path), None, None, 0.2, 3, seed=7, leakage="error")
-    train_b, val_b, _, _ = load_splits(str(path), None, None, 0.2, 3, seed=7, leakage="error")
+    data = OmegaConf.create({"train_file": str(path), "val_file": None, "dimension_names": None, "val_split": 0.2,
+                             "score_tiers": 3, "leakage": "error"})
+    train_a, val_a, _, report = load_splits(data, seed=7)
+    train_b, val_b, _, _ = load_splits(data, seed=7)
     assert [a.id for a in val_a] == [a.id for a in val_b] and len(val_a) == round(0.2 * len(rows))
     assert not {a.id for a in train_a} & {a.id for a in val_a}
     assert report["val_from_train"]["stratified_by_score_tier"] is True
@@ -85,7 +90,7 @@ def test_val_carved_from_train_is_stratified_deterministic_and_disjoint(tmp_path
 
 def test_experiment_composes_regression_with_lora_on_real_models(articles, tmp_path):
     cfg = compose_article(articles, tmp_path)
-    assert cfg.task == "text_regression" and cfg.model.max_length == 512 and cfg.lora.enabled is False
+    assert cfg.task.name == "text_regression" and cfg.model.max_length == 512 and cfg.lora.enabled is False
     assert cfg.loss._target_ == "torch.nn.MSELoss" and cfg.trainer.monitor == "val_mae"
     assert cfg.trainer.monitor_mode == "min"
     real = compose_article(articles, tmp_path, "model=qwen2_5_0_5b", "lora=default")
@@ -95,7 +100,10 @@ def test_experiment_composes_regression_with_lora_on_real_models(articles, tmp_p
 def test_lora_wraps_the_regression_head(articles, tmp_path):
     cfg = compose_article(articles, tmp_path, "lora=default")
     train_rows, _, dims = load_articles(articles["train"], None)
-    model, tokenizer, _ = build_model(cfg, dims, train_rows[:8], torch.device("cpu"))
+    source = instantiate(cfg.model)
+    tokenizer = source.load_tokenizer([article_text(a, cfg.data.template) for a in train_rows[:8]])
+    model = load_text_model(source, dims, tokenizer, hardware=cfg.hardware, lora=cfg.lora,
+                            device=torch.device("cpu"), problem_type="regression")
     assert isinstance(model, PeftModel) and model.config.problem_type == "regression"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import mean_squared_error
@@ -24,10 +25,12 @@ from loralab.models import mlp as mlp_module
 from loralab.data.regression_demo import write_tabular_demo
 from loralab.data.hdf5 import H5Regression, read_schema
 from loralab.losses import SummedHeadMSE
-from loralab.regression.marketsentinel import CHECKPOINT, make_loaders
+from loralab.core import loaders
+from loralab.core.loaders import TaskData
+from loralab.tasks.tabular_regression import CHECKPOINT
 from loralab.metrics import regression_metrics
 from loralab.models.mlp import MLPRegressor, load_best, save_best
-from loralab.run import train
+from loralab.lifecycle import run as train
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT_KEYS = {"model_state_dict", "input_dim", "hidden_dim", "epoch", "val_loss"}
@@ -57,6 +60,15 @@ def compose_ms(data: dict[str, Path], out_dir: Path, *overrides: str, uri: str |
             f"tracking.uri={uri}", f"tracking.experiment={experiment}", *overrides])
 
 
+def make_loaders(train, val, schema, device="cpu"):
+    """The task's datasets batched by the lifecycle's loader builder (file order, no length grouping)."""
+    dim = len(read_schema(schema))
+    data = TaskData(H5Regression(train, dim, 2), H5Regression(val, dim, 2), shuffle=False)
+    hardware = OmegaConf.create({"micro_batch_size": None, "num_workers": 0, "pin_memory": True, "device": device})
+    trainer = OmegaConf.create({"group_by_length": True, "eval_batch_size": 16})
+    return loaders.make_loaders(data, batch_size=16, hardware=hardware, trainer=trainer, seed=0)[:2]
+
+
 def only_run(uri: str, experiment: str = "marketsentinel"):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
@@ -76,7 +88,7 @@ def test_experiment_composes_the_frozen_loop(tabular, tmp_path):
     # The command line still wins over the experiment; without an experiment the task stays classification.
     assert compose_ms(tabular, tmp_path, "optim.lr=5e-4").optim.lr == 5e-4
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        assert compose("train").task == "classification"
+        assert compose("train").task.name == "classification"
 
 
 def test_schema_sets_input_dim_and_a_width_mismatch_fails_clearly(tabular, tmp_path):
@@ -86,7 +98,7 @@ def test_schema_sets_input_dim_and_a_width_mismatch_fails_clearly(tabular, tmp_p
     short = tmp_path / "schema.txt"
     short.write_text("\n".join(names[:-1]) + "\n")
     with pytest.raises(DataError, match=rf"X has shape .*{len(names)}\).*schema lists {len(names) - 1} features"):
-        make_loaders(str(tabular["train"]), str(tabular["val"]), str(short), 2, 16, 16, 0, torch.device("cpu"))
+        make_loaders(str(tabular["train"]), str(tabular["val"]), str(short))
     dup = tmp_path / "dup.txt"
     dup.write_text("a\nb\na\n")
     with pytest.raises(DataError, match="duplicate"):
@@ -94,8 +106,7 @@ def test_schema_sets_input_dim_and_a_width_mismatch_fails_clearly(tabular, tmp_p
 
 
 def test_batches_come_in_file_order(tabular):
-    train_loader, val_loader = make_loaders(str(tabular["train"]), str(tabular["val"]), str(tabular["schema"]), 2,
-                                            16, 16, 0, torch.device("cpu"))
+    train_loader, val_loader = make_loaders(str(tabular["train"]), str(tabular["val"]), str(tabular["schema"]))
     with h5py.File(tabular["train"]) as fh:
         x_file, y_file = fh["X"][...], fh["y"][...]
     batches = list(train_loader)
@@ -105,8 +116,7 @@ def test_batches_come_in_file_order(tabular):
     for loader in (train_loader, val_loader):
         assert isinstance(loader.sampler, SequentialSampler) and loader.num_workers == 0
         assert loader.pin_memory is False  # CPU
-    cuda_loader, _ = make_loaders(str(tabular["train"]), str(tabular["val"]), str(tabular["schema"]), 2, 16, 16, 0,
-                                  torch.device("cuda"))
+    cuda_loader, _ = make_loaders(str(tabular["train"]), str(tabular["val"]), str(tabular["schema"]), "cuda")
     assert cuda_loader.pin_memory is True  # built, not iterated: no GPU needed
 
 

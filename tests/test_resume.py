@@ -11,11 +11,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from loralab.core.checkpoint import CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
+from loralab.core.checkpoint import Checkpoints, CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
 from loralab.data.demo import write_demo
-from loralab.core.trainer import EarlyStopping, NonFiniteLossError, TrainState, fit
+from loralab.core.trainer import EarlyStopping, Fit, NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,15 @@ def test_checkpoint_refuses_nan_weights_and_wrong_shapes(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_fit_stops_on_non_finite_loss():
+def tiny_trainer(max_epochs: int = 1, lr: float = 0.1) -> Trainer:
+    trainer_cfg = OmegaConf.create({"max_epochs": max_epochs, "monitor": "acc", "monitor_mode": "max",
+                                    "early_stopping": {"patience": 1, "min_delta": 0.0}})
+    optim_cfg = OmegaConf.create({"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
+                                  "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None})
+    return Trainer(trainer_cfg, optim_cfg, precision="fp32", device=torch.device("cpu"))
+
+
+def test_fit_stops_on_non_finite_loss(tmp_path):
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -96,13 +105,11 @@ def test_fit_stops_on_non_finite_loss():
 
     data = [{"x": torch.randn(2), "labels": torch.tensor(i % 2)} for i in range(40)]
     loader = DataLoader(data, batch_sampler=EpochBatchSampler([1] * 40, 4, 0, group_by_length=False))
-    model = Model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = tiny_trainer()
+    trainer.setup(Fit(Model(), torch.nn.CrossEntropyLoss(), loader, loader, metric_fn=lambda y, p: {"acc": 0.0}),
+                  Checkpoints(tmp_path, keep=1, mode="max", meta={}))
     with pytest.raises(NonFiniteLossError):
-        fit(model, torch.nn.CrossEntropyLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-            torch.amp.GradScaler("cpu", enabled=False), loader, loader, TrainState(),
-            metric_fn=lambda y, p: {"acc": 0.0}, max_epochs=1, early_stopping=EarlyStopping(1), monitor="acc",
-            device=torch.device("cpu"))
+        trainer.fit()
 
 
 # --- end to end through train.py ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from loralab.config import ConfigError, validate
 from loralab.data.demo import write_demo
 from loralab.export import ExportError
 from loralab.inference import predict_file
-from loralab.run import train
+from loralab.lifecycle import run as train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -224,8 +224,9 @@ class Run:
         ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch})
         out = self.task.finalize(trainer.core, val_loader, summary)
         artifacts = [ctx.out_dir / "training_summary.json", *out.get("artifacts", [])]
-        for path in artifacts:
-            ctx.tracker.log_artifact(path)
+        for path in artifacts:  # the run dir's layout, mirrored (checkpoints/model_best.pt -> checkpoints/)
+            parent = Path(path).resolve().relative_to(ctx.out_dir.resolve()).parent
+            ctx.tracker.log_artifact(path, None if parent == Path(".") else str(parent))
         if (ctx.out_dir / ".hydra").is_dir():
             ctx.tracker.log_artifact(ctx.out_dir / ".hydra", "hydra")
         return {**summary, "wall_time_s": time.time() - t_start, "metrics": out["metrics"],

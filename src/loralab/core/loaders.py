@@ -50,9 +50,9 @@ def make_loaders(data: TaskData, *, batch_size: int, hardware, trainer, seed: in
                                 group_by_length=trainer.group_by_length and data.train_lengths is not None,
                                 rank=ddp.rank, world_size=ddp.world_size)
     train = DataLoader(data.train, batch_sampler=sampler, **args)
-    order = list(range(len(data.val)))
-    if data.val_lengths is not None:
-        order.sort(key=lambda i: -data.val_lengths[i])  # the first batch shows peak memory; little padding
+    order = None  # file order
+    if data.val_lengths is not None:  # longest first: the first batch shows peak memory; batches pad little
+        order = sorted(range(len(data.val)), key=lambda i: -data.val_lengths[i])
     val = DataLoader(data.val, batch_size=trainer.eval_batch_size, sampler=order, **args)
     return train, val, accum
 
