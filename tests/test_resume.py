@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from loralab.core.checkpoint import Checkpoints, CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
 from loralab.data.demo import write_demo
+from loralab.data.regression_demo import write_article_demo, write_tabular_demo
 from loralab.core.trainer import EarlyStopping, Fit, NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,8 +140,11 @@ def start_and_signal(cmd, run_dir, sig):
     return proc.returncode, out
 
 
+TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
+
+
 def history(run_dir):
-    return [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy")}
+    return [{k: v for k, v in h.items() if k not in TIMINGS}
             for h in json.loads((run_dir / "training_summary.json").read_text())["history"]]
 
 
@@ -160,6 +164,41 @@ def assert_same_run(a, b):
     assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-6)
     wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def regression_cmd(task: str, data_dir: Path, run_dir: Path) -> list[str]:
+    """``python train.py experiment=...`` for the two regression tasks, on small demo files in ``data_dir``."""
+    common = [f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db", "data.demo=false",
+              "export.zip=false"]
+    if task == "tabular_regression":
+        train, val, schema = write_tabular_demo(data_dir / "t.h5", data_dir / "v.h5", data_dir / "s.txt", 6000, 600)
+        return [sys.executable, str(ROOT / "train.py"), "experiment=marketsentinel", f"data.train_file={train}",
+                f"data.val_file={val}", f"data.schema_file={schema}", "trainer.max_epochs=12",
+                "trainer.early_stopping.patience=20", *common]
+    train, val, _ = write_article_demo(data_dir, n_train=120, n_val=30)
+    return [sys.executable, str(ROOT / "train.py"), "experiment=article_regression", f"data.train_file={train}",
+            f"data.val_file={val}", "trainer.max_epochs=3", "model.tokenizer_vocab_size=300", "model.max_length=96",
+            *common]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["tabular_regression", "text_regression"])
+def test_every_task_resumes_exactly_after_sigkill(task, tmp_path):
+    """The lifecycle, not the task, owns resume: SIGKILL mid-run, then ``resume=auto`` equals the uninterrupted
+    run for the regression tasks too (classification: the tests below)."""
+    data_dir = tmp_path / "data"
+    reference_dir, run_dir = tmp_path / "ref" / "run", tmp_path / "killed" / "run"
+    subprocess.run(regression_cmd(task, data_dir, reference_dir), check=True, capture_output=True)
+    rc, out = start_and_signal(regression_cmd(task, data_dir, run_dir), run_dir, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out[-2000:]
+    epochs = len(history(reference_dir))
+    assert read_meta(run_dir / "checkpoints" / "last")["loop"]["epoch"] < epochs
+    proc = subprocess.run([*regression_cmd(task, data_dir, run_dir), "resume=auto"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(reference_dir, run_dir)
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert run.info.status == "FINISHED"
 
 
 @pytest.mark.slow
