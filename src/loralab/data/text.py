@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from loralab.data.records import Record
+from loralab.fs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,10 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | 
     else:
         ids = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             offsets = torch.tensor([0, *torch.tensor([len(x) for x in ids]).cumsum(0).tolist()], dtype=torch.int64)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers (DDP ranks) never clash
-            save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets}, tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:  # DDP ranks may write the same cache file at once
+                save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets},
+                          tmp)
     by_text = dict(zip(unique, ids))
     return [by_text[t] for t in texts]
 
