@@ -32,7 +32,11 @@ def test_crash_inside_the_write_keeps_the_old_file_and_no_temp(tmp_path, monkeyp
 
 def test_failed_rename_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = fs.atomic_write_text(tmp_path / "a.txt", "old")
-    monkeypatch.setattr(fs.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
+
+    def fail(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(fs.os, "replace", fail)
     with pytest.raises(OSError, match="rename failed"):
         fs.atomic_write_text(path, "new")
     monkeypatch.undo()

@@ -69,8 +69,8 @@ def score_tiers(scores: Sequence[float], n_tiers: int) -> tuple[list[str], list[
 
 
 def carve_val(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """A stratified, seed-fixed validation slice: the same seed always holds out the same ids (in the order
-    scikit-learn draws them, as before ``split_off`` existed, so old seeds give the same runs)."""
+    """A stratified, seed-fixed validation slice: the same seed always holds out the same ids, in the same order
+    (scikit-learn's draw order, not file order: runs made before this splitter was shared train alike)."""
     n_val = math.ceil(val_split * len(records))  # as scikit-learn rounds a fraction
     if not 0 < n_val < len(records):
         raise DataError(f"data.val_split={val_split} of {len(records)} valid rows leaves a split empty")
