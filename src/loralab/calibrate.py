@@ -16,6 +16,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import brier_score_loss, log_loss
 
+from loralab.fs import atomic_path
+
 log = logging.getLogger(__name__)
 
 METHODS = ("temperature", "none")
@@ -126,7 +128,6 @@ def reliability_figure(y: Sequence[int], curves: dict[str, np.ndarray], n_bins: 
 def reliability_diagram(y: Sequence[int], curves: dict[str, np.ndarray], path: str | Path, n_bins: int = 15,
                         title: str = "Reliability diagram") -> Path:
     """Save ``reliability_figure`` as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    reliability_figure(y, curves, n_bins, title).savefig(path, dpi=120)
-    return path
+    with atomic_path(path) as tmp:  # the temp name has no .png for matplotlib to read the format from
+        reliability_figure(y, curves, n_bins, title).savefig(tmp, format="png", dpi=120)
+    return Path(path)

@@ -11,10 +11,8 @@ Layout (in the run dir, and in ``model_final.zip`` for the parts ``export.zip_pa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
@@ -23,8 +21,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from loralab.core.checkpoint import atomic_dir
 from loralab.errors import ExportError
+from loralab.fs import atomic_dir, atomic_path, atomic_write_json, sha256_file  # noqa: F401  (sha256_file: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +33,6 @@ LABEL_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "pad_
 
 
 # ----------------------------------------------------------------------------------------------- files and zips
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def manifest(root: str | Path, parts: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{relative/posix/path: {sha256, bytes}}`` for every file under the given part directories of ``root``."""
@@ -78,8 +68,7 @@ def zip_dir(src: str | Path, zip_path: str | Path, max_mb: float = 500.0,
     nothing behind, when the zip exceeds ``max_mb``."""
     src, zip_path = Path(src), Path(zip_path)
     roots = [src / name for name in include] if include is not None else [src]
-    tmp = zip_path.with_name(zip_path.name + ".tmp")
-    try:
+    with atomic_path(zip_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for root in roots:
                 for path in [root] if root.is_file() else sorted(root.rglob("*")):
@@ -89,11 +78,6 @@ def zip_dir(src: str | Path, zip_path: str | Path, max_mb: float = 500.0,
         if size_mb > max_mb:
             raise ExportError(f"{zip_path.name} would be {size_mb:.1f} MB, over the export.max_size_mb="
                               f"{max_mb:g} limit; raise the limit or zip fewer parts (export.zip_parts)")
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(zip_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return zip_path
 
 
@@ -229,8 +213,6 @@ def export_model(model, tokenizer, out_dir: str | Path, batch: dict[str, torch.T
                      "label_config": labels_cfg},
             "verification": {"max_abs_diff": diffs, "atol": atol, "rows": int(batch["input_ids"].shape[0])},
             "files": manifest(out_dir, written)}
-    tmp = out_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    tmp.replace(out_dir / META_FILE)
+    atomic_write_json(out_dir / META_FILE, meta)
     log.info("exported %s to %s", ", ".join(written), out_dir)
     return meta

@@ -1,25 +1,115 @@
-"""TEMPORARY (lead's branch): replaced by the fs helper's module at merge."""
+"""Files and directories that are either complete or absent: written aside, fsynced, then renamed into place.
+
+A reader (another rank, a sweep job, a resumed run) sees the old version or the new one, never half a file, and a
+crash mid-write leaves the previous version intact. Bottom layer: nothing from loralab is imported here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside ``directory`` survive a power cut (the file's own fsync does not cover it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write by name (h5py, safetensors, zipfile, savefig...); on a clean
+    exit it is fsynced and renamed over ``path``, on an exception deleted. The name is unique per process and
+    call, so concurrent writers of one path never share a temp file: each renames a whole file, the last wins."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """UTF-8 whatever the locale: files are read back on other machines."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
+    """Values JSON cannot hold (paths, numpy scalars, dates) are written as their ``str``."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=str))
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            _fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``final`` in two renames.
+
+    A crash while writing leaves ``final`` untouched (only a ``.tmp`` sibling to clean up); a crash between the
+    two renames leaves the previous version at ``<final>.old``, which ``recover`` puts back.
+    """
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(final: str | Path) -> None:
+    """Undo a swap interrupted between its two renames."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        old.rename(final)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Read in chunks: model weights do not fit in memory twice (``hashlib.file_digest`` needs Python 3.11)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-    return path

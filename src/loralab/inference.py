@@ -31,7 +31,8 @@ from transformers import (
 )
 
 from loralab.calibrate import probabilities
-from loralab.data.records import DataError, Record, load_records
+from loralab.core.device import resolve_device  # noqa: F401  (also imported from here by run.py, regression)
+from loralab.data.records import DataError, Record, load_records, write_rows
 from loralab.data.text import TokenizedRecords, length_sorted_order
 from loralab.export import (
     META_FILE,
@@ -63,10 +64,6 @@ class Exported:
     @property
     def temperature(self) -> float:
         return float(self.meta["temperature"])
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Exported:
@@ -136,14 +133,8 @@ def predict_file(model: str | Path, input: str | Path, output: str | Path, batch
     probs = probabilities(score(exported, records, batch_size), exported.temperature)
     seconds = time.perf_counter() - t0
     labels = exported.labels
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    with tmp.open("w") as fh:
-        for record, p in zip(records, probs):
-            fh.write(json.dumps({"id": record.id, "label": labels[int(p.argmax())],
-                                 "probs": {label: float(v) for label, v in zip(labels, p)}}) + "\n")
-    tmp.replace(output)
+    write_rows(output, ({"id": r.id, "label": labels[int(p.argmax())], "probs": dict(zip(labels, p.tolist()))}
+                        for r, p in zip(records, probs)))
     return {**report.as_dict(), "output": str(output), "model_part": exported.part,
             "temperature": exported.temperature, "score_seconds": seconds, "rows_per_s": len(records) / seconds}
 

@@ -24,13 +24,13 @@ from transformers import set_seed
 
 from loralab import config
 from loralab.core import distributed
-from loralab.core.checkpoint import Checkpoints, read_meta, recover
-from loralab.inference import resolve_device  # TEMPORARY: core.device at merge
+from loralab.core.checkpoint import Checkpoints, read_meta
+from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
 from loralab.core.memory import check_memory
 from loralab.core.trainer import Fit, Trainer
 from loralab.errors import ConfigError, TrainingInterrupted
-from loralab.fs import atomic_write_json
+from loralab.fs import atomic_write_json, recover
 from loralab.reporting import console
 from loralab.reporting.provenance import provenance
 from loralab.tasks.base import RunContext, Task

@@ -1,15 +1,13 @@
-"""Checkpoint directories that are either complete or absent: written aside, fsynced, then swapped in."""
+"""Checkpoints: inference weights and resumable training state, each a directory written with ``fs.atomic_dir``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,53 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.distributed import Dist
 from loralab.errors import CheckpointError
+from loralab.fs import atomic_dir
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``final`` in two renames.
-
-    A crash while writing leaves ``final`` untouched (only a ``.tmp`` sibling to clean up); a crash between the
-    two renames leaves the previous version at ``<final>.old``, which ``recover`` puts back.
-    """
-    final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(final: str | Path) -> None:
-    """Undo a swap interrupted between its two renames."""
-    final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if not final.exists() and old.exists():
-        old.rename(final)
 
 
 def save_checkpoint(directory: str | Path, model, tokenizer, meta: dict[str, Any]) -> Path:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from torch.utils.data import Dataset
-
 from loralab.data.records import DataError, LoadReport, read_rows
+from loralab.data.text import TokenizedTexts
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +81,9 @@ def article_text(article: Article, template: str) -> str:
     return template.format(title=article.title, content=article.content)
 
 
-class TokenizedArticles(Dataset):
-    """Token ids of each article's text (tokenized once) and its score vector."""
+class TokenizedArticles(TokenizedTexts):
+    """Each article's text and its score vector."""
 
     def __init__(self, articles: Sequence[Article], tokenizer, template: str, max_length: int):
-        enc = tokenizer([article_text(a, template) for a in articles], truncation=True, max_length=max_length)
-        self.input_ids: list[list[int]] = enc["input_ids"]
-        self.labels = [a.labels for a in articles]
-        self.ids = [a.id for a in articles]
-        self.truncated = sum(len(ids) >= max_length for ids in self.input_ids)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        super().__init__([article_text(a, template) for a in articles], [a.id for a in articles],
+                         [a.labels for a in articles], tokenizer, max_length)

@@ -7,10 +7,10 @@ under 25%, so oversampling and class weights have work to do.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
+
+from loralab.data.records import write_rows
 
 SESSIONS = ["asia", "london", "new_york", "overlap"]
 
@@ -55,16 +55,8 @@ def make_rows(n: int, seed: int, noise: float = 0.08, start_id: int = 0) -> list
 def write_demo(out_dir: str | Path, n_train: int = 2400, n_val: int = 600, seed: int = 7) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``val.jsonl`` (disjoint ids); rewriting gives byte-identical files."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, n, offset in (("train", n_train, 0), ("val", n_val, n_train)):
-        path = out / f"{name}.jsonl"
-        rows = make_rows(n, seed + offset, start_id=offset)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # DDP ranks / sweep jobs may write at once
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
-        paths.append(path)
-    return paths[0], paths[1]
+    return (write_rows(out / "train.jsonl", make_rows(n_train, seed, start_id=0)),
+            write_rows(out / "val.jsonl", make_rows(n_val, seed + n_train, start_id=n_train)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ split. ``split_report.json`` says how many rows each split kept and how far each
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -22,10 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import KBinsDiscretizer
 
-from loralab.data.records import DataError, LoadReport
+from loralab.data.records import DataError, LoadReport, read_rows
+from loralab.data.splits import score_tiers, stratified_split
+from loralab.fs import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -57,88 +56,29 @@ def record_kind(row: dict) -> str | None:
 
 
 def read_labelled(path: str | Path) -> tuple[list[str], list[dict], str, LoadReport]:
-    """Raw lines and parsed rows of one kind (the first valid row decides), with every dropped line counted."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file not found: {path}")
-    report, lines, rows, seen, kind = LoadReport(path=str(path)), [], [], set(), None
-    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
-        if not text.strip():
-            continue
-        report.rows_read += 1
-        try:
-            row = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
-            report.drop("invalid_json", line_no)
-            continue
-        if not isinstance(row, dict):
-            report.drop("not_object", line_no)
-            continue
-        rid = row.get("id")
-        if rid is None or rid == "" or isinstance(rid, (bool, dict, list, float)):
-            report.drop("missing_id", line_no)
-            continue
+    """Line texts (written out verbatim) and parsed rows of one kind (the first valid row decides), with every
+    dropped line counted by ``read_rows``, the reader training uses."""
+    kind = None
+
+    def parse(row: dict) -> dict | str:
+        nonlocal kind
         row_kind = record_kind(row)
         if row_kind is None:
-            report.drop("missing_label", line_no)
-            continue
+            return "missing_label"
         kind = kind or row_kind
-        if row_kind != kind:
-            report.drop(f"not_{kind}_record", line_no)
-            continue
-        if str(rid) in seen:
-            report.drop("duplicate_id", line_no)
-            continue
-        seen.add(str(rid))
-        lines.append(text)
-        rows.append(row)
-    report.rows_kept = len(rows)
-    if not rows:
+        return row if row_kind == kind else f"not_{kind}_record"
+
+    pairs, report = read_rows(path, parse, with_text=True)
+    if not pairs:
         raise DataError(f"{path}: no usable labelled rows ({dict(report.dropped)})")
+    lines, rows = (list(x) for x in zip(*pairs))
     return lines, rows, kind, report
-
-
-def score_tiers(scores: Sequence[float], n_tiers: int) -> tuple[list[str], list[float]]:
-    """Quantile tier of each score (``tier_0`` lowest) and the tier edges."""
-    values = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
-    if n_tiers <= 1 or np.ptp(values) == 0:
-        return ["tier_0"] * len(values), [float(values.min()), float(values.max())]
-    binner = KBinsDiscretizer(n_bins=n_tiers, encode="ordinal", strategy="quantile", subsample=None)
-    tiers = binner.fit_transform(values)[:, 0].astype(int)
-    return [f"tier_{t}" for t in tiers], [float(e) for e in binner.bin_edges_[0]]
 
 
 def strata(rows: Sequence[dict], kind: str, n_tiers: int) -> tuple[list[str], list[float] | None]:
     if kind == "classification":
         return [r["label"] for r in rows], None
     return score_tiers([float(np.mean(r["labels"])) for r in rows], n_tiers)
-
-
-def _split(idx: np.ndarray, strat: list[str] | None, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(rest, held-out) with ``n_held`` rows of ``idx`` held out; stratified unless a stratum is too small for it."""
-    if n_held <= 0:
-        return idx, idx[:0], True
-    try:
-        rest, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=strat)
-        return rest, held, strat is not None
-    except ValueError as err:  # a stratum with one row, or fewer held-out rows than strata
-        log.warning("stratified split impossible (%s); splitting without stratification", err)
-        rest, held = train_test_split(idx, test_size=n_held, random_state=seed)
-        return rest, held, False
-
-
-def stratified_split(strat: Sequence[str], ratios: dict[str, float], seed: int) -> tuple[dict[str, list[int]], bool]:
-    """Row indices per split (``train``, ``val``, optionally ``test``), each list in file order. Held-out sizes are
-    rounded from the whole file (not from what is left), so 0.7/0.2/0.1 of 100 rows is exactly 70/20/10."""
-    labels = np.asarray(strat)
-    idx = np.arange(len(labels))
-    rest, test, ok_test = _split(idx, labels.tolist(), round(ratios.get("test", 0.0) * len(idx)), seed)
-    train, val, ok_val = _split(rest, labels[rest].tolist(), round(ratios["val"] * len(idx)), seed)
-    out = {"train": sorted(train.tolist()), "val": sorted(val.tolist())}
-    if "test" in ratios:
-        out["test"] = sorted(test.tolist())
-    return out, ok_test and ok_val
 
 
 def split_report(strat: Sequence[str], parts: dict[str, list[int]]) -> dict[str, Any]:
@@ -169,17 +109,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     strat, edges = strata(rows, kind, cfg.score_tiers)
     parts, stratified = stratified_split(strat, ratios, cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        path = out / f"{split}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(lines[i] + "\n" for i in parts.get(split, [])), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(out / f"{split}.jsonl", "".join(lines[i] + "\n" for i in parts.get(split, [])))
     report = {"input": load.as_dict(), "kind": kind, "stratified_by": "label" if kind == "classification"
               else f"score tier ({cfg.score_tiers} quantile bins of the mean score)", "tier_edges": edges,
               "stratified": stratified, "seed": cfg.seed, "ratios_requested": ratios,
               **split_report(strat, parts)}
-    (out / "split_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "split_report.json", report)
     return report
 
 

@@ -12,9 +12,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from loralab.errors import DataError
+from loralab.fs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,16 @@ def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False
     return row if isinstance(row, str) else record_from_row(row, labels, allow_null)
 
 
-def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str]) -> tuple[list[T], LoadReport]:
+def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False
+              ) -> tuple[list[T] | list[tuple[str, T]], LoadReport]:
     """Parse every line of a JSONL file with ``parse``; keep valid rows (the first occurrence of an id wins) and
-    count the rest by reason. Shared by every record format, so all of them treat bad input the same way."""
+    count the rest by reason. Shared by every record format, so all of them treat bad input the same way.
+    ``with_text`` keeps ``(line text, row)`` pairs, for writers that copy rows verbatim (``data.prepare``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     report = LoadReport(path=str(path))
-    rows: list[T] = []
+    rows = []
     seen: set[str] = set()
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
@@ -140,7 +143,8 @@ def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str]) -> t
                 continue  # blank lines are formatting, not rows
             report.rows_read += 1
             try:
-                row = parse_object(raw.decode("utf-8"))
+                text = raw.decode("utf-8").rstrip("\r\n")
+                row = parse_object(text)
             except UnicodeDecodeError:
                 row = "invalid_utf8"
             parsed = parse(row) if isinstance(row, dict) else row
@@ -152,12 +156,19 @@ def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str]) -> t
                 report.drop("duplicate_id", line_no)
                 continue
             seen.add(key)
-            rows.append(parsed)
+            rows.append((text, parsed) if with_text else parsed)
     report.rows_kept = len(rows)
     if report.dropped:
         log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()),
                     report.rows_read, dict(report.dropped))
     return rows, report
+
+
+def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """JSONL, one object a line, written atomically: a reader never sees half a file."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    return Path(path)
 
 
 def load_records(

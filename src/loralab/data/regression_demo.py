@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from loralab.data.records import write_rows
+from loralab.fs import atomic_path, atomic_write_text
 
 FEATURES = ["ret_1d", "ret_5d", "ret_20d", "vol_5d", "vol_20d", "rsi_14", "macd", "volume_z", "spread_bp",
             "skew_20d", "kurt_20d", "gap_open"]
@@ -25,11 +26,9 @@ DIMENSIONS = ["relevance", "sentiment", "urgency"]
 
 
 def _atomic_h5(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may write the demo at once
-    with h5py.File(tmp, "w") as fh:  # track_times=False: rewriting gives a byte-identical file
-        fh.create_dataset("X", data=x, track_times=False)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:  # parallel jobs may write the demo at once
+        fh.create_dataset("X", data=x, track_times=False)  # track_times=False: rewriting is byte-identical
         fh.create_dataset("y", data=y, track_times=False)
-    tmp.replace(path)
 
 
 def tabular_arrays(n: int, seed: int, n_features: int = len(FEATURES)) -> tuple[np.ndarray, np.ndarray]:
@@ -48,12 +47,10 @@ def write_tabular_demo(train_file: str | Path, val_file: str | Path, schema_file
                        n_train: int = 3000, n_val: int = 750, seed: int = 11) -> tuple[Path, Path, Path]:
     """One series of ``n_train + n_val`` steps: the first part is train, the rest val (no look-ahead)."""
     paths = [Path(p) for p in (train_file, val_file, schema_file)]
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
     x, y = tabular_arrays(n_train + n_val, seed)
     _atomic_h5(paths[0], x[:n_train], y[:n_train])
     _atomic_h5(paths[1], x[n_train:], y[n_train:])
-    paths[2].write_text("".join(f"{name}\n" for name in FEATURES[: x.shape[1]]))
+    atomic_write_text(paths[2], "".join(f"{name}\n" for name in FEATURES[: x.shape[1]]))
     return paths[0], paths[1], paths[2]
 
 
@@ -93,21 +90,13 @@ def make_articles(n: int, seed: int, start_id: int = 0) -> list[dict]:
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may write the demo at once
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
-
-
 def write_article_demo(out_dir: str | Path, n_train: int = 480, n_val: int = 120, seed: int = 5
                        ) -> tuple[Path, Path, Path]:
     """``train.jsonl`` and ``val.jsonl`` (disjoint ids) plus ``labeled.jsonl`` (both, for ``loralab.data.prepare``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train, val = make_articles(n_train, seed), make_articles(n_val, seed + 1, start_id=n_train)
-    return (_write_jsonl(out / "train.jsonl", train), _write_jsonl(out / "val.jsonl", val),
-            _write_jsonl(out / "labeled.jsonl", train + val))
+    return (write_rows(out / "train.jsonl", train), write_rows(out / "val.jsonl", val),
+            write_rows(out / "labeled.jsonl", train + val))
 
 
 if __name__ == "__main__":

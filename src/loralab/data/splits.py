@@ -1,13 +1,17 @@
-"""Assembling the train/val splits a run uses, with the report that explains them."""
+"""Assembling the train/val splits a run uses, with the report that explains them; the one stratified splitter
+(also behind ``loralab.data.prepare`` and the article regression's carved validation split)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
+import numpy as np
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import KBinsDiscretizer
 
 from loralab.data.balance import class_counts, needs_oversampling, oversample
 from loralab.data.records import DataError, Record, leaked_ids, load_records
@@ -23,19 +27,55 @@ class Splits:
     train_original: list[Record] = field(default_factory=list)  # train before oversampling (for baselines)
 
 
+def split_off(strata: Sequence[Hashable], n_held: int, seed: int) -> tuple[list[int], list[int], bool]:
+    """Indices (kept, held out) of ``range(len(strata))`` with ``n_held`` held out, and whether the split is
+    stratified. It is, unless a stratum could not have a row on both sides (scikit-learn's own conditions, checked
+    first so nothing else is caught); then it is a plain shuffle. Same seed, same split."""
+    idx = np.arange(len(strata))
+    if n_held <= 0:
+        return idx.tolist(), [], True
+    counts = Counter(strata)
+    stratify = min(counts.values()) >= 2 and min(n_held, len(idx) - n_held) >= len(counts)
+    if not stratify:
+        log.warning("too few rows to give each stratum a place on both sides of a %d/%d split; splitting without "
+                    "stratification", len(idx) - n_held, n_held)
+    kept, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=list(strata) if stratify else None)
+    return kept.tolist(), held.tolist(), stratify
+
+
+def stratified_split(strat: Sequence[Hashable], ratios: dict[str, float], seed: int
+                     ) -> tuple[dict[str, list[int]], bool]:
+    """Row indices per split (``train``, ``val``, optionally ``test``), each list in file order, and whether both
+    cuts were stratified. Held-out sizes are rounded from the whole file (not from what is left), so 0.7/0.2/0.1
+    of 100 rows is exactly 70/20/10."""
+    n = len(strat)
+    rest, test, ok_test = split_off(strat, round(ratios.get("test", 0.0) * n), seed)
+    train, val, ok_val = split_off([strat[i] for i in rest], round(ratios["val"] * n), seed)
+    out = {"train": sorted(rest[i] for i in train), "val": sorted(rest[i] for i in val)}
+    if "test" in ratios:
+        out["test"] = sorted(test)
+    return out, ok_test and ok_val
+
+
+def score_tiers(scores: Sequence[float], n_tiers: int) -> tuple[list[str], list[float]]:
+    """Quantile tier of each score (``tier_0`` lowest) and the tier edges: the strata of regression rows, so every
+    split sees low, middle and high scores alike."""
+    values = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    if n_tiers <= 1 or np.ptp(values) == 0:
+        return ["tier_0"] * len(values), [float(values.min()), float(values.max())]
+    binner = KBinsDiscretizer(n_bins=n_tiers, encode="ordinal", strategy="quantile", subsample=None)
+    tiers = binner.fit_transform(values)[:, 0].astype(int)
+    return [f"tier_{t}" for t in tiers], [float(e) for e in binner.bin_edges_[0]]
+
+
 def carve_val(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """A stratified, seed-fixed validation slice: the same seed always holds out the same ids."""
-    strat = [r.label for r in records]
-    counts = {label: strat.count(label) for label in set(strat)}
-    n_val = math.ceil(val_split * len(records))  # as scikit-learn rounds it
+    """A stratified, seed-fixed validation slice: the same seed always holds out the same ids, in the same order
+    (scikit-learn's draw order, not file order: runs made before this splitter was shared train alike)."""
+    n_val = math.ceil(val_split * len(records))  # as scikit-learn rounds a fraction
     if not 0 < n_val < len(records):
         raise DataError(f"data.val_split={val_split} of {len(records)} valid rows leaves a split empty")
-    if min(counts.values()) < 2 or min(n_val, len(records) - n_val) < len(counts):
-        log.warning("too few rows to give each class a place in both splits; carving the validation split "
-                    "without stratification")
-        strat = None
-    train, val = train_test_split(list(records), test_size=val_split, random_state=seed, stratify=strat)
-    return train, val
+    train, val, _ = split_off([r.label for r in records], n_val, seed)
+    return [records[i] for i in train], [records[i] for i in val]
 
 
 def build_splits(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from loralab.data.records import Record
+from loralab.fs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +50,23 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | 
     else:
         ids = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             offsets = torch.tensor([0, *torch.tensor([len(x) for x in ids]).cumsum(0).tolist()], dtype=torch.int64)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers (DDP ranks) never clash
-            save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets}, tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:  # DDP ranks may write the same cache file at once
+                save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets},
+                          tmp)
     by_text = dict(zip(unique, ids))
     return [by_text[t] for t in texts]
 
 
-class TokenizedRecords(Dataset):
-    """Token ids of each record's feature text, tokenized once up front (not per epoch)."""
+class TokenizedTexts(Dataset):
+    """Token ids of each text, tokenized once up front (not per epoch), and its target: a class id, a score vector,
+    or none (inference). Every text model's dataset, whatever its record format."""
 
-    def __init__(self, records: Sequence[Record], tokenizer, label2id: dict[str, int] | None,
-                 template: str, max_length: int, cache_dir: str | Path | None = None):
-        texts = [serialize(r.features, template) for r in records]
+    def __init__(self, texts: Sequence[str], ids: Sequence[str | int], labels: Sequence[Any] | None, tokenizer,
+                 max_length: int, cache_dir: str | Path | None = None):
         self.input_ids: list[list[int]] = tokenize(texts, tokenizer, max_length, cache_dir)
-        self.ids = [r.id for r in records]
-        self.labels = [label2id[r.label] for r in records] if label2id is not None else None
+        self.ids = list(ids)
+        self.labels = list(labels) if labels is not None else None
         self.truncated = sum(len(ids) >= max_length for ids in self.input_ids)
 
     def __len__(self) -> int:
@@ -84,7 +83,17 @@ class TokenizedRecords(Dataset):
         return [len(ids) for ids in self.input_ids]
 
 
-def length_sorted_order(dataset: TokenizedRecords) -> list[int]:
+class TokenizedRecords(TokenizedTexts):
+    """Feature records: the serialized features, and the label's id (``label2id=None``: unlabelled)."""
+
+    def __init__(self, records: Sequence[Record], tokenizer, label2id: dict[str, int] | None,
+                 template: str, max_length: int, cache_dir: str | Path | None = None):
+        super().__init__([serialize(r.features, template) for r in records], [r.id for r in records],
+                         [label2id[r.label] for r in records] if label2id is not None else None,
+                         tokenizer, max_length, cache_dir)
+
+
+def length_sorted_order(dataset: TokenizedTexts) -> list[int]:
     """Indices longest first: eval/predict batches then pad little and the first batch shows peak memory."""
     return sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))
 

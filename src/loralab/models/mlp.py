@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+from loralab.fs import atomic_path
 
 
 class MLPRegressor(nn.Module):
@@ -23,28 +24,14 @@ class MLPRegressor(nn.Module):
 
 
 def save_best(path: str | Path, model: MLPRegressor, epoch: int, val_loss: float) -> Path:
-    """Write ``{model_state_dict, input_dim, hidden_dim, epoch, val_loss}`` — no optimizer state, no data — to a
-    temp file, fsync it, then rename over ``path``: a crash leaves the previous best intact, never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``{model_state_dict, input_dim, hidden_dim, epoch, val_loss}`` — no optimizer state, no data —
+    atomically: a crash leaves the previous best intact, never half a file."""
     payload = {"model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                "input_dim": int(model.input_dim), "hidden_dim": int(model.hidden_dim),
                "epoch": int(epoch), "val_loss": float(val_loss)}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-    return path
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        torch.save(payload, fh)
+    return Path(path)
 
 
 def load_best(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MLPRegressor, dict]:

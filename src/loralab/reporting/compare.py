@@ -24,6 +24,8 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
+from loralab.fs import atomic_path, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 OVERRIDES_TAG = "loralab.overrides"  # JSON list of a job's Hydra overrides (set on sweep children)
@@ -131,7 +133,7 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     keys = swept_keys(rows)
     labels = sorted({label for row in rows for label in row["f1"]})
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["job", "run_id", "status", *keys, "objective_key", "objective",
                     *(f"f1_{label}" for label in labels), "overrides", "error"])
@@ -155,9 +157,9 @@ def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     axes = [sorted({p[n] for p in points}) for n in range(2)]
     if len(points) != len(axes[0]) * len(axes[1]):
         return None
-    from matplotlib.figure import (
-        Figure,  # object API: no pyplot state, no display backend
-    )
+    from matplotlib.figure import Figure  # object API: no pyplot state, no display backend
+
+    from loralab.reporting.plots import save_figure  # matplotlib loads only when there is a heatmap to draw
 
     grid = [[math.nan] * len(axes[1]) for _ in axes[0]]
     for row in rows:
@@ -177,16 +179,13 @@ def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
             color = "crimson" if failed else ("k" if image.norm(value) > 0.6 else "w")  # readable on any cell
             ax.text(j, i, "failed" if failed else f"{value:.3f}", ha="center", va="center", color=color)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_summary(rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "sweep_summary") -> list[Path]:
     """CSV + markdown table (+ heatmap PNG when two numeric keys were swept) into ``out_dir``."""
     out_dir = Path(out_dir)
-    md = out_dir / f"{name}.md"
-    md.write_text(to_markdown(rows))
-    paths = [write_csv(rows, out_dir / f"{name}.csv"), md]
+    paths = [write_csv(rows, out_dir / f"{name}.csv"), atomic_write_text(out_dir / f"{name}.md", to_markdown(rows))]
     png = heatmap(rows, out_dir / f"{name}_heatmap.png")
     return paths + ([png] if png else [])
 

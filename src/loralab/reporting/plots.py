@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from loralab.fs import atomic_path
+
 log = logging.getLogger(__name__)
 
 DPI = 110
@@ -30,9 +32,12 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
+    """Atomically, so a crash or a concurrent reader never meets half a PNG; the format comes from ``path``'s
+    suffix, which the temp file's name would not give matplotlib."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, dpi=dpi)
     return path
 
 
@@ -61,7 +66,7 @@ def loss_curves(history: Sequence[Mapping[str, float]], path: Path, best_epoch: 
     ax.set_ylabel("loss (training objective)")
     ax.set_title("Loss per epoch")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def f1_curves(history: Sequence[Mapping[str, float]], labels: Sequence[str], path: Path,
@@ -85,7 +90,7 @@ def f1_curves(history: Sequence[Mapping[str, float]], labels: Sequence[str], pat
     ax.set_ylabel("F1 on val")
     ax.set_title("Validation F1 per epoch")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: lines stay visible
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrices(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path,
@@ -104,7 +109,7 @@ def confusion_matrices(matrix: Sequence[Sequence[int]], labels: Sequence[str], p
     disp.im_.set_clim(0, 1)
     ax_share.set_title("row-normalised (recall per true class)")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def class_distribution(class_counts: Mapping[str, Mapping[str, int]], path: Path) -> Path:
@@ -126,7 +131,7 @@ def class_distribution(class_counts: Mapping[str, Mapping[str, int]], path: Path
     ax.set_title("Class distribution per split")
     fig.legend(loc="outside lower center", ncols=len(splits), fontsize="small")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def make_plots(plot_dir: Path, history: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],

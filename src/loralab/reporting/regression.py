@@ -12,6 +12,7 @@ from matplotlib.figure import (
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.fs import atomic_write_json
+from loralab.reporting.plots import save_figure
 from loralab.reporting.provenance import git_state, package_versions
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,7 @@ def plot_loss_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: P
     ax.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_per_target(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, path: Path,
@@ -43,8 +43,7 @@ def plot_per_target(history: Sequence[dict[str, Any]], names: Sequence[str], bes
     ax.set(xlabel="epoch", ylabel=f"validation {metric.upper()}", title=f"Validation {metric.upper()} per dimension")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, out_dir: Path

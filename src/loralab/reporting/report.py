@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from loralab.fs import atomic_write_text
 from loralab.reporting.plots import make_plots
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,7 @@ def write_reports(run_dir: Path, labels: Sequence[str], summary: Mapping[str, An
                          plots={k: p.relative_to(run_dir).as_posix() for k, p in paths.items()},
                          overrides=hydra_overrides(run_dir), run_id=tracker.run_id, tracking_uri=tracker.uri,
                          run_dir=str(run_dir))
-    report = run_dir / "report.md"
-    report.write_text(text)
+    report = atomic_write_text(run_dir / "report.md", text)
     tracker.log_artifact(run_dir / "plots")  # the report's relative links resolve in MLflow's artifact view too
     tracker.log_artifact(report)
     log.info("wrote %s", report)

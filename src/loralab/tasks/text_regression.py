@@ -16,9 +16,9 @@ from transformers import DataCollatorWithPadding
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.loaders import TaskData
 from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles
-from loralab.data.prepare import score_tiers, stratified_split
 from loralab.data.records import leaked_ids
 from loralab.data.regression_demo import write_article_demo
+from loralab.data.splits import score_tiers, stratified_split
 from loralab.errors import DataError
 from loralab.export import zip_dir
 from loralab.metrics import regression_metrics

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.fs import atomic_write_json
 from loralab.reporting import compare
 from loralab.tracking.mlflow import MLflowTracker
 
@@ -54,10 +55,7 @@ def get_or_create_parent(sweep_dir: str | Path, uri: str, experiment: str,
         tracker = MLflowTracker(uri, experiment, run_name=f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}")
         run_id = tracker.start({}, tags={ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(sweep_dir.resolve()),
                                          **(tags or {})})
-        record = {"run_id": run_id, "uri": uri, "experiment": experiment}
-        tmp = sweep_dir / (PARENT_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(sweep_dir / PARENT_FILE)
+        atomic_write_json(sweep_dir / PARENT_FILE, {"run_id": run_id, "uri": uri, "experiment": experiment})
         log.info("sweep parent run %s for %s", run_id, sweep_dir)
         return run_id
 
