@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from loralab.core.checkpoint import Checkpoints, CheckpointError, atomic_dir, load_weights, read_meta, recover, save_train_state
+from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, read_meta, save_train_state
+from loralab.fs import atomic_dir, recover
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo, write_tabular_demo
 from loralab.core.trainer import EarlyStopping, Fit, NonFiniteLossError, Trainer
@@ -36,7 +37,7 @@ def test_atomic_dir_keeps_previous_version_when_writing_fails(tmp_path):
 
 WRITER = """
 import sys, os
-from loralab.core.checkpoint import atomic_dir
+from loralab.fs import atomic_dir
 final = sys.argv[1]
 i = 0
 while True:

@@ -129,11 +129,14 @@ def hydra_tags() -> dict[str, str]:
 def run(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
     multirun = sweep.is_multirun()
+    quiet = console.is_quiet(cfg.get("quiet", "auto"), multirun)
+    if quiet:
+        console.quiet_logging()
     if not multirun:
         cfg = settle(cfg)  # a single run with a bad value fails before an MLflow run exists
     ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
-    quiet = console.is_quiet(cfg.get("quiet", "auto"), multirun) or not ddp.is_main
-    if quiet:
+    if not ddp.is_main and not quiet:
+        quiet = True
         console.quiet_logging()
     out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
     out_dir.mkdir(parents=True, exist_ok=True)
