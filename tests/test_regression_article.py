@@ -85,7 +85,7 @@ def test_val_carved_from_train_is_stratified_deterministic_and_disjoint(tmp_path
 
 def test_experiment_composes_regression_with_lora_on_real_models(articles, tmp_path):
     cfg = compose_article(articles, tmp_path)
-    assert cfg.task == "text_regression" and cfg.model.max_length == 512 and cfg.lora.enabled is False
+    assert cfg.task.name == "text_regression" and cfg.model.max_length == 512 and cfg.lora.enabled is False
     assert cfg.loss._target_ == "torch.nn.MSELoss" and cfg.trainer.monitor == "val_mae"
     assert cfg.trainer.monitor_mode == "min"
     real = compose_article(articles, tmp_path, "model=qwen2_5_0_5b", "lora=default")
