@@ -76,7 +76,7 @@ def test_experiment_composes_the_frozen_loop(tabular, tmp_path):
     # The command line still wins over the experiment; without an experiment the task stays classification.
     assert compose_ms(tabular, tmp_path, "optim.lr=5e-4").optim.lr == 5e-4
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        assert compose("train").task == "classification"
+        assert compose("train").task.name == "classification"
 
 
 def test_schema_sets_input_dim_and_a_width_mismatch_fails_clearly(tabular, tmp_path):
