@@ -64,7 +64,8 @@ def test_gpu_profiles_refuse_clearly_without_cuda(monkeypatch):
 
 def test_check_keeps_a_config_the_run_can_use():
     cfg = check(compose_train("model=qwen2_5_0_5b"))
-    assert OmegaConf.to_container(check(cfg)) == OmegaConf.to_container(cfg)  # idempotent: a sweep job may check what a launcher checked
+    # idempotent: a sweep job may check what a launcher checked
+    assert OmegaConf.to_container(check(cfg)) == OmegaConf.to_container(cfg)
     assert OmegaConf.select(cfg, "optim.optimizer.lr") == cfg.optim.lr == 2e-4  # interpolations still resolve
     assert cfg.hardware.precision == "fp32" and f"{cfg.hardware.precision}" == "fp32"  # StrEnum reads as str
     assert isinstance(instantiate(cfg.lora), LoraConfig)
@@ -237,8 +238,12 @@ def test_auto_profile_on_a_gpu(gib, bf16, expected, fake_cuda):
     assert cfg.hardware.precision == expected["precision"]
 
 
-def test_resolved_auto_values_are_checked_again(fake_cuda):
+def test_resolved_auto_values_are_checked_again(fake_cuda, monkeypatch):
     fake_cuda(4.0)
     cfg = check(compose_train("hardware=auto", "optim.batch_size=10"))  # micro-batch still auto: passes
     with pytest.raises(ConfigError, match=r"^optim.batch_size=10: not divisible by hardware.micro_batch_size=4"):
+        resolve_hardware(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto becomes cpu: QLoRA cannot run there
+    cfg = check(compose_train("hardware=auto", "hardware.load_in_4bit=true", "model=qwen2_5_0_5b"))
+    with pytest.raises(ConfigError, match=r"^hardware.load_in_4bit=True: 4-bit .* needs a CUDA device"):
         resolve_hardware(cfg)

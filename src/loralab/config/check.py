@@ -33,7 +33,8 @@ SKIP = object()  # a value only the Hydra app can resolve (${hydra:...} outside 
 def check(cfg: DictConfig) -> DictConfig:
     """The run's config, typed by its task's schema and checked; raises ``ConfigError`` (one line) on the first
     broken rule. Call it right after composition, before anything loads. Interpolations stay unresolved (they
-    resolve as usual later, ``${hydra:...}`` inside the Hydra app); closed choices come back as ``StrEnum``s."""
+    resolve as usual later, ``${hydra:...}`` inside the Hydra app); closed choices come back as
+    ``schema.Choice`` enums, which read as their string values."""
     body = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in HYDRA_KEYS])
     task = OmegaConf.select(body, "task.name", default=None)
     require(task in ROOTS, "task.name", task, f"must be one of {', '.join(ROOTS)}")

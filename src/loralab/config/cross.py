@@ -47,7 +47,8 @@ def data_files(cfg: DictConfig) -> None:
 def class_weights(cfg: DictConfig) -> None:
     weights, labels = cfg.loss.get("class_weights"), cfg.data.get("labels")
     if OmegaConf.is_list(weights):
-        require(len(weights) == len(labels), "loss.class_weights", weights, f"needs one weight per label ({len(labels)})")
+        require(len(weights) == len(labels), "loss.class_weights", weights,
+                f"needs one weight per label ({len(labels)})")
 
 
 def lora(cfg: DictConfig) -> None:
@@ -61,7 +62,8 @@ def lora(cfg: DictConfig) -> None:
 def model(cfg: DictConfig) -> None:
     m = cfg.model
     if "pretrained" in m:
-        require(m.pretrained or bool(m.arch), "model.arch", m.arch, "pretrained=false needs a shipped architecture name")
+        require(m.pretrained or bool(m.arch), "model.arch", m.arch,
+                "pretrained=false needs a shipped architecture name")
 
 
 def monitor_names(cfg: DictConfig) -> tuple[set[str], Callable[[str], bool], str]:
@@ -71,7 +73,8 @@ def monitor_names(cfg: DictConfig) -> tuple[set[str], Callable[[str], bool], str
         labels = list(d.labels)
         known = {"val_macro_f1", "val_accuracy", "val_loss",
                  *(f"val_{m}_{label}" for m in ("precision", "recall", "f1") for label in labels)}
-        return known, lambda name: False, "must be val_macro_f1, val_accuracy, val_loss or val_<precision|recall|f1>_<label>"
+        rule = "must be val_macro_f1, val_accuracy, val_loss or val_<precision|recall|f1>_<label>"
+        return known, lambda name: False, rule
     names = d.get("target_names", d.get("dimension_names"))
     known = {"val_loss", *metric_names(list(names) if names is not None else [])}
     later = (lambda name: any(name.startswith(f"val_{s}_") for s in REGRESSION_SCORES)) if names is None else (
@@ -86,7 +89,7 @@ def monitor(cfg: DictConfig) -> None:
         require(name in known or later(name), key, name, rule)
     name, mode = cfg.trainer.monitor, cfg.trainer.monitor_mode
     lower_is_better = name == "val_loss" or any(name.startswith(f"val_{s}") for s in ("mse", "mae", "rmse"))
-    require(mode == ("min" if lower_is_better else "max"), "trainer.monitor_mode", str(mode),
+    require(mode == ("min" if lower_is_better else "max"), "trainer.monitor_mode", mode,
             f"{name} is {'an error' if lower_is_better else 'a score'}: must be {'min' if lower_is_better else 'max'}")
 
 
@@ -111,7 +114,7 @@ def hardware(cfg: DictConfig) -> None:
         require(torch.cuda.is_available(), "hardware.device", h.device,
                 "CUDA is not available here; use hardware=cpu or hardware=auto")
     if cfg.task.name == "tabular_regression":
-        require(h.precision in ("fp32", "auto"), "hardware.precision", str(h.precision),
+        require(h.precision in ("fp32", "auto"), "hardware.precision", h.precision,
                 "the MLP trains in fp32 (mixed precision buys nothing at this size)")
 
 

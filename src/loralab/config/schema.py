@@ -1,7 +1,7 @@
 """Schemas of the groups every task shares (conf/<group>/*.yaml): field names are the YAML keys, types are what
 OmegaConf enforces on merge, ``knob(...)`` rules are the ranges. Values stay in the YAML (defaults are MISSING).
 
-Closed choices are ``StrEnum``s: they compare, hash, format and JSON-encode as their string value.
+Closed choices are ``Choice`` enums: they compare, hash, format, print and JSON-encode as their string value.
 """
 
 from __future__ import annotations
@@ -31,52 +31,59 @@ from loralab.config.rules import (
 )
 
 
-class TaskName(StrEnum):
+class Choice(StrEnum):
+    """A closed choice that reads as its value everywhere (``repr`` included: config trees, error lines)."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class TaskName(Choice):
     classification = "classification"
     text_regression = "text_regression"
     tabular_regression = "tabular_regression"
 
 
-class Precision(StrEnum):
+class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
     auto = "auto"
 
 
-class Preflight(StrEnum):
+class Preflight(Choice):
     error = "error"
     warn = "warn"
     off = "off"
 
 
-class Leakage(StrEnum):
+class Leakage(Choice):
     warn = "warn"
     drop = "drop"
     error = "error"
 
 
-class MonitorMode(StrEnum):
+class MonitorMode(Choice):
     max = "max"
     min = "min"
 
 
-class CalibrationMethod(StrEnum):
+class CalibrationMethod(Choice):
     temperature = "temperature"
     none = "none"
 
 
-class BaselineName(StrEnum):
+class BaselineName(Choice):
     hgb = "hgb"
     logreg = "logreg"
 
 
-class TruncationSide(StrEnum):
+class TruncationSide(Choice):
     left = "left"
     right = "right"
 
 
-class Backend(StrEnum):
+class Backend(Choice):
     auto = "auto"
     nccl = "nccl"
     gloo = "gloo"
