@@ -54,7 +54,7 @@ def check(cfg: DictConfig) -> DictConfig:
 def fit_groups(body: DictConfig, task: str) -> None:
     """``model=mlp`` in a classification run: say it does not fit the task, not which of its keys are unknown."""
     for group in TASK_GROUPS:
-        node = body._get_node(group)
+        node = body.get(group)
         if not OmegaConf.is_dict(node) or fits(node, hints(ROOTS[task])[group]):
             continue
         others = {t: hints(root)[group] for t, root in ROOTS.items() if t != task}
@@ -130,27 +130,25 @@ def one_line(err: OmegaConfBaseException, root: type, body: DictConfig) -> Confi
         known = [f.name for f in dataclasses.fields(parent) if not f.name.startswith("_")] \
             if dataclasses.is_dataclass(parent) else []
         return ConfigError(f"{key}={value!r}: unknown key (known: {', '.join(known)})")
-    if value is SKIP:  # not in the composed config: the value OmegaConf was converting (an interpolation's result)
-        value = getattr(err, "value", None)
+    want = expected(*unwrap(type_at(root, parts)))
     if isinstance(err, InterpolationValidationError):
-        resolved = getattr(err, "value", None)
-        return ConfigError(f"{key}={value!r}: resolves to {resolved!r}, {expected(*unwrap(type_at(root, parts)))}")
+        return ConfigError(f"{key}={value!r}: resolves to {getattr(err, 'value', None)!r}, {want}")
     if isinstance(err, InterpolationResolutionError):
         return ConfigError(f"{key}={value!r}: cannot be resolved: {str(err.msg).splitlines()[0]}")
-    return ConfigError(f"{key}={value!r}: {expected(*unwrap(type_at(root, parts)))}")
+    if value is SKIP:  # not in the composed config (a list item OmegaConf was converting): its value
+        value = getattr(err, "value", None)
+    return ConfigError(f"{key}={value!r}: {want}")
 
 
 def raw(cfg: DictConfig, parts: list[str]) -> Any:
-    """The composed value at ``parts``, interpolations unresolved; ``SKIP`` where there is none."""
-    node: Any = cfg
+    """The composed value at ``parts``, interpolations as written; ``SKIP`` where there is none."""
+    node: Any = OmegaConf.to_container(cfg)
     for part in parts:
         try:
-            node = node._get_node(int(part) if OmegaConf.is_list(node) else part)
-        except (OmegaConfBaseException, AttributeError, ValueError, IndexError):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, ValueError, TypeError):
             return SKIP
-        if node is None:
-            return SKIP
-    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node._value()
+    return node
 
 
 def hints(schema: type) -> dict[str, Any]:

@@ -38,55 +38,19 @@ class Choice(StrEnum):
         return repr(self.value)
 
 
-class TaskName(Choice):
-    classification = "classification"
-    text_regression = "text_regression"
-    tabular_regression = "tabular_regression"
+def choices(name: str, values: str) -> type[Choice]:
+    return Choice(name, values, module=__name__)  # type: ignore[call-arg]  # StrEnum: each value is its name
 
 
-class Precision(Choice):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    auto = "auto"
-
-
-class Preflight(Choice):
-    error = "error"
-    warn = "warn"
-    off = "off"
-
-
-class Leakage(Choice):
-    warn = "warn"
-    drop = "drop"
-    error = "error"
-
-
-class MonitorMode(Choice):
-    max = "max"
-    min = "min"
-
-
-class CalibrationMethod(Choice):
-    temperature = "temperature"
-    none = "none"
-
-
-class BaselineName(Choice):
-    hgb = "hgb"
-    logreg = "logreg"
-
-
-class TruncationSide(Choice):
-    left = "left"
-    right = "right"
-
-
-class Backend(Choice):
-    auto = "auto"
-    nccl = "nccl"
-    gloo = "gloo"
+TaskName = choices("TaskName", "classification text_regression tabular_regression")
+Precision = choices("Precision", "fp32 bf16 fp16 auto")
+Preflight = choices("Preflight", "error warn off")
+Leakage = choices("Leakage", "warn drop error")
+MonitorMode = choices("MonitorMode", "max min")
+CalibrationMethod = choices("CalibrationMethod", "temperature none")
+BaselineName = choices("BaselineName", "hgb logreg")
+TruncationSide = choices("TruncationSide", "left right")
+Backend = choices("Backend", "auto nccl gloo")
 
 
 @dataclass

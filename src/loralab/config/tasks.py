@@ -16,31 +16,32 @@ from loralab.config.schema import Leakage, RunConf, TruncationSide
 
 
 @dataclass
-class RecordsDataConf:
-    OPTION: ClassVar[str] = "demo|jsonl"
+class SplitDataConf:
+    """Train file, optional val file (else a seed-fixed split carved from train) and the leakage policy."""
+
     demo: bool = MISSING  # true: deterministic files written on first use, so they need not exist yet
     train_file: str = MISSING
     val_file: Optional[str] = MISSING
     val_split: float = knob(interval("(0, 1)"))
+    leakage: Leakage = MISSING
+
+
+@dataclass
+class RecordsDataConf(SplitDataConf):
+    OPTION: ClassVar[str] = "demo|jsonl"
     labels: List[str] = knob(NAMES)
     template: str = knob(contains_any("{features}"))
     oversample_below: Optional[float] = knob(interval("(0, 1]"))
-    leakage: Leakage = MISSING
     allow_null: bool = MISSING
     cache_dir: Optional[str] = MISSING
 
 
 @dataclass
-class ArticlesDataConf:
+class ArticlesDataConf(SplitDataConf):
     OPTION: ClassVar[str] = "articles"
-    demo: bool = MISSING
-    train_file: str = MISSING
-    val_file: Optional[str] = MISSING
-    val_split: float = knob(interval("(0, 1)"))
     score_tiers: int = knob(ge(1))
     dimension_names: Optional[List[str]] = knob(NAMES)  # null: those of the first valid train row
     template: str = knob(contains_any("{title}", "{content}"))
-    leakage: Leakage = MISSING
 
 
 @dataclass
