@@ -9,7 +9,6 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.errors import ConfigError
-from loralab.metrics import metric_names
 
 REGRESSION_SCORES = ("mse", "mae", "rmse", "r2")
 
@@ -75,6 +74,8 @@ def monitor_names(cfg: DictConfig) -> tuple[set[str], Callable[[str], bool], str
                  *(f"val_{m}_{label}" for m in ("precision", "recall", "f1") for label in labels)}
         rule = "must be val_macro_f1, val_accuracy, val_loss or val_<precision|recall|f1>_<label>"
         return known, lambda name: False, rule
+    from loralab.metrics import metric_names  # sklearn: imported only when a config is checked
+
     names = d.get("target_names", d.get("dimension_names"))
     known = {"val_loss", *metric_names(list(names) if names is not None else [])}
     later = (lambda name: any(name.startswith(f"val_{s}_") for s in REGRESSION_SCORES)) if names is None else (
