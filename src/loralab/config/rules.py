@@ -26,10 +26,10 @@ class Rule:
             return False
 
 
-def knob(*rules: Rule, each: Rule | None = None, default: Any = MISSING) -> Any:
+def knob(*rules: Rule, each: Rule | None = None) -> Any:
     """A schema field with its rules in the metadata; ``each`` applies to every item of a dict or list field.
-    The default stays MISSING: values live in the YAML, types and rules here."""
-    return dataclasses.field(default=default, metadata={"rules": rules, "each": each})
+    No default (MISSING): values live in the YAML, types and rules here."""
+    return dataclasses.field(default=MISSING, metadata={"rules": rules, "each": each})
 
 
 def rules_of(f: dataclasses.Field) -> tuple[tuple[Rule, ...], Rule | None]:
