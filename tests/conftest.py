@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,19 @@ def tiny_data(tmp_path_factory) -> dict[str, Any]:
     write_jsonl(train, [*clean, leaked, "", *(line for _, line in BAD_TRAIN_LINES)])
     return {"train": train, "val": val, "train_rows": [*clean, leaked], "leaked_id": leaked["id"],
             "val_rows": [json.loads(line) for line in val.read_text().splitlines()]}
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch sees one CUDA device of ``fake_cuda(gib, bf16)`` GiB (default 80, bf16), so GPU profiles and ``auto``
+    can be checked and resolved on a CPU-only machine. Nothing may allocate on it."""
+    import torch
+
+    def use(gib: float = 80.0, bf16: bool = True) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda *a: types.SimpleNamespace(total_memory=int(gib * 2**30)))
+
+    use()
+    return use

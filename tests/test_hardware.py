@@ -7,8 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from loralab.config import ConfigError, accumulation_steps, validate
-from loralab.core.memory import estimate_memory, resolve_auto
+from loralab.config import ConfigError, accumulation_steps, check, resolve_hardware
+from loralab.core.memory import estimate_memory
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
 from loralab.core.memory import check_memory
 
@@ -30,21 +30,21 @@ def compose_cfg(*overrides):
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("hardware", PROFILES)
-def test_every_model_and_profile_composes(model, hardware):
-    cfg = compose_cfg(f"model={model}", f"hardware={hardware}")
-    hw = resolve_auto(OmegaConf.to_container(cfg.hardware))
+def test_every_model_and_profile_composes(model, hardware, fake_cuda):
+    cfg, _ = resolve_hardware(check(compose_cfg(f"model={model}", f"hardware={hardware}")))
+    hw = OmegaConf.to_container(cfg.hardware)
     assert "auto" not in [v for k, v in hw.items() if k != "name"]
     assert hw["precision"] in ("fp32", "bf16", "fp16")
     assert cfg.model.name == model and cfg.model.max_length > 0 and cfg.model.truncation_side in ("left", "right")
 
 
-def test_effective_batch_is_kept_across_profiles():
+def test_effective_batch_is_kept_across_profiles(fake_cuda):
     assert accumulation_steps(16, None) == 1
     assert accumulation_steps(16, 4) == 4
     assert accumulation_steps(16, 32) == 1  # a micro batch above the effective one is capped at it
     for profile in PROFILES:
-        hw = resolve_auto(OmegaConf.to_container(compose_cfg(f"hardware={profile}").hardware))
-        micro = hw["micro_batch_size"] or 32
+        hw = resolve_hardware(check(compose_cfg(f"hardware={profile}", "optim.batch_size=32")))[0].hardware
+        micro = hw.micro_batch_size or 32
         steps = accumulation_steps(32, micro)
         assert min(micro, 32) * steps == 32
     with pytest.raises(ConfigError, match=r"optim.batch_size=10.*micro_batch_size=4"):
@@ -89,13 +89,10 @@ def test_pretrained_false_builds_qwen2_5_0_5b_shape_offline():
     (["hardware.precision=fp8"], "hardware.precision"),
     (["hardware.preflight=maybe"], "hardware.preflight"),
 ])
-def test_bad_hardware_values_fail_in_one_line(override, key, tmp_path):
-    if "rtx3050" in override[0] and torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    cfg = compose_cfg("lora=default", *override)
-    cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware))
+def test_bad_hardware_values_fail_in_one_line(override, key, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        check(compose_cfg("lora=default", *override))
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 import loralab.export
-from loralab.config import ConfigError, validate
+from loralab.config import ConfigError, check
 from loralab.data.demo import write_demo
 from loralab.export import ExportError
 from loralab.inference import predict_file
@@ -39,13 +39,13 @@ def only_run(tmp_path):
 def test_calibration_and_export_config(tmp_path):
     cfg = compose_run(tmp_path, "run", "calibration=none")
     assert cfg.calibration.method == "none" and cfg.calibration.n_bins == 15
-    validate(cfg)
+    check(cfg)
     for override, key in (("export.zip_parts=[merged]", "export.zip_parts"),
                           ("export.zip_parts=[merged,loralab.json,weights]", "export.zip_parts"),
                           ("calibration.method=platt", "calibration.method"),
                           ("calibration.t_bounds=[2,5]", "calibration.t_bounds")):
         with pytest.raises(ConfigError, match=key):
-            validate(compose_run(tmp_path, "run", override))
+            check(compose_run(tmp_path, "run", override))
 
 
 @pytest.mark.slow

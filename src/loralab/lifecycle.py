@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> float:
         with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
             if multirun:
                 cfg = settle(cfg)  # in a sweep a bad value is a FAILED child, and the sweep goes on
-            used = OmegaConf.to_container(cfg, resolve=True)
+            used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             if ddp.is_main:
                 OmegaConf.save(used, out_dir / CONFIG_FILE)
                 if resumed_run_id is None:  # MLflow params are write-once; a resumed run already has them

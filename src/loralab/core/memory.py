@@ -24,28 +24,6 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces, before any tensor
 
 
-def resolve_auto(hw: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``auto`` values from what torch sees: device, precision, micro-batch, checkpointing, memory."""
-    hw = dict(hw)
-    cuda = torch.cuda.is_available()
-    if hw.get("device") == "auto":
-        hw["device"] = "cuda" if cuda else "cpu"
-    on_cuda = hw["device"].startswith("cuda")
-    mem_gib = torch.cuda.get_device_properties(0).total_memory / GIB if on_cuda and cuda else None
-    if hw.get("memory_gib") == "auto":
-        hw["memory_gib"] = mem_gib
-    if hw.get("precision") == "auto":
-        hw["precision"] = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda and cuda else "fp32"
-    small = mem_gib is not None and mem_gib < 12
-    if hw.get("micro_batch_size") == "auto":
-        hw["micro_batch_size"] = None if not on_cuda else (4 if small else 32)
-    if hw.get("gradient_checkpointing") == "auto":
-        hw["gradient_checkpointing"] = bool(small)
-    if hw.get("pin_memory") == "auto":
-        hw["pin_memory"] = on_cuda
-    return hw
-
-
 @dataclass
 class MemoryEstimate:
     weights_gib: float

@@ -1,0 +1,191 @@
+"""Schemas of the groups every task shares (conf/<group>/*.yaml): field names are the YAML keys, types are what
+OmegaConf enforces on merge, ``knob(...)`` rules are the ranges. Values stay in the YAML (defaults are MISSING).
+
+Closed choices are ``Choice`` enums: they compare, hash, format, print and JSON-encode as their string value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from loralab.config.rules import (
+    DEVICE,
+    GATE,
+    NOT_EMPTY,
+    SCHEDULER,
+    T_BOUNDS,
+    ZIP_PARTS_KNOWN,
+    ZIP_PARTS_LOADABLE,
+    auto_or,
+    ge,
+    gt,
+    interval,
+    is_int,
+    is_number,
+    knob,
+    one_of,
+)
+
+
+class Choice(StrEnum):
+    """A closed choice that reads as its value everywhere (``repr`` included: config trees, error lines)."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def choices(name: str, values: str) -> type[Choice]:
+    return Choice(name, values, module=__name__)  # type: ignore[call-arg]  # StrEnum: each value is its name
+
+
+TaskName = choices("TaskName", "classification text_regression tabular_regression")
+Precision = choices("Precision", "fp32 bf16 fp16 auto")
+Preflight = choices("Preflight", "error warn off")
+Leakage = choices("Leakage", "warn drop error")
+MonitorMode = choices("MonitorMode", "max min")
+CalibrationMethod = choices("CalibrationMethod", "temperature none")
+BaselineName = choices("BaselineName", "hgb logreg")
+TruncationSide = choices("TruncationSide", "left right")
+Backend = choices("Backend", "auto nccl gloo")
+
+
+@dataclass
+class TaskConf:
+    _target_: str = MISSING
+    name: TaskName = MISSING
+
+
+@dataclass
+class LoraConf:
+    """``enabled`` is ``${loralab.is_set:${.r}}`` in the YAML: a rank turns LoRA on (see conf/lora)."""
+
+    _target_: str = MISSING
+    _convert_: str = MISSING
+    enabled: bool = MISSING
+    task_type: str = knob(one_of("SEQ_CLS"))  # passed verbatim to peft.LoraConfig
+    r: Optional[int] = knob(gt(0))
+    lora_alpha: int = knob(gt(0))
+    lora_dropout: float = knob(interval("[0, 1)"))
+    target_modules: List[str] = knob(NOT_EMPTY)
+    bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
+
+
+@dataclass
+class OptimizerConf:
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class OptimConf:
+    lr: float = knob(gt(0))
+    batch_size: int = knob(gt(0))
+    weight_decay: float = knob(ge(0))
+    warmup_ratio: float = knob(interval("[0, 1)"))
+    scheduler: str = knob(SCHEDULER)
+    max_grad_norm: Optional[float] = knob(gt(0))
+    optimizer: OptimizerConf = MISSING
+
+
+@dataclass
+class EarlyStoppingConf:
+    patience: int = knob(ge(0))
+    min_delta: float = knob(ge(0))
+
+
+@dataclass
+class TrainerConf:
+    max_epochs: int = knob(ge(1))
+    monitor: str = MISSING  # which names exist depends on the task and labels: a cross-field rule
+    monitor_mode: MonitorMode = MISSING
+    early_stopping: EarlyStoppingConf = MISSING
+    save_top_k: int = knob(ge(1))  # the best epoch is reloaded from the kept checkpoints
+    group_by_length: bool = MISSING
+    compile: bool = MISSING
+    eval_batch_size: int = knob(gt(0))
+    deterministic: bool = MISSING
+    gates: Optional[Dict[str, str]] = knob(each=GATE)
+
+
+@dataclass
+class HardwareConf:
+    """The ``auto`` knobs are ``Any``: ``auto`` or a value, filled by ``resolve_hardware`` from what torch sees."""
+
+    name: str = MISSING
+    device: str = knob(DEVICE)
+    precision: Precision = MISSING
+    micro_batch_size: Any = knob(auto_or(lambda v: v is None or (is_int(v) and v > 0), "an int > 0 or null"))
+    gradient_checkpointing: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
+    num_workers: int = knob(ge(0))
+    pin_memory: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
+    attn_implementation: str = MISSING
+    load_in_4bit: bool = MISSING
+    memory_gib: Any = knob(auto_or(lambda v: v is None or (is_number(v) and v > 0), "a number > 0 or null"))
+    preflight: Preflight = MISSING
+    torch_threads: Optional[int] = knob(ge(1))
+
+
+@dataclass
+class TrackingConf:
+    _target_: str = MISSING
+    uri: str = MISSING
+    experiment: str = MISSING
+    run_name: str = MISSING
+    enabled: bool = MISSING
+
+
+@dataclass
+class CalibrationConf:
+    method: CalibrationMethod = MISSING
+    n_bins: int = knob(ge(1))
+    t_bounds: List[float] = knob(T_BOUNDS)
+
+
+@dataclass
+class ExportConf:
+    zip: bool = MISSING
+    zip_parts: Any = knob(ZIP_PARTS_KNOWN, ZIP_PARTS_LOADABLE)  # auto | a list of parts
+    max_size_mb: float = knob(gt(0))
+    verify_rows: int = knob(ge(1))
+    verify_atol: float = knob(ge(0))
+
+
+@dataclass
+class DistributedConf:
+    backend: Backend = MISSING
+    timeout_min: float = knob(gt(0))
+
+
+@dataclass
+class BaselineConf:
+    name: BaselineName = MISSING
+    threads: Optional[int] = knob(ge(1))
+    params: Dict[str, Any] = MISSING  # passed to the scikit-learn estimator as is
+
+
+@dataclass
+class RunConf:
+    """Keys every task has; a task's root adds its data, model and loss schema."""
+
+    task: TaskConf = MISSING
+    lora: LoraConf = MISSING
+    optim: OptimConf = MISSING
+    trainer: TrainerConf = MISSING
+    hardware: HardwareConf = MISSING
+    tracking: TrackingConf = MISSING
+    calibration: CalibrationConf = MISSING
+    export: ExportConf = MISSING
+    distributed: DistributedConf = MISSING
+    baseline: Optional[BaselineConf] = MISSING
+    task_name: str = MISSING
+    seed: int = MISSING
+    resume: Optional[str] = MISSING  # null | auto | a checkpoint dir
+    quiet: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
+    objective: str = MISSING
+    paths: Dict[str, Any] = MISSING  # open: the run's directories (conf/train.yaml)

@@ -1,0 +1,120 @@
+"""One root schema per task: which data, model and loss schema its run takes (``conf/task/<name>.yaml`` picks it).
+
+A group option that fits another task's schema only (``model=mlp`` in a classification run) fails as such, before
+its keys are reported one by one; ``OPTION`` names the options a schema stands for in that message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, List, Optional
+
+from omegaconf import MISSING
+
+from loralab.config.rules import CLASS_WEIGHTS, NAMES, contains_any, ge, gt, interval, knob
+from loralab.config.schema import Leakage, RunConf, TruncationSide
+
+
+@dataclass
+class SplitDataConf:
+    """Train file, optional val file (else a seed-fixed split carved from train) and the leakage policy."""
+
+    demo: bool = MISSING  # true: deterministic files written on first use, so they need not exist yet
+    train_file: str = MISSING
+    val_file: Optional[str] = MISSING
+    val_split: float = knob(interval("(0, 1)"))
+    leakage: Leakage = MISSING
+
+
+@dataclass
+class RecordsDataConf(SplitDataConf):
+    OPTION: ClassVar[str] = "demo|jsonl"
+    labels: List[str] = knob(NAMES)
+    template: str = knob(contains_any("{features}"))
+    oversample_below: Optional[float] = knob(interval("(0, 1]"))
+    allow_null: bool = MISSING
+    cache_dir: Optional[str] = MISSING
+
+
+@dataclass
+class ArticlesDataConf(SplitDataConf):
+    OPTION: ClassVar[str] = "articles"
+    score_tiers: int = knob(ge(1))
+    dimension_names: Optional[List[str]] = knob(NAMES)  # null: those of the first valid train row
+    template: str = knob(contains_any("{title}", "{content}"))
+
+
+@dataclass
+class TabularDataConf:
+    OPTION: ClassVar[str] = "marketsentinel"
+    demo: bool = MISSING
+    train_file: str = MISSING
+    val_file: str = MISSING
+    schema_file: str = MISSING
+    target_names: List[str] = knob(NAMES)
+
+
+@dataclass
+class QwenModelConf:
+    OPTION: ClassVar[str] = "tiny_qwen2|qwen2_5_*"
+    _target_: str = MISSING
+    name: str = MISSING
+    hub_id: Optional[str] = MISSING
+    path: Optional[str] = MISSING
+    pretrained: bool = MISSING
+    arch: Optional[str] = MISSING  # needed when pretrained=false: a cross-field rule
+    max_length: int = knob(gt(0))
+    truncation_side: TruncationSide = MISSING
+    tokenizer_vocab_size: int = knob(gt(0))
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
+class MLPModelConf:
+    OPTION: ClassVar[str] = "mlp"
+    _target_: str = MISSING
+    hidden_dim: int = knob(gt(0))
+
+
+@dataclass
+class LossConf:
+    """A regression loss: any ``torch.nn`` style module built from ``_target_`` alone (MSE, summed head MSE)."""
+
+    OPTION: ClassVar[str] = "mse|head_mse"
+    _target_: str = MISSING
+
+
+@dataclass
+class FocalLossConf(LossConf):
+    OPTION: ClassVar[str] = "focal"
+    gamma: float = knob(ge(0))
+    class_weights: Any = knob(CLASS_WEIGHTS)  # length must match data.labels: a cross-field rule
+
+
+@dataclass
+class ClassificationConf(RunConf):
+    data: RecordsDataConf = MISSING
+    model: QwenModelConf = MISSING
+    loss: FocalLossConf = MISSING
+
+
+@dataclass
+class TextRegressionConf(RunConf):
+    data: ArticlesDataConf = MISSING
+    model: QwenModelConf = MISSING
+    loss: LossConf = MISSING
+
+
+@dataclass
+class TabularRegressionConf(RunConf):
+    data: TabularDataConf = MISSING
+    model: MLPModelConf = MISSING
+    loss: LossConf = MISSING
+
+
+ROOTS: dict[str, type[RunConf]] = {
+    "classification": ClassificationConf,
+    "text_regression": TextRegressionConf,
+    "tabular_regression": TabularRegressionConf,
+}
+TASK_GROUPS = ("data", "model", "loss")  # the groups whose schema depends on the task
