@@ -22,18 +22,23 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, get_scheduler, set_seed
+from omegaconf import OmegaConf
+from transformers import Trainer as HFTrainer
+from transformers import TrainingArguments, set_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from loralab import config  # noqa: E402
+from loralab.core.checkpoint import Checkpoints  # noqa: E402
+from loralab.core.device import resolve_device  # noqa: E402
+from loralab.core.loaders import make_loaders  # noqa: E402
+from loralab.core.trainer import Fit, Trainer, predict_logits  # noqa: E402
 from loralab.data.demo import write_demo  # noqa: E402
-from loralab.core.memory import resolve_auto  # noqa: E402
-from loralab.core.trainer import TrainState, predict_logits, train_one_epoch  # noqa: E402
 from loralab.metrics import classification_metrics  # noqa: E402
-from loralab.run import build_model, make_loaders, prepare_data, resolve_device  # noqa: E402
+from loralab.paths import conf_dir  # noqa: E402
+from loralab.tasks.base import RunContext  # noqa: E402
+from loralab.tasks.classification import Classification  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for MFU; matched on the CUDA device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 3050": 36.0}
@@ -48,18 +53,13 @@ class NullTracker:
 
 
 def compose_cfg(overrides: list[str], data_dir: Path):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    """The run's config as the lifecycle would settle it: typed, checked, ``auto`` resolved."""
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["data=jsonl", f"data.train_file={data_dir}/train.jsonl",
                                           f"data.val_file={data_dir}/val.jsonl", "data.cache_dir=null",
-                                          "data.oversample_below=null", *overrides])
-    with open_dict(cfg):
-        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
-    return cfg
-
-
-def fresh_model(cfg, labels, splits, device):
-    set_seed(cfg.seed)  # identical initial weights for both trainers
-    return build_model(cfg, labels, splits, device)
+                                          "data.oversample_below=null", "baseline=none", "trainer.max_epochs=1",
+                                          *overrides])
+    return config.resolve_hardware(config.check(cfg))[0]
 
 
 def non_embedding_params(model) -> int:
@@ -74,16 +74,6 @@ def flops_per_token(model, seq_len: float) -> float:
     return 4 * non_embedding_params(model) + attention
 
 
-def peak_memory_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_memory(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def evaluate(model, val_loader, device, precision, labels):
     t0 = time.perf_counter()
     logits, y = predict_logits(model, val_loader, device, precision)
@@ -94,57 +84,55 @@ def evaluate(model, val_loader, device, precision, labels):
     return f1, len(y) / seconds
 
 
-def run_loralab(cfg, labels, splits, weights, device):
-    model, tokenizer, _ = fresh_model(cfg, labels, splits, device)
-    train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, cfg.model.max_length)
-    loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
-    optimizer = instantiate(cfg.optim.optimizer)(
-        params=[p for p in model.parameters() if p.requires_grad])
-    steps = -(-len(train_loader) // accum)
-    scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_training_steps=steps,
-                              num_warmup_steps=int(cfg.optim.warmup_ratio * steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.hardware.precision == "fp16")
-    train_loader.batch_sampler.set_epoch(1)
-    reset_memory(device)
-    state = TrainState()
-    t0 = time.perf_counter()
-    train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, state, device=device,
-                    precision=cfg.hardware.precision, accum_steps=accum, max_grad_norm=cfg.optim.max_grad_norm,
-                    stop_requested=lambda: False, on_interrupt=lambda s: None, desc="loralab")
+def fresh(task: Classification):
+    """The task's model with the run's seed: identical initial weights for both trainers."""
+    set_seed(task.cfg.seed)
+    return task.build_model()
+
+
+def run_loralab(cfg, task, data, device, work):
+    """One epoch through loralab's Trainer; its own timers (train time excludes evaluation and checkpoints)."""
+    model = fresh(task)
+    train_loader, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
+                                                   trainer=cfg.trainer, seed=cfg.seed)
+    trainer = Trainer(cfg.trainer, cfg.optim, precision=cfg.hardware.precision, device=device)
+    trainer.setup(Fit(model, task.loss(), train_loader, val_loader, task.metrics, accum),
+                  Checkpoints(work / "checkpoints", keep=1, mode="max", meta={}))
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    peak = peak_memory_gib(device)
-    f1, eval_sps = evaluate(model, val_loader, device, cfg.hardware.precision, labels)
-    return model, train_loader, {"seconds": seconds, "steps": state.step, "peak_memory_gib": peak,
-                                 "val_macro_f1": f1, "eval_samples_per_s": eval_sps}
+        torch.cuda.reset_peak_memory_stats(device)
+    epoch = trainer.fit().history[0]
+    return model, {"seconds": epoch["epoch_train_time_s"], "steps": trainer.state.step,
+                   "peak_memory_gib": epoch.get("peak_memory_gib"), "val_macro_f1": epoch["val_macro_f1"],
+                   "eval_samples_per_s": epoch["eval_samples_per_s"]}
 
 
-def run_hf_trainer(cfg, labels, splits, weights, device, out_dir):
-    model, tokenizer, _ = fresh_model(cfg, labels, splits, device)
-    train_loader, val_loader, accum = make_loaders(cfg, splits, labels, tokenizer, cfg.model.max_length)
-    loss_fn = instantiate(cfg.loss, class_weights=weights).to(device)
+def run_hf_trainer(cfg, task, data, device, out_dir):
+    model = fresh(task)
+    _, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
+                                        trainer=cfg.trainer, seed=cfg.seed)
+    loss_fn = task.loss()
     hw, o = cfg.hardware, cfg.optim
-    steps = -(-len(train_loader) // accum)
+    steps = -(-len(data.train) // o.batch_size)
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=o.batch_size // accum,
         gradient_accumulation_steps=accum, num_train_epochs=1, learning_rate=o.lr, weight_decay=o.weight_decay,
-        lr_scheduler_type=o.scheduler, warmup_steps=int(o.warmup_ratio * steps), max_grad_norm=o.max_grad_norm,
+        lr_scheduler_type=str(o.scheduler), warmup_steps=int(o.warmup_ratio * steps), max_grad_norm=o.max_grad_norm,
         bf16=hw.precision == "bf16", fp16=hw.precision == "fp16", use_cpu=device.type == "cpu",
         train_sampling_strategy="group_by_length", dataloader_num_workers=hw.num_workers,
-        dataloader_pin_memory=hw.pin_memory, report_to="none", save_strategy="no", logging_strategy="no",
+        dataloader_pin_memory=bool(hw.pin_memory), report_to="none", save_strategy="no", logging_strategy="no",
         disable_tqdm=True, seed=cfg.seed, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train_loader.dataset,
-                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
-                      compute_loss_func=lambda outputs, y, num_items_in_batch=None: loss_fn(outputs.logits, y))
-    reset_memory(device)
+    trainer = HFTrainer(model=model, args=args, train_dataset=data.train, data_collator=data.collate,
+                        compute_loss_func=lambda outputs, y, num_items_in_batch=None: loss_fn(outputs.logits, y))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     result = trainer.train()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    peak = peak_memory_gib(device)
-    f1, eval_sps = evaluate(model, val_loader, device, hw.precision, labels)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    f1, eval_sps = evaluate(model, val_loader, device, hw.precision, list(cfg.data.labels))
     return {"seconds": seconds, "steps": result.global_step, "peak_memory_gib": peak, "val_macro_f1": f1,
             "eval_samples_per_s": eval_sps}
 
@@ -160,20 +148,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loralab-bench-"))
     write_demo(work, n_train=args.rows, n_val=args.val_rows)
     cfg = compose_cfg(overrides, work)
-    labels = list(cfg.data.labels)
-    splits, weights = prepare_data(cfg, labels, work, NullTracker())
     device = resolve_device(cfg.hardware.device)
+    task = Classification(cfg, RunContext(out_dir=work, device=device, tracker=NullTracker()))
+    data = task.build_data()
 
     hf = ours = None
     for r in range(args.repeat):
         for name in (("hf", "loralab") if r % 2 == 0 else ("loralab", "hf")):
             if name == "hf":
-                res = run_hf_trainer(cfg, labels, splits, weights, device, work / "hf")
+                res = run_hf_trainer(cfg, task, data, device, work / "hf")
                 hf = res if hf is None or res["seconds"] < hf["seconds"] else hf
             else:
-                model, train_loader, res = run_loralab(cfg, labels, splits, weights, device)
+                model, res = run_loralab(cfg, task, data, device, work)
                 ours = res if ours is None or res["seconds"] < ours["seconds"] else ours
-    lengths = train_loader.dataset.lengths
+    lengths = data.train_lengths
     samples, tokens = len(lengths), sum(lengths)
     for r in (ours, hf):
         r["samples_per_s"] = samples / r["seconds"]
@@ -182,8 +170,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "lora": OmegaConf.to_container(cfg.lora) if cfg.lora.enabled else None,
-        "precision": cfg.hardware.precision, "batch_size": cfg.optim.batch_size,
+        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "lora": OmegaConf.to_container(cfg.lora, enum_to_str=True) if cfg.lora.enabled else None,
+        "precision": str(cfg.hardware.precision), "batch_size": cfg.optim.batch_size,
         "micro_batch_size": cfg.hardware.micro_batch_size, "train_rows": samples, "train_tokens": tokens,
         "mean_tokens_per_row": tokens / samples, "repeat": args.repeat, "loralab": ours, "hf_trainer_peft": hf,
         "speedup_samples_per_s": ours["samples_per_s"] / hf["samples_per_s"],
