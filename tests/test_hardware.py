@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from loralab.config import ConfigError, accumulation_steps, check, resolve_hardware
-from loralab.core.memory import estimate_memory
+from loralab.models.memory import estimate_memory
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
-from loralab.core.memory import check_memory
+from loralab.models.memory import check_memory
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MODELS = ["tiny_qwen2", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"]

@@ -27,7 +27,7 @@ from loralab.core import distributed
 from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
-from loralab.core.memory import check_memory
+from loralab.models.memory import check_memory
 from loralab.core.trainer import Fit, Trainer
 from loralab.errors import ConfigError, TrainingInterrupted
 from loralab.fs import atomic_write_json, recover
