@@ -18,7 +18,9 @@ from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, 
 from loralab.fs import atomic_dir, recover
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo, write_tabular_demo
-from loralab.core.trainer import EarlyStopping, Fit, NonFiniteLossError, Trainer
+from loralab.core.state import EarlyStopping
+from loralab.core.trainer import Fit, Trainer
+from loralab.errors import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 

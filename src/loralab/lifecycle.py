@@ -57,6 +57,16 @@ def settle(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def settle_job(cfg: DictConfig, tracker) -> DictConfig:
+    """``settle`` inside a sweep job's MLflow run; a job that fails it still shows the values it was given."""
+    try:
+        return settle(cfg)
+    except ConfigError:
+        with contextlib.suppress(Exception):  # a value that does not even resolve is already named in the error
+            tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
+        raise
+
+
 def output_names(cfg: DictConfig) -> list[str]:
     """Labels (classification) or target dimensions (regression); [] when the data decides."""
     d = cfg.data
@@ -150,7 +160,7 @@ def run(cfg: DictConfig) -> float:
     try:
         with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
             if multirun:
-                cfg = settle(cfg)  # in a sweep a bad value is a FAILED child, and the sweep goes on
+                cfg = settle_job(cfg, tracker)  # in a sweep a bad value is a FAILED child, and the sweep goes on
             used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             if ddp.is_main:
                 OmegaConf.save(used, out_dir / CONFIG_FILE)

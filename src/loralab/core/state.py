@@ -1,0 +1,65 @@
+"""Where training stands, as plain numbers (so it round-trips through a checkpoint), and the early-stopping rule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without the monitored metric improving by more than ``min_delta``."""
+
+    patience: int
+    min_delta: float = 0.0
+    mode: str = "max"
+    best: float = -math.inf
+    bad_epochs: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's value; True when it is a new best."""
+        score = value if self.mode == "max" else -value
+        if score > self.best + self.min_delta:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs > 0 and self.bad_epochs >= self.patience  # patience 0: stop at the first miss
+
+
+@dataclass
+class TrainState:
+    """Where training stands; plain numbers only, so it round-trips through a checkpoint."""
+
+    epoch: int = 0                 # completed epochs
+    batches_done: int = 0          # micro-batches already run in epoch ``epoch + 1`` (mid-epoch resume)
+    step: int = 0                  # optimizer steps so far
+    loss_sum: float = 0.0          # train loss x samples so far in the unfinished epoch
+    samples: int = 0
+    train_time_s: float = 0.0      # in the unfinished epoch
+    skipped_steps: int = 0         # fp16 overflow steps skipped by the GradScaler
+    best_epoch: int | None = None
+    stop_reason: str = "max_epochs"
+    early_stopping: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """Every metric of the best epoch."""
+        return self.history[self.best_epoch - 1]
+
+    @property
+    def fit_time_s(self) -> float:
+        """Training time of the finished epochs (evaluation excluded)."""
+        return sum(h["epoch_train_time_s"] for h in self.history)
+
+    @property
+    def train_samples_per_s(self) -> float:
+        return sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in self.history) / max(self.fit_time_s, 1e-9)
