@@ -17,11 +17,11 @@ from loralab.calibrate import probabilities
 from loralab.data.demo import make_rows
 from loralab.data.records import DataError
 from loralab.data.text import serialize
-from loralab.cli.evaluate import evaluate_file
+from loralab.cli.predict import main as predict_main
 from loralab.export import ExportError, export_model, safe_extract, verify_export, zip_dir
 from loralab.models.build import ModelSource
 from loralab.models.lora import apply_lora
-from loralab.inference import load_exported, main as predict_main, predict_file
+from loralab.inference import evaluate_file, load_exported, predict_file
 
 LABELS = ["long", "short", "skip"]
 MAX_LENGTH = 48

@@ -1,4 +1,4 @@
-"""python -m loralab.data.prepare: stratified, seed-deterministic train/val/test splits with disjoint ids."""
+"""loralab-prepare (loralab.data.prepare): stratified, seed-deterministic train/val/test splits with disjoint ids."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loralab.data.prepare import PrepareConfig, main, prepare
+from loralab.cli.prepare import main
+from loralab.data.prepare import PrepareConfig, prepare
 from loralab.data.regression_demo import make_articles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_cli_reports_proportions_and_rejects_bad_ratios(tmp_path, capsys):
 
 def test_python_m_entry_point(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", classification_rows(60))
-    proc = subprocess.run([sys.executable, "-m", "loralab.data.prepare", f"input={src}", f"output_dir={tmp_path / 'o'}",
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli.prepare", f"input={src}", f"output_dir={tmp_path / 'o'}",
                            "train_ratio=0.8", "val_ratio=0.1", "test_ratio=0.1"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -25,6 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from loralab.cli.compare import main as compare_main
 from loralab.reporting import compare
 from loralab.data.demo import write_demo
 from loralab.tracking.sweep import close_orphans, get_or_create_parent, read_parent
@@ -125,7 +126,7 @@ def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_file
     assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_failed"] == 1
 
     capsys.readouterr()
-    assert compare.main([str(tmp_path / "multirun" / "0")]) == 0  # a job dir finds its sweep
+    assert compare_main([str(tmp_path / "multirun" / "0")]) == 0  # a job dir finds its sweep
     table = capsys.readouterr().out
     assert table.index("FINISHED") < table.index("FAILED")  # best objective first, failed last
 

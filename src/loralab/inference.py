@@ -2,16 +2,15 @@
 
 Rows are validated exactly as in training (``load_records``); bad ones are counted by reason and left out, never
 fatal. Texts are serialized with the recorded template, scored in length-sorted batches (little padding), and
-written back in input order with the calibrated probability of every label.
-
-CLI: ``python predict.py model=<zip or dir> input=<jsonl> output=<jsonl> [batch_size=64] [device=auto]``
+written back in input order with the calibrated probability of every label. ``evaluate_file`` scores a labelled
+file into a metrics report shaped like training's ``metrics.json``. The command lines are ``loralab.cli.predict``
+and ``loralab.cli.evaluate``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import (
@@ -30,7 +27,7 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
-from loralab.calibrate import probabilities
+from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device  # noqa: F401  (also imported from here by run.py, regression)
 from loralab.data.records import DataError, Record, load_records, write_rows
 from loralab.data.text import TokenizedRecords, length_sorted_order
@@ -42,6 +39,8 @@ from loralab.export import (
     safe_extract,
 )
 from loralab.core.trainer import predict_logits
+from loralab.fs import atomic_write_json
+from loralab.metrics import classification_metrics, evaluate_gates
 
 log = logging.getLogger(__name__)
 
@@ -139,61 +138,28 @@ def predict_file(model: str | Path, input: str | Path, output: str | Path, batch
             "temperature": exported.temperature, "score_seconds": seconds, "rows_per_s": len(records) / seconds}
 
 
-# ---------------------------------------------------------------------------------------------------------- CLI
-
-@dataclass
-class PredictArgs:
-    model: str = MISSING  # model_final.zip or a run dir with loralab.json
-    input: str = MISSING  # JSONL of {"id", "features"} rows (a label, if present, is ignored)
-    output: str = MISSING  # JSONL written with id, label, probs
-    batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    trust_remote_code: bool = False  # never run code shipped with a model unless set
-
-
-def parse_args(schema: type, argv: Sequence[str]):
-    """``key=value`` arguments checked against a dataclass: unknown keys, bad types and missing values are one-line
-    errors (OmegaConf's CLI parser; not Hydra, whose ``model=`` would select the ``conf/model`` group)."""
-    try:
-        args = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_cli(list(argv)))
-        missing = sorted(OmegaConf.missing_keys(args))
-        if missing:
-            raise ValueError(f"missing {', '.join(f'{k}=...' for k in missing)}")
-        return OmegaConf.to_object(args)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ValueError(str(err).splitlines()[0]) from None
-
-
-def run_cli(fn, schema: type, argv: Sequence[str] | None, usage: str) -> int:
-    """Shared entry point of predict/evaluate: parse, run, print one line per outcome; exit 2 on bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(schema, argv)
-    except ValueError as err:
-        print(f"error: {err}\nusage: {usage}", file=sys.stderr)
-        return 2
-    try:
-        fn(args)
-    except (DataError, ExportError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _predict(args: PredictArgs) -> None:
-    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code)
-    print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
-          f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}")
-    if stats["rows_dropped"]:
-        print(f"dropped {stats['rows_dropped']} rows: " + ", ".join(
-            f"{reason}={n} (first at line {stats['first_line_by_reason'][reason]})"
-            for reason, n in stats["dropped_by_reason"].items()))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_predict, PredictArgs, argv, "python predict.py model=<zip or dir> input=<jsonl> output=<jsonl>")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
+                  batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+    """Score a labelled file; write and return scalars (``<prefix>macro_f1``…, NLL/ECE/Brier raw and with the
+    exported temperature), per-class table, confusion matrix and the training gates applied to this file."""
+    exported = load_exported(model, resolve_device(device), trust_remote_code)
+    labels, meta = exported.labels, exported.meta
+    records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False))
+    if not records:
+        raise DataError(f"{input}: no valid labelled rows (dropped by reason: {dict(report.dropped)})")
+    y = [labels.index(r.label) for r in records]
+    logits = score(exported, records, batch_size)
+    cls = classification_metrics(y, logits.argmax(-1), labels, prefix=prefix)
+    n_bins = meta.get("calibration", {}).get("n_bins", 15)
+    raw = calibration_metrics(probabilities(logits), y, n_bins)
+    calibrated = calibration_metrics(probabilities(logits, exported.temperature), y, n_bins)
+    scalars = {**cls["scalars"], **{f"{prefix}{k}": v for k, v in raw.items()},
+               **{f"{prefix}{k}_calibrated": v for k, v in calibrated.items()}}
+    # Training's gates are written for val_* keys; the same thresholds apply to this file's keys.
+    gates = {prefix + k.removeprefix("val_"): rule for k, rule in meta.get("gates", {}).items()}
+    metrics = {"temperature": exported.temperature, **scalars, "per_class": cls["per_class"],
+               "confusion_matrix": cls["confusion_matrix"], "gates": evaluate_gates(scalars, gates),
+               "input": report.as_dict(), "model_part": exported.part}
+    output = Path(output) if output else Path(input).with_suffix(".metrics.json")
+    atomic_write_json(output, metrics)
+    return {**metrics, "output": str(output)}

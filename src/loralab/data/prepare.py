@@ -1,6 +1,4 @@
-"""Split one labelled JSONL into train/val/test, stratified and deterministic by seed.
-
-    python -m loralab.data.prepare input=labeled.jsonl output_dir=data/split train_ratio=0.8 val_ratio=0.1 test_ratio=0.1
+"""Split one labelled JSONL into train/val/test, stratified and deterministic by seed (CLI: ``loralab-prepare``).
 
 Classification records (``label``) are stratified by label; regression records (``labels``, a list of numbers) by
 score tier: the quantile bin of the row's mean score, so every split sees low, middle and high scores alike.
@@ -12,18 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from loralab.data.records import DataError, LoadReport, read_rows
 from loralab.data.splits import score_tiers, stratified_split
+from loralab.errors import ConfigError
 from loralab.fs import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -31,15 +28,19 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})  # help is what ``loralab-prepare --help`` shows
+
+
 @dataclass
 class PrepareConfig:
-    input: str = MISSING         # labelled JSONL (classification or regression records)
-    output_dir: str = MISSING    # gets train.jsonl, val.jsonl, test.jsonl, split_report.json
-    train_ratio: float = 0.8
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1      # 0 writes an empty test.jsonl
-    seed: int = 42               # same seed + same file = same splits
-    score_tiers: int = 3         # regression only: quantile tiers of the mean score used as strata
+    input: str = _opt(MISSING, "labelled JSONL (classification or regression records)")
+    output_dir: str = _opt(MISSING, "gets train.jsonl, val.jsonl, test.jsonl, split_report.json")
+    train_ratio: float = _opt(0.8, "share of rows for training; the three ratios must sum to 1")
+    val_ratio: float = _opt(0.1, "share for validation (early stopping, calibration); must be > 0")
+    test_ratio: float = _opt(0.1, "share held out for the final report; 0 writes an empty test.jsonl")
+    seed: int = _opt(42, "same seed + same file = same splits")
+    score_tiers: int = _opt(3, "regression only: quantile tiers of the mean score used as strata")
 
 
 def _finite_number(x: Any) -> bool:
@@ -100,11 +101,12 @@ def split_report(strat: Sequence[str], parts: dict[str, list[int]]) -> dict[str,
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Write the three split files and ``split_report.json``; returns the report."""
     ratios = {"train": cfg.train_ratio, "val": cfg.val_ratio, "test": cfg.test_ratio}
     if any(r < 0 for r in ratios.values()) or cfg.train_ratio <= 0 or cfg.val_ratio <= 0:
-        raise ValueError(f"ratios={ratios}: train_ratio and val_ratio must be > 0, test_ratio >= 0")
+        raise ConfigError(f"ratios={ratios}: train_ratio and val_ratio must be > 0, test_ratio >= 0")
     if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"ratios={ratios}: must sum to 1 (they sum to {sum(ratios.values()):g})")
+        raise ConfigError(f"ratios={ratios}: must sum to 1 (they sum to {sum(ratios.values()):g})")
     lines, rows, kind, load = read_labelled(cfg.input)
     strat, edges = strata(rows, kind, cfg.score_tiers)
     parts, stratified = stratified_split(strat, ratios, cfg.seed)
@@ -117,27 +119,3 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
               **split_report(strat, parts)}
     atomic_write_json(out / "split_report.json", report)
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.from_cli(list(argv or sys.argv[1:])))
-        report = prepare(OmegaConf.to_object(cfg))
-    except (DataError, ValueError, OmegaConfBaseException) as err:
-        log.error("%s", err)
-        return 2
-    dropped = report["input"]["dropped_by_reason"]
-    print(f"{report['input']['rows_kept']} of {report['input']['rows_read']} rows kept"
-          + (f" (dropped: {dropped})" if dropped else "") + f"; {report['kind']} records, stratified by "
-          f"{report['stratified_by']}{'' if report['stratified'] else ' (fell back to unstratified)'}")
-    for split, s in report["splits"].items():
-        shares = ", ".join(f"{k} {v:.1%}" for k, v in s["strata_shares"].items())
-        print(f"  {split:5s} {s['rows']:6d} rows ({s['share_of_rows']:.1%})  {shares}")
-    print(f"largest stratum share drift from the whole file: {report['max_stratum_share_drift']:.2%}; "
-          f"files in {cfg.output_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

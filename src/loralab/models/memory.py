@@ -2,7 +2,8 @@
 
 The preflight counts parameters exactly by building the architecture on PyTorch's ``meta`` device (no memory, no
 download) and adds the usual training costs. It is an estimate — allocator fragmentation and kernels' workspaces
-come on top — so it refuses only clear misfits and logs every term so a user can see what to cut.
+come on top — so it refuses only clear misfits and logs every term so a user can see what to cut. Training runs it
+before loading weights; ``loralab-preflight`` runs it alone.
 """
 
 from __future__ import annotations
@@ -106,9 +107,15 @@ def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: st
         raise ConfigError(message)
 
 
-def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int) -> MemoryEstimate:
-    """Estimate training memory for the ``model`` x ``lora`` x ``hardware`` groups at ``optim.batch_size``; refuse
-    (``hardware.preflight=error``) a clear misfit before any weights load."""
+def run_label(model_name: str, lora_r: int | None, hardware_name: str) -> str:
+    """How messages name a combination: ``qwen2_5_0_5b (lora=r=8) on hardware=rtx3050``."""
+    return f"{model_name} (lora={f'r={lora_r}' if lora_r else 'none'}) on hardware={hardware_name}"
+
+
+def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mode: str | None = None) -> MemoryEstimate:
+    """Estimate training memory for the ``model`` x ``lora`` x ``hardware`` groups (hardware ``auto`` values
+    resolved) at ``optim.batch_size``; refuse a clear misfit before any weights load. ``mode`` overrides
+    ``hardware.preflight`` (``loralab-preflight`` always asks for a verdict: error)."""
     arch = shipped_config(model.arch)
     arch["vocab_size"] = arch.get("vocab_size") or model.get("tokenizer_vocab_size")
     r = lora.r if lora.enabled else None
@@ -117,6 +124,5 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int) -> 
                           load_in_4bit=hardware.load_in_4bit, micro_batch=hardware.micro_batch_size or batch_size,
                           max_length=model.max_length, gradient_checkpointing=hardware.gradient_checkpointing,
                           on_cuda=str(hardware.device).startswith("cuda"))
-    preflight(est, hardware.memory_gib, hardware.preflight,
-              f"{model.name} (lora={'r=%d' % r if r else 'none'}) on hardware={hardware.name}")
+    preflight(est, hardware.memory_gib, mode or hardware.preflight, run_label(model.name, r, hardware.name))
     return est

@@ -1,21 +1,15 @@
 """Compare runs from MLflow: one row per job (overrides, status, objective, per-class F1, error), best first.
 
-The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``python -m loralab.reporting.compare`` read the same
-rows, so the terminal and the MLflow artifact never disagree.
-
-    python -m loralab.reporting.compare multirun/2025-01-31/12-00-00        # one sweep (its dir holds the parent run id)
-    python -m loralab.reporting.compare loralab --tracking-uri sqlite:///mlflow.db   # every run of an experiment
+The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``loralab-compare`` (``loralab.cli.compare``)
+read the same rows, so the terminal and the MLflow artifact never disagree.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,7 +77,7 @@ def experiment_rows(client: MlflowClient, experiment: str) -> list[dict[str, Any
     """Every run of an experiment except sweep parents (their children are listed instead)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise SystemExit(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
+        raise LookupError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
     runs = client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
     return sort_rows([run_row(r) for r in runs if r.data.tags.get("loralab.role") != "sweep"])
 
@@ -208,31 +202,20 @@ def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | N
     console.print(table)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loralab.reporting.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", help="a multirun sweep dir (or a job dir inside it) or an MLflow experiment name")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="for an experiment name (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
-    args = parser.parse_args(argv)
-    from loralab.tracking.sweep import read_parent  # the sweep dir → parent run record
+def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Rows and a title for a sweep dir (or a job dir inside it: the parent record is looked up upwards) or an
+    MLflow experiment name (at ``tracking_uri``, default ``sqlite:///<cwd>/mlflow.db``). LookupError if neither."""
+    from loralab.tracking.sweep import read_parent  # sweep imports this module
 
-    target = Path(args.target)
-    if target.is_dir():
-        record = next((r for d in (target, *target.resolve().parents) if (r := read_parent(d))), None)
+    path = Path(target)
+    if path.is_dir():
+        record = next((r for d in (path, *path.resolve().parents) if (r := read_parent(d))), None)
         if record is None:
-            raise SystemExit(f"{target} holds no sweep parent record (was it run with train.py -m?)")
-        client = MlflowClient(tracking_uri=args.tracking_uri or record["uri"])
-        rows, title = sweep_rows(client, record["run_id"]), f"sweep {target} (parent run {record['run_id']})"
-    else:
-        uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-        client = MlflowClient(tracking_uri=uri)
-        rows, title = experiment_rows(client, args.target), f"experiment {args.target} at {uri}"
-    if not rows:
-        print(f"no runs for {args.target}", file=sys.stderr)
-        return 1
-    print_table(rows, title)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            raise LookupError(f"{path} holds no sweep parent record (was it run with train.py -m?)")
+        client = MlflowClient(tracking_uri=tracking_uri or record["uri"])
+        return sweep_rows(client, record["run_id"]), f"sweep {path} (parent run {record['run_id']})"
+    if tracking_uri is None and not (Path.cwd() / "mlflow.db").is_file():  # do not create an empty store here
+        raise LookupError(f"{target}: not a directory, and no mlflow.db in {Path.cwd()} to look up an experiment "
+                          f"in (give tracking_uri=...)")
+    uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return experiment_rows(MlflowClient(tracking_uri=uri), str(target)), f"experiment {target} at {uri}"

@@ -1,0 +1,46 @@
+"""``loralab-predict model=<zip or dir> input=<jsonl> output=<jsonl>``: score records with an exported model."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from loralab.cli.args import Tool, option, run
+
+DESCRIPTION = ("Score a JSONL file of {id, features} records with an exported model (model_final.zip or a run dir "
+               "with loralab.json). Rows are validated as in training: bad ones are counted by reason and left "
+               "out, never fatal. Writes id, label and the calibrated probability of every label, in input order.")
+
+
+@dataclass
+class PredictArgs:
+    model: str = option(help="model_final.zip or a run dir with loralab.json")
+    input: str = option(help='JSONL of {"id", "features"} rows (a label, if present, is ignored)')
+    output: str = option(help="JSONL written with id, label, probs")
+    batch_size: int = option(64, "rows per forward pass; larger is faster until memory runs out")
+    device: str = option("auto", "auto | cpu | cuda | cuda:1 ...")
+    trust_remote_code: bool = option(False, "run code shipped with the model (only for models you trust)")
+
+
+TOOL = Tool("loralab-predict", DESCRIPTION, PredictArgs)
+
+
+def predict(args: PredictArgs) -> None:
+    from loralab.inference import predict_file  # torch and transformers load only when there is work to do
+
+    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code)
+    print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
+          f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}")
+    if stats["rows_dropped"]:
+        print(f"dropped {stats['rows_dropped']} rows: " + ", ".join(
+            f"{reason}={n} (first at line {stats['first_line_by_reason'][reason]})"
+            for reason, n in stats["dropped_by_reason"].items()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(TOOL, predict, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
