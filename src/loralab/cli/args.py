@@ -57,10 +57,11 @@ def _default(value: Any) -> str:
 
 
 def schema_rows(schema: type) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) per option of a dataclass."""
+    """(name, type, default, help) per option of a dataclass, required ones first."""
     hints = typing.get_type_hints(schema)
-    return [(f.name, _type_name(hints[f.name]), _default(f.default), f.metadata.get("help", ""))
+    rows = [(f.name, _type_name(hints[f.name]), _default(f.default), f.metadata.get("help", ""))
             for f in dataclasses.fields(schema)]
+    return sorted(rows, key=lambda row: row[2] != "required")
 
 
 def help_text(prog: str, description: str, rows: Sequence[tuple[str, str, str, str]], usage: str) -> str:

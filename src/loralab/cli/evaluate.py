@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from loralab.cli.args import Tool, option, run
+from loralab.cli.predict import ExportedModelArgs
 
 DESCRIPTION = ("Evaluate an exported model on a labelled JSONL and write a metrics report shaped like training's "
                "metrics.json: macro-F1, accuracy, per-class table, confusion matrix, NLL/ECE/Brier raw and at the "
@@ -14,14 +15,10 @@ DESCRIPTION = ("Evaluate an exported model on a labelled JSONL and write a metri
 
 
 @dataclass
-class EvaluateArgs:
-    model: str = option(help="model_final.zip or a run dir with loralab.json")
+class EvaluateArgs(ExportedModelArgs):
     input: str = option(help='labelled JSONL ({"id", "features", "label"} rows)')
     output: str | None = option(None, "metrics JSON; null writes <input without .jsonl>.metrics.json")
     prefix: str = option("test_", "metric key prefix (training uses val_)")
-    batch_size: int = option(64, "rows per forward pass; larger is faster until memory runs out")
-    device: str = option("auto", "auto | cpu | cuda | cuda:1 ...")
-    trust_remote_code: bool = option(False, "run code shipped with the model (only for models you trust)")
 
 
 TOOL = Tool("loralab-evaluate", DESCRIPTION, EvaluateArgs)

@@ -14,13 +14,19 @@ DESCRIPTION = ("Score a JSONL file of {id, features} records with an exported mo
 
 
 @dataclass
-class PredictArgs:
+class ExportedModelArgs:
+    """The options of every tool that loads an exported model (predict, evaluate)."""
+
     model: str = option(help="model_final.zip or a run dir with loralab.json")
-    input: str = option(help='JSONL of {"id", "features"} rows (a label, if present, is ignored)')
-    output: str = option(help="JSONL written with id, label, probs")
     batch_size: int = option(64, "rows per forward pass; larger is faster until memory runs out")
     device: str = option("auto", "auto | cpu | cuda | cuda:1 ...")
     trust_remote_code: bool = option(False, "run code shipped with the model (only for models you trust)")
+
+
+@dataclass
+class PredictArgs(ExportedModelArgs):
+    input: str = option(help='JSONL of {"id", "features"} rows (a label, if present, is ignored)')
+    output: str = option(help="JSONL written with id, label, probs")
 
 
 TOOL = Tool("loralab-predict", DESCRIPTION, PredictArgs)
