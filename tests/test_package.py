@@ -56,7 +56,9 @@ def test_the_wheel_carries_its_configs_and_is_what_runs(installed):
 
 @pytest.mark.slow
 def test_console_scripts_work_from_another_directory(installed):
-    run = lambda *cmd: sh(installed["bin"] / cmd[0], *cmd[1:], cwd=installed["cwd"], env=installed["env"])  # noqa: E731
+    def run(tool, *args):
+        return sh(installed["bin"] / tool, *args, cwd=installed["cwd"], env=installed["env"])
+
     train_help = run("loralab-train", "--help")
     assert train_help.returncode == 0 and "model: mlp, qwen2_5_0_5b" in train_help.stdout, train_help.stderr
     resolved = run("loralab-train", "--cfg", "job", "--resolve")

@@ -37,6 +37,8 @@ def option(default: Any = MISSING, help: str = "") -> Any:
 
 @dataclass(frozen=True)
 class Tool:
+    """A command: what --help says about it and the dataclass its arguments fill."""
+
     prog: str          # the console script, e.g. loralab-predict
     description: str   # one paragraph for --help
     schema: type       # the options dataclass
@@ -51,9 +53,12 @@ def _type_name(tp: Any) -> str:
 
 
 def _default(value: Any) -> str:
+    """A default as it is typed on the command line."""
     if value is MISSING:
         return "required"
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def schema_rows(schema: type) -> list[tuple[str, str, str, str]]:

@@ -41,8 +41,8 @@ def option_rows() -> list[tuple[str, str, str, str]]:
     for group, what in GROUPS.items():
         names = "|".join(sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")))
         rows.append((group, "group", str(choices.get(group)).replace("None", "null"), f"{what}: {names}"))
-    rows.append(("KEY", "any", "-", "any other train-config key, e.g. model.max_length=512 optim.batch_size=32 "
-                                     "hardware.micro_batch_size=2 hardware.load_in_4bit=true"))
+    example = "model.max_length=512 optim.batch_size=32 hardware.micro_batch_size=2 hardware.load_in_4bit=true"
+    rows.append(("KEY", "any", "-", f"any other train-config key, e.g. {example}"))
     return rows
 
 
