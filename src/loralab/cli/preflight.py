@@ -8,7 +8,7 @@ from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from loralab.cli.args import fail, help_text, setup_logging, wants_help
@@ -46,17 +46,17 @@ def option_rows() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def check(cfg: DictConfig, overrides: Sequence[str]) -> str:
-    """The verdict line for a composed config, prepared as a training run prepares it; ConfigError for a misfit."""
-    from loralab.config import enable_lora_if_asked
-    from loralab.core.memory import BYTES, check_memory, resolve_auto, run_label
+def check(cfg: DictConfig) -> str:
+    """The verdict line for a composed config; ConfigError for a misfit. The config rules are not applied (they
+    also ask for data files and a CUDA device on this machine): the question here is the memory only."""
+    from loralab.config.hardware import auto_values  # importing loralab.config registers the YAML's resolvers
+    from loralab.core.memory import BYTES, check_memory, run_label
     from loralab.lifecycle import output_names
 
     if not cfg.model.get("arch"):
         return "nothing to check: this model has no transformer architecture (model.arch)"
     with open_dict(cfg):
-        enable_lora_if_asked(cfg, overrides)
-        cfg.hardware = resolve_auto(OmegaConf.to_container(cfg.hardware, resolve=True))
+        cfg.hardware.update(auto_values(cfg.hardware))
     hw = cfg.hardware
     if hw.precision not in BYTES:
         raise ConfigError(f"hardware.precision={hw.precision!r}: must be one of {', '.join(BYTES)}")
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as err:
         return fail(PROG, err)
     try:
-        print(check(cfg, argv))
+        print(check(cfg))
     except ConfigError as err:
         return fail(PROG, err, status=1)
     return 0
