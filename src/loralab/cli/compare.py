@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from loralab.cli.args import RUN_ERRORS, Tool, option, run
 
@@ -25,8 +26,30 @@ class CompareArgs:
 TOOL = Tool("loralab-compare", DESCRIPTION, CompareArgs, positional="target")
 
 
+def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Rows and a title for a sweep dir (or a job dir inside it: the parent record is looked up upwards) or an
+    MLflow experiment name (at ``tracking_uri``, default ``sqlite:///<cwd>/mlflow.db``). LookupError if neither."""
+    from mlflow.tracking import MlflowClient  # mlflow loads only when there is work to do, not for --help
+
+    from loralab.reporting.compare import experiment_rows, sweep_rows
+    from loralab.tracking.sweep import read_parent
+
+    path = Path(target)
+    if path.is_dir():
+        record = next((r for d in (path, *path.resolve().parents) if (r := read_parent(d))), None)
+        if record is None:
+            raise LookupError(f"{path} holds no sweep parent record (was it run with train.py -m?)")
+        client = MlflowClient(tracking_uri=tracking_uri or record["uri"])
+        return sweep_rows(client, record["run_id"]), f"sweep {path} (parent run {record['run_id']})"
+    if tracking_uri is None and not (Path.cwd() / "mlflow.db").is_file():  # do not create an empty store here
+        raise LookupError(f"{target}: not a directory, and no mlflow.db in {Path.cwd()} to look up an experiment "
+                          f"in (give tracking_uri=...)")
+    uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return experiment_rows(MlflowClient(tracking_uri=uri), str(target)), f"experiment {target} at {uri}"
+
+
 def compare_runs(args: CompareArgs) -> int:
-    from loralab.reporting.compare import print_table, target_rows  # mlflow loads only when there is work to do
+    from loralab.reporting.compare import print_table
 
     rows, title = target_rows(args.target, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if not rows:

@@ -50,7 +50,7 @@ def check(cfg: DictConfig) -> str:
     """The verdict line for a composed config; ConfigError for a misfit. The config rules are not applied (they
     also ask for data files and a CUDA device on this machine): the question here is the memory only."""
     from loralab.config.hardware import auto_values  # importing loralab.config registers the YAML's resolvers
-    from loralab.core.memory import BYTES, check_memory, run_label
+    from loralab.models.memory import BYTES, check_memory, run_label
     from loralab.lifecycle import output_names
 
     if not cfg.model.get("arch"):

@@ -200,22 +200,3 @@ def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | N
     if need.minimum > console.width:  # a narrow terminal gets long lines rather than numbers cut off
         console = Console(width=max(need.minimum, min(need.maximum, 160)), file=console.file)
     console.print(table)
-
-
-def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], str]:
-    """Rows and a title for a sweep dir (or a job dir inside it: the parent record is looked up upwards) or an
-    MLflow experiment name (at ``tracking_uri``, default ``sqlite:///<cwd>/mlflow.db``). LookupError if neither."""
-    from loralab.tracking.sweep import read_parent  # sweep imports this module
-
-    path = Path(target)
-    if path.is_dir():
-        record = next((r for d in (path, *path.resolve().parents) if (r := read_parent(d))), None)
-        if record is None:
-            raise LookupError(f"{path} holds no sweep parent record (was it run with train.py -m?)")
-        client = MlflowClient(tracking_uri=tracking_uri or record["uri"])
-        return sweep_rows(client, record["run_id"]), f"sweep {path} (parent run {record['run_id']})"
-    if tracking_uri is None and not (Path.cwd() / "mlflow.db").is_file():  # do not create an empty store here
-        raise LookupError(f"{target}: not a directory, and no mlflow.db in {Path.cwd()} to look up an experiment "
-                          f"in (give tracking_uri=...)")
-    uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    return experiment_rows(MlflowClient(tracking_uri=uri), str(target)), f"experiment {target} at {uri}"
