@@ -50,8 +50,8 @@ def check(cfg: DictConfig) -> str:
     """The verdict line for a composed config; ConfigError for a misfit. The config rules are not applied (they
     also ask for data files and a CUDA device on this machine): the question here is the memory only."""
     from loralab.config.hardware import auto_values  # importing loralab.config registers the YAML's resolvers
-    from loralab.models.memory import BYTES, check_memory, run_label
     from loralab.lifecycle import output_names
+    from loralab.models.memory import BYTES, check_memory, run_label
 
     if not cfg.model.get("arch"):
         return "nothing to check: this model has no transformer architecture (model.arch)"
