@@ -19,6 +19,8 @@ demo: install
 	$(BIN)/python train.py $(ARGS)
 
 test: install
+	# one-way imports between layers (.importlinter; docs/architecture.md)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:

@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from loralab.config import ConfigError, accumulation_steps, check, resolve_hardware
+from loralab.config import ConfigError, check, resolve_hardware
+from loralab.core.loaders import accumulation_steps
 from loralab.models.memory import estimate_memory
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
 from loralab.models.memory import check_memory

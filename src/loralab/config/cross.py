@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.core.loaders import accumulation_steps  # the one rule the trainer applies too
 from loralab.errors import ConfigError
 
 REGRESSION_SCORES = ("mse", "mae", "rmse", "r2")
@@ -22,16 +23,6 @@ def fail(key: str, value: Any, rule: str) -> None:
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         fail(key, value, rule)
-
-
-def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
-    """Micro-batches per optimizer step, so ``optim.batch_size`` means the same on every hardware profile."""
-    if micro_batch_size is None or micro_batch_size >= batch_size:
-        return 1
-    if batch_size % micro_batch_size:
-        raise ConfigError(f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
-                          f"{micro_batch_size}; pick a batch size that is a multiple of it")
-    return batch_size // micro_batch_size
 
 
 def data_files(cfg: DictConfig) -> None:
