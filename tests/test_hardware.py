@@ -9,9 +9,8 @@ from omegaconf import OmegaConf
 
 from loralab.config import ConfigError, check, resolve_hardware
 from loralab.core.loaders import accumulation_steps
-from loralab.models.memory import estimate_memory
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
-from loralab.models.memory import check_memory
+from loralab.models.memory import Workload, check_memory, estimate_memory
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MODELS = ["tiny_qwen2", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"]
@@ -65,11 +64,13 @@ def test_memory_estimate_moves_the_right_way():
     arch = shipped_config("qwen2_5_0_5b")
     base = dict(num_labels=3, lora_r=8, target_modules=["q_proj", "v_proj"], precision="fp16",
                 load_in_4bit=False, micro_batch=4, max_length=256, gradient_checkpointing=False, on_cuda=True)
-    ref = estimate_memory(arch, **base)
-    assert estimate_memory(arch, **{**base, "gradient_checkpointing": True}).activations_gib < ref.activations_gib
-    assert estimate_memory(arch, **{**base, "micro_batch": 8}).activations_gib == pytest.approx(2 * ref.activations_gib)
-    assert estimate_memory(arch, **{**base, "lora_r": None}).trainable_params == ref.total_params
-    lora_16 = estimate_memory(arch, **{**base, "lora_r": 16}).trainable_params
+    ref = estimate_memory(arch, Workload(**base))
+    assert estimate_memory(arch, Workload(**{**base, "gradient_checkpointing": True})).activations_gib < \
+        ref.activations_gib
+    assert estimate_memory(arch, Workload(**{**base, "micro_batch": 8})).activations_gib == \
+        pytest.approx(2 * ref.activations_gib)
+    assert estimate_memory(arch, Workload(**{**base, "lora_r": None})).trainable_params == ref.total_params
+    lora_16 = estimate_memory(arch, Workload(**{**base, "lora_r": 16})).trainable_params
     head = arch["hidden_size"] * 3
     assert lora_16 - head == 2 * (ref.trainable_params - head)  # LoRA params scale with r
 

@@ -57,10 +57,26 @@ def lora_params(model, r: int, target_modules: Sequence[str]) -> int:
                if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules)
 
 
-def estimate_memory(arch: dict[str, Any], *, num_labels: int, lora_r: int | None, target_modules: Sequence[str],
-                    precision: str, load_in_4bit: bool, micro_batch: int, max_length: int,
-                    gradient_checkpointing: bool, on_cuda: bool) -> MemoryEstimate:
+@dataclass(frozen=True)
+class Workload:
+    """What one training step holds in memory besides the architecture."""
+
+    num_labels: int
+    lora_r: int | None             # None: full fine-tuning
+    target_modules: Sequence[str]
+    precision: str                 # fp32 | bf16 | fp16
+    load_in_4bit: bool
+    micro_batch: int
+    max_length: int
+    gradient_checkpointing: bool
+    on_cuda: bool
+
+
+def estimate_memory(arch: dict[str, Any], w: Workload) -> MemoryEstimate:
     """Peak training memory: weights + trainable state + activations (+ CUDA context)."""
+    num_labels, lora_r, target_modules, precision = w.num_labels, w.lora_r, w.target_modules, w.precision
+    load_in_4bit, micro_batch, max_length = w.load_in_4bit, w.micro_batch, w.max_length
+    gradient_checkpointing, on_cuda = w.gradient_checkpointing, w.on_cuda
     model = meta_model(arch, num_labels)
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
@@ -119,10 +135,10 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mod
     arch = shipped_config(model.arch)
     arch["vocab_size"] = arch.get("vocab_size") or model.get("tokenizer_vocab_size")
     r = lora.r if lora.enabled else None
-    est = estimate_memory(arch, num_labels=max(num_labels, 1), lora_r=r,
-                          target_modules=list(lora.target_modules) if r else [], precision=hardware.precision,
-                          load_in_4bit=hardware.load_in_4bit, micro_batch=hardware.micro_batch_size or batch_size,
-                          max_length=model.max_length, gradient_checkpointing=hardware.gradient_checkpointing,
-                          on_cuda=str(hardware.device).startswith("cuda"))
+    est = estimate_memory(arch, Workload(
+        num_labels=max(num_labels, 1), lora_r=r, target_modules=list(lora.target_modules) if r else [],
+        precision=str(hardware.precision), load_in_4bit=hardware.load_in_4bit,
+        micro_batch=hardware.micro_batch_size or batch_size, max_length=model.max_length,
+        gradient_checkpointing=hardware.gradient_checkpointing, on_cuda=str(hardware.device).startswith("cuda")))
     preflight(est, hardware.memory_gib, mode or hardware.preflight, run_label(model.name, r, hardware.name))
     return est
