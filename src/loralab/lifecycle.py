@@ -164,7 +164,7 @@ def run(cfg: DictConfig) -> float:
             used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             if ddp.is_main:
                 OmegaConf.save(used, out_dir / CONFIG_FILE)
-                if resumed_run_id is None:  # MLflow params are write-once; a resumed run already has them
+                if tracker.run_id != resumed_run_id:  # params are write-once; a reopened run already has them
                     tracker.log_params(used)
                 tracker.log_artifact(out_dir / CONFIG_FILE)
             if not quiet:
