@@ -25,7 +25,7 @@ def runs(tmp_path_factory, tiny_data):
     one stopped by a bad config value. Keyed by name: (exit code, console output, run dir)."""
     data = ["data=jsonl", f"data.train_file={tiny_data['train']}", f"data.val_file={tiny_data['val']}",
             f"loss.gamma={GAMMA}"]
-    overrides = {"finished": data, "failed": [*data, "export.max_size_mb=0.00001"], "bad_config": ["loss.gamma=-1"]}
+    overrides = {"finished": [*data, "hardware=auto"], "failed": [*data, "export.max_size_mb=0.00001"], "bad_config": ["loss.gamma=-1"]}
     dirs = {name: tmp_path_factory.mktemp(name) for name in overrides}
     results = run_trains(*((dirs[name], overrides[name]) for name in overrides))
     return {name: (*result, dirs[name]) for name, result in zip(overrides, results)}
@@ -140,7 +140,21 @@ def test_mlflow_run_record(finished):
                                                          for h in history]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "data_report.json", "training_summary.json", "model_final.zip",
-            "checkpoint_best"} <= artifacts
+            "checkpoint_best", "config.yaml"} <= artifacts
+
+
+def test_the_logged_config_is_the_one_the_run_used(finished):
+    """hardware=auto is resolved once, visibly: config.yaml in the run dir and the MLflow params hold the values
+    the run used (not ``auto``), and they are the same values."""
+    from omegaconf import OmegaConf
+
+    from loralab.tracking.mlflow import flatten
+
+    used = OmegaConf.to_container(OmegaConf.load(finished / "config.yaml"))
+    assert used["hardware"]["device"] == "cpu" and used["hardware"]["precision"] == "fp32"
+    assert "auto" not in {str(v) for v in used["hardware"].values()}
+    _, (run,) = mlflow_runs(finished)
+    assert run.data.params == {k: str(v) for k, v in flatten(used).items()}
 
 
 def test_failure_after_run_start_marks_run_failed(runs):
@@ -164,7 +178,7 @@ def test_bad_config_fails_fast_with_one_line(runs):
     assert returncode == 2
     lines = output.splitlines()
     errors = [line for line in lines if "ConfigError" in line]
-    assert len(errors) == 1 and errors[0].endswith("ConfigError: loss.gamma=-1: must be >= 0")
+    assert len(errors) == 1 and errors[0].endswith("ConfigError: loss.gamma=-1.0: must be >= 0")  # the typed value
     assert "Traceback" not in output
     assert not any("loralab.models" in line or "loralab.data" in line for line in lines)  # nothing loaded
     assert not (run_dir / "data_report.json").exists()
