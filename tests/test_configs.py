@@ -124,7 +124,8 @@ BAD_VALUES = [
     (["data.labels=[]"], "data.labels", "[]", "non-empty"),
     (["data.labels=[long,short,long]"], "data.labels", "['long', 'short', 'long']", "unique"),
     (["data.val_split=1.5"], "data.val_split", "1.5", "(0, 1)"),
-    (["data.template=plain"], "data.template", "'plain'", "must contain {features}"),
+    (["data.template=plain"], "data.template", "'plain'", "must contain {features} and no other {field}"),
+    (["data.template='{features}{oops}'"], "data.template", "'{features}{oops}'", "no other {field}"),
     (["data.leakage=ignore"], "data.leakage", "'ignore'", "warn, drop, error"),
     (["model=mlp"], "model", "'mlp'", "does not fit task classification (it fits tabular_regression)"),
     (["loss=mse"], "loss", "mse", "does not fit task classification"),
@@ -170,7 +171,7 @@ BAD_VALUES = [
     (["experiment=marketsentinel", "trainer.monitor=val_r2_head_9"], "trainer.monitor", "'val_r2_head_9'",
      "val_<mse|mae|rmse|r2>_<target>"),
     (["experiment=article_regression", "data.template=no fields"], "data.template", "'no fields'",
-     "must contain {title} and/or {content}"),
+     "must contain {title} and/or {content} and no other {field}"),
     (["experiment=article_regression", "data.dimension_names=[a,a]"], "data.dimension_names", "['a', 'a']",
      "unique"),
     (["experiment=article_regression", "data.score_tiers=0"], "data.score_tiers", "0", ">= 1"),
@@ -247,3 +248,12 @@ def test_resolved_auto_values_are_checked_again(fake_cuda, monkeypatch):
     cfg = check(compose_train("hardware=auto", "hardware.load_in_4bit=true", "model=qwen2_5_0_5b"))
     with pytest.raises(ConfigError, match=r"^hardware.load_in_4bit=True: 4-bit .* needs a CUDA device"):
         resolve_hardware(cfg)
+
+
+@pytest.mark.parametrize(("override", "key"), [("seed=-1", "seed"), ("optim.lr=inf", "optim.lr"),
+                                               ("optim.lr=nan", "optim.lr"), ("loss.gamma=inf", "loss.gamma")])
+def test_values_that_used_to_fail_late_fail_in_the_check(override, key):
+    """seed=-1 ended in numpy's traceback after the MLflow run started; lr=inf trained NaN for an epoch."""
+    with pytest.raises(ConfigError) as err:
+        check(compose_train(override))
+    assert str(err.value).startswith(f"{key}=") and "\n" not in str(err.value)

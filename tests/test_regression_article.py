@@ -114,7 +114,7 @@ def test_lora_wraps_the_regression_head(articles, tmp_path):
 def test_config_error_is_one_line_before_loading(articles, tmp_path):
     with pytest.raises(ConfigError) as err:
         train(compose_article(articles, tmp_path, "data.template=no fields"))
-    assert str(err.value) == "data.template='no fields': must contain {title} and/or {content}"
+    assert str(err.value) == "data.template='no fields': must contain {title} and/or {content} and no other {field}"
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -7,6 +7,7 @@ typo in a sweep costs seconds and reads ``key=value: rule``, not a traceback.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from enum import Enum
@@ -97,6 +98,8 @@ def walk(node: DictConfig, schema: type, prefix: str) -> None:
         value = plain(node, f.name)
         if value is SKIP or (value is None and optional):
             continue
+        # No knob means inf or NaN (optim.lr=inf would pass "> 0", then train NaN for an epoch).
+        require(not isinstance(value, float) or math.isfinite(value), key, value, "must be a finite number")
         rules, each = rules_of(f)
         for rule in rules:
             require(rule.holds(value), key, value, rule.text + (" or null" if optional else ""))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -65,8 +66,16 @@ def interval(spec: str) -> Rule:
     return Rule(test, f"must be in {spec}")
 
 
-def contains_any(*parts: str) -> Rule:
-    return Rule(lambda v: any(p in v for p in parts), "must contain " + " and/or ".join(parts))
+def template_of(*fields: str) -> Rule:
+    """A ``str.format`` template that uses at least one of ``fields`` and nothing else (``{oops}`` would be a
+    KeyError on the first record, after the run started)."""
+    def holds(v: str) -> bool:
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        except ValueError:  # unbalanced braces
+            return False
+        return bool(used & set(fields)) and used <= set(fields)
+    return Rule(holds, "must contain " + " and/or ".join(f"{{{f}}}" for f in fields) + " and no other {field}")
 
 
 def one_of(*choices: str) -> Rule:

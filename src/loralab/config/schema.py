@@ -184,7 +184,7 @@ class RunConf:
     distributed: DistributedConf = MISSING
     baseline: Optional[BaselineConf] = MISSING
     task_name: str = MISSING
-    seed: int = MISSING
+    seed: int = knob(interval("[0, 4294967295]"))  # numpy's seeding range
     resume: Optional[str] = MISSING  # null | auto | a checkpoint dir
     quiet: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
     objective: str = MISSING

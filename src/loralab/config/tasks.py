@@ -11,7 +11,7 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
 
-from loralab.config.rules import CLASS_WEIGHTS, NAMES, contains_any, ge, gt, interval, knob
+from loralab.config.rules import CLASS_WEIGHTS, NAMES, ge, gt, interval, knob, template_of
 from loralab.config.schema import Leakage, RunConf, TruncationSide
 
 
@@ -30,7 +30,7 @@ class SplitDataConf:
 class RecordsDataConf(SplitDataConf):
     OPTION: ClassVar[str] = "demo|jsonl"
     labels: List[str] = knob(NAMES)
-    template: str = knob(contains_any("{features}"))
+    template: str = knob(template_of("features"))
     oversample_below: Optional[float] = knob(interval("(0, 1]"))
     allow_null: bool = MISSING
     cache_dir: Optional[str] = MISSING
@@ -41,7 +41,7 @@ class ArticlesDataConf(SplitDataConf):
     OPTION: ClassVar[str] = "articles"
     score_tiers: int = knob(ge(1))
     dimension_names: Optional[List[str]] = knob(NAMES)  # null: those of the first valid train row
-    template: str = knob(contains_any("{title}", "{content}"))
+    template: str = knob(template_of("title", "content"))
 
 
 @dataclass
