@@ -136,6 +136,17 @@ def hydra_tags() -> dict[str, str]:
     return {"hydra.overrides": " ".join(hc.overrides.task) or "(none)", "hydra.job.num": str(hc.job.get("num", 0))}
 
 
+def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """``{"train"|"val": (path, sha256)}`` for the data files that exist (provenance hashed them)."""
+    return {key.removesuffix("_file"): (path, prov[f"data.{key}.sha256"]) for key, path in data_files.items()
+            if f"data.{key}.sha256" in prov}
+
+
+def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
+    """An epoch's metrics plus ``objective`` (= the monitored one): one key to chart across runs and tasks."""
+    return {**metrics, "objective": metrics[key]} if key in metrics else metrics
+
+
 def run(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
     multirun = sweep.is_multirun()
@@ -197,8 +208,8 @@ class Run:
             torch.use_deterministic_algorithms(True, warn_only=True)
         data = self.task.build_data()
         prov = provenance(cfg.paths.root_dir, data_files)  # after build_data: demo files exist now
-        ctx.tracker.set_tags(prov if ctx.resume_dir is None else {k: v for k, v in prov.items()
-                                                                    if not k.startswith("version.")})
+        ctx.tracker.set_provenance(prov, resumed=ctx.resume_dir is not None)
+        ctx.tracker.log_datasets(dataset_inputs(data_files, prov))
         model = self.task.build_model()
         train_loader, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
                                                        trainer=cfg.trainer, seed=cfg.seed, ddp=ddp)
@@ -216,7 +227,8 @@ class Run:
                       checkpoints)
         if ctx.resume_dir is not None:
             ctx.tracker.set_tags({"resumed_from": str(ctx.resume_dir)})
-        state = trainer.fit(on_epoch_end=lambda st, metrics: ctx.tracker.log_metrics(metrics, step=st.epoch),
+        state = trainer.fit(on_epoch_end=lambda st, metrics: ctx.tracker.log_metrics(
+                                with_objective(metrics, cfg.objective), step=st.epoch),
                             stop_requested=stop_requested)
         trainer.finish()
         if state.best_epoch is None:
@@ -235,6 +247,7 @@ class Run:
         }
         atomic_write_json(ctx.out_dir / "training_summary.json", summary)
         ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch})
+        ctx.tracker.log_metrics({"best.objective": objective}, step=state.best_epoch)
         out = self.task.finalize(trainer.core, val_loader, summary)
         artifacts = [ctx.out_dir / "training_summary.json", *out.get("artifacts", [])]
         for path in artifacts:  # the run dir's layout, mirrored (checkpoints/model_best.pt -> checkpoints/)

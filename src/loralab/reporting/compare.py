@@ -41,6 +41,11 @@ def _overrides(run: Run) -> list[str]:
     return [] if text in ("", "(none)") else text.split(" ")
 
 
+def override_values(overrides: Sequence[str]) -> dict[str, str]:
+    """``["+a.b=1", "c=x"]`` → ``{"a.b": "1", "c": "x"}`` (Hydra's add/delete prefixes dropped)."""
+    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+
+
 def run_row(run: Run) -> dict[str, Any]:
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     key = params.get("objective", "val_macro_f1")
@@ -49,7 +54,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "job": int(tags["hydra.job.num"]) if tags.get("hydra.job.num", "").isdigit() else None,
         "run_name": run.info.run_name,
         "overrides": " ".join(overrides),
-        "override_values": dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o),
+        "override_values": override_values(overrides),
         "status": run.info.status,
         "objective_key": key,
         "objective": metrics.get(f"best.{key}", math.nan),
@@ -99,13 +104,13 @@ def columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     cells = []
     for row in rows:
         values = row["override_values"] if keys != ["overrides"] else {"overrides": row["overrides"]}
-        cells.append(["" if row["job"] is None else str(row["job"]), *(_short(values.get(k, "")) for k in keys),
+        cells.append(["" if row["job"] is None else str(row["job"]), *(short_value(values.get(k, "")) for k in keys),
                       row["status"], _num(row["objective"]), *(_num(row["f1"].get(label)) for label in labels),
                       row["error"][:120]])
     return header, cells
 
 
-def _short(value: str) -> str:
+def short_value(value: str) -> str:
     """Sampled floats (Optuna) to 4 significant digits for reading; the CSV keeps them whole."""
     try:
         return f"{float(value):.4g}" if len(value) > 8 else value

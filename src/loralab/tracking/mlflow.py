@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
@@ -16,6 +17,9 @@ from mlflow.utils.time import get_current_time_millis
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
+# The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -28,6 +32,24 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if missing and marked as model training unless it already has a kind."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    if not (exp and EXPERIMENT_KIND_TAG in exp.tags):
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp_id
+
+
+def source_tags(git_commit: str, entry_point: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags, which fill the UI's Source and Version columns."""
+    tags = {"mlflow.source.name": entry_point or Path(sys.argv[0]).name or "loralab",
+            "mlflow.source.type": "LOCAL"}
+    if git_commit and git_commit != "unknown":
+        tags["mlflow.source.git.commit"] = git_commit
+    return tags
 
 
 class MLflowTracker:
@@ -54,8 +76,7 @@ class MLflowTracker:
             self.set_tags({k: v for k, v in (tags or {}).items() if not k.startswith("version.")})
             log.info("MLflow run %s reopened (resumed training)", resume_run_id)
             return self.run_id
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = experiment_id(self.client, self.experiment)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -90,6 +111,26 @@ class MLflowTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.run_id:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def set_provenance(self, prov: Mapping[str, str], resumed: bool = False) -> None:
+        """Provenance tags plus MLflow's source tags; a resumed run keeps the versions it started with."""
+        tags = {**prov, **source_tags(prov.get("git_commit", "unknown"))}
+        self.set_tags(tags if not resumed else {k: v for k, v in tags.items() if not k.startswith("version.")})
+
+    def log_datasets(self, files: Mapping[str, tuple[str | Path, str]]) -> None:
+        """Data files as MLflow dataset inputs (the UI's Dataset column): ``{context: (path, sha256)}``, e.g.
+        train/val. MLflow dedupes an input logged twice, so a resumed run may log them again."""
+        from mlflow.data.meta_dataset import MetaDataset  # mlflow.data is heavy; only runs with data files pay
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        inputs = []
+        for context, (path, sha256) in files.items():
+            dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=Path(path).name,
+                                  digest=sha256[:MAX_DIGEST_CHARS])
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[
+                InputTag("mlflow.data.context", context), InputTag("loralab.sha256", sha256)]))
+        if self.run_id and inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.run_id:

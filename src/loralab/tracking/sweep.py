@@ -12,25 +12,30 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.fs import atomic_write_json
 from loralab.reporting import compare
-from loralab.tracking.mlflow import MLflowTracker
+from loralab.reporting.provenance import git_state
+from loralab.tracking.mlflow import MLflowTracker, source_tags
 
 log = logging.getLogger(__name__)
 
-PARENT_FILE = "mlflow_parent.json"  # {"run_id", "uri", "experiment"} of the sweep's parent run
+PARENT_FILE = "mlflow_parent.json"  # {"run_id", "uri", "experiment", "swept"} of the sweep's parent run
 LOCK_FILE = ".mlflow_parent.lock"
 ROLE_TAG = "loralab.role"  # "sweep" on parents, "sweep_job" on children
 SWEEP_DIR_TAG = "loralab.sweep_dir"
 LOCK_TIMEOUT_S = 120  # a job waiting longer than this for the parent's creation gives up loudly
+MAX_NAME = 250  # MLflow's limit on a run name
+NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's description
 
 
 def is_multirun() -> bool:
@@ -44,20 +49,52 @@ def read_parent(sweep_dir: str | Path) -> dict[str, str] | None:
 
 
 def get_or_create_parent(sweep_dir: str | Path, uri: str, experiment: str,
-                         tags: dict[str, str] | None = None) -> str:
-    """The sweep's parent run id; the first caller (of any process) creates the run, the rest read it."""
+                         tags: dict[str, str] | None = None, swept: Sequence[str] | None = None) -> str:
+    """The sweep's parent run id; the first caller (of any process) creates the run, the rest read it.
+    ``swept``: the keys the sweep varies (None: unknown), recorded so every job can name its run after them."""
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(sweep_dir / LOCK_FILE, timeout=LOCK_TIMEOUT_S):
         found = read_parent(sweep_dir)
         if found:
             return found["run_id"]
-        tracker = MLflowTracker(uri, experiment, run_name=f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}")
-        run_id = tracker.start({}, tags={ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(sweep_dir.resolve()),
-                                         **(tags or {})})
-        atomic_write_json(sweep_dir / PARENT_FILE, {"run_id": run_id, "uri": uri, "experiment": experiment})
+        name = sweep_name(swept) if swept else f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
+        run_id = MLflowTracker(uri, experiment, run_name=name).start(
+            {}, tags={ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(sweep_dir.resolve()), **(tags or {})})
+        atomic_write_json(sweep_dir / PARENT_FILE, {"run_id": run_id, "uri": uri, "experiment": experiment,
+                                                    "swept": None if swept is None else list(swept)})
         log.info("sweep parent run %s for %s", run_id, sweep_dir)
         return run_id
+
+
+def swept_keys(overrides: Iterable[str]) -> list[str] | None:
+    """Keys given several values (``a=1,2``, ``choice(...)``, ``interval(...)``); None when Hydra cannot parse
+    them (the jobs then name their runs after all their overrides)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return None
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's last segment (``loss.gamma`` → ``gamma``), the whole key where two would read the same."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def sweep_name(swept: Sequence[str], jobs: int | None = None) -> str:
+    """``gamma×r sweep, 4 jobs``: what the sweep varies, readable in the UI's run list."""
+    name = "×".join(short_keys(swept).values()) + " sweep" if swept else "sweep"
+    return (name if jobs is None else f"{name}, {jobs} job{'s' * (jobs != 1)}")[:MAX_NAME]
+
+
+def job_name(overrides: Sequence[str], swept: Sequence[str] | None, num: int) -> str:
+    """``gamma=1.5 r=16``: the job's values of the swept keys (all its overrides when those are unknown)."""
+    values = compare.override_values(overrides)
+    keys = [k for k in (values if swept is None else swept) if k in values]
+    labels = short_keys(keys)
+    return " ".join(f"{labels[k]}={compare.short_value(values[k])}" for k in keys)[:MAX_NAME] or f"job{num}"
 
 
 def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
@@ -67,10 +104,10 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
     hc = HydraConfig.get()
     parent = get_or_create_parent(hc.sweep.dir, tracker.uri, tracker.experiment)
     overrides = list(hc.overrides.task)
-    num = hc.job.get("num", 0)
+    swept = (read_parent(hc.sweep.dir) or {}).get("swept")
     return parent, {ROLE_TAG: "sweep_job", SWEEP_DIR_TAG: str(Path(hc.sweep.dir).resolve()),
                     compare.OVERRIDES_TAG: json.dumps(overrides),
-                    "mlflow.runName": f"job{num} {' '.join(overrides)}"[:250]}
+                    "mlflow.runName": job_name(overrides, swept, hc.job.get("num", 0))}
 
 
 def close_orphans(client, parent_id: str) -> int:
@@ -82,6 +119,34 @@ def close_orphans(client, parent_id: str) -> int:
     if orphans:
         log.warning("%d job run(s) of sweep %s were left RUNNING; marked FAILED", len(orphans), parent_id)
     return len(orphans)
+
+
+def name_uniquely(client, rows: list[dict[str, Any]]) -> None:
+    """Jobs whose names collide (values shortened alike, an Optuna trial sampled twice) get their job number."""
+    names = [row["run_name"] for row in rows]
+    for row in rows:
+        if names.count(row["run_name"]) > 1:
+            row["run_name"] = f"{row['run_name']} (job {row['job']})"[-MAX_NAME:]
+            client.update_run(row["run_id"], name=row["run_name"])
+
+
+def sweep_note(rows: Sequence[dict[str, Any]], experiment_id: str, parent_id: str, files: Sequence[str]) -> str:
+    """The parent's description in the UI: the best job (linked), its objective, a link to the summary artifacts
+    (``files``, under ``summary/``), the heatmap and the table."""
+    page = f"#/experiments/{experiment_id}/runs"
+    table = next((f for f in files if f.endswith(".md")), "")
+    heatmap = next((f for f in files if f.endswith(".png")), None)
+    done = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
+    failed = sum(r["status"] != "FINISHED" for r in rows)
+    lines = [f"**{len(rows)} jobs, {failed} failed.** Summary (table, CSV, heatmap): "
+             f"[`summary/`]({page}/{parent_id}/artifacts/summary/{table}).", ""]
+    if done:
+        best = done[0]
+        lines.insert(0, f"**Best: [{best['run_name']}]({page}/{best['run_id']})**, "
+                        f"{best['objective_key']} = {best['objective']:.4f}\n")
+    if heatmap:  # the server's artifact endpoint, relative to the UI's address
+        lines += [f"![heatmap](get-artifact?path=summary%2F{heatmap}&run_uuid={parent_id})", ""]
+    return "\n".join(lines + [compare.to_markdown(rows)])
 
 
 class SweepTracking(Callback):
@@ -103,12 +168,14 @@ class SweepTracking(Callback):
         if tracking is None:
             return
         hydra = config.hydra
-        params = hydra.sweeper.get("params")
+        params = OmegaConf.to_container(hydra.sweeper.params) if hydra.sweeper.get("params") else {}
+        commit = git_state(config.paths.root_dir)["git_commit"] if config.get("paths") else "unknown"
         tags = {"hydra.sweeper": hydra.sweeper.get("_target_", "?"),
                 "hydra.launcher": hydra.launcher.get("_target_", "?"),
                 "hydra.overrides": " ".join(hydra.overrides.task) or "(none)",
-                "sweep.params": json.dumps(OmegaConf.to_container(params) if params else {})}
-        get_or_create_parent(hydra.sweep.dir, tracking.uri, tracking.experiment, tags)
+                "sweep.params": json.dumps(params), "git_commit": commit, **source_tags(commit)}
+        swept = swept_keys([*hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
+        get_or_create_parent(hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = self._tracking(config)
@@ -120,15 +187,24 @@ class SweepTracking(Callback):
         parent.run_id = parent_id
         close_orphans(parent.client, parent_id)
         rows = compare.sweep_rows(parent.client, parent_id)
+        name_uniquely(parent.client, rows)
         paths = compare.write_summary(rows, sweep_dir, self.summary_name)
         for path in paths:
             parent.log_artifact(path, "summary")
         done = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
         if done:
             best = done[0]  # rows come sorted best first
-            parent.log_metrics({f"best.{best['objective_key']}": best["objective"]})
-            parent.set_tags({"best_run_id": best["run_id"], "best_overrides": best["overrides"]})
+            parent.log_metrics({f"best.{best['objective_key']}": best["objective"],
+                                "best.objective": best["objective"]})
+            parent.set_tags({"best_run_id": best["run_id"], "best_run_name": best["run_name"],
+                             "best_overrides": best["overrides"]})
         parent.log_metrics({"jobs": len(rows), "jobs_failed": sum(r["status"] != "FINISHED" for r in rows)})
+        experiment_id = parent.client.get_run(parent_id).info.experiment_id
+        parent.set_tags({NOTE_TAG: sweep_note(rows, experiment_id, parent_id, [p.name for p in paths]),
+                         "summary": f"runs:/{parent_id}/summary"})
+        swept = (read_parent(sweep_dir) or {}).get("swept")
+        if swept:
+            parent.client.update_run(parent_id, name=sweep_name(swept, len(rows)))
         parent.end("FINISHED" if done else "FAILED")
         log.info("sweep summary: %s", ", ".join(str(p) for p in paths))
         compare.print_table(rows, title=f"sweep {sweep_dir}")
