@@ -90,6 +90,8 @@ def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, dem
     assert sorted((c.data.params["loss.gamma"], c.data.params["lora.r"]) for c in children) == \
         sorted(product(["1.0", "2.0"], ["4", "8"]))
     assert sorted(c.data.tags["hydra.job.num"] for c in children) == ["0", "1", "2", "3"]
+    assert {c.info.run_name for c in children} == {f"gamma={g} r={r}" for g, r in product(["1.0", "2.0"], [4, 8])}
+    assert parent.info.run_name == "gamma×r sweep, 4 jobs"
     assert all("loss.gamma=" in c.data.tags["hydra.overrides"] for c in children)
     # two jobs wrote to the one SQLite store at the same time
     spans = sorted((c.info.start_time, c.info.end_time) for c in children)
