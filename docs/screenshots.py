@@ -1,12 +1,14 @@
 """Screenshots of a sweep in the MLflow UI, for docs/mlflow.md: a real ``mlflow server`` on 127.0.0.1 over the
 sweep's SQLite store, pages opened in headless Chromium, PNGs saved, the server stopped.
 
+    python docs/screenshots.py                      # runs a small gamma × rank sweep first (tiny model, ~2 min)
     python docs/screenshots.py --store sqlite:////abs/path/mlflow.db [--experiment loralab] [--out docs/img]
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and nothing else: Chromium is driven over the DevTools
 protocol with the small websocket client below (standard library only), started with --headless --no-sandbox
 --disable-gpu --disable-background-networking --disable-component-update --no-first-run and a fresh
---user-data-dir. ``make screenshots`` runs a small gamma × rank sweep on the tiny model first and then this script.
+--user-data-dir. Pages open with ``?workflowType=machine_learning``: MLflow 3.17's UI picks GenAI or Model training
+by a switch it remembers per browser, so a fresh profile would otherwise show the GenAI overview.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Any, Iterator
 
 from mlflow.tracking import MlflowClient
 
+from loralab.data.demo import write_demo
 from loralab.tracking.server import mlflow_server, stop
+
+REPO = Path(__file__).resolve().parents[1]
 
 WIDTH, HEIGHT = 1600, 1000
 ML = "workflowType=machine_learning"  # MLflow 3.17's UI switch (GenAI | Model training), else remembered per browser
@@ -220,14 +225,33 @@ def take(store: str, experiment: str, out: Path, binary: str) -> list[Path]:
     return shots
 
 
+def demo_sweep(tmp: Path) -> str:
+    """A 3 × 2 gamma × rank grid on the tiny model and small demo data; returns its tracking URI. Runs in ``tmp``
+    (its store, artifacts and sweep dir stay there) with this checkout as root, so runs carry its commit."""
+    write_demo(tmp / "data", n_train=60, n_val=30)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "data=jsonl", f"data.train_file={tmp / 'data/train.jsonl'}",
+           f"data.val_file={tmp / 'data/val.jsonl'}", "model.tokenizer_vocab_size=300", "model.max_length=64",
+           "trainer.max_epochs=4", "export.zip=false", "lora=default", "loss.gamma=1.0,1.5,2.0", "lora.r=8,16",
+           f"tracking.uri={uri}", f"hydra.sweep.dir={tmp / 'multirun'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORALAB_ROOT": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", required=True, help="the sweep's tracking URI, e.g. sqlite:////abs/mlflow.db")
+    ap.add_argument("--store", help="the sweep's tracking URI, e.g. sqlite:////abs/mlflow.db (default: run a demo "
+                                    "sweep in a temporary dir)")
     ap.add_argument("--experiment", default="loralab")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "img")
     ap.add_argument("--chromium", default="chromium", help="the browser binary")
     args = ap.parse_args(argv)
-    take(args.store, args.experiment, args.out, args.chromium)
+    if args.store:
+        take(args.store, args.experiment, args.out, args.chromium)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        take(demo_sweep(Path(tmp)), args.experiment, args.out, args.chromium)
     return 0
 
 

@@ -17,6 +17,7 @@ from mlflow.utils.time import get_current_time_millis
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
 # The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -119,7 +120,7 @@ class MLflowTracker:
 
     def log_datasets(self, files: Mapping[str, tuple[str | Path, str]]) -> None:
         """Data files as MLflow dataset inputs (the UI's Dataset column): ``{context: (path, sha256)}``, e.g.
-        train/val. MLflow dedupes an input logged twice, so a resumed run may log them again."""
+        train/val. MLflow skips an input the run already has, so a reopened (resumed) run may log them again."""
         from mlflow.data.meta_dataset import MetaDataset  # mlflow.data is heavy; only runs with data files pay
         from mlflow.data.sources import LocalArtifactDatasetSource
 
@@ -129,8 +130,13 @@ class MLflowTracker:
                                   digest=sha256[:MAX_DIGEST_CHARS])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[
                 InputTag("mlflow.data.context", context), InputTag("loralab.sha256", sha256)]))
-        if self.run_id and inputs:
-            self.client.log_inputs(self.run_id, datasets=inputs)
+        for attempt in range(DATASET_TRIES if self.run_id and inputs else 0):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as err:  # parallel jobs racing to create the same dataset row (check, then
+                if attempt == DATASET_TRIES - 1:  # insert): the loser's next try finds it. Never fails a run.
+                    log.warning("MLflow dataset inputs not logged: %s", err)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.run_id:

@@ -74,7 +74,7 @@ def swept_keys(overrides: Iterable[str]) -> list[str] | None:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException:
         return None
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))  # once each, in order
 
 
 def short_keys(keys: Sequence[str]) -> dict[str, str]:
