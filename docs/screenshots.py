@@ -167,21 +167,6 @@ def expand_children(tools: DevTools) -> None:
     time.sleep(2)
 
 
-def show_columns(tools: DevTools, *names: str) -> None:
-    """Tick columns hidden by default (e.g. Version) in the runs table's column picker."""
-    if not tools.click_text("Columns"):
-        return
-    time.sleep(1)
-    for name in names:
-        tools.js(f"""[...document.querySelectorAll('label,[role=menuitemcheckbox],[role=option]')]
-                     .filter(e => e.innerText && e.innerText.trim() === {json.dumps(name)})
-                     .forEach(e => e.click())""")
-    time.sleep(0.5)
-    tools.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}))")
-    tools.js("document.body.click()")
-    time.sleep(1)
-
-
 def search_charts(tools: DevTools, text: str) -> None:
     """Type into the chart view's search box (a React input: set its value natively, then fire input)."""
     tools.js(f"""(() => {{
@@ -210,7 +195,6 @@ def take(store: str, experiment: str, out: Path, binary: str) -> list[Path]:
         exp_page = f"{url}/#/experiments/{exp.experiment_id}"
         tools.open(f"{exp_page}/runs?{ML}", parent.info.run_name)
         hide_assistant(tools)
-        show_columns(tools, "Version")
         expand_children(tools)
         shots.append(tools.screenshot(out / "sweep_runs.png"))
         tools.open(f"{exp_page}/runs?{ML}&compareRunsMode=CHART", parent.info.run_name)

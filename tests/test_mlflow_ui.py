@@ -12,7 +12,6 @@ import json
 import subprocess
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
