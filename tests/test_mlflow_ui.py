@@ -189,3 +189,22 @@ def test_rows_keep_the_run_name(tmp_path, store):  # noqa: F811
     tracker = MLflowTracker(store, tmp_path.name, run_name="gamma=1.5 r=16")
     tracker.start({})
     assert compare.run_row(MlflowClient(store).get_run(tracker.run_id))["run_name"] == "gamma=1.5 r=16"
+
+
+def test_dataset_inputs_for_any_task_from_the_files_that_exist(tmp_path, store):  # noqa: F811
+    from loralab.lifecycle import dataset_inputs
+    from loralab.reporting.provenance import provenance
+
+    train = tmp_path / "train.h5"  # a regression task's HDF5 file: any data file is a dataset input
+    train.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    files = {"train_file": str(train), "val_file": str(tmp_path / "missing.h5")}
+    inputs = dataset_inputs(files, provenance(tmp_path, files))
+    sha = hashlib.sha256(train.read_bytes()).hexdigest()
+    assert inputs == {"train": (str(train), sha)}
+    tracker = MLflowTracker(store, tmp_path.name)
+    tracker.start({})
+    tracker.log_datasets(inputs)
+    tracker.log_datasets(inputs)  # again (a resumed run): still one input
+    (logged,) = MlflowClient(store).get_run(tracker.run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("train.h5", sha[:36])
+    assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": "train", "loralab.sha256": sha}
