@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -27,10 +28,10 @@ from loralab.core import distributed
 from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
-from loralab.models.memory import check_memory
 from loralab.core.trainer import Fit, Trainer
 from loralab.errors import ConfigError, TrainingInterrupted
 from loralab.fs import atomic_write_json, recover
+from loralab.models.memory import check_memory
 from loralab.reporting import console
 from loralab.reporting.provenance import provenance
 from loralab.tasks.base import RunContext, Task
@@ -38,6 +39,7 @@ from loralab.tracking import sweep
 
 log = logging.getLogger(__name__)
 
+RUN_LOCK = ".run.lock"  # held by the run using a run dir
 CONFIG_FILE = "config.yaml"  # the config the run used (auto values resolved), in the run dir and on MLflow
 
 
@@ -161,6 +163,31 @@ def run(cfg: DictConfig) -> float:
         console.quiet_logging()
     out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(out_dir, ddp.is_main):
+        return _run(cfg, out_dir, ddp, multirun, quiet)
+
+
+@contextlib.contextmanager
+def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """One run per run dir: a second one would write over the first's checkpoints and logs. The OS drops the lock
+    when its process dies (also on SIGKILL), so ``resume=auto`` after a crash finds it free."""
+    if not is_main:
+        yield
+        return
+    lock = FileLock(out_dir / RUN_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"hydra.run.dir={out_dir}: in use by another run; wait for it to end or pick another "
+                          f"run dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> float:
+    """The run, holding its run dir: resume point ▸ tracker ▸ (sweep jobs: settle) ▸ ``Run`` ▸ console summary."""
     resume_dir = resolve_resume(cfg.get("resume"), out_dir)
     resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
     data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file")}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from filelock import FileLock
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -16,6 +17,7 @@ from mlflow.utils.time import get_current_time_millis
 
 log = logging.getLogger(__name__)
 
+STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
@@ -33,6 +35,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client whose store exists. MLflow creates a new SQLite store's tables on first use, and two processes
+    doing that at once break each other's migrations (parallel sweep jobs on a fresh store): the first one to
+    take the lock beside the database file creates the tables, the others find them."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        return MlflowClient(tracking_uri=uri)  # the client's store creates (or finds) the tables here
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -58,7 +72,7 @@ class MLflowTracker:
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None, enabled: bool = True):
         self.uri, self.experiment, self.run_name, self.enabled = uri, experiment, run_name, enabled
-        self.client = MlflowClient(tracking_uri=uri) if enabled else None
+        self.client = open_store(uri) if enabled else None
         self.run_id: str | None = None
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
