@@ -22,7 +22,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from loralab.errors import ExportError
-from loralab.fs import atomic_dir, atomic_path, atomic_write_json, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from loralab.fs import atomic_dir, atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 

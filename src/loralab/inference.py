@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from loralab.calibrate import calibration_metrics, probabilities
-from loralab.core.device import resolve_device  # noqa: F401  (also imported from here by run.py, regression)
+from loralab.core.device import resolve_device
 from loralab.data.records import DataError, Record, load_records, write_rows
 from loralab.data.text import TokenizedRecords, length_sorted_order
 from loralab.export import (

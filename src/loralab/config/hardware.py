@@ -38,6 +38,8 @@ def resolve_hardware(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     """``cfg`` (as ``check`` returned it) with ``hardware`` ``auto`` values filled, checked again (the device
     rules and the batch split read them), and ``{"hardware.<key>": value}`` for what changed."""
     changes = auto_values(cfg.hardware)
+    if not changes:  # nothing was auto: cfg is already checked
+        return cfg, {}
     out = copy.deepcopy(cfg)
     for key, value in changes.items():
         out.hardware[key] = value

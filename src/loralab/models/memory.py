@@ -74,35 +74,32 @@ class Workload:
 
 def estimate_memory(arch: dict[str, Any], w: Workload) -> MemoryEstimate:
     """Peak training memory: weights + trainable state + activations (+ CUDA context)."""
-    num_labels, lora_r, target_modules, precision = w.num_labels, w.lora_r, w.target_modules, w.precision
-    load_in_4bit, micro_batch, max_length = w.load_in_4bit, w.micro_batch, w.max_length
-    gradient_checkpointing, on_cuda = w.gradient_checkpointing, w.on_cuda
-    model = meta_model(arch, num_labels)
+    model = meta_model(arch, w.num_labels)
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
-    if lora_r:
-        trainable = lora_params(model, lora_r, target_modules) + model.score.weight.numel()
-        if load_in_4bit:  # NF4 blocks (~0.5 B + constants) for Linear layers; embeddings stay 16-bit
+    if w.lora_r:
+        trainable = lora_params(model, w.lora_r, w.target_modules) + model.score.weight.numel()
+        if w.load_in_4bit:  # NF4 blocks (~0.5 B + constants) for Linear layers; embeddings stay 16-bit
             weights = (total - embed) * 0.53 + embed * 2
         else:
-            weights = total * BYTES[precision]
+            weights = total * BYTES[w.precision]
     else:
         trainable, weights = total, 0  # full fine-tuning: the weights are the fp32 trainable state below
     trainable_bytes = trainable * 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
     c = model.config
     d, layers = c.hidden_size, c.num_hidden_layers
-    tokens = micro_batch * max_length
-    act_bytes = BYTES[precision]
+    tokens = w.micro_batch * w.max_length
+    act_bytes = BYTES[w.precision]
     # Stored activations per layer and token, in elements: Korthikanti et al. (2022) ~34·d for a transformer
     # layer without the attention matrix (SDPA never materialises it), scaled for Qwen's wider SwiGLU MLP.
     per_layer = tokens * (10 * d + 4 * c.intermediate_size) * act_bytes
-    if gradient_checkpointing:  # keep each layer's input; recompute one layer at a time in backward
+    if w.gradient_checkpointing:  # keep each layer's input; recompute one layer at a time in backward
         activations = layers * tokens * d * act_bytes + per_layer
     else:
         activations = layers * per_layer
     return MemoryEstimate(weights_gib=weights / GIB, trainable_params=trainable, total_params=total,
                           trainable_gib=trainable_bytes / GIB, activations_gib=activations / GIB,
-                          overhead_gib=CUDA_CONTEXT_GIB if on_cuda else 0.0)
+                          overhead_gib=CUDA_CONTEXT_GIB if w.on_cuda else 0.0)
 
 
 def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: str) -> None:

@@ -38,3 +38,10 @@ def provenance(root: str | Path, data_files: Mapping[str, str | None]) -> dict[s
         if path and Path(path).is_file():
             prov[f"data.{key}.sha256"] = sha256_file(path)
     return prov
+
+
+def code_version(prov: Mapping[str, str]) -> dict[str, object]:
+    """The git state and package versions of a run's provenance, as summaries and exports record them (read from
+    ``prov`` rather than asked of git and importlib again)."""
+    return {"packages": {p: prov[f"version.{p}"] for p in PACKAGES},
+            "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"]}

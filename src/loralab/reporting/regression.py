@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.fs import atomic_write_json
 from loralab.reporting.plots import save_figure
-from loralab.reporting.provenance import git_state, package_versions
+from loralab.reporting.provenance import code_version
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def write_regression_report(cfg: DictConfig, out_dir: Path, tracker, summary: di
         "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode,
         **{k: summary[k] for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s", "train_samples_per_s",
                                    "device")},
-        "packages": package_versions(), **git_state(cfg.paths.root_dir),
+        **code_version(summary["provenance"]),
     }
     atomic_write_json(out_dir / "training_metadata.json", metadata)
-    plots = write_plots(history, names, best_epoch, out_dir)
+    write_plots(history, names, best_epoch, out_dir)
     tracker.log_metrics({f"best.{k}": v for k, v in best.items() if k.startswith("val_")}, step=best_epoch)
     files = [out_dir / n for n in ("training_history.json", "training_metadata.json", "metrics.json")]
     metrics = {k: v for k, v in best.items() if k.startswith("val_")}

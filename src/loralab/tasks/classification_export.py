@@ -16,7 +16,7 @@ from loralab.core.trainer import predict_logits
 from loralab.export import export_model, zip_dir
 from loralab.fs import atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
-from loralab.reporting.provenance import git_state, package_versions
+from loralab.reporting.provenance import code_version
 from loralab.tasks.base import RunContext
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
                  for k, p in data_files.items()},
         "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
                   "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
-        "packages": package_versions(), **git_state(cfg.paths.root_dir)}
+        **code_version(prov)}
 
 
 def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[str, Any], summary: dict[str, Any],
