@@ -116,7 +116,7 @@ class Trainer:
     def fit(self, on_epoch_end: Callable[[TrainState, dict[str, float]], None] = lambda s, m: None,
             stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
         """Train from ``self.state`` up to ``trainer.max_epochs``; the epoch with the best ``trainer.monitor``
-        wins. ``on_epoch_end`` (logging) runs after the epoch's checkpoints are written."""
+        wins. ``on_epoch_end`` (logging) runs just before the epoch's checkpoints are written."""
         monitor, max_epochs = self.cfg.monitor, self.cfg.max_epochs
         if self.early_stopping.should_stop:  # resumed from a run that had already stopped early
             return self.state
@@ -137,8 +137,10 @@ class Trainer:
                 st.stop_reason = f"early_stopping: no {monitor} improvement for {self.cfg.early_stopping.patience} epochs"
             log.info("epoch %d: train_loss %.4f  val_loss %.4f  %s %.4f%s", epoch, metrics["train_loss"],
                      metrics["val_loss"], monitor, value, "  (best)" if improved else "")
-            self.checkpoints.epoch_end(st.as_dict(), epoch, value)
+            # Report before checkpointing: a crash in between re-runs this epoch on resume (and reports it again),
+            # whereas the other order would resume past an epoch whose metrics were never reported.
             on_epoch_end(st, metrics)
+            self.checkpoints.epoch_end(st.as_dict(), epoch, value)
             if self.early_stopping.should_stop:
                 break
         return self.state
