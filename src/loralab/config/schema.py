@@ -51,6 +51,7 @@ CalibrationMethod = choices("CalibrationMethod", "temperature none")
 BaselineName = choices("BaselineName", "hgb logreg")
 TruncationSide = choices("TruncationSide", "left right")
 Backend = choices("Backend", "auto nccl gloo")
+DataFormat = choices("DataFormat", "auto jsonl csv parquet")
 
 
 @dataclass
