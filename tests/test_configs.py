@@ -44,6 +44,8 @@ def test_every_option_checks_and_resolves(group, option, tmp_path, fake_cuda):
     if (group, option) == ("data", "jsonl"):
         (tmp_path / "train.jsonl").touch()
         overrides.append(f"data.train_file={tmp_path / 'train.jsonl'}")
+    if (group, option) == ("model", "hf"):
+        overrides.append("model.hub_id=google-bert/bert-base-uncased")  # checked, never read: no network
     cfg = compose_train(*overrides, hydra_config=True)
     assert OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") == option
     # The compose API leaves hydra.runtime.output_dir (paths.output_dir reads it) for @hydra.main to fill in.

@@ -60,7 +60,9 @@ def model(cfg: DictConfig) -> None:
     m = cfg.model
     if "pretrained" in m:
         require(m.pretrained or bool(m.arch), "model.arch", m.arch,
-                "pretrained=false needs a shipped architecture name")
+                "pretrained=false needs a shipped architecture name or a local config.json / model dir")
+        require(not m.pretrained or bool(m.hub_id or m.path), "model.hub_id", m.hub_id,
+                "pretrained=true needs model.hub_id or model.path")
 
 
 def monitor_names(cfg: DictConfig) -> tuple[set[str], Callable[[str], bool], str]:

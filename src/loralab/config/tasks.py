@@ -59,7 +59,7 @@ class TabularDataConf:
 
 @dataclass
 class QwenModelConf:
-    OPTION: ClassVar[str] = "tiny_qwen2|qwen2_5_*"
+    OPTION: ClassVar[str] = "hf|tiny_qwen2|qwen2_5_*"
     _target_: str = MISSING
     name: str = MISSING
     hub_id: Optional[str] = MISSING
