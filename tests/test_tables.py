@@ -3,6 +3,7 @@ documented cell rules (ids keep their spelling, empty cells are null, labels mat
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -79,9 +80,25 @@ def test_leakage_and_split_assembly_work_on_tables(tmp_path, fmt):
 
 
 def test_csv_cells_keep_their_spelling_unless_they_are_json_numbers():
-    assert [cell_value(c) for c in ["", "12", "-1.5", "2e3", "007", "1.", "NA", "null", "True", "Nan", " 1"]] == [
-        None, 12, -1.5, 2000.0, "007", "1.", "NA", "null", "True", "Nan", " 1"]
+    cells = ["", "12", "-1.5", "2e3", "007", "1.", "NA", "null", "True", "false", "t", "Nan", " 1"]
+    assert [cell_value(c) for c in cells] == [
+        None, 12, -1.5, 2000.0, "007", "1.", "NA", "null", True, False, "t", "Nan", " 1"]
     assert all(not math.isfinite(cell_value(c)) for c in ["inf", "-inf", "nan", "NaN", "Infinity", "1e999"])
+
+
+def test_a_pandas_frame_reads_the_same_from_csv_parquet_and_jsonl(tmp_path):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"id": ["a", "b", "c"], "label": ["long", "short", "skip"], "n": [1, 2, 3],
+                          "x": [0.5, None, 2.0], "flag": [True, False, True], "s": ["Oslo", None, "007"]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)  # flat rows: made into records below
+    flat = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    write_table(tmp_path / "d.jsonl", flat)
+    read = {fmt: [(r.id, r.label, r.features) for r in load_records(tmp_path / f"d.{fmt}", LABELS, allow_null=True)[0]]
+            for fmt in FORMATS}
+    assert read["csv"] == read["parquet"] == read["jsonl"]
+    assert read["csv"][1] == ("b", "short", {"n": 2, "x": None, "flag": False, "s": None})
 
 
 def test_csv_ids_and_labels_are_never_parsed(tmp_path):

@@ -5,9 +5,11 @@ Columns: ``id_column`` and ``label_column`` (when present) are the id and the la
 feature, the same set in every row. How cells become values:
 
 - CSV (stdlib ``csv``, streamed row by row): an empty cell is null; a cell written as a JSON number (``12``,
-  ``-1.5``, ``2e3``) is that number; the spellings pandas, numpy and SQL write for non-finite floats (``inf``,
-  ``-inf``, ``nan``, ``NaN``, ``Infinity``...) are non-finite numbers, dropped as in JSONL; every other cell is its
-  text as written (``007``, ``NA``, ``null``, ``True``, ``Nan`` stay strings). The rule looks at the cell alone, never at its column: a row's text is the same whichever file
+  ``-1.5``, ``2e3``) is that number; ``true``/``false`` in JSON's, Python's (pandas') or upper case are booleans;
+  the spellings pandas, numpy and SQL write for non-finite floats (``inf``, ``-inf``, ``nan``, ``NaN``,
+  ``Infinity``...) are non-finite numbers, dropped as in JSONL; every other cell is its text as written (``007``,
+  ``NA``, ``null``, ``t``, ``Nan`` stay strings). So a pandas frame reads the same from ``to_csv(index=False)``
+  as from ``to_parquet`` (tested). The rule looks at the cell alone, never at its column: a row's text is the same whichever file
   it sits in (train, val or a predict file of one row), which per-column inference (pandas) cannot promise, and
   ids keep their spelling (``007`` is not ``7.0``). The id and label cells are never parsed: always text.
 - Parquet (pyarrow, streamed by record batch): the column types decide; null is null, NaN is a non-finite value
@@ -35,6 +37,7 @@ from loralab.fs import atomic_path
 JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 NON_FINITE = {s: float(s) for s in ("inf", "+inf", "-inf", "nan", "-nan", "NaN", "Infinity", "+Infinity",
                                     "-Infinity")}
+WORDS = {**NON_FINITE, **{s: True for s in ("true", "True", "TRUE")}, **{s: False for s in ("false", "False", "FALSE")}}
 PARQUET_BATCH_ROWS = 4096  # rows converted to Python at a time: memory stays flat in the file's length
 
 # (line or row number, the row's source for verbatim copies, the row object or the reason it is dropped)
@@ -47,7 +50,7 @@ def cell_value(text: str) -> int | float | str | None:
         return None
     if JSON_NUMBER.fullmatch(text):
         return json.loads(text)  # 1e999 is inf here, and dropped as non_finite_value like in JSONL
-    return NON_FINITE.get(text, text)
+    return WORDS.get(text, text)
 
 
 def check_header(path: Path, names: list[str], id_column: str, label_column: str, labelled: bool) -> None:
