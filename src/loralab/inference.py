@@ -1,4 +1,5 @@
-"""Scoring records (JSONL, CSV or Parquet) with an exported model (a ``model_final.zip`` or a run dir holding ``loralab.json``).
+"""Scoring records (JSONL, CSV or Parquet) with an exported model (a ``model_final.zip`` or a run dir holding
+``loralab.json``).
 
 Rows are validated exactly as in training (``load_records``); bad ones are counted by reason and left out, never
 fatal. Texts are serialized with the recorded template, scored in length-sorted batches (little padding), and

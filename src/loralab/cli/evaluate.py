@@ -1,4 +1,5 @@
-"""``loralab-evaluate model=<zip or dir> input=<test.jsonl|csv|parquet>``: metrics of an exported model on a labelled file."""
+"""``loralab-evaluate model=<zip or dir> input=<test.jsonl|csv|parquet>``: metrics of an exported model on a
+labelled file."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Sequence
 from loralab.cli.args import Tool, option, run
 from loralab.cli.predict import ExportedModelArgs
 
-DESCRIPTION = ("Evaluate an exported model on a labelled JSONL, CSV or Parquet file and write a metrics report shaped like training's "
+DESCRIPTION = ("Evaluate an exported model on a labelled JSONL, CSV or Parquet file and write a metrics report "
+               "shaped like training's "
                "metrics.json: macro-F1, accuracy, per-class table, confusion matrix, NLL/ECE/Brier raw and at the "
                "exported temperature, and the training gates applied to this file's metrics.")
 

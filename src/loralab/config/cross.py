@@ -119,4 +119,5 @@ def hardware(cfg: DictConfig) -> None:
                 "the MLP trains in fp32 (mixed precision buys nothing at this size)")
 
 
-RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, model, monitor, batch, hardware)
+RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, model, monitor, batch,
+                                                   hardware)

@@ -9,9 +9,9 @@ feature, the same set in every row. How cells become values:
   the spellings pandas, numpy and SQL write for non-finite floats (``inf``, ``-inf``, ``nan``, ``NaN``,
   ``Infinity``...) are non-finite numbers, dropped as in JSONL; every other cell is its text as written (``007``,
   ``NA``, ``null``, ``t``, ``Nan`` stay strings). So a pandas frame reads the same from ``to_csv(index=False)``
-  as from ``to_parquet`` (tested). The rule looks at the cell alone, never at its column: a row's text is the same whichever file
-  it sits in (train, val or a predict file of one row), which per-column inference (pandas) cannot promise, and
-  ids keep their spelling (``007`` is not ``7.0``). The id and label cells are never parsed: always text.
+  as from ``to_parquet`` (tested). The rule looks at the cell alone, never at its column: a row's text is the same
+  whichever file it sits in (train, val or a predict file of one row), which per-column inference (pandas) cannot
+  promise, and ids keep their spelling (``007`` is not ``7.0``). The id and label cells are never parsed.
 - Parquet (pyarrow, streamed by record batch): the column types decide; null is null, NaN is a non-finite value
   (dropped as in JSONL), dates and times become ISO text, decimals floats; list or struct cells are not flat.
   A pandas index stored as a column (``__index_level_0__``) is not a feature.

@@ -141,8 +141,9 @@ class ModelSource:
             tok = AutoTokenizer.from_pretrained(self.location, trust_remote_code=self.trust_remote_code)
             if tok.pad_token is None:  # decoder tokenizers (Llama, Mistral) often have none; eos is the convention
                 if tok.eos_token is None:
-                    raise ConfigError(f"model.location={self.location!r}: the tokenizer has neither a pad nor an "
-                                      f"eos token to pad batches with")
+                    key = "model.path" if self.path else "model.hub_id"
+                    raise ConfigError(f"{key}={self.location!r}: the tokenizer has neither a pad nor an eos token "
+                                      f"to pad batches with")
                 tok.pad_token = tok.eos_token
         else:
             tok = train_tokenizer(texts, self.tokenizer_vocab_size)

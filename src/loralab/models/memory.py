@@ -1,11 +1,11 @@
 """Hardware profiles: resolving ``auto`` values and a memory preflight that runs before any weights load.
 
-The preflight reads the model's own config.json (``ModelSource.architecture``: a local dir, the HF cache, or a shipped
-Qwen config), counts parameters exactly by building the architecture on PyTorch's ``meta`` device (no memory, no
-weights) and wrapping it with peft as training will (so LoRA's count is peft's, whatever the architecture and
-``lora.target_modules``), and adds the usual training costs. It is an estimate — allocator fragmentation and kernels' workspaces
-come on top — so it refuses only clear misfits and logs every term so a user can see what to cut. Training runs it
-before loading weights; ``loralab-preflight`` runs it alone.
+The preflight reads the model's own config.json (``ModelSource.architecture``: a local dir, the HF cache, or a
+shipped Qwen config), counts parameters exactly by building the architecture on PyTorch's ``meta`` device (no
+memory, no weights) and wrapping it with peft as training will (so LoRA's count is peft's, whatever the architecture
+and ``lora.target_modules``), and adds the usual training costs. It is an estimate — allocator fragmentation and
+kernels' workspaces come on top — so it refuses only clear misfits and logs every term so a user can see what to
+cut. Training runs it before loading weights; ``loralab-preflight`` runs it alone.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
-
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from loralab.errors import ConfigError
 
