@@ -53,7 +53,7 @@ def settle(cfg: DictConfig) -> DictConfig:
     if cfg.lora.enabled and not cfg.model.get("pretrained", True):
         log.warning("LoRA on model=%s, a random-init base: adapters only steer features a base already has, so "
                     "expect little learning (lora=none trains every weight)", cfg.model.get("name"))
-    if cfg.model.get("arch"):
+    if "pretrained" in cfg.model:  # a transformer (ModelSource), not the MLP
         check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(output_names(cfg)),
                      batch_size=cfg.optim.batch_size)
     return cfg
