@@ -241,7 +241,7 @@ def test_train_py_cli(tabular, tmp_path):
            f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "data.demo=false", f"data.train_file={tabular['train']}",
            f"data.val_file={tabular['val']}", f"data.schema_file={tabular['schema']}", "trainer.max_epochs=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"] in (1, 2)
     assert only_run(f"sqlite:///{run_dir}/mlflow.db")[1].info.status == "FINISHED"

@@ -48,20 +48,28 @@ while True:
         payload = os.urandom(1 << 20)
         (d / "blob.bin").write_bytes(payload)
         (d / "size.txt").write_text(str(len(payload)) + ":" + str(i))
+    if i == 1:
+        print("saved", flush=True)
 """
 
 
 def test_sigkill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path):
+    """SIGKILL at several points of a writer's save loop, each after its first save finished (so there is always a
+    checkpoint to check): what ``recover`` leaves is always one complete save, never a torn one."""
     final = tmp_path / "ckpt"
-    for delay in (0.3, 0.45, 0.6, 0.75):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    versions = set()
+    for delay in (0.0, 0.05, 0.1, 0.2):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert proc.stdout.readline() == "saved\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         recover(final)
-        if final.exists():  # the first save may not have finished yet
-            size = int((final / "size.txt").read_text().split(":")[0])
-            assert (final / "blob.bin").stat().st_size == size
+        size, version = (final / "size.txt").read_text().split(":")
+        assert (final / "blob.bin").stat().st_size == int(size)
+        versions.add(version)
+    assert len(versions) > 1  # the kills landed at different points of the loop
 
 
 def test_checkpoint_refuses_nan_weights_and_wrong_shapes(tmp_path):
