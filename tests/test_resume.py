@@ -21,6 +21,7 @@ from loralab.data.regression_demo import write_article_demo, write_tabular_demo
 from loralab.core.state import EarlyStopping
 from loralab.core.trainer import Fit, Trainer
 from loralab.errors import NonFiniteLossError
+from loralab.lifecycle import stop_on_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,6 +234,8 @@ def test_sigterm_writes_last_marks_killed_and_resumes_exactly(data_dir, referenc
     run_dir = tmp_path / "run"
     rc, out = start_and_signal(train_cmd(data_dir, run_dir), run_dir, signal.SIGTERM)
     assert rc == 130, out
+    loop = read_meta(run_dir / "checkpoints" / "last")["loop"]
+    assert loop["batches_done"] > 0, loop  # stopped inside an epoch: the resume below is a mid-epoch one
     assert "resume=auto" in out and f"hydra.run.dir={run_dir}" in out
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
@@ -240,6 +243,28 @@ def test_sigterm_writes_last_marks_killed_and_resumes_exactly(data_dir, referenc
     subprocess.run(train_cmd(data_dir, run_dir, "resume=auto"), check=True, capture_output=True)
     assert_same_run(reference, run_dir)
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _delivered(sig: int, flag) -> None:
+    os.kill(os.getpid(), sig)
+    deadline = time.monotonic() + 5
+    while not flag() and time.monotonic() < deadline:  # Python runs the handler between bytecodes
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_asks_to_stop_and_a_second_ctrl_c_aborts_at_once(sig):
+    previous = signal.getsignal(sig)
+    with stop_on_signals() as stop_requested:
+        assert not stop_requested()
+        _delivered(sig, stop_requested)
+        assert stop_requested()  # the trainer stops after its current step, writes `last`: no exception here
+        if sig == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C does not wait for the step
+                _delivered(sig, lambda: False)
+        else:
+            _delivered(sig, lambda: True)  # a repeated SIGTERM just asks again
+    assert signal.getsignal(sig) is previous  # handlers restored after the run
 
 
 def test_non_finite_training_fails_the_run_with_reason(data_dir, tmp_path):
