@@ -18,7 +18,6 @@ from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, 
 from loralab.fs import atomic_dir, recover
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo, write_tabular_demo
-from loralab.core.state import EarlyStopping
 from loralab.core.trainer import Fit, Trainer
 from loralab.errors import NonFiniteLossError
 from loralab.lifecycle import stop_on_signals
@@ -275,22 +274,6 @@ def test_non_finite_training_fails_the_run_with_reason(data_dir, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
     assert run.info.status == "FAILED" and "NonFinite" in run.data.tags["error"]
-
-
-@pytest.mark.parametrize("patience, values, stops_after", [
-    (0, [0.5, 0.6, 0.55], 3),   # patience 0: stop at the first epoch without improvement
-    (2, [0.5, 0.4, 0.6, 0.5, 0.5], 5),
-    (1, [0.5, 0.6, 0.7], None),
-])
-def test_early_stopping_patience(patience, values, stops_after):
-    es = EarlyStopping(patience)
-    stopped = None
-    for epoch, v in enumerate(values, start=1):
-        es.update(v)
-        if es.should_stop:
-            stopped = epoch
-            break
-    assert stopped == stops_after
 
 
 @pytest.mark.slow

@@ -180,14 +180,17 @@ def test_top_k_checkpoints_rotate(tmp_path, mode, values, kept):
     assert read_meta(tmp_path / "last")["meta"]["top_k"][:2] == trainer.checkpoints.ranked  # (before the rotation)
 
 
-@pytest.mark.parametrize("mode, values, min_delta, stops_after", [
-    ("max", [0.5, 0.55, 0.9], 0.1, 2),   # +0.05 is not an improvement of more than 0.1
-    ("max", [0.5, 0.65, 0.7], 0.1, 3),   # +0.15 is; +0.05 then is not
-    ("min", [1.0, 0.95, 0.5], 0.1, 2),
-    ("min", [1.0, 0.85, 0.5], 0.1, None),
+@pytest.mark.parametrize("patience, min_delta, mode, values, stops_after", [
+    (0, 0.0, "max", [0.5, 0.6, 0.55], 3),   # patience 0: stop at the first epoch without improvement
+    (2, 0.0, "max", [0.5, 0.4, 0.6, 0.5, 0.5], 5),
+    (1, 0.0, "max", [0.5, 0.6, 0.7], None),
+    (1, 0.1, "max", [0.5, 0.55, 0.9], 2),   # +0.05 is not an improvement of more than min_delta
+    (1, 0.1, "max", [0.5, 0.65, 0.7], 3),   # +0.15 is; +0.05 then is not
+    (1, 0.1, "min", [1.0, 0.95, 0.5], 2),
+    (1, 0.1, "min", [1.0, 0.85, 0.5], None),
 ])
-def test_early_stopping_min_delta(mode, values, min_delta, stops_after):
-    es = EarlyStopping(patience=1, min_delta=min_delta, mode=mode)
+def test_early_stopping_patience_and_min_delta(patience, min_delta, mode, values, stops_after):
+    es = EarlyStopping(patience=patience, min_delta=min_delta, mode=mode)
     stopped = None
     for epoch, v in enumerate(values, start=1):
         es.update(v)
