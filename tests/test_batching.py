@@ -4,10 +4,14 @@ import random
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import DataCollatorWithPadding
 
+from loralab.core.distributed import Dist
+from loralab.core.loaders import TaskData, make_loaders
 from loralab.core.sampler import EpochBatchSampler
 from loralab.data.text import tokenize
+from loralab.errors import ConfigError
 from loralab.models.build import ModelSource, train_tokenizer
 
 _rng = random.Random(0)
@@ -107,3 +111,12 @@ def test_trained_tokenizer_reads_numbers_one_digit_per_token():
     pieces = tok.convert_ids_to_tokens(tok('{"price": 1234.5678, "atr": 99}')["input_ids"])
     digits = [p for p in pieces if any(c.isdigit() for c in p)]
     assert digits == list("12345678") + ["9", "9"]
+
+
+def test_fewer_batches_than_processes_is_refused_before_training():
+    """With every leftover batch dropped, 5 rows in per-rank batches of 8 would leave both ranks nothing to run."""
+    data = TaskData(train=[{"x": i} for i in range(5)], val=[{"x": 0}])
+    hardware = OmegaConf.create({"micro_batch_size": None, "num_workers": 0, "pin_memory": False, "device": "cpu"})
+    trainer = OmegaConf.create({"group_by_length": False, "eval_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"optim.batch_size=16: 5 training rows make fewer batches than the 2 "):
+        make_loaders(data, batch_size=16, hardware=hardware, trainer=trainer, seed=0, ddp=Dist(rank=1, world_size=2))
