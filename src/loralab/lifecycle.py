@@ -144,6 +144,11 @@ def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str
             if f"data.{key}.sha256" in prov}
 
 
+def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's metrics as MLflow curves at step = epoch: the optimizer step count is not a curve of its own."""
+    return {k: v for k, v in metrics.items() if k != "step"}
+
+
 def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
     """An epoch's metrics plus ``objective`` (= the monitored one): one key to chart across runs and tasks."""
     return {**metrics, "objective": metrics[key]} if key in metrics else metrics
@@ -255,7 +260,9 @@ class Run:
         if ctx.resume_dir is not None:
             ctx.tracker.set_tags({"resumed_from": str(ctx.resume_dir)})
         state = trainer.fit(on_epoch_end=lambda st, metrics: ctx.tracker.log_metrics(
-                                with_objective(metrics, cfg.objective), step=st.epoch),
+                                with_objective(epoch_curves(metrics), cfg.objective), step=st.epoch),
+                            on_step=lambda step, metrics: ctx.tracker.log_metrics(
+                                {f"step.{k}": v for k, v in metrics.items()}, step=step),
                             stop_requested=stop_requested)
         trainer.finish()
         if state.best_epoch is None:
@@ -265,15 +272,17 @@ class Run:
             return {"objective": objective}
         summary = {
             "task": cfg.task.name, "objective_key": cfg.objective, "objective": objective,
-            "best_epoch": state.best_epoch, "stop_reason": state.stop_reason, "epochs_run": len(state.history),
-            "history": state.history, "wall_time_s": time.time() - t_start,
+            "best_epoch": state.best_epoch, "best_step": state.best_step, "best": state.best,
+            "stop_reason": state.stop_reason, "epochs_run": len(state.history), "history": state.history,
+            "val_checks": state.checks, "wall_time_s": time.time() - t_start,
             "fit_time_s": state.fit_time_s, "train_samples_per_s": state.train_samples_per_s,
             "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
             "device": str(ctx.device), "world_size": ddp.world_size,
             "resumed_from": str(ctx.resume_dir) if ctx.resume_dir else None, "provenance": prov,
         }
         atomic_write_json(ctx.out_dir / "training_summary.json", summary)
-        ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch})
+        ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch,
+                              "best_step": state.best_step})
         ctx.tracker.log_metrics({"best.objective": objective}, step=state.best_epoch)
         out = self.task.finalize(trainer.core, val_loader, summary)
         artifacts = [ctx.out_dir / "training_summary.json", *out.get("artifacts", [])]

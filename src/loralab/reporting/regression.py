@@ -62,7 +62,7 @@ def write_regression_report(cfg: DictConfig, out_dir: Path, tracker, summary: di
     """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; log ``best.*``;
     return the metrics and files for the summary."""
     best_epoch, history = summary["best_epoch"], summary["history"]
-    best = history[best_epoch - 1]
+    best = summary["best"]  # the best evaluation: an epoch end or a val check
     atomic_write_json(out_dir / "training_history.json", history)
     atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best})
     metadata = {

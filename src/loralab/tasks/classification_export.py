@@ -38,7 +38,7 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
         curves[f"T = {calib['temperature']:.3f}"] = probabilities(logits, calib["temperature"])
     plot = reliability_diagram(y, curves, ctx.out_dir / "plots" / "reliability_diagram.png", c.n_bins,
                                title=f"Reliability diagram: validation, best epoch {best_epoch}")
-    best = summary["history"][best_epoch - 1]
+    best = summary["best"]  # the best evaluation: an epoch end or a val check
     metrics = {"best_epoch": best_epoch, **report["scalars"], "val_loss": best["val_loss"], **calib.pop("scalars"),
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
@@ -91,7 +91,7 @@ def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[
     save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
                     {"epoch": summary["best_epoch"], "labels": list(cfg.data.labels), "template": cfg.data.template,
                      "max_length": source.max_length,
-                     cfg.trainer.monitor: summary["history"][summary["best_epoch"] - 1][cfg.trainer.monitor]})
+                     cfg.trainer.monitor: summary["best"][cfg.trainer.monitor]})
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
     # Export (and its reload check, specified in fp32) from an fp32 copy: a LoRA run on CUDA keeps its base in

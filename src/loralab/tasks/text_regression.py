@@ -100,7 +100,7 @@ class TextRegression(Task):
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
         """``checkpoint_best/`` (weights, tokenizer, dimensions), its zip, the history, metadata and plots."""
         cfg, out_dir = self.cfg, self.ctx.out_dir
-        best = summary["history"][summary["best_epoch"] - 1]
+        best = summary["best"]
         ckpt = save_checkpoint(out_dir / "checkpoint_best", model, self.tokenizer,
                                {"epoch": summary["best_epoch"], "task": self.name, "dimension_names": self.dims,
                                 "template": cfg.data.template, "max_length": self.source.max_length,

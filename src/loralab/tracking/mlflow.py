@@ -70,10 +70,13 @@ def source_tags(git_commit: str, entry_point: str | None = None) -> dict[str, st
 class MLflowTracker:
     """One MLflow run. Built by Hydra from ``conf/tracking``; ``run.py`` starts it and always ends it."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str | None = None, enabled: bool = True):
+    def __init__(self, uri: str, experiment: str, run_name: str | None = None, enabled: bool = True,
+                 system_metrics: bool = False):
         self.uri, self.experiment, self.run_name, self.enabled = uri, experiment, run_name, enabled
+        self.system_metrics = system_metrics
         self.client = open_store(uri) if enabled else None
         self.run_id: str | None = None
+        self._monitor = None
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
               parent_run_id: str | None = None, resume_run_id: str | None = None) -> str | None:
@@ -90,6 +93,7 @@ class MLflowTracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             self.set_tags({k: v for k, v in (tags or {}).items() if not k.startswith("version.")})
             log.info("MLflow run %s reopened (resumed training)", resume_run_id)
+            self._monitor_system(resumed=True)
             return self.run_id
         exp_id = experiment_id(self.client, self.experiment)
         tags = dict(tags or {})
@@ -100,7 +104,18 @@ class MLflowTracker:
         self.run_id = run.info.run_id
         self.log_params(params)
         log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        self._monitor_system(resumed=False)
         return self.run_id
+
+    def _monitor_system(self, resumed: bool) -> None:
+        """``tracking.system_metrics``: MLflow's own sampler (CPU, memory, disk, network, GPU) logs ``system/*``
+        into this run from a thread; a resumed run continues its steps. Interval: MLFLOW_SYSTEM_METRICS_* env."""
+        if not self.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+        self._monitor.start()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """The flattened config as params (write-once in MLflow: log them once per run)."""
@@ -184,6 +199,9 @@ class MLflowTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED. Safe to call when it never started."""
+        if self._monitor is not None:  # its last samples land while the run is still open
+            self._monitor.finish()
+            self._monitor = None
         if self.run_id:
             self.client.set_terminated(self.run_id, status=status)
             log.info("MLflow run %s ended %s", self.run_id, status)
