@@ -139,7 +139,7 @@ def hydra_tags() -> dict[str, str]:
 
 
 def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """``{"train"|"val": (path, sha256)}`` for the data files that exist (provenance hashed them)."""
+    """``{"train"|"val"|"test": (path, sha256)}`` for the data files that exist (provenance hashed them)."""
     return {key.removesuffix("_file"): (path, prov[f"data.{key}.sha256"]) for key, path in data_files.items()
             if f"data.{key}.sha256" in prov}
 
@@ -195,7 +195,7 @@ def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> fl
     """The run, holding its run dir: resume point ▸ tracker ▸ (sweep jobs: settle) ▸ ``Run`` ▸ console summary."""
     resume_dir = resolve_resume(cfg.get("resume"), out_dir)
     resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
-    data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file")}
+    data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file", "test_file")}
     tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
     parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
     tracker.start({}, tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
