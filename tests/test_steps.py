@@ -10,11 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import LABELS, ROOT, compose_train, write_jsonl
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -22,6 +26,9 @@ from torch.utils.data import DataLoader
 from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.sampler import EpochBatchSampler
 from loralab.core.trainer import Fit, Trainer
+from loralab.data.demo import write_demo
+from loralab.lifecycle import run
+from loralab.reporting.console import print_summary, run_line
 
 ROWS, BATCH = 60, 4  # 15 optimizer steps per epoch
 TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
@@ -127,7 +134,7 @@ def test_val_checks_change_nothing_that_is_trained(tmp_path):
     assert [c["step"] for c in checked_state.checks] == [4, 8, 12, 16, 20, 24, 28]
     a, b = weights(plain.core), weights(checked.core)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda hs: [{k: v for k, v in h.items() if k != "train_loss"} for h in untimed(hs)]  # noqa: E731
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "train_loss"} for h in untimed(hs)]
     assert strip(plain_state.history) == strip(checked_state.history)
 
 
@@ -166,3 +173,158 @@ def test_resume_after_a_kill_that_follows_a_val_check_equals_the_uninterrupted_r
     a, b = weights(ref.core), weights(resumed.core)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.checkpoints.ranked == ref.checkpoints.ranked
+
+
+# --- through the lifecycle, into a real MLflow store --------------------------------------------------------------
+
+def adversarial_test_file(path, tiny_data):
+    """Val rows with every label rotated, a few train rows with theirs rotated (ids shared with train) and a broken
+    line: whatever leaked from it into training, calibration or model choice would move the numbers."""
+    rotate = dict(zip(LABELS, LABELS[1:] + LABELS[:1]))
+    rows = [{**r, "id": f"t-{r['id']}", "label": rotate[r["label"]]} for r in tiny_data["val_rows"]]
+    rows += [{**r, "label": rotate[r["label"]]} for r in tiny_data["train_rows"][:5]]
+    return write_jsonl(path, [*rows, '{"id": "broken", '])
+
+
+def run_in_process(run_dir, *overrides):
+    cfg = compose_train("data=jsonl", "data.cache_dir=null", "model.tokenizer_vocab_size=300", "export.zip=false",
+                        "baseline=none", "quiet=true", "trainer.max_epochs=2", "trainer.log_every_n_steps=3",
+                        "trainer.val_check_interval=4", "trainer.max_steps=12",
+                        f"tracking.uri=sqlite:///{run_dir}/mlflow.db", *overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    run(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def data_args(tiny_data):
+    return [f"data.train_file={tiny_data['train']}", f"data.val_file={tiny_data['val']}"]
+
+
+@pytest.fixture(scope="module")
+def test_file(tmp_path_factory, tiny_data):
+    return adversarial_test_file(tmp_path_factory.mktemp("test_split") / "test.jsonl", tiny_data)
+
+
+@pytest.fixture(scope="module")
+def with_test(tmp_path_factory, data_args, test_file):
+    """A run with step logging, val checks, max_steps, an adversarial test file and MLflow system metrics."""
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"  # MLflow's own knob; the default is 10 s
+    try:
+        return run_in_process(tmp_path_factory.mktemp("with_test"), *data_args, f"data.test_file={test_file}",
+                              "tracking.system_metrics=true")
+    finally:
+        del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def only_run(run_dir):
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, found
+
+
+def test_step_metrics_reach_mlflow_at_optimizer_steps(with_test):
+    run_dir = with_test
+    client, mlrun = only_run(run_dir)
+    summary = read_json(run_dir / "training_summary.json")
+    steps = lambda key: [m.step for m in client.get_metric_history(mlrun.info.run_id, key)]
+    assert summary["optimizer_steps"] == 12 and mlrun.data.tags["stop_reason"] == "max_steps: 12 optimizer steps"
+    for key in ("step.train_loss", "step.lr", "step.grad_norm", "step.samples_per_s"):
+        assert steps(key) == [3, 6, 9, 12], key
+    evaluations = sorted(h["step"] for h in [*summary["history"], *summary["val_checks"]])
+    assert 4 in evaluations and 8 in evaluations and evaluations[-1] == 12  # checks, epoch ends, the last step
+    assert steps("step.val_macro_f1") == steps("step.val_loss") == evaluations
+    assert steps("val_macro_f1") == list(range(1, summary["epochs_run"] + 1))  # epoch curves stay at step = epoch
+    assert mlrun.data.tags["best_step"] == str(summary["best_step"])
+    assert any(k.startswith("system/cpu_utilization") for k in mlrun.data.metrics)  # tracking.system_metrics
+
+
+def test_the_test_split_is_scored_once_and_reported_everywhere(with_test, test_file):
+    run_dir = with_test
+    metrics, data_report = read_json(run_dir / "metrics.json"), read_json(run_dir / "data_report.json")
+    rows = len(test_file.read_text().splitlines()) - 1  # one broken line dropped, by the training reader
+    assert data_report["test_file"]["rows_kept"] == rows and data_report["test_file"]["dropped_by_reason"] == {
+        "invalid_json": 1}
+    assert data_report["test_file"]["ids_in_train"] == 5 and data_report["test_file"]["ids_in_val"] == 0
+    assert metrics["test"]["rows"] == rows and metrics["test"]["temperature"] == metrics["temperature"]
+    assert sum(map(sum, metrics["test"]["confusion_matrix"]["matrix"])) == rows
+    for key in ("test_macro_f1", "test_accuracy", "test_loss", "test_nll_calibrated", "test_ece_calibrated"):
+        assert 0 <= metrics[key] < 10, key
+    _, mlrun = only_run(run_dir)
+    assert {k: v for k, v in mlrun.data.metrics.items() if k.startswith("test_")} == pytest.approx(
+        {k: v for k, v in metrics.items() if k.startswith("test_")})
+    contexts = {tag.value for d in mlrun.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"}
+    assert contexts == {"train", "val", "test"}
+    report = (run_dir / "report.md").read_text()
+    assert "| metric | model | test | gate | status |" in report and "| test_file |" in report
+    assert f"test_macro_f1 = {metrics['test_macro_f1']:.4f} on {rows} rows" in report
+
+
+@pytest.mark.slow  # a second run
+def test_the_test_split_never_influences_training_calibration_or_choice(with_test, data_args, tmp_path):
+    """The adversarial test file changes nothing but the test_* numbers: same evaluations, best step,
+    temperature, val metrics and weights as the same run without it."""
+    without = run_in_process(tmp_path, *data_args)
+    a, b = (read_json(d / "training_summary.json") for d in (with_test, without))
+    assert untimed(a["history"]) == untimed(b["history"]) and untimed(a["val_checks"]) == untimed(b["val_checks"])
+    assert (a["best_epoch"], a["best_step"], a["objective"]) == (b["best_epoch"], b["best_step"], b["objective"])
+    ma, mb = (read_json(d / "metrics.json") for d in (with_test, without))
+    assert ma["temperature"] == mb["temperature"]
+    assert {k: v for k, v in ma.items() if k.startswith("val_")} == {k: v for k, v in mb.items() if k.startswith("val_")}
+    assert not any(k.startswith("test") for k in mb)
+    wa, wb = (load_file(d / "checkpoint_best" / "model.safetensors") for d in (with_test, without))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_console_summary_shows_the_test_column_and_where_the_best_evaluation_was():
+    summary = {"best_epoch": 2, "best_step": 20, "epochs_run": 1, "stop_reason": "max_steps: 25 optimizer steps",
+               "history": [{"epoch": 1, "step": 15}], "train_samples_per_s": 10.0, "device": "cpu",
+               "wall_time_s": 3.0, "run_dir": "/r", "objective_key": "val_macro_f1", "objective": 0.5,
+               "metrics": {"val_macro_f1": 0.5, "test_macro_f1": 0.25, "test": {"rows": 7}, "gates": {}}}
+    console = Console(width=200, record=True)
+    print_summary(summary, console)
+    text = " ".join(console.export_text().split())  # the title wraps at the table's width
+    assert "best step 20 in epoch 2 of 1 epochs — max_steps: 25 optimizer steps" in text
+    assert "test (7 rows)" in text and "0.2500" in text and "test_macro_f1" not in text  # a column, not a row
+    assert "(step 20 in epoch 2, 1 epochs)" in run_line(summary)
+
+
+def train_py(data_dir, run_dir, *extra):
+    """``python train.py`` with LoRA (its dropout draws from the RNG) and a val check every 6 steps."""
+    return [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={data_dir}/train.jsonl",
+            f"data.val_file={data_dir}/val.jsonl", "data.cache_dir=null", "model.tokenizer_vocab_size=300",
+            "lora=default", "trainer.max_epochs=2", "trainer.val_check_interval=6", "trainer.max_steps=22",
+            "baseline=none", "export.zip=false", f"hydra.run.dir={run_dir}",
+            f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_val_check_then_resume_auto_equals_the_uninterrupted_run(tmp_path):
+    write_demo(tmp_path / "data", n_train=200, n_val=40)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    reference, run_dir = tmp_path / "ref" / "run", tmp_path / "killed" / "run"
+    subprocess.run(train_py(tmp_path / "data", reference), check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(train_py(tmp_path / "data", run_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    last = run_dir / "checkpoints" / "last" / "trainer_state.pt"
+    while not last.exists() and proc.poll() is None:  # the first `last` is the first val check's (step 6)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    loop = read_meta(run_dir / "checkpoints" / "last")["loop"]
+    assert loop["batches_done"] > 0 and loop["checks"], loop  # killed inside an epoch, after a val check
+    subprocess.run([*train_py(tmp_path / "data", run_dir), "resume=auto"], check=True, capture_output=True, env=env)
+    a, b = (read_json(d / "training_summary.json") for d in (reference, run_dir))
+    assert untimed(a["val_checks"]) == untimed(b["val_checks"]) and untimed(a["history"]) == untimed(b["history"])
+    assert (a["best_step"], a["stop_reason"], a["optimizer_steps"]) == (b["best_step"], b["stop_reason"], 22)
+    wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (reference, run_dir))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    client, mlrun = only_run(run_dir.parent)
+    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "step.val_loss")]
+    assert sorted(set(steps)) == sorted(h["step"] for h in [*b["history"], *b["val_checks"]])
+    assert mlrun.info.status == "FINISHED"

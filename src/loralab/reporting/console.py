@@ -71,7 +71,7 @@ def best_point(summary: Mapping[str, Any]) -> str:
     step = summary.get("best_step")
     if step is None or any(h.get("step") == step for h in summary.get("history", [])):
         return f"epoch {summary['best_epoch']}"
-    return f"step {step} (in epoch {summary['best_epoch']})"
+    return f"step {step} in epoch {summary['best_epoch']}"
 
 
 def test_value(metrics: Mapping[str, Any], key: str) -> float | None:
