@@ -149,6 +149,13 @@ def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "step"}
 
 
+def step_logger(tracker) -> Callable[[int, dict[str, float]], None]:
+    """The trainer's ``on_step``: ``step.<name>`` curves at step = optimizer step. Train numbers are queued in the
+    background (the loop never waits on the store); an evaluation's are stored before its checkpoints exist."""
+    return lambda step, metrics: tracker.log_metrics({f"step.{k}": v for k, v in metrics.items()}, step=step,
+                                                     background="train_loss" in metrics)
+
+
 def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
     """An epoch's metrics plus ``objective`` (= the monitored one): one key to chart across runs and tasks."""
     return {**metrics, "objective": metrics[key]} if key in metrics else metrics
@@ -261,8 +268,7 @@ class Run:
             ctx.tracker.set_tags({"resumed_from": str(ctx.resume_dir)})
         state = trainer.fit(on_epoch_end=lambda st, metrics: ctx.tracker.log_metrics(
                                 with_objective(epoch_curves(metrics), cfg.objective), step=st.epoch),
-                            on_step=lambda step, metrics: ctx.tracker.log_metrics(
-                                {f"step.{k}": v for k, v in metrics.items()}, step=step),
+                            on_step=step_logger(ctx.tracker),
                             stop_requested=stop_requested)
         trainer.finish()
         if state.best_epoch is None:

@@ -77,6 +77,7 @@ class MLflowTracker:
         self.client = open_store(uri) if enabled else None
         self.run_id: str | None = None
         self._monitor = None
+        self._queued: list = []  # background log_batch operations, waited for in ``end``
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
               parent_run_id: str | None = None, resume_run_id: str | None = None) -> str | None:
@@ -130,13 +131,20 @@ class MLflowTracker:
         except MlflowException:
             return False
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, background: bool = False) -> None:
+        """Numeric values as metrics at ``step``. ``background``: queued on MLflow's async logger, so a training
+        loop logging every few steps never waits on the store (~45 ms a write to SQLite on a busy CPU); ``end``
+        waits for the queue. Metrics that must be stored before a checkpoint is written are logged in the
+        foreground."""
         if not self.run_id:
             return
         now = get_current_time_millis()
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        if background:
+            self._queued.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        else:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.run_id:
@@ -199,6 +207,12 @@ class MLflowTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED. Safe to call when it never started."""
+        for operation in self._queued:  # background metrics land before the run closes
+            try:
+                operation.wait()
+            except MlflowException as err:
+                log.warning("MLflow: background metrics not logged: %s", err)
+        self._queued = []
         if self._monitor is not None:  # its last samples land while the run is still open
             self._monitor.finish()
             self._monitor = None
