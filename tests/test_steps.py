@@ -27,6 +27,7 @@ from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.sampler import EpochBatchSampler
 from loralab.core.trainer import Fit, Trainer
 from loralab.data.demo import write_demo
+from loralab.data.regression_demo import write_article_demo
 from loralab.lifecycle import run
 from loralab.reporting.console import print_summary, run_line
 
@@ -328,3 +329,26 @@ def test_sigkill_after_a_val_check_then_resume_auto_equals_the_uninterrupted_run
     steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "step.val_loss")]
     assert sorted(set(steps)) == sorted(h["step"] for h in [*b["history"], *b["val_checks"]])
     assert mlrun.info.status == "FINISHED"
+
+
+def test_article_regression_scores_its_test_split_once(tmp_path):
+    """The text regression task takes ``data.test_file`` too: ``test_*`` next to ``best.val_*``."""
+    train, val, _ = write_article_demo(tmp_path / "data", n_train=48, n_val=16)
+    test = write_jsonl(tmp_path / "test.jsonl", [{**json.loads(line), "id": f"t-{i}"}
+                                                  for i, line in enumerate(val.read_text().splitlines())])
+    cfg = compose_train("experiment=article_regression", "data.demo=false", f"data.train_file={train}",
+                        f"data.val_file={val}", f"data.test_file={test}", "model.tokenizer_vocab_size=300",
+                        "model.max_length=64", "trainer.max_epochs=1", "trainer.max_steps=2", "export.zip=false",
+                        "quiet=true", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    run(cfg)
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["test_rows"] == 16 and metrics["test_mae"] > 0
+    dims = read_json(tmp_path / "run" / "training_metadata.json")["target_names"]
+    assert {f"test_mae_{d}" for d in dims} <= metrics.keys()
+    # the test rows are the val rows: the final model scores them as the best evaluation did
+    assert metrics["test_mae"] == pytest.approx(metrics["val_mae"], rel=1e-5)
+    _, mlrun = only_run(tmp_path)
+    assert mlrun.data.metrics["test_mae"] == pytest.approx(metrics["test_mae"])
+    assert read_json(tmp_path / "run" / "training_metadata.json")["data"]["test_file"]["ids_in_val"] == 0
