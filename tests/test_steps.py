@@ -28,6 +28,8 @@ from loralab.core.sampler import EpochBatchSampler
 from loralab.core.trainer import Fit, Trainer
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo
+from loralab.config import check
+from loralab.errors import ConfigError
 from loralab.lifecycle import run
 from loralab.reporting.console import print_summary, run_line
 
@@ -352,3 +354,15 @@ def test_article_regression_scores_its_test_split_once(tmp_path):
     _, mlrun = only_run(tmp_path)
     assert mlrun.data.metrics["test_mae"] == pytest.approx(metrics["test_mae"])
     assert read_json(tmp_path / "run" / "training_metadata.json")["data"]["test_file"]["ids_in_val"] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be >= 1 or null"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5: must be >= 1 or null"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: must be >= 1 or null"),
+    ("data.test_file=/no/such/test.jsonl", "data.test_file='/no/such/test.jsonl': file not found"),
+])
+def test_bad_step_and_test_split_values_fail_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        check(compose_train(override))
+    assert str(err.value) == message
