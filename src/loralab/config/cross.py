@@ -27,6 +27,8 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def data_files(cfg: DictConfig) -> None:
     d = cfg.data
+    if d.get("test_file") is not None:  # no demo writes one
+        require(Path(d.test_file).is_file(), "data.test_file", d.test_file, "file not found")
     if d.demo:
         return  # written on first use
     for key in ("train_file", "val_file", "schema_file"):

@@ -112,6 +112,9 @@ class TrainerConf:
     eval_batch_size: int = knob(gt(0))
     deterministic: bool = MISSING
     gates: Optional[Dict[str, str]] = knob(each=GATE)
+    log_every_n_steps: Optional[int] = knob(ge(1))   # null: no step-level train metrics
+    val_check_interval: Optional[int] = knob(ge(1))  # null: evaluate at epoch ends only
+    max_steps: Optional[int] = knob(ge(1))           # null: max_epochs alone ends training
 
 
 @dataclass
@@ -139,6 +142,7 @@ class TrackingConf:
     experiment: str = MISSING
     run_name: str = MISSING
     enabled: bool = MISSING
+    system_metrics: bool = MISSING
 
 
 @dataclass

@@ -22,6 +22,7 @@ class SplitDataConf:
     demo: bool = MISSING  # true: deterministic files written on first use, so they need not exist yet
     train_file: str = MISSING
     val_file: Optional[str] = MISSING
+    test_file: Optional[str] = MISSING  # scored once with the final model; never used to choose or calibrate it
     val_split: float = knob(interval("(0, 1)"))
     leakage: Leakage = MISSING
 

@@ -57,6 +57,15 @@ def stratified_split(strat: Sequence[Hashable], ratios: dict[str, float], seed: 
     return out, ok_test and ok_val
 
 
+def test_overlap(test: Sequence, **splits: Sequence) -> dict[str, int]:
+    """How many test ids are also in each other split (rows with an ``id``). Counted and warned about, never
+    dropped: the test file is scored as given, and the count says how far to trust it."""
+    out = {f"ids_in_{name}": len(leaked_ids(rows, test)) for name, rows in splits.items()}
+    if any(out.values()):
+        log.warning("data.test_file shares ids with other splits (%s): its scores partly measure memory", out)
+    return out
+
+
 def score_tiers(scores: Sequence[float], n_tiers: int) -> tuple[list[str], list[float]]:
     """Quantile tier of each score (``tier_0`` lowest) and the tier edges: the strata of regression rows, so every
     split sees low, middle and high scores alike."""
