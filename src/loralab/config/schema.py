@@ -139,6 +139,8 @@ class TrackingConf:
     experiment: str = MISSING
     run_name: str = MISSING
     enabled: bool = MISSING
+    artifact_location: Optional[str] = None
+    register_as: Optional[str] = None
 
 
 @dataclass

@@ -44,11 +44,22 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
     ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
-    ctx.tracker.log_metrics({f"best.{k}": v for k, v in metrics.items() if k.startswith(CALIBRATION_KEYS)},
-                            step=best_epoch)
+    ctx.tracker.log_metrics(calibration_metrics(metrics), step=best_epoch)
     ctx.tracker.log_artifact(plot, "plots")
     ctx.tracker.set_tags({"gates_passed": all(g["passed"] is not False for g in gates.values())})
     return metrics
+
+
+def calibration_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The MLflow names of the calibration scalars: ``best.val_nll`` (raw, best epoch), ``calibrated.val_nll`` (with
+    the fitted temperature), ``calibrated.temperature``."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "temperature" or key.endswith("_calibrated"):
+            out[f"calibrated.{key.removesuffix('_calibrated')}"] = value
+        elif key.startswith(CALIBRATION_KEYS):
+            out[f"best.{key}"] = value
+    return out
 
 
 def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
