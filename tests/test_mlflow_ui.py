@@ -188,7 +188,8 @@ def test_experiment_kind_is_set_once_and_a_users_kind_is_kept(tmp_path, store): 
 def test_rows_keep_the_run_name(tmp_path, store):  # noqa: F811
     tracker = MLflowTracker(store, tmp_path.name, run_name="gamma=1.5 r=16")
     tracker.start({})
-    assert compare.run_row(MlflowClient(store).get_run(tracker.run_id))["run_name"] == "gamma=1.5 r=16"
+    (record,) = compare.search(store, [MlflowClient(store).get_run(tracker.run_id).info.experiment_id])
+    assert compare.run_row(record)["run_name"] == "gamma=1.5 r=16"
 
 
 def test_dataset_inputs_for_any_task_from_the_files_that_exist(tmp_path, store):  # noqa: F811

@@ -124,7 +124,7 @@ class TabularRegressor(PythonModel):
         if missing:
             raise DataError(f"input lacks feature column(s) {missing[:5]} of the schema ({len(self.features)} "
                             f"features)")
-        x = torch.from_numpy(frame[self.features].to_numpy(np.float32))
+        x = torch.tensor(frame[self.features].to_numpy(np.float32))
         with torch.no_grad():
             y = self.model(x).logits.numpy()
         return pd.DataFrame(y.astype(np.float64), columns=self.targets)
