@@ -132,7 +132,10 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(demo):
         proc = subprocess.Popen(cmd, cwd=demo["home"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            wait_for(f"http://127.0.0.1:{port}/ping", timeout_s=300, proc=proc)
+            try:
+                wait_for(f"http://127.0.0.1:{port}/ping", timeout_s=300, proc=proc)
+            except (RuntimeError, TimeoutError) as err:
+                raise AssertionError((demo["home"] / "serve.log").read_text()[-3000:]) from err
             body = {"dataframe_records": [{"id": r["id"], "features": r["features"]} for r in demo["rows"]]}
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
                                              headers={"Content-Type": "application/json"})
@@ -214,3 +217,17 @@ def test_a_new_experiment_keeps_its_artifacts_beside_its_store(tmp_path, monkeyp
     elsewhere.start({})
     assert client.get_experiment_by_name("elsewhere").artifact_location == str(tmp_path / "big-disk")
     assert artifact_root("http://127.0.0.1:5000") is None  # a server decides for its own store
+
+
+def test_using_a_store_leaves_the_process_settings_as_they_were(tmp_path, monkeypatch):
+    """``mlflow.set_tracking_uri`` exports ``$MLFLOW_TRACKING_URI``; left there, the next run's config would read it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with using_store(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == before
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///user.db")
+    with using_store(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///user.db" == mlflow.get_tracking_uri()

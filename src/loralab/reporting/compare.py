@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -28,20 +29,26 @@ log = logging.getLogger(__name__)
 OVERRIDES_TAG = "loralab.overrides"  # JSON list of a job's Hydra overrides (set on sweep children)
 F1_PREFIX = "best.val_f1_"  # per-class F1 of the best epoch, as run.py logs it
 MAX_RUNS = 5000
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 @contextlib.contextmanager
 def using_store(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``search_runs``, model logging) on ``uri`` for the block only: it reads the process-wide
-    tracking and registry URIs, which loralab otherwise leaves alone (every other call names its store)."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """MLflow's fluent API (``search_runs``, model logging and registering) on ``uri`` for the block only. It reads
+    a process-wide tracking URI, and ``mlflow.set_tracking_uri`` also exports it as ``$MLFLOW_TRACKING_URI``
+    (which the next run's config would then read): both are put back as they were. The registry follows the
+    tracking URI unless ``$MLFLOW_REGISTRY_URI`` says otherwise."""
+    env = os.environ.get(TRACKING_URI_ENV)
+    before = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        mlflow.set_tracking_uri(None if before == env else before)  # None: back to $MLFLOW_TRACKING_URI/default
+        if env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = env
 
 
 def search(uri: str, experiment_ids: list[str], filter_string: str = "") -> list[dict[str, Any]]:
