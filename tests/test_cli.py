@@ -92,11 +92,21 @@ def test_errors_of_the_work_itself_are_one_line(tmp_path, capsys):
 def test_compare_takes_its_target_bare_or_as_key(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # an experiment name is looked up in ./mlflow.db
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LORALAB_ROOT", raising=False)
     for argv in (["no_such_experiment"], ["target=no_such_experiment"]):
         assert tool_main("compare")(argv) == 2
-        assert "no mlflow.db in" in one_line_error(capsys)
-    assert not (tmp_path / "mlflow.db").exists()  # asking does not create a store
+        assert f"no MLflow store at sqlite:///{tmp_path / 'mlflow.db'} (no such file)" in one_line_error(capsys)
     uri = f"sqlite:///{tmp_path / 'other.db'}"
+    for env in ({"MLFLOW_TRACKING_URI": uri}, {}):  # from the environment or given: never created empty
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert tool_main("compare")(["no_such_experiment", *([] if env else [f"tracking_uri={uri}"])]) == 2
+        assert f"no MLflow store at {uri}" in one_line_error(capsys)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "other.db").exists()
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # the store exists now, without that experiment
     assert tool_main("compare")(["no_such_experiment", f"tracking_uri={uri}"]) == 2
     assert "no MLflow experiment 'no_such_experiment'" in capsys.readouterr().err.splitlines()[-1]
 

@@ -212,7 +212,7 @@ def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     run = MlflowClient(f"sqlite:///{db}").search_runs([MlflowClient(f"sqlite:///{db}")
                                                        .get_experiment_by_name("loralab").experiment_id])[0]
-    assert run.data.metrics["baseline_val_macro_f1"] == pytest.approx(metrics["baseline"]["scalars"]["val_macro_f1"])
+    assert run.data.metrics["baseline.val_macro_f1"] == pytest.approx(metrics["baseline"]["scalars"]["val_macro_f1"])
     # Quiet: no config tree, no INFO logs; warnings may appear, the run itself is one line.
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and "[WARNING]" not in ln]
     assert len(lines) == 1 and run.info.run_id in lines[0] and "├──" not in proc.stdout, proc.stdout

@@ -66,8 +66,8 @@ def test_lora_run_calibrates_exports_and_tracks(tmp_path):
     assert set(meta["packages"]) >= {"torch", "transformers", "peft"}
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["best.temperature"] == pytest.approx(metrics["temperature"])
-    assert run.data.metrics["best.val_ece_calibrated"] == pytest.approx(metrics["val_ece_calibrated"])
+    assert run.data.metrics["calibrated.temperature"] == pytest.approx(metrics["temperature"])
+    assert run.data.metrics["calibrated.val_ece"] == pytest.approx(metrics["val_ece_calibrated"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model_final.zip", "loralab.json", "plots"} <= artifacts
     assert "plots/reliability_diagram.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]

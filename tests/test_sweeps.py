@@ -57,7 +57,6 @@ def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool =
             f"tracking.uri={uri}", f"tracking.experiment={tmp.name}"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, str(REPO / "train.py"), *(["-m"] if multirun else []), *base, *overrides]
-    # cwd=tmp: MLflow's default artifact root (./mlruns) lands in the temporary dir, not the checkout
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -208,7 +207,7 @@ def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path
 
     assert close_orphans(client, parent) == 1
     assert client.get_run(orphan).info.status == "FAILED"
-    rows = compare.sweep_rows(client, parent)
+    rows = compare.sweep_rows(store, parent)
     assert [r["objective"] for r in rows[:3]] == sorted(values.values(), reverse=True)
     assert rows[-1]["status"] == "FAILED" and rows[-1]["error"]
     assert compare.swept_keys(rows) == ["loss.gamma", "lora.r"]  # lora=default is constant

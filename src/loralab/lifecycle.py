@@ -297,6 +297,9 @@ class Run:
             ctx.tracker.log_artifact(path, None if parent == Path(".") else str(parent))
         if (ctx.out_dir / ".hydra").is_dir():
             ctx.tracker.log_artifact(ctx.out_dir / ".hydra", "hydra")
-        return {**summary, "wall_time_s": time.time() - t_start, "metrics": out["metrics"],
-                "run_dir": str(ctx.out_dir), "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
-                "artifacts": [str(p) for p in artifacts]}
+        result = {**summary, "wall_time_s": time.time() - t_start, "metrics": out["metrics"],
+                  "run_dir": str(ctx.out_dir), "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
+                  "model_uri": out.get("model_uri"), "artifacts": [str(p) for p in artifacts]}
+        ctx.tracker.set_note(console.run_line(result) + (f"\n\nModel: `{result['model_uri']}`"
+                                                         if result["model_uri"] else ""))
+        return result

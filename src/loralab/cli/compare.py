@@ -19,18 +19,30 @@ DESCRIPTION = ("Show the runs of one sweep (a multirun dir, or a job dir inside 
 @dataclass
 class CompareArgs:
     target: str = option(help="a multirun sweep dir (or a job dir inside it) or an MLflow experiment name")
-    tracking_uri: str | None = option(None, "MLflow store; null: $MLFLOW_TRACKING_URI, else the sweep's own store "
-                                            "or sqlite:///<cwd>/mlflow.db")
+    tracking_uri: str | None = option(None, "MLflow store; null: a sweep's own store, else $MLFLOW_TRACKING_URI, "
+                                            "else sqlite:///<$LORALAB_ROOT or cwd>/mlflow.db")
 
 
 TOOL = Tool("loralab-compare", DESCRIPTION, CompareArgs, positional="target")
 
 
+def default_store() -> str:
+    """The store a run from here uses by default: ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in ``$LORALAB_ROOT``
+    or the current directory (``conf/tracking/mlflow.yaml``)."""
+    root = Path(os.environ.get("LORALAB_ROOT") or Path.cwd())
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def check_store(uri: str) -> None:
+    """A SQLite store must exist: opening a missing one would create it, empty, and report no runs."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise LookupError(f"no MLflow store at {uri} (no such file); give tracking_uri=sqlite:///<path to mlflow.db>, "
+                          f"set MLFLOW_TRACKING_URI, or run from the directory holding mlflow.db")
+
+
 def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], str]:
     """Rows and a title for a sweep dir (or a job dir inside it: the parent record is looked up upwards) or an
-    MLflow experiment name (at ``tracking_uri``, default ``sqlite:///<cwd>/mlflow.db``). LookupError if neither."""
-    from mlflow.tracking import MlflowClient  # mlflow loads only when there is work to do, not for --help
-
+    MLflow experiment name (at ``tracking_uri``, default ``default_store()``). LookupError if neither."""
     from loralab.reporting.compare import experiment_rows, sweep_rows
     from loralab.tracking.sweep import read_parent
 
@@ -39,21 +51,20 @@ def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[li
         record = next((r for d in (path, *path.resolve().parents) if (r := read_parent(d))), None)
         if record is None:
             raise LookupError(f"{path} holds no sweep parent record (was it run with train.py -m?)")
-        client = MlflowClient(tracking_uri=tracking_uri or record["uri"])
-        return sweep_rows(client, record["run_id"]), f"sweep {path} (parent run {record['run_id']})"
-    if tracking_uri is None and not (Path.cwd() / "mlflow.db").is_file():  # do not create an empty store here
-        raise LookupError(f"{target}: not a directory, and no mlflow.db in {Path.cwd()} to look up an experiment "
-                          f"in (give tracking_uri=...)")
-    uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    return experiment_rows(MlflowClient(tracking_uri=uri), str(target)), f"experiment {target} at {uri}"
+        uri = tracking_uri or record["uri"]
+        check_store(uri)
+        return sweep_rows(uri, record["run_id"]), f"sweep {path} (parent run {record['run_id']} at {uri})"
+    uri = tracking_uri or default_store()
+    check_store(uri)
+    return experiment_rows(uri, str(target)), f"experiment {target} at {uri}"
 
 
 def compare_runs(args: CompareArgs) -> int:
     from loralab.reporting.compare import print_table
 
-    rows, title = target_rows(args.target, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    rows, title = target_rows(args.target, args.tracking_uri)
     if not rows:
-        print(f"no runs for {args.target}", file=sys.stderr)
+        print(f"no runs for {title}", file=sys.stderr)
         return 1
     print_table(rows, title)
     return 0

@@ -143,6 +143,8 @@ class TrackingConf:
     run_name: str = MISSING
     enabled: bool = MISSING
     system_metrics: bool = MISSING
+    artifact_location: Optional[str] = None
+    register_as: Optional[str] = None
 
 
 @dataclass

@@ -1,18 +1,22 @@
 """Compare runs from MLflow: one row per job (overrides, status, objective, per-class F1, error), best first.
 
-The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``loralab-compare`` (``loralab.cli.compare``)
-read the same rows, so the terminal and the MLflow artifact never disagree.
+The rows come from ``mlflow.search_runs`` (a DataFrame: ``metrics.*``, ``params.*``, ``tags.*`` columns), as a user
+would query them. The end-of-sweep summary (CSV, markdown, heatmap on the parent run) and ``loralab-compare``
+(``loralab.cli.compare``) read the same rows, so the terminal and the MLflow artifact never disagree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -25,6 +29,33 @@ log = logging.getLogger(__name__)
 OVERRIDES_TAG = "loralab.overrides"  # JSON list of a job's Hydra overrides (set on sweep children)
 F1_PREFIX = "best.val_f1_"  # per-class F1 of the best epoch, as run.py logs it
 MAX_RUNS = 5000
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``search_runs``, model logging and registering) on ``uri`` for the block only. It reads
+    a process-wide tracking URI, and ``mlflow.set_tracking_uri`` also exports it as ``$MLFLOW_TRACKING_URI``
+    (which the next run's config would then read): both are put back as they were. The registry follows the
+    tracking URI unless ``$MLFLOW_REGISTRY_URI`` says otherwise."""
+    env = os.environ.get(TRACKING_URI_ENV)
+    before = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None if before == env else before)  # None: back to $MLFLOW_TRACKING_URI/default
+        if env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = env
+
+
+def search(uri: str, experiment_ids: list[str], filter_string: str = "") -> list[dict[str, Any]]:
+    """``mlflow.search_runs`` on ``uri``, one dict per run (its DataFrame's records)."""
+    with using_store(uri):
+        frame = mlflow.search_runs(experiment_ids, filter_string, max_results=MAX_RUNS, output_format="pandas")
+    return frame.to_dict("records")
 
 
 def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
@@ -33,8 +64,7 @@ def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
                               max_results=MAX_RUNS)
 
 
-def _overrides(run: Run) -> list[str]:
-    tags = run.data.tags
+def _overrides(tags: Mapping[str, str]) -> list[str]:
     if OVERRIDES_TAG in tags:
         return json.loads(tags[OVERRIDES_TAG])
     text = tags.get("hydra.overrides", "")
@@ -46,22 +76,31 @@ def override_values(overrides: Sequence[str]) -> dict[str, str]:
     return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
 
 
-def run_row(run: Run) -> dict[str, Any]:
-    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+def _section(record: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """``{name: value}`` of one ``search_runs`` record's ``metrics.``/``params.``/``tags.`` columns; a run without
+    the column reads NaN or None there (another run has it), which is no value."""
+    prefix = f"{kind}."
+    return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix) and v is not None
+            and not (isinstance(v, float) and math.isnan(v))}
+
+
+def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A table row from one ``search_runs`` record."""
+    tags, params, metrics = (_section(record, kind) for kind in ("tags", "params", "metrics"))
     key = params.get("objective", "val_macro_f1")
-    overrides = _overrides(run)
+    overrides = _overrides(tags)
     return {
         "job": int(tags["hydra.job.num"]) if tags.get("hydra.job.num", "").isdigit() else None,
-        "run_name": run.info.run_name,
+        "run_name": tags.get("mlflow.runName", ""),
         "overrides": " ".join(overrides),
         "override_values": override_values(overrides),
-        "status": run.info.status,
+        "status": record["status"],
         "objective_key": key,
         "objective": metrics.get(f"best.{key}", math.nan),
         "mode": params.get("trainer.monitor_mode", "max"),
         "f1": {k[len(F1_PREFIX):]: v for k, v in sorted(metrics.items()) if k.startswith(F1_PREFIX)},
         "error": tags.get("error", ""),
-        "run_id": run.info.run_id,
+        "run_id": record["run_id"],
     }
 
 
@@ -74,17 +113,18 @@ def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
-def sweep_rows(client: MlflowClient, parent_id: str) -> list[dict[str, Any]]:
-    return sort_rows([run_row(r) for r in child_runs(client, parent_id)])
+def sweep_rows(uri: str, parent_id: str) -> list[dict[str, Any]]:
+    """The children of sweep parent ``parent_id`` in the store at ``uri``, best first."""
+    exp_id = MlflowClient(uri).get_run(parent_id).info.experiment_id
+    return sort_rows([run_row(r) for r in search(uri, [exp_id], f"tags.mlflow.parentRunId = '{parent_id}'")])
 
 
-def experiment_rows(client: MlflowClient, experiment: str) -> list[dict[str, Any]]:
-    """Every run of an experiment except sweep parents (their children are listed instead)."""
-    exp = client.get_experiment_by_name(experiment)
+def experiment_rows(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Every run of an experiment except sweep parents (their children are listed instead), best first."""
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
     if exp is None:
-        raise LookupError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
-    return sort_rows([run_row(r) for r in runs if r.data.tags.get("loralab.role") != "sweep"])
+        raise LookupError(f"no MLflow experiment {experiment!r} at {uri}")
+    return sort_rows([run_row(r) for r in search(uri, [exp.experiment_id]) if r.get("tags.loralab.role") != "sweep"])
 
 
 def swept_keys(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -26,9 +26,10 @@ from loralab.errors import DataError
 from loralab.fs import atomic_write_json
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics
+from loralab.reporting.provenance import code_version
 from loralab.reporting.report import write_reports
 from loralab.tasks.base import Task
-from loralab.tasks.classification_export import best_epoch_report, export, test_report
+from loralab.tasks.classification_export import best_epoch_report, export, test_report, zip_parts
 from loralab.tasks.text_model import load_text_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Classification(Task):
         result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed,
                               OmegaConf.to_container(b.params, resolve=True), b.get("threads"))
         if result:
-            self.ctx.tracker.log_metrics({f"baseline_{k}": v for k, v in result["scalars"].items()})
+            self.ctx.tracker.log_metrics({f"baseline.{k}": v for k, v in result["scalars"].items()})
         return result
 
     def build_model(self) -> nn.Module:
@@ -123,11 +124,15 @@ class Classification(Task):
 
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
         """Best-epoch report (per class, gates, calibration, baseline), the test split's scores, verified export,
-        reports and plots."""
+        the MLflow model, reports and plots."""
+        from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
+
         metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx)
         artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx)
-        artifacts += write_reports(self.ctx.out_dir, self.labels, summary, metrics, self.splits.report,
-                                   self.ctx.tracker)
-        return {"metrics": metrics, "artifacts": artifacts}
+        e, out_dir = self.cfg.export, self.ctx.out_dir
+        model_uri = log_classifier(self.ctx.tracker, out_dir, zip_parts(out_dir, e.zip_parts, e.max_size_mb),
+                                   self.splits.val, code_version(summary["provenance"])["packages"])
+        artifacts += write_reports(out_dir, self.labels, summary, metrics, self.splits.report, self.ctx.tracker)
+        return {"metrics": metrics, "artifacts": artifacts, "model_uri": model_uri}

@@ -44,8 +44,7 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
     ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
-    ctx.tracker.log_metrics({f"best.{k}": v for k, v in metrics.items() if k.startswith(CALIBRATION_KEYS)},
-                            step=best_epoch)
+    ctx.tracker.log_metrics(calibration_scalars(metrics), step=best_epoch)
     ctx.tracker.log_artifact(plot, "plots")
     ctx.tracker.set_tags({"gates_passed": all(g["passed"] is not False for g in gates.values())})
     return metrics
@@ -71,8 +70,21 @@ def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str,
         "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
         "use": "scored once after training; never used for early stopping, calibration or model choice"}}
     atomic_write_json(ctx.out_dir / "metrics.json", out)
-    ctx.tracker.log_metrics(scalars, step=metrics["best_epoch"])
+    ctx.tracker.log_metrics({f"calibrated.{k.removesuffix('_calibrated')}" if k.endswith("_calibrated") else k: v
+                             for k, v in scalars.items()}, step=metrics["best_epoch"])  # the naming of docs/mlflow.md
     log.info("test split (%d rows, %s): macro-F1 %.4f", len(y), cfg.data.test_file, scalars["test_macro_f1"])
+    return out
+
+
+def calibration_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The MLflow names of the calibration scalars: ``best.val_nll`` (raw, best epoch), ``calibrated.val_nll`` (with
+    the fitted temperature), ``calibrated.temperature``."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "temperature" or key.endswith("_calibrated"):
+            out[f"calibrated.{key.removesuffix('_calibrated')}"] = value
+        elif key.startswith(CALIBRATION_KEYS):
+            out[f"best.{key}"] = value
     return out
 
 

@@ -17,6 +17,7 @@ from loralab.data.hdf5 import H5Regression, read_schema
 from loralab.data.regression_demo import write_tabular_demo
 from loralab.metrics import regression_metrics
 from loralab.models.mlp import save_best
+from loralab.reporting.provenance import code_version
 from loralab.reporting.regression import write_regression_report
 from loralab.tasks.base import Task
 
@@ -33,6 +34,7 @@ class TabularRegression(Task):
             write_tabular_demo(d.train_file, d.val_file, d.schema_file)
         self.input_dim = len(read_schema(d.schema_file))  # the schema, never the file, says how many features
         train, val = (H5Regression(f, self.input_dim, len(self.names)) for f in (d.train_file, d.val_file))
+        self.val = val
         self.data_info = {"train_file": d.train_file, "val_file": d.val_file, "schema_file": d.schema_file,
                           "input_dim": self.input_dim, "train_rows": len(train), "val_rows": len(val)}
         self.ctx.tracker.log_metrics({f"data.{k}": self.data_info[k] for k in ("input_dim", "train_rows", "val_rows")})
@@ -49,7 +51,13 @@ class TabularRegression(Task):
         return regression_metrics(y, outputs, self.names)
 
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+        """``checkpoints/model_best.pt``, the regression report and the MLflow model (checkpoint + schema)."""
+        from loralab.tracking.pyfunc import log_tabular_regressor  # mlflow.pyfunc and pandas: only runs that finish
+
         ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, summary["best_epoch"], summary["best"]["val_loss"])
         out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, summary, self.names,
                                       self.data_info)
-        return {**out, "artifacts": [*out["artifacts"], ckpt]}
+        model_uri = log_tabular_regressor(self.ctx.tracker, ckpt, Path(self.cfg.data.schema_file),
+                                          self.ctx.out_dir / "training_metadata.json", self.val.features.numpy(),
+                                          code_version(summary["provenance"])["packages"])
+        return {**out, "artifacts": [*out["artifacts"], ckpt], "model_uri": model_uri}

@@ -15,6 +15,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from loralab.reporting.compare import using_store
+
 log = logging.getLogger(__name__)
 
 STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
@@ -23,6 +25,9 @@ DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
 # The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's description
+ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite database: where its experiments keep their artifacts by default
+MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,10 +54,22 @@ def open_store(uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=uri)  # the client's store creates (or finds) the tables here
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if missing and marked as model training unless it already has a kind."""
+def artifact_root(uri: str, artifact_location: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: ``artifact_location`` when given, else ``mlartifacts/`` beside a
+    SQLite database (MLflow's own default, ``./mlruns`` of whatever directory the process runs in, would mix the
+    artifacts of every store used from there); None for other stores (a tracking server decides itself)."""
+    if artifact_location:
+        return str(Path(artifact_location).resolve()) if "://" not in artifact_location else artifact_location
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).resolve().parent / ARTIFACTS_DIR)
+    return None
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created if missing (its artifacts at ``artifact_location``, fixed for good when MLflow
+    creates it) and marked as model training unless it already has a kind."""
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location)
     if not (exp and EXPERIMENT_KIND_TAG in exp.tags):
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return exp_id
@@ -71,9 +88,11 @@ class MLflowTracker:
     """One MLflow run. Built by Hydra from ``conf/tracking``; ``run.py`` starts it and always ends it."""
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None, enabled: bool = True,
-                 system_metrics: bool = False):
+                 system_metrics: bool = False, artifact_location: str | None = None, register_as: str | None = None):
         self.uri, self.experiment, self.run_name, self.enabled = uri, experiment, run_name, enabled
         self.system_metrics = system_metrics
+        self.artifact_location = artifact_root(uri, artifact_location)
+        self.register_as = register_as
         self.client = open_store(uri) if enabled else None
         self.run_id: str | None = None
         self._monitor = None
@@ -96,7 +115,7 @@ class MLflowTracker:
             log.info("MLflow run %s reopened (resumed training)", resume_run_id)
             self._monitor_system(resumed=True)
             return self.run_id
-        exp_id = experiment_id(self.client, self.experiment)
+        exp_id = experiment_id(self.client, self.experiment, self.artifact_location)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -175,6 +194,36 @@ class MLflowTracker:
                 if attempt == DATASET_TRIES - 1:  # insert): the loser's next try finds it. Never fails a run.
                     log.warning("MLflow dataset inputs not logged: %s", err)
 
+    def log_model(self, model_code: str | Path, artifacts: Mapping[str, str | Path], signature, input_example,
+                  pip_requirements: list[str]) -> str | None:
+        """Log an MLflow model (pyfunc, models-from-code: ``model_code`` builds it when loaded, so loading unpickles
+        nothing) named ``model`` on this run, and register it as a new version of ``register_as`` when set.
+        Returns its URI (``models:/<name>/<version>`` when registered, else ``runs:/<run id>/model``)."""
+        if not self.run_id:
+            return None
+        import mlflow
+        from mlflow.models import Model
+
+        run = self.client.get_run(self.run_id)
+        # Created here, in the run's experiment: Model.log would put it in the fluent API's current experiment.
+        logged = self.client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=self.run_id,
+                                                 params=run.data.params)
+        with using_store(self.uri):  # MLflow logs and registers models through its fluent API only
+            info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=self.run_id,
+                             model_id=logged.model_id,
+                             python_model=str(model_code), artifacts={k: str(v) for k, v in artifacts.items()},
+                             signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+                             registered_model_name=self.register_as)  # MLflow checks it serves the example
+        version = info.registered_model_version
+        uri = f"models:/{self.register_as}/{version}" if version else f"runs:/{self.run_id}/{MODEL_NAME}"
+        self.set_tags({"loralab.model_uri": uri, "loralab.model_id": info.model_id})
+        log.info("MLflow model logged: %s", uri)
+        return uri
+
+    def set_note(self, text: str) -> None:
+        """The run's description in the UI (markdown)."""
+        self.set_tags({NOTE_TAG: text})
+
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.run_id:
             self.client.log_dict(self.run_id, data, artifact_file)
@@ -200,7 +249,8 @@ class MLflowTracker:
             status = "KILLED"
             raise
         except Exception as err:
-            self.set_tags({"error": f"{type(err).__name__}: {err}"[:5000], "error_type": type(err).__name__})
+            error = f"{type(err).__name__}: {err}"[:5000]
+            self.set_tags({"error": error, "error_type": type(err).__name__, NOTE_TAG: f"**FAILED**: {error}"})
             raise
         finally:
             self.end(status)

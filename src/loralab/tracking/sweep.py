@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from loralab.fs import atomic_write_json
 from loralab.reporting import compare
 from loralab.reporting.provenance import git_state
-from loralab.tracking.mlflow import MLflowTracker, source_tags
+from loralab.tracking.mlflow import NOTE_TAG, MLflowTracker, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ ROLE_TAG = "loralab.role"  # "sweep" on parents, "sweep_job" on children
 SWEEP_DIR_TAG = "loralab.sweep_dir"
 LOCK_TIMEOUT_S = 120  # a job waiting longer than this for the parent's creation gives up loudly
 MAX_NAME = 250  # MLflow's limit on a run name
-NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's description
 
 
 def is_multirun() -> bool:
@@ -49,9 +48,11 @@ def read_parent(sweep_dir: str | Path) -> dict[str, str] | None:
 
 
 def get_or_create_parent(sweep_dir: str | Path, uri: str, experiment: str,
-                         tags: dict[str, str] | None = None, swept: Sequence[str] | None = None) -> str:
+                         tags: dict[str, str] | None = None, swept: Sequence[str] | None = None,
+                         artifact_location: str | None = None) -> str:
     """The sweep's parent run id; the first caller (of any process) creates the run, the rest read it.
-    ``swept``: the keys the sweep varies (None: unknown), recorded so every job can name its run after them."""
+    ``swept``: the keys the sweep varies (None: unknown), recorded so every job can name its run after them;
+    ``artifact_location``: of the experiment, should this create it (``tracking.artifact_location``)."""
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(sweep_dir / LOCK_FILE, timeout=LOCK_TIMEOUT_S):
@@ -59,7 +60,7 @@ def get_or_create_parent(sweep_dir: str | Path, uri: str, experiment: str,
         if found:
             return found["run_id"]
         name = sweep_name(swept) if swept else f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
-        run_id = MLflowTracker(uri, experiment, run_name=name).start(
+        run_id = MLflowTracker(uri, experiment, run_name=name, artifact_location=artifact_location).start(
             {}, tags={ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(sweep_dir.resolve()), **(tags or {})})
         atomic_write_json(sweep_dir / PARENT_FILE, {"run_id": run_id, "uri": uri, "experiment": experiment,
                                                     "swept": None if swept is None else list(swept)})
@@ -102,7 +103,8 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
     if not (tracker.enabled and is_multirun()):
         return None, {}
     hc = HydraConfig.get()
-    parent = get_or_create_parent(hc.sweep.dir, tracker.uri, tracker.experiment)
+    parent = get_or_create_parent(hc.sweep.dir, tracker.uri, tracker.experiment,
+                                  artifact_location=tracker.artifact_location)
     overrides = list(hc.overrides.task)
     swept = (read_parent(hc.sweep.dir) or {}).get("swept")
     return parent, {ROLE_TAG: "sweep_job", SWEEP_DIR_TAG: str(Path(hc.sweep.dir).resolve()),
@@ -175,7 +177,8 @@ class SweepTracking(Callback):
                 "hydra.overrides": " ".join(hydra.overrides.task) or "(none)",
                 "sweep.params": json.dumps(params), "git_commit": commit, **source_tags(commit)}
         swept = swept_keys([*hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
-        get_or_create_parent(hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept)
+        get_or_create_parent(hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept,
+                             tracking.get("artifact_location"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = self._tracking(config)
@@ -186,7 +189,7 @@ class SweepTracking(Callback):
         parent = MLflowTracker(tracking.uri, tracking.experiment)
         parent.run_id = parent_id
         close_orphans(parent.client, parent_id)
-        rows = compare.sweep_rows(parent.client, parent_id)
+        rows = compare.sweep_rows(tracking.uri, parent_id)
         name_uniquely(parent.client, rows)
         paths = compare.write_summary(rows, sweep_dir, self.summary_name)
         for path in paths:
