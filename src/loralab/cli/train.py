@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float:
             # Hydra's sweepers abort the whole sweep on a raising job; this job's MLflow run is already FAILED
             # with the error, so hand the sweeper a NaN objective and let the other jobs go on.
             log.error("job failed, sweep continues: %s: %s", type(err).__name__, err,
-                      exc_info=not isinstance(err, (ConfigError, DataError)))
+                      exc_info=not isinstance(err, (ConfigError, DataError, CheckpointError)))
             return float("nan")
         if isinstance(err, (ConfigError, DataError, CheckpointError)):
             log.error("%s: %s", type(err).__name__, err)

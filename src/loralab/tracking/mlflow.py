@@ -15,6 +15,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from loralab.config.changes import flatten
+
 log = logging.getLogger(__name__)
 
 STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
@@ -23,18 +25,6 @@ DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
 # The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict to ``a.b.c`` keys (MLflow params are flat)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def open_store(uri: str) -> MlflowClient:
