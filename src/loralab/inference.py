@@ -29,7 +29,7 @@ from transformers import (
 
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
-from loralab.data.records import DataError, Record, load_records, write_rows
+from loralab.data.records import MAX_ROW_BYTES, DataError, Record, check_readable, load_records, write_rows
 from loralab.data.text import TokenizedRecords, length_sorted_order
 from loralab.export import (
     META_FILE,
@@ -39,7 +39,7 @@ from loralab.export import (
     safe_extract,
 )
 from loralab.core.trainer import predict_logits
-from loralab.fs import atomic_write_json
+from loralab.fs import atomic_write_json, writable_file
 from loralab.metrics import classification_metrics, evaluate_gates
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,21 @@ def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -
     return logits
 
 
+def row_cap(meta: dict[str, Any], max_row_bytes: int | None) -> int:
+    """The row size cap: the caller's, else the one the model was trained with (older exports: the default)."""
+    return max_row_bytes or meta.get("max_row_bytes", MAX_ROW_BYTES)
+
+
 def predict_file(model: str | Path, input: str | Path, output: str | Path, batch_size: int = 64,
-                 device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
-    """Score ``input`` into ``output`` (``{"id", "label", "probs": {label: p}}`` per valid row, input order)."""
+                 device: str = "auto", trust_remote_code: bool = False, max_row_bytes: int | None = None
+                 ) -> dict[str, Any]:
+    """Score ``input`` into ``output`` (``{"id", "label", "probs": {label: p}}`` per valid row, input order).
+    The input and output paths are checked before the model loads."""
+    check_readable(input)
+    writable_file(output, "output")
     exported = load_exported(model, resolve_device(device), trust_remote_code)
-    records, report = load_records(input, labels=None, allow_null=exported.meta.get("allow_null", False))
+    records, report = load_records(input, labels=None, allow_null=exported.meta.get("allow_null", False),
+                                   max_row_bytes=row_cap(exported.meta, max_row_bytes))
     if not records:
         raise DataError(f"{input}: no valid rows to score (dropped by reason: {dict(report.dropped)})")
     t0 = time.perf_counter()
@@ -139,12 +149,16 @@ def predict_file(model: str | Path, input: str | Path, output: str | Path, batch
 
 
 def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
-                  batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+                  batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False,
+                  max_row_bytes: int | None = None) -> dict[str, Any]:
     """Score a labelled file; write and return scalars (``<prefix>macro_f1``…, NLL/ECE/Brier raw and with the
     exported temperature), per-class table, confusion matrix and the training gates applied to this file."""
+    output = writable_file(Path(output) if output else Path(input).with_suffix(".metrics.json"), "output")
+    check_readable(input)
     exported = load_exported(model, resolve_device(device), trust_remote_code)
     labels, meta = exported.labels, exported.meta
-    records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False))
+    records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False),
+                                   max_row_bytes=row_cap(meta, max_row_bytes))
     if not records:
         raise DataError(f"{input}: no valid labelled rows (dropped by reason: {dict(report.dropped)})")
     y = [labels.index(r.label) for r in records]
@@ -160,6 +174,5 @@ def evaluate_file(model: str | Path, input: str | Path, output: str | Path | Non
     metrics = {"temperature": exported.temperature, **scalars, "per_class": cls["per_class"],
                "confusion_matrix": cls["confusion_matrix"], "gates": evaluate_gates(scalars, gates),
                "input": report.as_dict(), "model_part": exported.part}
-    output = Path(output) if output else Path(input).with_suffix(".metrics.json")
     atomic_write_json(output, metrics)
     return {**metrics, "output": str(output)}

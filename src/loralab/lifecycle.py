@@ -31,7 +31,7 @@ from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
 from loralab.core.trainer import Fit, Trainer
 from loralab.errors import CheckpointError, ConfigError, TrainingInterrupted
-from loralab.fs import atomic_write_json, recover, sha256_file
+from loralab.fs import atomic_write_json, recover, sha256_file, writable_dir
 from loralab.models.memory import check_memory
 from loralab.reporting import console
 from loralab.reporting.provenance import provenance
@@ -207,8 +207,7 @@ def run(cfg: DictConfig) -> float:
     if not ddp.is_main and not quiet:
         quiet = True
         console.quiet_logging()
-    out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(ddp.broadcast(cfg.paths.output_dir), "hydra.run.dir")  # every rank: rank 0's run dir
     with run_dir_lock(out_dir, ddp.is_main):
         return _run(cfg, out_dir, ddp, multirun, quiet)
 
@@ -234,6 +233,10 @@ def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
 
 def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> float:
     """The run, holding its run dir: resume point ▸ tracker ▸ (sweep jobs: settle) ▸ ``Run`` ▸ console summary."""
+    if ddp.is_main:  # where checkpoints and tokenized data go: unwritable is one line now, not after an epoch
+        writable_dir(out_dir / "checkpoints", "hydra.run.dir")
+        if cfg.data.get("cache_dir"):
+            writable_dir(cfg.data.cache_dir, "data.cache_dir")
     resume_dir = resolve_resume(cfg.get("resume"), out_dir)
     data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file")}
     # A single run's config is settled: a changed resume is refused before its MLflow run is reopened.

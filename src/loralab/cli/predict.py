@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from loralab.cli.args import Tool, option, run
 
@@ -21,6 +21,14 @@ class ExportedModelArgs:
     batch_size: int = option(64, "rows per forward pass; larger is faster until memory runs out")
     device: str = option("auto", "auto | cpu | cuda | cuda:1 ...")
     trust_remote_code: bool = option(False, "run code shipped with the model (only for models you trust)")
+    max_row_bytes: Optional[int] = option(None, "longer input lines are dropped unread (row_too_large); null: the "
+                                                "model's training value")
+
+    def __post_init__(self) -> None:  # checked before the model loads (a UsageError: one line, exit 2)
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size}: must be > 0")
+        if self.max_row_bytes is not None and self.max_row_bytes <= 0:
+            raise ValueError(f"max_row_bytes={self.max_row_bytes}: must be > 0 or null")
 
 
 @dataclass
@@ -35,7 +43,8 @@ TOOL = Tool("loralab-predict", DESCRIPTION, PredictArgs)
 def predict(args: PredictArgs) -> None:
     from loralab.inference import predict_file  # torch and transformers load only when there is work to do
 
-    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code)
+    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code,
+                         args.max_row_bytes)
     print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
           f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}")
     if stats["rows_dropped"]:

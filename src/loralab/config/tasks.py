@@ -24,6 +24,7 @@ class SplitDataConf:
     val_file: Optional[str] = MISSING
     val_split: float = knob(interval("(0, 1)"))
     leakage: Leakage = MISSING
+    max_row_bytes: int = knob(gt(0))
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 from omegaconf import MISSING
 
-from loralab.data.records import DataError, LoadReport, read_rows
+from loralab.data.records import MAX_ROW_BYTES, DataError, LoadReport, read_rows
 from loralab.data.splits import score_tiers, stratified_split
 from loralab.errors import ConfigError
-from loralab.fs import atomic_write_json, atomic_write_text
+from loralab.fs import atomic_write_json, atomic_write_text, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class PrepareConfig:
     test_ratio: float = _opt(0.1, "share held out for the final report; 0 writes an empty test.jsonl")
     seed: int = _opt(42, "same seed + same file = same splits")
     score_tiers: int = _opt(3, "regression only: quantile tiers of the mean score used as strata")
+    max_row_bytes: int = _opt(MAX_ROW_BYTES, "longer lines are dropped unread (row_too_large), as in training")
 
 
 def _finite_number(x: Any) -> bool:
@@ -56,7 +57,8 @@ def record_kind(row: dict) -> str | None:
     return None
 
 
-def read_labelled(path: str | Path) -> tuple[list[str], list[dict], str, LoadReport]:
+def read_labelled(path: str | Path, max_row_bytes: int = MAX_ROW_BYTES
+                  ) -> tuple[list[str], list[dict], str, LoadReport]:
     """Line texts (written out verbatim) and parsed rows of one kind (the first valid row decides), with every
     dropped line counted by ``read_rows``, the reader training uses."""
     kind = None
@@ -69,7 +71,7 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[dict], str, LoadRep
         kind = kind or row_kind
         return row if row_kind == kind else f"not_{kind}_record"
 
-    pairs, report = read_rows(path, parse, with_text=True)
+    pairs, report = read_rows(path, parse, with_text=True, max_row_bytes=max_row_bytes)
     if not pairs:
         raise DataError(f"{path}: no usable labelled rows ({dict(report.dropped)})")
     lines, rows = (list(x) for x in zip(*pairs))
@@ -107,10 +109,12 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"ratios={ratios}: train_ratio and val_ratio must be > 0, test_ratio >= 0")
     if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
         raise ConfigError(f"ratios={ratios}: must sum to 1 (they sum to {sum(ratios.values()):g})")
-    lines, rows, kind, load = read_labelled(cfg.input)
+    if cfg.max_row_bytes <= 0:
+        raise ConfigError(f"max_row_bytes={cfg.max_row_bytes}: must be > 0")
+    out = writable_dir(cfg.output_dir, "output_dir")
+    lines, rows, kind, load = read_labelled(cfg.input, cfg.max_row_bytes)
     strat, edges = strata(rows, kind, cfg.score_tiers)
     parts, stratified = stratified_split(strat, ratios, cfg.seed)
-    out = Path(cfg.output_dir)
     for split in SPLITS:
         atomic_write_text(out / f"{split}.jsonl", "".join(lines[i] + "\n" for i in parts.get(split, [])))
     report = {"input": load.as_dict(), "kind": kind, "stratified_by": "label" if kind == "classification"

@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from loralab.errors import DataError
 from loralab.fs import atomic_path
@@ -20,6 +20,12 @@ from loralab.fs import atomic_path
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A row longer than this is dropped (row_too_large) unread: one 50 MB line took 11 GB and two minutes to parse and
+# tokenize, and no model reads more than a few thousand tokens of it. 1 MiB is ~250k tokens of text; raise it
+# (data.max_row_bytes, max_row_bytes= on the tools) for longer documents.
+MAX_ROW_BYTES = 1 << 20
+SKIP_CHUNK = 1 << 16  # the rest of a too-large line is read and thrown away in pieces of this size
 
 
 @dataclass
@@ -124,19 +130,56 @@ def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False
     return row if isinstance(row, str) else record_from_row(row, labels, allow_null)
 
 
-def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False
-              ) -> tuple[list[T] | list[tuple[str, T]], LoadReport]:
+def lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, None for one longer than ``max_bytes``: its rest is skipped in small pieces, so
+    memory stays at the cap whatever the line's size."""
+    while raw := fh.readline(max_bytes + 1):
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield raw  # (a line of exactly max_bytes plus its newline)
+            continue
+        while (rest := fh.readline(SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def unreadable(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (a directory, missing, no permission), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not a file"
+    if not path.is_file():
+        return "file not found"
+    try:
+        path.open("rb").close()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return None
+
+
+def check_readable(path: str | Path) -> Path:
+    """``DataError`` (one line naming the path) unless ``path`` is a file this process can open."""
+    problem = unreadable(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return Path(path)
+
+
+def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False,
+              max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[T] | list[tuple[str, T]], LoadReport]:
     """Parse every line of a JSONL file with ``parse``; keep valid rows (the first occurrence of an id wins) and
     count the rest by reason. Shared by every record format, so all of them treat bad input the same way.
-    ``with_text`` keeps ``(line text, row)`` pairs, for writers that copy rows verbatim (``data.prepare``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+    ``with_text`` keeps ``(line text, row)`` pairs, for writers that copy rows verbatim (``data.prepare``).
+    A line over ``max_row_bytes`` is dropped as ``row_too_large`` without being read whole."""
+    path = check_readable(path)
     report = LoadReport(path=str(path))
     rows = []
     seen: set[str] = set()
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        for line_no, raw in enumerate(lines(fh, max_row_bytes), start=1):
+            if raw is None:
+                report.rows_read += 1
+                report.drop("row_too_large", line_no)
+                continue
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 BOM written by some Windows tools
             if not raw.strip():
@@ -172,10 +215,10 @@ def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 
 def load_records(
-    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False
+    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False, max_row_bytes: int = MAX_ROW_BYTES
 ) -> tuple[list[Record], LoadReport]:
     """Feature records of a JSONL file, with the per-reason report of what was dropped."""
-    return read_rows(path, lambda row: record_from_row(row, labels, allow_null))
+    return read_rows(path, lambda row: record_from_row(row, labels, allow_null), max_row_bytes=max_row_bytes)
 
 
 def leaked_ids(train: Sequence[Record], val: Sequence[Record]) -> list[str]:

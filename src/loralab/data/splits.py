@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import KBinsDiscretizer
 
 from loralab.data.balance import class_counts, needs_oversampling, oversample
-from loralab.data.records import DataError, Record, leaked_ids, load_records
+from loralab.data.records import MAX_ROW_BYTES, DataError, Record, leaked_ids, load_records
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,13 @@ def build_splits(
     oversample_below: float | None = 0.25,
     leakage: str = "warn",
     allow_null: bool = False,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> Splits:
     """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off."""
-    train, train_report = load_records(train_file, labels, allow_null)
+    train, train_report = load_records(train_file, labels, allow_null, max_row_bytes)
     report: dict[str, Any] = {"labels": list(labels), "train_file": train_report.as_dict()}
     if val_file:
-        val, val_report = load_records(val_file, labels, allow_null)
+        val, val_report = load_records(val_file, labels, allow_null, max_row_bytes)
         report["val_file"] = val_report.as_dict()
     else:
         if len(train) < 2:

@@ -45,7 +45,8 @@ class Classification(Task):
         if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
             write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
         self.splits = build_splits(d.train_file, d.val_file, self.labels, val_split=d.val_split, seed=self.cfg.seed,
-                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null)
+                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null,
+                                   max_row_bytes=d.max_row_bytes)
         counts = self.splits.report["class_counts"]
         # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
         mode = self.cfg.loss.class_weights

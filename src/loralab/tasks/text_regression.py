@@ -37,10 +37,10 @@ def label_stats(articles: Sequence[Article], dims: Sequence[str]) -> dict[str, d
 
 def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str], dict]:
     """Validated train/val articles (``data`` is the run's data group), the dimensions in force and the report."""
-    train, train_report, dims = load_articles(data.train_file, data.dimension_names)
+    train, train_report, dims = load_articles(data.train_file, data.dimension_names, data.max_row_bytes)
     report: dict[str, Any] = {"dimension_names": dims, "train_file": train_report.as_dict()}
     if data.val_file:
-        val, val_report, _ = load_articles(data.val_file, dims)
+        val, val_report, _ = load_articles(data.val_file, dims, data.max_row_bytes)
         report["val_file"] = val_report.as_dict()
     else:  # carve val stratified by score tier, like loralab-prepare
         tiers, _ = score_tiers([float(np.mean(a.labels)) for a in train], data.score_tiers)
