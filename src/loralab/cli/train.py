@@ -8,16 +8,39 @@ from __future__ import annotations
 import logging
 import sys
 
+from typing import Any
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from loralab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
+from loralab.fs import writable_dir
 from loralab.lifecycle import run
 from loralab.paths import conf_dir
 from loralab.tracking.sweep import is_multirun
 
 log = logging.getLogger("loralab")
+
+
+class CheckRunDir(Callback):
+    """Hydra creates the run (sweep) dir before any loralab code runs, and an unusable one ended in its traceback:
+    probe it first (``hydra.callbacks`` in conf/hydra/default.yaml), one line and exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.probe(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.probe(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def probe(directory: str, key: str) -> None:
+        try:
+            writable_dir(directory, key)
+        except ConfigError as err:
+            print(f"ConfigError: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
