@@ -113,6 +113,18 @@ def test_changed_keys_ignore_how_a_run_is_driven_and_allow_by_key_or_group():
     assert describe(changes) == "hardware.precision: 'fp32' -> 'bf16', optim.lr: 0.001 -> 0.01"
 
 
+
+@pytest.mark.parametrize(("value", "ok"), [("true", True), ("false", True), ("[optim.lr,data]", True),
+                                           ("maybe", False), ("[1]", False)])
+def test_resume_allow_changes_is_true_false_or_keys(value, ok):
+    if ok:
+        check(compose_train(f"resume_allow_changes={value}"))
+        return
+    with pytest.raises(ConfigError) as err:
+        check(compose_train(f"resume_allow_changes={value}"))
+    assert one_line(err).startswith("resume_allow_changes=")
+    assert "must be true, false or a list of keys" in str(err.value)
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One finished one-epoch run (tiny model) with its store: tests resume copies of it."""
@@ -209,6 +221,19 @@ def test_a_corrupt_ranked_epoch_is_refused_by_name_not_skipped(copy_of):
         copy_of["resume"]()
     assert one_line(err).startswith(f"{path}: sha256 does not match")
 
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b"id,features,label", "invalid_json"),                      # a CSV export fed as JSONL: header ...
+    (b"7,x=1,long", "invalid_json"),                             # ... and rows
+    (b"[" * 10_000 + b"]" * 10_000, "invalid_json"),             # nesting past Python's recursion limit
+    (json.dumps({"id": [1], "features": {"x": 1}, "label": "long"}).encode(), "missing_id"),  # a list id
+], ids=["csv-header", "csv-row", "deep-nesting", "list-id"])
+def test_hostile_lines_are_dropped_and_counted(tmp_path, line, reason):
+    good = json.dumps({"id": 1, "features": {"x": 1}, "label": "long"}).encode()
+    (tmp_path / "f.jsonl").write_bytes(line + b"\n" + good + b"\n")
+    records, report = load_records(tmp_path / "f.jsonl", LABELS)
+    assert [r.id for r in records] == [1] and report.dropped == {reason: 1}
 
 # --- one huge row (item 2) ------------------------------------------------------------------------------------------
 
