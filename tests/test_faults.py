@@ -212,6 +212,18 @@ def test_a_corrupt_last_checkpoint_fails_the_run_in_one_line(copy_of, damage, na
 
 
 @pytest.mark.slow
+def test_a_resume_that_succeeds_after_a_failed_one_clears_the_error_tag(copy_of):
+    path = copy_of["run"] / "checkpoints" / "last" / STATE
+    intact = path.read_bytes()
+    truncate(path)
+    with pytest.raises(CheckpointError):
+        copy_of["resume"]()
+    path.write_bytes(intact)
+    copy_of["resume"]()
+    state, tags = status(copy_of)
+    assert state == "FINISHED" and "error" not in tags and "error_type" not in tags
+
+@pytest.mark.slow
 def test_a_corrupt_ranked_epoch_is_refused_by_name_not_skipped(copy_of):
     """``last`` is fine but the top-k epoch the best model would be reloaded from is not: refused up front, by
     path, rather than training on and choosing the best among the rest."""

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+ERROR_TAGS = ("error", "error_type")  # set on a FAILED run; cleared when a resume reopens it
 DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
 # The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
@@ -78,6 +79,8 @@ class MLflowTracker:
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
+            for key in set(ERROR_TAGS) & self.client.get_run(resume_run_id).data.tags.keys():
+                self.client.delete_tag(resume_run_id, key)  # an earlier attempt's error is not this attempt's
             self.set_tags({k: v for k, v in (tags or {}).items() if not k.startswith("version.")})
             log.info("MLflow run %s reopened (resumed training)", resume_run_id)
             return self.run_id
