@@ -232,7 +232,8 @@ def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
 
 
 def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> float:
-    """The run, holding its run dir: resume point ▸ tracker ▸ (sweep jobs: settle) ▸ ``Run`` ▸ console summary."""
+    """The run, holding its run dir: output dirs probed ▸ resume point (settings unchanged) ▸ tracker ▸ (sweep jobs:
+    settle) ▸ checkpoint checksums ▸ ``Run`` ▸ console summary."""
     if ddp.is_main:  # where checkpoints and tokenized data go: unwritable is one line now, not after an epoch
         writable_dir(out_dir / "checkpoints", "hydra.run.dir")
         if cfg.data.get("cache_dir"):
