@@ -303,7 +303,7 @@ def test_long_texts_are_cut_before_tokenizing_to_the_same_tokens():
     assert clip(text, 48, "right") == text[:48 * MAX_CHARS_PER_TOKEN]
 
 
-def test_predict_with_one_huge_row_costs_what_predict_without_it_costs(lora_export, tmp_path):
+def test_predict_with_one_huge_row_costs_what_predict_without_it_costs(lora_export, tmp_path):  # noqa: F811
     """A 10 MB row once took predict to 2.8 GB: the row is now dropped unread, and memory and time stay flat."""
     rows = [{"id": r["id"], "features": r["features"]} for r in lora_export["rows"]]
     plain = tmp_path / "plain.jsonl"
@@ -320,7 +320,7 @@ def test_predict_with_one_huge_row_costs_what_predict_without_it_costs(lora_expo
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
-def test_train_predict_evaluate_and_prepare_drop_the_same_rows_for_the_same_reasons(lora_export, tmp_path):
+def test_train_predict_evaluate_and_prepare_drop_the_same_rows_for_the_same_reasons(lora_export, tmp_path):  # noqa
     """One reader: a row any of them drops, all of them drop, under the same reason and line number."""
     good = [{"id": r["id"], "features": r["features"], "label": LABELS[i % 3]}
             for i, r in enumerate(lora_export["rows"])]
