@@ -78,10 +78,12 @@ def test_bad_or_missing_option_is_one_line_and_exit_2(name, argv, key, capsys):
 
 
 def test_errors_of_the_work_itself_are_one_line(tmp_path, capsys):
-    assert tool_main("predict")([f"model={tmp_path / 'none.zip'}", "input=i", "output=o"]) == 2
-    assert "ExportError: model not found" in one_line_error(capsys)
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 1, "features": {"x": 1}, "label": "a"}\n')
+    assert tool_main("predict")([f"model={tmp_path / 'none.zip'}", f"input={src}", f"output={tmp_path / 'o'}"]) == 2
+    assert "ExportError: model not found" in one_line_error(capsys)
+    assert tool_main("predict")([f"model={tmp_path / 'none.zip'}", "input=i", "output=o"]) == 2
+    assert "DataError: i: file not found" in one_line_error(capsys)  # paths are checked before the model loads
     argv = [f"input={src}", f"output_dir={tmp_path / 'out'}", "train_ratio=0.5", "val_ratio=0.2", "test_ratio=0.2"]
     assert tool_main("prepare")(argv) == 2
     assert "ConfigError: ratios=" in one_line_error(capsys) and not (tmp_path / "out").exists()

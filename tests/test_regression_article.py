@@ -80,7 +80,7 @@ def test_val_carved_from_train_is_stratified_deterministic_and_disjoint(tmp_path
     rows = make_articles(90, seed=3)
     path = write_jsonl(tmp_path / "all.jsonl", rows)
     data = OmegaConf.create({"train_file": str(path), "val_file": None, "dimension_names": None, "val_split": 0.2,
-                             "score_tiers": 3, "leakage": "error"})
+                             "score_tiers": 3, "leakage": "error", "max_row_bytes": 2**20})
     train_a, val_a, _, report = load_splits(data, seed=7)
     train_b, val_b, _, _ = load_splits(data, seed=7)
     assert [a.id for a in val_a] == [a.id for a in val_b] and len(val_a) == round(0.2 * len(rows))

@@ -150,6 +150,10 @@ def test_loading_a_checkpoint_with_nan_or_inf_is_refused(tmp_path):
         tensors = load_file(ckpt / "weights.safetensors")
         tensors["a.weight"][0, 0] = bad
         save_file(tensors, ckpt / "weights.safetensors")
+        if (ckpt / "checksums.json").exists():
+            with pytest.raises(CheckpointError, match="sha256 does not match"):  # the checksum catches it first
+                load_weights(ckpt, Tiny())
+            (ckpt / "checksums.json").unlink()  # as a checkpoint from before checksums: still refused
         with pytest.raises(CheckpointError, match="a.weight contains NaN/Inf"):
             load_weights(ckpt, Tiny())
         with pytest.raises(CheckpointError, match="NaN/Inf"):  # resuming from it too

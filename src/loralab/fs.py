@@ -1,7 +1,7 @@
 """Files and directories that are either complete or absent: written aside, fsynced, then renamed into place.
 
 A reader (another rank, a sweep job, a resumed run) sees the old version or the new one, never half a file, and a
-crash mid-write leaves the previous version intact. Bottom layer: nothing from loralab is imported here.
+crash mid-write leaves the previous version intact. Bottom layer: only loralab.errors is imported here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+from loralab.errors import ConfigError
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -45,6 +47,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def writable_dir(directory: str | Path, key: str) -> Path:
+    """Create ``directory`` if needed and write (then remove) a file in it, so an unwritable output is one line
+    naming ``key`` and the path before any work, not a ``PermissionError`` traceback after an epoch of training."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{key}: {directory} is not a writable directory ({err.strerror or err})") from None
+    return directory
+
+
+def writable_file(path: str | Path, key: str) -> Path:
+    """A file path that ``atomic_path`` can write: not a directory, in a writable directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a directory; give a file path")
+    writable_dir(path.parent, key)
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

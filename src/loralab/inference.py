@@ -30,7 +30,7 @@ from transformers import (
 
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
-from loralab.data.records import DataError, Record, RowFormat, load_records, write_rows
+from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
 from loralab.data.text import TokenizedRecords, length_sorted_order
 from loralab.export import (
     META_FILE,
@@ -40,7 +40,7 @@ from loralab.export import (
     safe_extract,
 )
 from loralab.core.trainer import predict_logits
-from loralab.fs import atomic_write_json
+from loralab.fs import atomic_write_json, writable_file
 from loralab.metrics import classification_metrics, evaluate_gates
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,23 @@ def row_format(meta: dict[str, Any], format: str = "auto", id_column: str | None
     return RowFormat(format, id_column or columns.get("id", "id"), label_column or columns.get("label", "label"))
 
 
+def row_cap(meta: dict[str, Any], max_row_bytes: int | None) -> int:
+    """The row size cap: the caller's, else the one the model was trained with (older exports: the default)."""
+    return max_row_bytes or meta.get("max_row_bytes", MAX_ROW_BYTES)
+
+
 def predict_file(model: str | Path, input: str | Path, output: str | Path, batch_size: int = 64,
-                 device: str = "auto", trust_remote_code: bool = False, columns: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
+                 device: str = "auto", trust_remote_code: bool = False, columns: dict[str, Any] | None = None,
+                 max_row_bytes: int | None = None) -> dict[str, Any]:
     """Score ``input`` into ``output`` (``{"id", "label", "probs": {label: p}}`` per valid row, input order).
-    ``columns``: ``row_format``'s format, id_column, label_column (default: by extension, as in training)."""
+    ``columns``: ``row_format``'s format, id_column, label_column (default: by extension, as in training). The
+    input and output paths are checked before the model loads."""
+    check_readable(input)
+    writable_file(output, "output")
     exported = load_exported(model, resolve_device(device), trust_remote_code)
     records, report = load_records(input, labels=None, allow_null=exported.meta.get("allow_null", False),
-                                   fmt=row_format(exported.meta, **(columns or {})))
+                                   fmt=row_format(exported.meta, **(columns or {})),
+                                   max_row_bytes=row_cap(exported.meta, max_row_bytes))
     if not records:
         raise DataError(f"{input}: no valid rows to score (dropped by reason: {dict(report.dropped)})")
     t0 = time.perf_counter()
@@ -151,13 +160,16 @@ def predict_file(model: str | Path, input: str | Path, output: str | Path, batch
 
 def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
                   batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False,
-                  columns: dict[str, Any] | None = None) -> dict[str, Any]:
+                  columns: dict[str, Any] | None = None, max_row_bytes: int | None = None) -> dict[str, Any]:
     """Score a labelled file; write and return scalars (``<prefix>macro_f1``…, NLL/ECE/Brier raw and with the
     exported temperature), per-class table, confusion matrix and the training gates applied to this file."""
+    output = writable_file(Path(output) if output else Path(input).with_suffix(".metrics.json"), "output")
+    check_readable(input)
     exported = load_exported(model, resolve_device(device), trust_remote_code)
     labels, meta = exported.labels, exported.meta
     records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False),
-                                   fmt=row_format(meta, **(columns or {})))
+                                   fmt=row_format(meta, **(columns or {})),
+                                   max_row_bytes=row_cap(meta, max_row_bytes))
     if not records:
         raise DataError(f"{input}: no valid labelled rows (dropped by reason: {dict(report.dropped)})")
     y = [labels.index(r.label) for r in records]
@@ -173,6 +185,5 @@ def evaluate_file(model: str | Path, input: str | Path, output: str | Path | Non
     metrics = {"temperature": exported.temperature, **scalars, "per_class": cls["per_class"],
                "confusion_matrix": cls["confusion_matrix"], "gates": evaluate_gates(scalars, gates),
                "input": report.as_dict(), "model_part": exported.part}
-    output = Path(output) if output else Path(input).with_suffix(".metrics.json")
     atomic_write_json(output, metrics)
     return {**metrics, "output": str(output)}

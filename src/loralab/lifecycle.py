@@ -25,12 +25,13 @@ from transformers import set_seed
 
 from loralab import config
 from loralab.core import distributed
-from loralab.core.checkpoint import Checkpoints, read_meta
+from loralab.config.changes import RESUME_IGNORED, changed, describe, flatten, refused
+from loralab.core.checkpoint import Checkpoints, checkpoint_meta, verify_resumable
 from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
 from loralab.core.trainer import Fit, Trainer
-from loralab.errors import ConfigError, TrainingInterrupted
-from loralab.fs import atomic_write_json, recover
+from loralab.errors import CheckpointError, ConfigError, TrainingInterrupted
+from loralab.fs import atomic_write_json, recover, sha256_file, writable_dir
 from loralab.models.memory import check_memory
 from loralab.reporting import console
 from loralab.reporting.provenance import provenance
@@ -87,6 +88,51 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
         log.info("resume=auto: no checkpoint in %s, starting fresh", out_dir / "checkpoints")
         return None
     raise ConfigError(f"resume={resume!r}: checkpoint directory not found")
+
+
+def data_hashes(data_files: dict[str, Any]) -> dict[str, str]:
+    """``{"data.train_file.sha256": hex, ...}`` for the data files that exist (the keys provenance tags use)."""
+    return {f"data.{key}.sha256": sha256_file(path) for key, path in data_files.items()
+            if path and Path(path).is_file()}
+
+
+def checkpoint_run_id(resume_dir: Path | None) -> str | None:
+    """The MLflow run a checkpoint belongs to; None for a fresh run, or when the checkpoint is unreadable (the
+    check inside the tracked run then fails that run with the reason)."""
+    if resume_dir is None:
+        return None
+    with contextlib.suppress(CheckpointError):
+        return checkpoint_meta(resume_dir).get("mlflow_run_id")
+    return None
+
+
+def resume_changes(cfg: DictConfig, resume_dir: Path, data_files: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """What differs from the run that wrote ``resume_dir``: its ``config.yaml`` (in that run dir) and the data file
+    hashes its checkpoint recorded. Raises ``ConfigError`` (one line naming the keys) unless
+    ``resume_allow_changes`` accepts every change; returns the accepted ones."""
+    saved_config = resume_dir.parent.parent / CONFIG_FILE
+    used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    # A value written as ${...} follows its source (optim.optimizer.lr: ${..lr}), which is compared itself, or
+    # names a data file, whose content is compared by hash: counting it would name one change twice.
+    derived = [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items()
+               if isinstance(v, str) and "${" in v]
+    if saved_config.is_file():
+        changes = changed(OmegaConf.to_container(OmegaConf.load(saved_config)), used, (*RESUME_IGNORED, *derived))
+    else:
+        log.warning("resume: no %s beside %s; only the data files are compared", CONFIG_FILE, resume_dir)
+        changes = {}
+    with contextlib.suppress(CheckpointError):  # an unreadable checkpoint is refused by name later, in the run
+        saved_hashes = checkpoint_meta(resume_dir).get("data_sha256") or {}
+        now = data_hashes(data_files)
+        changes.update({k: (v, now.get(k, "<missing>")) for k, v in saved_hashes.items() if now.get(k) != v})
+    bad = refused(changes, cfg.resume_allow_changes)
+    if bad:
+        raise ConfigError(f"resume={cfg.resume}: {len(bad)} setting(s) differ from the checkpoint's run "
+                          f"({describe({k: changes[k] for k in bad})}); resume with the settings it was trained "
+                          f"with, or accept them with resume_allow_changes=[{','.join(bad)}] (or true)")
+    if changes:
+        log.warning("resume: accepted changes since the checkpoint: %s", describe(changes))
+    return changes
 
 
 @contextlib.contextmanager
@@ -173,8 +219,7 @@ def run(cfg: DictConfig) -> float:
     if not ddp.is_main and not quiet:
         quiet = True
         console.quiet_logging()
-    out_dir = Path(ddp.broadcast(cfg.paths.output_dir))  # under torchrun every rank uses rank 0's run dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(ddp.broadcast(cfg.paths.output_dir), "hydra.run.dir")  # every rank: rank 0's run dir
     with run_dir_lock(out_dir, ddp.is_main):
         return _run(cfg, out_dir, ddp, multirun, quiet)
 
@@ -199,10 +244,17 @@ def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
 
 
 def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> float:
-    """The run, holding its run dir: resume point ▸ tracker ▸ (sweep jobs: settle) ▸ ``Run`` ▸ console summary."""
+    """The run, holding its run dir: output dirs probed ▸ resume point (settings unchanged) ▸ tracker ▸ (sweep jobs:
+    settle) ▸ checkpoint checksums ▸ ``Run`` ▸ console summary."""
+    if ddp.is_main:  # where checkpoints and tokenized data go: unwritable is one line now, not after an epoch
+        writable_dir(out_dir / "checkpoints", "hydra.run.dir")
+        if cfg.data.get("cache_dir"):
+            writable_dir(cfg.data.cache_dir, "data.cache_dir")
     resume_dir = resolve_resume(cfg.get("resume"), out_dir)
-    resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
     data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file", "test_file")}
+    # A single run's config is settled: a changed resume is refused before its MLflow run is reopened.
+    changes = resume_changes(cfg, resume_dir, data_files) if resume_dir and not multirun else {}
+    resumed_run_id = checkpoint_run_id(resume_dir)
     tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
     parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
     tracker.start({}, tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
@@ -211,6 +263,11 @@ def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> fl
         with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
             if multirun:
                 cfg = settle_job(cfg, tracker)  # in a sweep a bad value is a FAILED child, and the sweep goes on
+                changes = resume_changes(cfg, resume_dir, data_files) if resume_dir else {}
+            if resume_dir is not None:
+                verify_resumable(resume_dir)  # a corrupt checkpoint fails this run by name, before data loads
+                if changes:
+                    tracker.set_tags({"resume_changes": describe(changes)[:5000]})
             used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             if ddp.is_main:
                 OmegaConf.save(used, out_dir / CONFIG_FILE)
@@ -260,7 +317,8 @@ class Run:
                           progress=self.progress)
         checkpoints = Checkpoints(ctx.out_dir / "checkpoints", keep=cfg.trainer.save_top_k,
                                   mode=cfg.trainer.monitor_mode, tokenizer=self.task.tokenizer,
-                                  meta={"mlflow_run_id": ctx.tracker.run_id, "monitor": cfg.trainer.monitor},
+                                  meta={"mlflow_run_id": ctx.tracker.run_id, "monitor": cfg.trainer.monitor,
+                                        "data_sha256": {k: v for k, v in prov.items() if k.startswith("data.")}},
                                   resume_from=ctx.resume_dir, ddp=ddp)
         trainer.setup(Fit(model, self.task.loss(), train_loader, shard(val_loader, ddp), self.task.metrics, accum),
                       checkpoints)

@@ -30,7 +30,7 @@ def evaluate(args: EvaluateArgs) -> None:
     from loralab.inference import evaluate_file  # torch and transformers load only when there is work to do
 
     m = evaluate_file(args.model, args.input, args.output, args.prefix, args.batch_size, args.device,
-                      args.trust_remote_code, args.columns)
+                      args.trust_remote_code, args.columns, args.max_row_bytes)
     p = args.prefix
     print(f"{m['input']['rows_kept']} rows ({m['input']['rows_dropped']} dropped): macro-F1 {m[p + 'macro_f1']:.4f}, "
           f"accuracy {m[p + 'accuracy']:.4f}, NLL {m[p + 'nll']:.4f} -> {m[p + 'nll_calibrated']:.4f} at "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from loralab.cli.args import Tool, option, run
 from loralab.config.schema import DataFormat
@@ -27,6 +27,14 @@ class ExportedModelArgs:
     format: DataFormat = option(DataFormat.auto, "input format: auto (by extension) | jsonl | csv | parquet")
     id_column: str | None = option(None, "CSV/Parquet id column; null: the one the model was trained with")
     label_column: str | None = option(None, "CSV/Parquet label column (never a feature); null: as in training")
+    max_row_bytes: Optional[int] = option(None, "longer JSONL lines are dropped unread (row_too_large); null: the "
+                                                "model's training value")
+
+    def __post_init__(self) -> None:  # checked before the model loads (a UsageError: one line, exit 2)
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size}: must be > 0")
+        if self.max_row_bytes is not None and self.max_row_bytes <= 0:
+            raise ValueError(f"max_row_bytes={self.max_row_bytes}: must be > 0 or null")
 
     @property
     def columns(self) -> dict[str, str | None]:
@@ -46,7 +54,7 @@ def predict(args: PredictArgs) -> None:
     from loralab.inference import predict_file  # torch and transformers load only when there is work to do
 
     stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code,
-                         args.columns)
+                         args.columns, args.max_row_bytes)
     print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
           f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}")
     if stats["rows_dropped"]:

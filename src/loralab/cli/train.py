@@ -8,16 +8,39 @@ from __future__ import annotations
 import logging
 import sys
 
+from typing import Any
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from loralab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
+from loralab.fs import writable_dir
 from loralab.lifecycle import run
 from loralab.paths import conf_dir
 from loralab.tracking.sweep import is_multirun
 
 log = logging.getLogger("loralab")
+
+
+class CheckRunDir(Callback):
+    """Hydra creates the run (sweep) dir before any loralab code runs, and an unusable one ended in its traceback:
+    probe it first (``hydra.callbacks`` in conf/hydra/default.yaml), one line and exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.probe(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.probe(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def probe(directory: str, key: str) -> None:
+        try:
+            writable_dir(directory, key)
+        except ConfigError as err:
+            print(f"ConfigError: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
@@ -33,7 +56,7 @@ def main(cfg: DictConfig) -> float:
             # Hydra's sweepers abort the whole sweep on a raising job; this job's MLflow run is already FAILED
             # with the error, so hand the sweeper a NaN objective and let the other jobs go on.
             log.error("job failed, sweep continues: %s: %s", type(err).__name__, err,
-                      exc_info=not isinstance(err, (ConfigError, DataError)))
+                      exc_info=not isinstance(err, (ConfigError, DataError, CheckpointError)))
             return float("nan")
         if isinstance(err, (ConfigError, DataError, CheckpointError)):
             log.error("%s: %s", type(err).__name__, err)

@@ -3,12 +3,12 @@ runs them in order after the types and the field rules hold, so they may trust b
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.core.loaders import accumulation_steps  # the one rule the trainer applies too
+from loralab.data.records import unreadable
 from loralab.errors import ConfigError
 
 REGRESSION_SCORES = ("mse", "mae", "rmse", "r2")
@@ -27,13 +27,12 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def data_files(cfg: DictConfig) -> None:
     d = cfg.data
-    if d.get("test_file") is not None:  # no demo writes one
-        require(Path(d.test_file).is_file(), "data.test_file", d.test_file, "file not found")
-    if d.demo:
-        return  # written on first use
-    for key in ("train_file", "val_file", "schema_file"):
+    # Demo files are written on first use; no demo writes a test file.
+    keys = ("test_file",) if d.demo else ("train_file", "val_file", "schema_file", "test_file")
+    for key in keys:
         if d.get(key) is not None:
-            require(Path(d[key]).is_file(), f"data.{key}", d[key], "file not found")
+            problem = unreadable(d[key])  # a directory, missing, or no permission: say which
+            require(problem is None, f"data.{key}", d[key], problem or "")
 
 
 def columns(cfg: DictConfig) -> None:

@@ -102,6 +102,8 @@ DEVICE = Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "m
 CLASS_WEIGHTS = Rule(lambda v: v in ("auto", "sqrt_inverse", "none", None)
                      or (isinstance(v, list) and all(is_number(w) and w >= 0 for w in v)),
                      "must be auto, sqrt_inverse, none or a list of numbers >= 0")
+RESUME_ALLOW = Rule(lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
+                    "must be true, false or a list of keys (e.g. [optim.lr, data.train_file])")
 T_BOUNDS = Rule(lambda v: len(v) == 2 and 0 < v[0] < 1 < v[1], "must be [lo, hi] with 0 < lo < 1 < hi")
 ZIP_PARTS = ("merged", "adapter", "base", "loralab.json")
 ZIP_PARTS_KNOWN = Rule(lambda v: v == "auto" or (isinstance(v, list) and set(v) <= set(ZIP_PARTS)),

@@ -16,6 +16,7 @@ from loralab.config.rules import (
     DEVICE,
     GATE,
     LORA_TARGETS,
+    RESUME_ALLOW,
     SCHEDULER,
     T_BOUNDS,
     ZIP_PARTS_KNOWN,
@@ -193,6 +194,7 @@ class RunConf:
     task_name: str = MISSING
     seed: int = knob(interval("[0, 4294967295]"))  # numpy's seeding range
     resume: Optional[str] = MISSING  # null | auto | a checkpoint dir
+    resume_allow_changes: Any = knob(RESUME_ALLOW)
     quiet: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
     objective: str = MISSING
     paths: Dict[str, Any] = MISSING  # open: the run's directories (conf/train.yaml)

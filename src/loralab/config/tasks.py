@@ -25,6 +25,7 @@ class SplitDataConf:
     test_file: Optional[str] = MISSING  # scored once with the final model; never used to choose or calibrate it
     val_split: float = knob(interval("(0, 1)"))
     leakage: Leakage = MISSING
+    max_row_bytes: int = knob(gt(0))
 
 
 @dataclass

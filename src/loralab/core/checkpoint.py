@@ -7,7 +7,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.distributed import Dist
 from loralab.errors import CheckpointError
-from loralab.fs import atomic_dir
+from loralab.fs import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def save_checkpoint(directory: str | Path, model, tokenizer, meta: dict[str, Any]) -> Path:
@@ -33,9 +35,72 @@ def save_checkpoint(directory: str | Path, model, tokenizer, meta: dict[str, Any
 # --- resumable training state -------------------------------------------------------------------------------------
 # A checkpoint dir holds ``weights.safetensors`` (the trainable tensors, exact state-dict keys), ``trainer_state.pt``
 # (optimizer, scheduler, grad scaler, RNG states, loop counters; plain tensors and primitives, so it loads with
-# ``torch.load(weights_only=True)``) and the tokenizer.
+# ``torch.load(weights_only=True)``), the tokenizer and ``checksums.json`` (the sha256 of every other file and the
+# meta, written inside the same atomic directory swap).
 
-WEIGHTS, STATE = "weights.safetensors", "trainer_state.pt"
+WEIGHTS, STATE, CHECKSUMS = "weights.safetensors", "trainer_state.pt", "checksums.json"
+
+
+def write_checksums(directory: Path, meta: dict[str, Any]) -> None:
+    """``checksums.json``: the sha256 of every file under ``directory`` and the meta as JSON, so the run id and
+    data hashes can be read without unpickling anything, and a flipped bit or a truncated file is caught."""
+    files = {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / CHECKSUMS).write_text(json.dumps({"sha256": files, "meta": meta}, indent=1, default=str))
+
+
+def read_checksums(directory: str | Path) -> dict[str, Any] | None:
+    """The parsed ``checksums.json``, or None for a checkpoint written before loralab wrote one."""
+    path = Path(directory) / CHECKSUMS
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("sha256"), dict):
+            raise ValueError("no sha256 table")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(err)})") from None
+    return manifest
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any] | None:
+    """Check every file of a checkpoint against ``checksums.json``; ``CheckpointError`` (one line, naming the file)
+    on a missing, unreadable or changed one. Returns the manifest (None, with a warning, for an older checkpoint
+    without one: its files are still loaded through the error-checked readers)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    manifest = read_checksums(directory)
+    if manifest is None:
+        log.warning("%s: no %s (written by an older loralab); its files cannot be verified", directory, CHECKSUMS)
+        return None
+    for name, digest in manifest["sha256"].items():
+        path = directory / name
+        try:
+            actual = sha256_file(path)
+        except OSError as err:
+            raise CheckpointError(f"{path}: unreadable ({err.strerror or _first_line(err)})") from None
+        if actual != digest:
+            raise CheckpointError(f"{path}: sha256 does not match {CHECKSUMS} (the file is corrupt or was changed "
+                                  f"after it was saved); refusing to load it")
+    return manifest
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
+def _read(path: Path, load: Callable[[Path], T]) -> T:
+    """``load(path)`` with any failure (truncated file, bad header, unpickling) as a one-line ``CheckpointError``."""
+    try:
+        return load(path)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    return _read(path, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -77,12 +142,15 @@ def save_train_state(directory: str | Path, *, model, optimizer, scheduler, scal
         torch.save(state, tmp / STATE)
         if tokenizer is not None:  # a trained tokenizer is part of the model: resume must reuse it
             tokenizer.save_pretrained(tmp / "tokenizer")
+        write_checksums(tmp, meta)
     return Path(directory)
 
 
 def load_weights(directory: str | Path, model) -> None:
-    """Load a checkpoint's trainable tensors into ``model``, checking names, shapes and finiteness first."""
-    weights = load_file(Path(directory) / WEIGHTS)
+    """Load a checkpoint's trainable tensors into ``model``, checking checksums, names, shapes and finiteness
+    first."""
+    verify_checkpoint(directory)
+    weights = _read(Path(directory) / WEIGHTS, load_file)
     _check_finite(weights, f"loading {directory}")
     current = model.state_dict()
     for name, t in weights.items():
@@ -97,8 +165,8 @@ def load_train_state(directory: str | Path, *, model, optimizer, scheduler, scal
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file() or not (directory / STATE).is_file():
         raise CheckpointError(f"{directory} is not a complete loralab checkpoint ({WEIGHTS} + {STATE})")
-    load_weights(directory, model)
-    state = torch.load(directory / STATE, weights_only=True, map_location="cpu")
+    load_weights(directory, model)  # verifies every file's checksum first
+    state = _load_state(directory / STATE)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -108,8 +176,24 @@ def load_train_state(directory: str | Path, *, model, optimizer, scheduler, scal
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """The small part of a checkpoint (loop counters, MLflow run id) without touching a model."""
-    state = torch.load(Path(directory) / STATE, weights_only=True, map_location="cpu")
+    state = _load_state(Path(directory) / STATE)
     return {"loop": state["loop"], "meta": state["meta"]}
+
+
+def checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+    """The meta (MLflow run id, ranked epochs, data hashes) from ``checksums.json``, else from the state file."""
+    manifest = read_checksums(directory)
+    return manifest["meta"] if manifest is not None and "meta" in manifest else read_meta(directory)["meta"]
+
+
+def verify_resumable(directory: str | Path) -> None:
+    """A resume point and the ranked epochs it will choose the best from, all verified before anything loads: a
+    corrupt one is refused by name rather than silently skipped (the best epoch would change without a word)."""
+    directory = Path(directory)
+    verify_checkpoint(directory)
+    for entry in checkpoint_meta(directory).get("top_k", []):
+        if (directory.parent / entry["name"]).is_dir():
+            verify_checkpoint(directory.parent / entry["name"])
 
 
 def rotate_top_k(checkpoint_dir: Path, ranked: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:

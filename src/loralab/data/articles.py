@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from loralab.data.records import DataError, LoadReport, read_rows
+from loralab.data.records import MAX_ROW_BYTES, DataError, LoadReport, read_rows
 from loralab.data.text import TokenizedTexts
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def article_from_row(row: dict[str, Any]) -> Article | str:
                    dimension_names=dims)
 
 
-def load_articles(path: str | Path, dimension_names: Sequence[str] | None
+def load_articles(path: str | Path, dimension_names: Sequence[str] | None, max_row_bytes: int = MAX_ROW_BYTES
                   ) -> tuple[list[Article], LoadReport, list[str]]:
     """Valid rows (first occurrence of an id wins), the per-reason drop report and the dimensions in force."""
     dims: list[str] | None = list(dimension_names) if dimension_names is not None else None
@@ -71,7 +71,7 @@ def load_articles(path: str | Path, dimension_names: Sequence[str] | None
         dims = dims if dims is not None else list(article.dimension_names)
         return article if article.dimension_names == dims else "dimension_names_mismatch"
 
-    articles, report = read_rows(path, parse)
+    articles, report = read_rows(path, parse, max_row_bytes=max_row_bytes)
     if not articles:
         raise DataError(f"{path}: no valid rows left ({dict(report.dropped)})")
     return articles, report, dims

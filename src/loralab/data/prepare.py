@@ -20,11 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 from omegaconf import MISSING
 
-from loralab.data.records import FORMATS, DataError, LoadReport, RowFormat, label_text, read_rows
+from loralab.data.records import FORMATS, MAX_ROW_BYTES, DataError, LoadReport, RowFormat, label_text, read_rows
 from loralab.data.splits import score_tiers, stratified_split
 from loralab.data.tables import write_table_subset
 from loralab.errors import ConfigError
-from loralab.fs import atomic_write_json, atomic_write_text
+from loralab.fs import atomic_write_json, atomic_write_text, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class PrepareConfig:
     test_ratio: float = _opt(0.1, "share held out for the final report; 0 writes an empty test.jsonl")
     seed: int = _opt(42, "same seed + same file = same splits")
     score_tiers: int = _opt(3, "regression only: quantile tiers of the mean score used as strata")
+    max_row_bytes: int = _opt(MAX_ROW_BYTES, "longer lines are dropped unread (row_too_large), as in training")
 
 
 def _finite_number(x: Any) -> bool:
@@ -63,7 +64,8 @@ def record_kind(row: dict) -> str | None:
     return None
 
 
-def read_labelled(path: str | Path, fmt: RowFormat = RowFormat()) -> tuple[list[Any], list[dict], str, LoadReport]:
+def read_labelled(path: str | Path, fmt: RowFormat = RowFormat(), max_row_bytes: int = MAX_ROW_BYTES
+                  ) -> tuple[list[Any], list[dict], str, LoadReport]:
     """Row sources (line texts, CSV cells, Parquet row indices: written out verbatim) and parsed rows of one kind
     (the first valid row decides), with every dropped row counted by ``read_rows``, the reader training uses."""
     kind = None
@@ -76,7 +78,7 @@ def read_labelled(path: str | Path, fmt: RowFormat = RowFormat()) -> tuple[list[
         kind = kind or row_kind
         return row if row_kind == kind else f"not_{kind}_record"
 
-    pairs, report = read_rows(path, parse, with_text=True, fmt=fmt)
+    pairs, report = read_rows(path, parse, with_text=True, fmt=fmt, max_row_bytes=max_row_bytes)
     if not pairs:
         raise DataError(f"{path}: no usable labelled rows ({dict(report.dropped)})")
     lines, rows = (list(x) for x in zip(*pairs))
@@ -116,11 +118,14 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"ratios={ratios}: must sum to 1 (they sum to {sum(ratios.values()):g})")
     if cfg.format not in ("auto", *FORMATS):
         raise ConfigError(f"format={cfg.format!r}: must be auto, {', '.join(FORMATS)}")
+    if cfg.max_row_bytes <= 0:
+        raise ConfigError(f"max_row_bytes={cfg.max_row_bytes}: must be > 0")
     fmt = RowFormat(cfg.format, cfg.id_column, cfg.label_column)
-    lines, rows, kind, load = read_labelled(cfg.input, fmt)
+    out = writable_dir(cfg.output_dir, "output_dir")
+    lines, rows, kind, load = read_labelled(cfg.input, fmt, cfg.max_row_bytes)
     strat, edges = strata(rows, kind, cfg.score_tiers)
     parts, stratified = stratified_split(strat, ratios, cfg.seed)
-    out, kind_of_file = Path(cfg.output_dir), fmt.resolve(cfg.input)
+    kind_of_file = fmt.resolve(cfg.input)
     for split in SPLITS:
         chosen = [lines[i] for i in parts.get(split, [])]
         if kind_of_file == "jsonl":

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from loralab.data.tables import table_rows
 from loralab.errors import DataError
@@ -22,6 +22,12 @@ from loralab.fs import atomic_path
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A JSONL line longer than this is dropped (row_too_large) unread: one 50 MB line took 11 GB and two minutes to parse
+# and tokenize, and no model reads more than a few thousand tokens of it. 1 MiB is ~250k tokens of text; raise it
+# (data.max_row_bytes, max_row_bytes= on the tools) for longer documents.
+MAX_ROW_BYTES = 1 << 20
+SKIP_CHUNK = 1 << 16  # the rest of a too-large line is read and thrown away in pieces of this size
 
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -159,19 +165,52 @@ def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False
     return row if isinstance(row, str) else record_from_row(row, labels, allow_null)
 
 
+def lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, None for one longer than ``max_bytes``: its rest is skipped in small pieces, so
+    memory stays at the cap whatever the line's size."""
+    while raw := fh.readline(max_bytes + 1):
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield raw  # (a line of exactly max_bytes plus its newline)
+            continue
+        while (rest := fh.readline(SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def unreadable(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (a directory, missing, no permission), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not a file"
+    if not path.is_file():
+        return "file not found"
+    try:
+        path.open("rb").close()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return None
+
+
+def check_readable(path: str | Path) -> Path:
+    """``DataError`` (one line naming the path) unless ``path`` is a file this process can open."""
+    problem = unreadable(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return Path(path)
+
+
 def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False,
-              fmt: RowFormat = JSONL, labelled: bool = True) -> tuple[list[T] | list[tuple[Any, T]], LoadReport]:
+              fmt: RowFormat = JSONL, labelled: bool = True, max_row_bytes: int = MAX_ROW_BYTES
+              ) -> tuple[list[T] | list[tuple[Any, T]], LoadReport]:
     """Parse every row of a file in ``fmt`` with ``parse``; keep valid rows (the first occurrence of an id wins) and
     count the rest by reason. Shared by every record format, so all of them treat bad input the same way.
     ``with_text`` keeps ``(source, row)`` pairs, for writers that copy rows verbatim (``data.prepare``): the line
     text of JSONL, the cells of a CSV row, the row index of Parquet. ``labelled``: a table must have its label
-    column."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+    column. A JSONL line over ``max_row_bytes`` is dropped as ``row_too_large`` without being read whole."""
+    path = check_readable(path)
     kind = fmt.resolve(path)
     if kind == "jsonl":
-        source_rows = jsonl_rows(path)
+        source_rows = jsonl_rows(path, max_row_bytes)
     else:
         source_rows = ((n, src, with_id(row) if isinstance(row, dict) else row)
                        for n, src, row in table_rows(path, kind, fmt.id_column, fmt.label_column, labelled))
@@ -197,10 +236,14 @@ def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with
     return rows, report
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[int, str | None, dict[str, Any] | str]]:
+def jsonl_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES
+               ) -> Iterator[tuple[int, str | None, dict[str, Any] | str]]:
     """(line number, line text, JSON object or drop reason) for every non-blank line."""
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        for line_no, raw in enumerate(lines(fh, max_row_bytes), start=1):
+            if raw is None:
+                yield line_no, None, "row_too_large"
+                continue
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 BOM written by some Windows tools
             if not raw.strip():
@@ -221,11 +264,13 @@ def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 
 def load_records(
-    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False, fmt: RowFormat = RowFormat()
+    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False, fmt: RowFormat = RowFormat(),
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> tuple[list[Record], LoadReport]:
     """Feature records of a JSONL, CSV or Parquet file (``fmt``: auto by extension), with the per-reason report of
     what was dropped. ``labels=None``: unlabelled input (predict), a table's label column is optional."""
-    return read_rows(path, lambda row: record_from_row(row, labels, allow_null), fmt=fmt, labelled=labels is not None)
+    return read_rows(path, lambda row: record_from_row(row, labels, allow_null), fmt=fmt, labelled=labels is not None,
+                     max_row_bytes=max_row_bytes)
 
 
 def leaked_ids(train: Sequence[Record], val: Sequence[Record]) -> list[str]:

@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import KBinsDiscretizer
 
 from loralab.data.balance import class_counts, needs_oversampling, oversample
-from loralab.data.records import DataError, Record, RowFormat, leaked_ids, load_records
+from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, leaked_ids, load_records
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,14 @@ def build_splits(
     leakage: str = "warn",
     allow_null: bool = False,
     fmt: RowFormat = RowFormat(),
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> Splits:
     """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off. With ``fmt``'s
     format auto, each file's own extension decides (a CSV train file and a Parquet val file mix)."""
-    train, train_report = load_records(train_file, labels, allow_null, fmt)
+    train, train_report = load_records(train_file, labels, allow_null, fmt, max_row_bytes)
     report: dict[str, Any] = {"labels": list(labels), "train_file": train_report.as_dict()}
     if val_file:
-        val, val_report = load_records(val_file, labels, allow_null, fmt)
+        val, val_report = load_records(val_file, labels, allow_null, fmt, max_row_bytes)
         report["val_file"] = val_report.as_dict()
     else:
         if len(train) < 2:

@@ -31,10 +31,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+# A text is cut to max_length x this many characters before tokenizing, so a long text costs no more than a short
+# one (a 10 MB row took 2.8 GB and most of a minute to tokenize whole, to keep its first max_length tokens). Tokens
+# average 3-5 characters, so the cut is far past the last token kept; the kept tokens could differ only if the
+# first max_length of them averaged over 64 characters each.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def clip(text: str, max_length: int, side: str) -> str:
+    """The part of ``text`` that truncation at ``max_length`` tokens on ``side`` can keep."""
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    return text if len(text) <= limit else (text[-limit:] if side == "left" else text[:limit])
+
+
 def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | Path | None = None) -> list[list[int]]:
     """Token ids per text. Each distinct text is tokenized once (oversampling repeats rows), and the result is
     cached on disk as safetensors, keyed by the texts, the tokenizer and ``max_length``: a rerun or sweep job on
     the same data skips tokenization, and any change to data, template or tokenizer misses the cache."""
+    texts = [clip(t, max_length, tokenizer.truncation_side) for t in texts]
     unique = list(dict.fromkeys(texts))
     path = None
     if cache_dir is not None:

@@ -54,7 +54,7 @@ class Classification(Task):
             write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
         self.splits = build_splits(d.train_file, d.val_file, self.labels, val_split=d.val_split, seed=self.cfg.seed,
                                    oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null,
-                                   fmt=row_format(d))
+                                   fmt=row_format(d), max_row_bytes=d.max_row_bytes)
         test_rows = self._test_rows() if d.test_file and ctx.ddp.is_main else []  # rank 0 reports
         counts = self.splits.report["class_counts"]
         # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
@@ -93,7 +93,7 @@ class Classification(Task):
         """``data.test_file`` through the same reader (drops counted), into the data report; nothing trains on,
         calibrates on or chooses by it: it is scored once, in ``finalize``."""
         d, report = self.cfg.data, self.splits.report
-        rows, load_report = load_records(d.test_file, self.labels, d.allow_null, row_format(d))
+        rows, load_report = load_records(d.test_file, self.labels, d.allow_null, row_format(d), d.max_row_bytes)
         if not rows:
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(load_report.dropped)})")
         report["test_file"] = {**load_report.as_dict(),

@@ -111,6 +111,7 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
         "serialization": {"template": cfg.data.template, "json_sort_keys": True, "json_ensure_ascii": True,
                           "max_length": source.max_length, "truncation_side": source.truncation_side},
         "max_length": source.max_length, "allow_null": cfg.data.allow_null,
+        "max_row_bytes": cfg.data.max_row_bytes,
         "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "gates": OmegaConf.to_container(cfg.trainer.gates) if cfg.trainer.gates else {},

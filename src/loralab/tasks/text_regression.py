@@ -39,10 +39,10 @@ def label_stats(articles: Sequence[Article], dims: Sequence[str]) -> dict[str, d
 
 def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str], dict]:
     """Validated train/val articles (``data`` is the run's data group), the dimensions in force and the report."""
-    train, train_report, dims = load_articles(data.train_file, data.dimension_names)
+    train, train_report, dims = load_articles(data.train_file, data.dimension_names, data.max_row_bytes)
     report: dict[str, Any] = {"dimension_names": dims, "train_file": train_report.as_dict()}
     if data.val_file:
-        val, val_report, _ = load_articles(data.val_file, dims)
+        val, val_report, _ = load_articles(data.val_file, dims, data.max_row_bytes)
         report["val_file"] = val_report.as_dict()
     else:  # carve val stratified by score tier, like loralab-prepare
         tiers, _ = score_tiers([float(np.mean(a.labels)) for a in train], data.score_tiers)
@@ -93,7 +93,7 @@ class TextRegression(Task):
     def _test_loader(self, train: list[Article], val: list[Article], collate) -> DataLoader:
         """``data.test_file`` (same reader, drops counted in the data info), scored once in ``finalize``."""
         d = self.cfg.data
-        test, report, _ = load_articles(d.test_file, self.dims)
+        test, report, _ = load_articles(d.test_file, self.dims, d.max_row_bytes)
         if not test:
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(report.dropped)})")
         self.data_info["test_file"] = {**report.as_dict(), **test_overlap(test, train=train, val=val)}

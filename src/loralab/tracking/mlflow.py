@@ -15,12 +15,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from loralab.config.changes import flatten
 from loralab.reporting.compare import using_store
 
 log = logging.getLogger(__name__)
 
 STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+ERROR_TAGS = ("error", "error_type")  # set on a FAILED run; cleared when a resume reopens it
 DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
 # The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
@@ -28,18 +30,6 @@ EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's description
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite database: where its experiments keep their artifacts by default
 MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict to ``a.b.c`` keys (MLflow params are flat)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def open_store(uri: str) -> MlflowClient:
@@ -111,6 +101,8 @@ class MLflowTracker:
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
+            for key in set(ERROR_TAGS) & self.client.get_run(resume_run_id).data.tags.keys():
+                self.client.delete_tag(resume_run_id, key)  # an earlier attempt's error is not this attempt's
             self.set_tags({k: v for k, v in (tags or {}).items() if not k.startswith("version.")})
             log.info("MLflow run %s reopened (resumed training)", resume_run_id)
             self._monitor_system(resumed=True)
