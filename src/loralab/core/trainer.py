@@ -103,7 +103,7 @@ class Trainer:
                                        num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.early_stopping = EarlyStopping(self.cfg.early_stopping.patience, self.cfg.early_stopping.min_delta,
-                                            self.cfg.monitor_mode)
+                                            self.cfg.monitor_mode, self.cfg.early_stopping.get("smoothing", 0.0))
         parts = dict(model=self.core, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         loop = checkpoints.restore(**parts)
         if loop is not None:
@@ -130,7 +130,7 @@ class Trainer:
             self.early_stopping.update(value)
             st = self.state
             st.epoch, st.batches_done, st.loss_sum, st.samples, st.train_time_s = epoch, 0, 0.0, 0, 0.0
-            st.early_stopping = {"best": self.early_stopping.best, "bad_epochs": self.early_stopping.bad_epochs}
+            st.early_stopping = self.early_stopping.state()
             st.history.append(metrics)
             st.best_epoch = epoch if improved else st.best_epoch
             if self.early_stopping.should_stop:

@@ -19,7 +19,8 @@ from loralab.baseline import fit_baseline
 from loralab.core.loaders import TaskData
 from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
-from loralab.data.text import TokenizedRecords, serialize
+from loralab.data.serialize import Json, serialize_records
+from loralab.data.text import TokenizedRecords
 from loralab.fs import atomic_write_json
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics
@@ -62,14 +63,21 @@ class Classification(Task):
         self.baseline = self._baseline() if ctx.ddp.is_main else None
 
         self.source = instantiate(self.cfg.model)
-        texts = [serialize(r.features, d.template) for r in self.splits.train]
+        # Fitted on the train rows before oversampling (duplicated minority rows would shift the quantiles), never
+        # on val: a pure function of the train split, so a resumed run or another DDP rank fits the same one.
+        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.get("serialize") else Json(d.template)
+                           ).fit(self.splits.train_original)
+        texts = serialize_records(self.splits.train, self.serializer)
         self.tokenizer = load_tokenizer(self.source, texts, ctx.resume_dir, ctx.ddp)
         label2id = {label: i for i, label in enumerate(self.labels)}
-        train, val = (TokenizedRecords(rows, self.tokenizer, label2id, d.template, self.source.max_length, d.cache_dir)
-                      for rows in (self.splits.train, self.splits.val))
+        train, val = (TokenizedRecords(rows, self.tokenizer, label2id, self.serializer, self.source.max_length,
+                                       d.cache_dir) for rows in (self.splits.train, self.splits.val))
         if train.truncated or val.truncated:
             log.warning("%d train / %d val texts truncated at model.max_length=%d", train.truncated, val.truncated,
                         self.source.max_length)
+        tokens = sum(train.lengths) / len(train)
+        log.info("serialize=%s: %.1f tokens per train record, e.g. %s", self.serializer.kind, tokens, texts[0][:200])
+        ctx.tracker.log_metrics({"tokens_per_record": tokens})
         return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths,
                         collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
 
@@ -97,7 +105,8 @@ class Classification(Task):
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
         """Best-epoch report (per class, gates, calibration, baseline), verified export, reports and plots."""
         metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline)
-        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx)
+        artifacts = export(self.cfg, model, self.tokenizer, self.source, self.serializer, val_loader, metrics, summary,
+                           self.ctx)
         artifacts += write_reports(self.ctx.out_dir, self.labels, summary, metrics, self.splits.report,
                                    self.ctx.tracker)
         return {"metrics": metrics, "artifacts": artifacts}
