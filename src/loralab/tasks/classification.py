@@ -56,8 +56,6 @@ class Classification(Task):
             "computed_from": "train_after_oversampling"}
         log.info("class counts: %s", counts)
         log.info("class weights (%s, from train counts after oversampling): %s", mode, self.class_weights)
-        if ctx.ddp.is_main:
-            atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
         ctx.tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items()
                                  for label, n in c.items()})
         self.baseline = self._baseline() if ctx.ddp.is_main else None
@@ -78,6 +76,10 @@ class Classification(Task):
         tokens = sum(train.lengths) / len(train)
         log.info("serialize=%s: %.1f tokens per train record, e.g. %s", self.serializer.kind, tokens, texts[0][:200])
         ctx.tracker.log_metrics({"tokens_per_record": tokens})
+        self.splits.report["serialization"] = {"kind": self.serializer.kind, "tokens_per_train_record": tokens,
+                                               "example": texts[0]}
+        if ctx.ddp.is_main:
+            atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
         return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths,
                         collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
 
