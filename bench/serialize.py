@@ -41,6 +41,11 @@ def run_one(name: str, serializer: str, data_dir: Path, work: Path, overrides: l
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=args)
     train(cfg)
+    return collect(run_dir, name, serializer, overrides)
+
+
+def collect(run_dir: Path, name: str, serializer: str, overrides: list[str]) -> dict:
+    """One result line from a finished run dir (also one trained with ``python train.py``)."""
     summary = json.loads((run_dir / "training_summary.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     data = json.loads((run_dir / "data_report.json").read_text())
@@ -60,7 +65,7 @@ def table(results: list[dict]) -> str:
     lines = ["| set | train rows | serialize | tokens/record | train samples/s | val macro-F1 | HGB macro-F1 | gap | "
              "best / run epochs (steps) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['set']} | {r['train_rows']} | {r['serialize']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''} | "
+        lines.append(f"| {r['set']} | {r['train_rows']} | {r['serialize']} | "
                      f"{r['tokens_per_record']:.1f} | {r['train_samples_per_s']:.1f} | {r['val_macro_f1']:.3f} | "
                      f"{r['hgb_macro_f1']:.3f} | {r['gap']:+.3f} | {r['best_epoch']} / {r['epochs_run']} "
                      f"({r['optimizer_steps']}) |")
@@ -75,8 +80,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/loralab-bench/runs"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serialize.jsonl")
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    p.add_argument("--collect", type=Path, help="add the result of this finished run dir (one --sets/--serializers)")
     args, overrides = p.parse_known_args()
-    if not args.table:
+    if args.collect:
+        result = collect(args.collect, args.sets[0], args.serializers[0], overrides)
+        with args.out.open("a") as fh:
+            fh.write(json.dumps(result) + "\n")
+    elif not args.table:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for name in args.sets:
             for serializer in args.serializers:
