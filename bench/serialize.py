@@ -61,6 +61,66 @@ def collect(run_dir: Path, name: str, serializer: str, overrides: list[str]) -> 
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat: int, seed: int = 42) -> list[dict]:
+    """Tokens/record and train samples/s of each serializer on one set without a whole run: the run's split,
+    oversampling, fitted serializer and trained tokenizer, then ``steps`` optimizer steps of the tiny model (full
+    fine-tuning, batch 16, length-grouped, fp32), the serializers interleaved ``repeat`` times so that a busy
+    host slows all of them alike; the median of the repeats is kept."""
+    import statistics
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    from loralab.core.sampler import EpochBatchSampler
+    from loralab.data.serialize import SERIALIZERS, serialize_records
+    from loralab.data.splits import build_splits
+    from loralab.data.text import TokenizedRecords
+    from loralab.losses import FocalLoss
+    from loralab.models.build import ModelSource
+
+    train_file, val_file = write_set(name, data_dir)
+    labels = LABELS[name]
+    splits = build_splits(str(train_file), str(val_file), labels, seed=seed)
+    kinds = {"json": "Json", "kv": "KeyValue", "bins": "QuantileBins"}
+    setups = {}
+    for kind in serializers:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            params = compose("train", overrides=[f"serialize={kind}"]).serialize
+        params = {k: v for k, v in params.items() if k != "_target_" and k != "template"}
+        ser = SERIALIZERS[kind](**params).fit(splits.train_original)
+        assert type(ser).__name__ == kinds[kind]
+        source = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2", tokenizer_vocab_size=1024)
+        tok = source.load_tokenizer(serialize_records(splits.train, ser))
+        data = TokenizedRecords(splits.train, tok, {c: i for i, c in enumerate(labels)}, ser, 256)
+        torch.manual_seed(seed)
+        model = source.load_model(labels, tok).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.01)
+        loader = DataLoader(data, batch_sampler=EpochBatchSampler(data.lengths, 16, seed),
+                            collate_fn=DataCollatorWithPadding(tok, pad_to_multiple_of=8))
+        setups[kind] = (model, opt, loader, sum(data.lengths) / len(data))
+    rates: dict[str, list[float]] = {k: [] for k in serializers}
+    loss_fn = FocalLoss(gamma=1.5)
+    for _ in range(repeat):
+        for kind, (model, opt, loader, _) in setups.items():
+            batches = iter(loader)
+            samples, t0 = 0, time.perf_counter()
+            for _ in range(steps):
+                batch = next(batches)
+                y = batch.pop("labels")
+                loss = loss_fn(model(**batch).logits, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                samples += len(y)
+            rates[kind].append(samples / (time.perf_counter() - t0))
+    return [{"set": name, "serialize": kind, "tokens_per_record": setups[kind][3],
+             "train_samples_per_s": statistics.median(rates[kind]), "all_rates": rates[kind], "steps": steps,
+             "threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")} for kind in serializers]
+
+
 def table(results: list[dict]) -> str:
     lines = ["| set | train rows | serialize | tokens/record | train samples/s | val macro-F1 | HGB macro-F1 | gap | "
              "best / run epochs (steps) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -80,8 +140,20 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/loralab-bench/runs"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serialize.jsonl")
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    p.add_argument("--speed", type=int, metavar="STEPS", help="only tokens/record and samples/s: STEPS steps "
+                   "per serializer per repeat, interleaved (no whole run); results to --out with .speed")
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--collect", type=Path, help="add the result of this finished run dir (one --sets/--serializers)")
     args, overrides = p.parse_known_args()
+    if args.speed:
+        out = args.out.with_suffix(".speed.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for name in args.sets:
+            for result in speed(name, args.serializers, args.data, args.speed, args.repeat):
+                with out.open("a") as fh:
+                    fh.write(json.dumps(result) + "\n")
+                print(json.dumps(result), flush=True)
+        return
     if args.collect:
         result = collect(args.collect, args.sets[0], args.serializers[0], overrides)
         with args.out.open("a") as fh:
