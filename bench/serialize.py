@@ -107,7 +107,10 @@ def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat:
             batches = iter(loader)
             samples, t0 = 0, time.perf_counter()
             for _ in range(steps):
-                batch = next(batches)
+                batch = next(batches, None)
+                if batch is None:  # a small set has fewer batches than steps: start its next epoch
+                    batches = iter(loader)
+                    batch = next(batches)
                 y = batch.pop("labels")
                 loss = loss_fn(model(**batch).logits, y)
                 loss.backward()
