@@ -147,7 +147,9 @@ def main() -> None:
                    "per serializer per repeat, interleaved (no whole run); results to --out with .speed")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--collect", type=Path, help="add the result of this finished run dir (one --sets/--serializers)")
-    args, overrides = p.parse_known_args()
+    # Hydra overrides (key=value) may stand anywhere; argparse would read them as --serializers values.
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in sys.argv[1:] if a not in overrides])
     if args.speed:
         out = args.out.with_suffix(".speed.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
