@@ -54,7 +54,7 @@ def settle(cfg: DictConfig) -> DictConfig:
     if cfg.lora.enabled and not cfg.model.get("pretrained", True):
         log.warning("LoRA on model=%s, a random-init base: adapters only steer features a base already has, so "
                     "expect little learning (lora=none trains every weight)", cfg.model.get("name"))
-    if cfg.model.get("arch"):
+    if "pretrained" in cfg.model:  # a transformer (ModelSource), not the MLP
         check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(output_names(cfg)),
                      batch_size=cfg.optim.batch_size)
     return cfg
@@ -140,7 +140,7 @@ def hydra_tags() -> dict[str, str]:
 
 
 def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """``{"train"|"val": (path, sha256)}`` for the data files that exist (provenance hashed them)."""
+    """``{"train"|"val"|"test": (path, sha256)}`` for the data files that exist (provenance hashed them)."""
     return {key.removesuffix("_file"): (path, prov[f"data.{key}.sha256"]) for key, path in data_files.items()
             if f"data.{key}.sha256" in prov}
 
@@ -154,9 +154,22 @@ def resolve_length(trainer: DictConfig, steps_per_epoch: int) -> tuple[DictConfi
         return trainer, {}
     es = trainer.early_stopping
     epochs = max(1, math.ceil(trainer.min_steps / steps_per_epoch))
-    patience = max(es.patience, math.ceil(es.get("patience_steps", 0) / steps_per_epoch))
+    between_evals = trainer.get("val_check_interval") or steps_per_epoch  # patience counts evaluations
+    patience = max(es.patience, math.ceil(es.get("patience_steps", 0) / min(between_evals, steps_per_epoch)))
     resolved = OmegaConf.merge(trainer, {"max_epochs": epochs, "early_stopping": {"patience": patience}})
     return resolved, {"max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
+
+
+def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's metrics as MLflow curves at step = epoch: the optimizer step count is not a curve of its own."""
+    return {k: v for k, v in metrics.items() if k != "step"}
+
+
+def step_logger(tracker) -> Callable[[int, dict[str, float]], None]:
+    """The trainer's ``on_step``: ``step.<name>`` curves at step = optimizer step. Train numbers are queued in the
+    background (the loop never waits on the store); an evaluation's are stored before its checkpoints exist."""
+    return lambda step, metrics: tracker.log_metrics({f"step.{k}": v for k, v in metrics.items()}, step=step,
+                                                     background="train_loss" in metrics)
 
 
 def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -205,7 +218,7 @@ def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> fl
     """The run, holding its run dir: resume point ▸ tracker ▸ (sweep jobs: settle) ▸ ``Run`` ▸ console summary."""
     resume_dir = resolve_resume(cfg.get("resume"), out_dir)
     resumed_run_id = read_meta(resume_dir)["meta"].get("mlflow_run_id") if resume_dir else None
-    data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file")}
+    data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file", "test_file")}
     tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
     parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
     tracker.start({}, tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
@@ -262,7 +275,7 @@ class Run:
         trainer_cfg, length = resolve_length(cfg.trainer, -(-len(train_loader) // accum))
         if length:
             log.info("trainer.max_epochs=auto: %(steps_per_epoch)d optimizer steps an epoch -> %(max_epochs)d epochs, "
-                     "early-stopping patience %(patience)d epochs", length)
+                     "early-stopping patience %(patience)d evaluations", length)
             ctx.tracker.set_tags({f"resolved.{k}": v for k, v in length.items()})
         trainer = Trainer(trainer_cfg, cfg.optim, precision=cfg.hardware.precision, device=ctx.device, ddp=ddp,
                           progress=self.progress)
@@ -275,7 +288,8 @@ class Run:
         if ctx.resume_dir is not None:
             ctx.tracker.set_tags({"resumed_from": str(ctx.resume_dir)})
         state = trainer.fit(on_epoch_end=lambda st, metrics: ctx.tracker.log_metrics(
-                                with_objective(metrics, cfg.objective), step=st.epoch),
+                                with_objective(epoch_curves(metrics), cfg.objective), step=st.epoch),
+                            on_step=step_logger(ctx.tracker),
                             stop_requested=stop_requested)
         trainer.finish()
         if state.best_epoch is None:
@@ -285,8 +299,9 @@ class Run:
             return {"objective": objective}
         summary = {
             "task": cfg.task.name, "objective_key": cfg.objective, "objective": objective,
-            "best_epoch": state.best_epoch, "stop_reason": state.stop_reason, "epochs_run": len(state.history),
-            "history": state.history, "wall_time_s": time.time() - t_start,
+            "best_epoch": state.best_epoch, "best_step": state.best_step, "best": state.best,
+            "stop_reason": state.stop_reason, "epochs_run": len(state.history), "history": state.history,
+            "val_checks": state.checks, "wall_time_s": time.time() - t_start,
             "fit_time_s": state.fit_time_s, "train_samples_per_s": state.train_samples_per_s,
             "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
             "max_epochs": trainer_cfg.max_epochs,
@@ -294,7 +309,8 @@ class Run:
             "resumed_from": str(ctx.resume_dir) if ctx.resume_dir else None, "provenance": prov,
         }
         atomic_write_json(ctx.out_dir / "training_summary.json", summary)
-        ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch})
+        ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch,
+                              "best_step": state.best_step})
         ctx.tracker.log_metrics({"best.objective": objective}, step=state.best_epoch)
         out = self.task.finalize(trainer.core, val_loader, summary)
         artifacts = [ctx.out_dir / "training_summary.json", *out.get("artifacts", [])]

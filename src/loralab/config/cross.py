@@ -27,11 +27,20 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def data_files(cfg: DictConfig) -> None:
     d = cfg.data
+    if d.get("test_file") is not None:  # no demo writes one
+        require(Path(d.test_file).is_file(), "data.test_file", d.test_file, "file not found")
     if d.demo:
         return  # written on first use
     for key in ("train_file", "val_file", "schema_file"):
         if d.get(key) is not None:
             require(Path(d[key]).is_file(), f"data.{key}", d[key], "file not found")
+
+
+def columns(cfg: DictConfig) -> None:
+    d = cfg.data
+    if "id_column" in d:
+        require(d.id_column != d.label_column, "data.label_column", d.label_column,
+                "must differ from data.id_column")
 
 
 def class_weights(cfg: DictConfig) -> None:
@@ -53,7 +62,9 @@ def model(cfg: DictConfig) -> None:
     m = cfg.model
     if "pretrained" in m:
         require(m.pretrained or bool(m.arch), "model.arch", m.arch,
-                "pretrained=false needs a shipped architecture name")
+                "pretrained=false needs a shipped architecture name or a local config.json / model dir")
+        require(not m.pretrained or bool(m.hub_id or m.path), "model.hub_id", m.hub_id,
+                "pretrained=true needs model.hub_id or model.path")
 
 
 def monitor_names(cfg: DictConfig) -> tuple[set[str], Callable[[str], bool], str]:
@@ -110,4 +121,5 @@ def hardware(cfg: DictConfig) -> None:
                 "the MLP trains in fp32 (mixed precision buys nothing at this size)")
 
 
-RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, class_weights, lora, model, monitor, batch, hardware)
+RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, model, monitor, batch,
+                                                   hardware)

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from loralab.config.rules import (
     DEVICE,
     GATE,
-    NOT_EMPTY,
+    LORA_TARGETS,
     SCHEDULER,
     T_BOUNDS,
     ZIP_PARTS_KNOWN,
@@ -51,6 +51,7 @@ CalibrationMethod = choices("CalibrationMethod", "temperature none")
 BaselineName = choices("BaselineName", "hgb logreg")
 TruncationSide = choices("TruncationSide", "left right")
 Backend = choices("Backend", "auto nccl gloo")
+DataFormat = choices("DataFormat", "auto jsonl csv parquet")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LoraConf:
     r: Optional[int] = knob(gt(0))
     lora_alpha: int = knob(gt(0))
     lora_dropout: float = knob(interval("[0, 1)"))
-    target_modules: List[str] = knob(NOT_EMPTY)
+    target_modules: Any = knob(LORA_TARGETS)  # null | all-linear | a list of module names
     bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
 
 
@@ -114,6 +115,9 @@ class TrainerConf:
     eval_batch_size: int = knob(gt(0))
     deterministic: bool = MISSING
     gates: Optional[Dict[str, str]] = knob(each=GATE)
+    log_every_n_steps: Optional[int] = knob(ge(1))   # null: no step-level train metrics
+    val_check_interval: Optional[int] = knob(ge(1))  # null: evaluate at epoch ends only
+    max_steps: Optional[int] = knob(ge(1))           # null: max_epochs alone ends training
 
 
 @dataclass
@@ -141,6 +145,7 @@ class TrackingConf:
     experiment: str = MISSING
     run_name: str = MISSING
     enabled: bool = MISSING
+    system_metrics: bool = MISSING
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
 
-from loralab.config.rules import CLASS_WEIGHTS, NAMES, ge, gt, interval, knob, template_of
-from loralab.config.schema import Leakage, RunConf, TruncationSide
+from loralab.config.rules import CLASS_WEIGHTS, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
+from loralab.config.schema import DataFormat, Leakage, RunConf, TruncationSide
 
 
 @dataclass
@@ -22,6 +22,7 @@ class SplitDataConf:
     demo: bool = MISSING  # true: deterministic files written on first use, so they need not exist yet
     train_file: str = MISSING
     val_file: Optional[str] = MISSING
+    test_file: Optional[str] = MISSING  # scored once with the final model; never used to choose or calibrate it
     val_split: float = knob(interval("(0, 1)"))
     leakage: Leakage = MISSING
 
@@ -29,6 +30,9 @@ class SplitDataConf:
 @dataclass
 class RecordsDataConf(SplitDataConf):
     OPTION: ClassVar[str] = "demo|jsonl"
+    format: DataFormat = MISSING  # auto: by each file's extension
+    id_column: str = knob(NOT_EMPTY)  # CSV/Parquet only
+    label_column: str = knob(NOT_EMPTY)
     labels: List[str] = knob(NAMES)
     template: str = knob(template_of("features"))
     oversample_below: Optional[float] = knob(interval("(0, 1]"))
@@ -56,7 +60,7 @@ class TabularDataConf:
 
 @dataclass
 class QwenModelConf:
-    OPTION: ClassVar[str] = "tiny_qwen2|qwen2_5_*"
+    OPTION: ClassVar[str] = "hf|tiny_qwen2|qwen2_5_*"
     _target_: str = MISSING
     name: str = MISSING
     hub_id: Optional[str] = MISSING

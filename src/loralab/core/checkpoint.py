@@ -120,8 +120,8 @@ def rotate_top_k(checkpoint_dir: Path, ranked: list[dict[str, Any]], keep: int) 
 
 
 class Checkpoints:
-    """The resumable checkpoints of one run dir: ``last`` after every epoch (and on a stop), and the top ``keep``
-    epochs by the monitored value, ``ranked`` best first. Only rank 0 writes; every rank can resume from them."""
+    """The resumable checkpoints of one run dir: ``last`` after every evaluation (and on a stop), and the top
+    ``keep`` evaluations (epochs, val checks) by the monitored value, ``ranked`` best first. Only rank 0 writes; every rank can resume from them."""
 
     def __init__(self, directory: Path, *, keep: int, mode: str, meta: dict[str, Any], tokenizer=None,
                  resume_from: Path | None = None, ddp: Dist = Dist()):
@@ -154,7 +154,13 @@ class Checkpoints:
     def epoch_end(self, loop_state: dict[str, Any], epoch: int, value: float) -> None:
         """Rank the epoch; save it if it made the top ``keep``; always save ``last``; drop what fell out."""
         # No "=" in the name: the path must work as a Hydra override value (resume=.../epoch_003).
-        entry = {"name": f"epoch_{epoch:03d}", "epoch": epoch, "value": value}
+        self._rank(loop_state, {"name": f"epoch_{epoch:03d}", "epoch": epoch, "value": value})
+
+    def check(self, loop_state: dict[str, Any], step: int, epoch: int, value: float) -> None:
+        """``epoch_end`` for an evaluation inside epoch ``epoch`` (a val check): ranked alongside the epochs."""
+        self._rank(loop_state, {"name": f"step_{step:07d}", "epoch": epoch, "step": step, "value": value})
+
+    def _rank(self, loop_state: dict[str, Any], entry: dict[str, Any]) -> None:
         self.ranked = sorted([*self.ranked, entry], key=lambda e: e["value"], reverse=self.mode == "max")
         if entry in self.ranked[:self.keep]:
             self.save(entry["name"], loop_state)

@@ -43,18 +43,29 @@ def make_loaders(data: TaskData, *, batch_size: int, hardware, trainer, seed: in
                           f"{ddp.world_size} processes")
     per_rank = batch_size // ddp.world_size
     accum = accumulation_steps(per_rank, hardware.micro_batch_size)
-    args = dict(collate_fn=data.collate, num_workers=hardware.num_workers,
-                pin_memory=bool(hardware.pin_memory) and str(hardware.device).startswith("cuda"))
     lengths = data.train_lengths or [1] * len(data.train)
     sampler = EpochBatchSampler(lengths, per_rank // accum, seed, shuffle=data.shuffle,
                                 group_by_length=trainer.group_by_length and data.train_lengths is not None,
                                 rank=ddp.rank, world_size=ddp.world_size)
-    train = DataLoader(data.train, batch_sampler=sampler, **args)
-    order = None  # file order
-    if data.val_lengths is not None:  # longest first: the first batch shows peak memory; batches pad little
-        order = sorted(range(len(data.val)), key=lambda i: -data.val_lengths[i])
-    val = DataLoader(data.val, batch_size=trainer.eval_batch_size, sampler=order, **args)
+    if ddp.enabled and len(sampler) == 0:
+        raise ConfigError(f"optim.batch_size={batch_size}: {len(data.train)} training rows make fewer batches than "
+                          f"the {ddp.world_size} processes; use a smaller batch or fewer processes")
+    train = DataLoader(data.train, batch_sampler=sampler, **loader_args(data.collate, hardware))
+    val = eval_loader(data.val, data.val_lengths, data.collate, batch_size=trainer.eval_batch_size, hardware=hardware)
     return train, val, accum
+
+
+def loader_args(collate: Callable | None, hardware) -> dict:
+    return dict(collate_fn=collate, num_workers=hardware.num_workers,
+                pin_memory=bool(hardware.pin_memory) and str(hardware.device).startswith("cuda"))
+
+
+def eval_loader(dataset: Dataset, lengths: Sequence[int] | None, collate: Callable | None, *, batch_size: int,
+                hardware) -> DataLoader:
+    """A scoring loader (validation, test): longest first when lengths are known (the first batch shows peak
+    memory; batches pad little), else file order."""
+    order = None if lengths is None else sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, **loader_args(collate, hardware))
 
 
 def shard(loader: DataLoader, ddp: Dist) -> DataLoader:

@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass
 class EarlyStopping:
-    """Stop after ``patience`` epochs without the monitored metric improving by more than ``min_delta``.
+    """Stop after ``patience`` evaluations (epochs, or val checks with ``trainer.val_check_interval``) without the
+    monitored metric improving by more than ``min_delta``.
 
     With ``smoothing`` > 0 the decision reads an exponential moving average of the evaluations (weight
     ``smoothing`` on the past): a single lucky epoch does not set a bar no later epoch can clear, and a single bad
@@ -21,11 +22,11 @@ class EarlyStopping:
     mode: str = "max"
     smoothing: float = 0.0
     best: float = -math.inf
-    bad_epochs: int = 0
+    bad_epochs: int = 0            # evaluations without improvement (the name predates val checks)
     smoothed: float | None = None
 
     def update(self, value: float) -> bool:
-        """Record an epoch's value; True when it is a new best (of the smoothed value)."""
+        """Record an evaluation's value; True when it is a new best (of the smoothed value)."""
         score = value if self.mode == "max" else -value
         if self.smoothed is not None:
             score = self.smoothing * self.smoothed + (1 - self.smoothing) * score
@@ -56,24 +57,36 @@ class TrainState:
     samples: int = 0
     train_time_s: float = 0.0      # in the unfinished epoch
     skipped_steps: int = 0         # fp16 overflow steps skipped by the GradScaler
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # the epoch the best evaluation fell in (it may be a val check inside it)
+    best_step: int | None = None   # optimizer step of the best evaluation
     stop_reason: str = "max_epochs"
     early_stopping: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # epoch-end evaluations, one per finished epoch
+    checks: list[dict[str, Any]] = field(default_factory=list)   # evaluations inside an epoch (val checks, max_steps)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def best(self) -> dict[str, Any]:
-        """Every metric of the best epoch."""
+        """Every metric of the best evaluation (an epoch end or a val check)."""
+        for h in (*self.history, *self.checks):
+            if self.best_step is not None and h.get("step") == self.best_step:
+                return h
         return self.history[self.best_epoch - 1]
 
     @property
+    def _timed(self) -> list[dict[str, Any]]:
+        """Evaluations whose timings add up to the whole fit: every epoch end, plus the last check when training
+        stopped inside an epoch (its timings cover that epoch so far)."""
+        partial = [self.checks[-1]] if self.batches_done and self.checks else []
+        return [*self.history, *partial]
+
+    @property
     def fit_time_s(self) -> float:
-        """Training time of the finished epochs (evaluation excluded)."""
-        return sum(h["epoch_train_time_s"] for h in self.history)
+        """Training time (evaluation excluded)."""
+        return sum(h["epoch_train_time_s"] for h in self._timed)
 
     @property
     def train_samples_per_s(self) -> float:
-        return sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in self.history) / max(self.fit_time_s, 1e-9)
+        return sum(h["train_samples_per_s"] * h["epoch_train_time_s"] for h in self._timed) / max(self.fit_time_s, 1e-9)

@@ -1,9 +1,10 @@
 """The trainer: an object that holds everything a fit needs (set up ▸ fit ▸ finish), for every task.
 
-Read ``fit`` and ``_train_epoch`` top to bottom: forward ▸ loss ▸ backward ▸ step, evaluate every epoch, stop early.
-The trainer knows nothing about MLflow, Hydra or what a task is: it gets a model, a loss, loaders and a metric
-function, and reports each epoch through ``on_epoch_end``. All progress lives in ``TrainState``; a checkpoint of it
-with the weights, optimizer, scheduler, scaler and RNG states resumes a run exactly, also mid-epoch.
+Read ``fit`` and ``_train_epoch`` top to bottom: forward ▸ loss ▸ backward ▸ step, evaluate every epoch (and every
+``val_check_interval`` steps), stop early or at ``max_steps``. The trainer knows nothing about MLflow, Hydra or what a
+task is: it gets a model, a loss, loaders and a metric function, and reports each epoch through ``on_epoch_end`` and
+step-level numbers through ``on_step``. All progress lives in ``TrainState``; a checkpoint of it with the weights,
+optimizer, scheduler, scaler and RNG states resumes a run exactly, also mid-epoch.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, p
     return torch.cat(logits).cpu().numpy(), y_all
 
 
+def val_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The validation part of an evaluation's metrics (what step-level curves show)."""
+    return {k: v for k, v in metrics.items() if k.startswith("val_")}
+
+
 @dataclass
 class Fit:
     """What one fit trains: the model (DDP-wrapped under torchrun), its loss, the loaders and how to score."""
@@ -79,13 +85,19 @@ class Fit:
 
 class Trainer:
     """Set up (optimizer, schedule, scaler, resume) ▸ fit (epochs, early stopping, checkpoints) ▸ finish (best
-    weights back in the model). ``trainer_cfg``/``optim_cfg`` are the run's ``trainer``/``optim`` groups."""
+    weights back in the model). ``trainer_cfg``/``optim_cfg`` are the run's ``trainer``/``optim`` groups; the
+    step-level knobs (``log_every_n_steps``, ``val_check_interval``, ``max_steps``) are optional there: absent or
+    null switches them off."""
 
     def __init__(self, trainer_cfg, optim_cfg, *, precision: str, device: torch.device, ddp: Dist = Dist(),
                  progress: bool = True):
         self.cfg, self.optim_cfg = trainer_cfg, optim_cfg
         self.precision, self.device, self.ddp, self.progress = precision, device, ddp, progress
+        self.log_every = trainer_cfg.get("log_every_n_steps")
+        self.val_every = trainer_cfg.get("val_check_interval")
+        self.max_steps = trainer_cfg.get("max_steps")
         self.state = TrainState()
+        self.on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
 
     @property
     def core(self) -> nn.Module:
@@ -99,6 +111,8 @@ class Trainer:
         params = [p for p in fit.model.parameters() if p.requires_grad]
         self.optimizer = instantiate(self.optim_cfg.optimizer)(params=params)
         total_steps = self.cfg.max_epochs * -(-len(fit.train_loader) // fit.accum_steps)
+        if self.max_steps:  # the schedule ends where training does
+            total_steps = min(total_steps, self.max_steps)
         self.scheduler = get_scheduler(self.optim_cfg.scheduler, self.optimizer, num_training_steps=total_steps,
                                        num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -114,36 +128,56 @@ class Trainer:
         checkpoints.bind(**parts)
 
     def fit(self, on_epoch_end: Callable[[TrainState, dict[str, float]], None] = lambda s, m: None,
-            stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
-        """Train from ``self.state`` up to ``trainer.max_epochs``; the epoch with the best ``trainer.monitor``
-        wins. ``on_epoch_end`` (logging) runs just before the epoch's checkpoints are written."""
-        monitor, max_epochs = self.cfg.monitor, self.cfg.max_epochs
-        if self.early_stopping.should_stop:  # resumed from a run that had already stopped early
+            stop_requested: Callable[[], bool] = lambda: False,
+            on_step: Callable[[int, dict[str, float]], None] = lambda step, m: None) -> TrainState:
+        """Train from ``self.state`` up to ``trainer.max_epochs`` (or ``max_steps``); the evaluation with the best
+        ``trainer.monitor`` wins. ``on_epoch_end`` gets each epoch's metrics; ``on_step(step, metrics)`` gets
+        step-level ones at optimizer step ``step`` (train numbers every ``log_every_n_steps``, the val metrics of every
+        evaluation). Both run before that point's checkpoints are written."""
+        self.on_step = on_step
+        if self.early_stopping.should_stop or self._max_steps_reached:  # resumed from a run that had stopped
             return self.state
-        for epoch in range(self.state.epoch + 1, max_epochs + 1):
-            self._train_epoch(epoch, stop_requested)
+        for epoch in range(self.state.epoch + 1, self.cfg.max_epochs + 1):
+            if not self._train_epoch(epoch, stop_requested):
+                break  # stopped at an evaluation inside the epoch (early stopping, max_steps)
             metrics = self._evaluate(epoch)
-            earlier = [h[monitor] for h in self.state.history]
-            # Best = best raw value (as the checkpoint ranking sees it); min_delta only decides when patience runs out.
-            value = metrics[monitor]
-            improved = not earlier or (value > max(earlier) if self.cfg.monitor_mode == "max" else value < min(earlier))
-            self.early_stopping.update(value)
+            improved, stop = self._judge(metrics, epoch)
             st = self.state
             st.epoch, st.batches_done, st.loss_sum, st.samples, st.train_time_s = epoch, 0, 0.0, 0, 0.0
-            st.early_stopping = self.early_stopping.state()
             st.history.append(metrics)
-            st.best_epoch = epoch if improved else st.best_epoch
-            if self.early_stopping.should_stop:
-                st.stop_reason = f"early_stopping: no {monitor} improvement for {self.cfg.early_stopping.patience} epochs"
             log.info("epoch %d: train_loss %.4f  val_loss %.4f  %s %.4f%s", epoch, metrics["train_loss"],
-                     metrics["val_loss"], monitor, value, "  (best)" if improved else "")
+                     metrics["val_loss"], self.cfg.monitor, metrics[self.cfg.monitor], "  (best)" if improved else "")
             # Report before checkpointing: a crash in between re-runs this epoch on resume (and reports it again),
             # whereas the other order would resume past an epoch whose metrics were never reported.
+            on_step(st.step, val_metrics(metrics))
             on_epoch_end(st, metrics)
-            self.checkpoints.epoch_end(st.as_dict(), epoch, value)
-            if self.early_stopping.should_stop:
+            self.checkpoints.epoch_end(st.as_dict(), epoch, metrics[self.cfg.monitor])
+            if stop:
                 break
         return self.state
+
+    @property
+    def _max_steps_reached(self) -> bool:
+        return bool(self.max_steps) and self.state.step >= self.max_steps
+
+    def _judge(self, metrics: dict[str, float], epoch: int) -> tuple[bool, bool]:
+        """Weigh an evaluation (of epoch ``epoch``, finished or not): best so far? early stopping? ``max_steps``?
+        Returns (improved, stop) and records the verdicts in ``state``."""
+        st, monitor, mode = self.state, self.cfg.monitor, self.cfg.monitor_mode
+        earlier = [h[monitor] for h in (*st.history, *st.checks)]
+        # Best = best raw value (as the checkpoint ranking sees it); min_delta only decides when patience runs out.
+        value = metrics[monitor]
+        improved = not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
+        self.early_stopping.update(value)
+        st.early_stopping = self.early_stopping.state()
+        if improved:
+            st.best_epoch, st.best_step = epoch, st.step
+        if self.early_stopping.should_stop:
+            unit = "evaluations" if self.val_every else "epochs"
+            st.stop_reason = f"early_stopping: no {monitor} improvement for {self.cfg.early_stopping.patience} {unit}"
+        elif self._max_steps_reached:
+            st.stop_reason = f"max_steps: {self.max_steps} optimizer steps"
+        return improved, self.early_stopping.should_stop or self._max_steps_reached
 
     def finish(self) -> TrainState:
         """Put the best epoch's weights back into the model: what the rest of the run reports and exports."""
@@ -152,11 +186,13 @@ class Trainer:
             self.checkpoints.load_best(self.core)
         return self.state
 
-    def _train_epoch(self, epoch: int, stop_requested: Callable[[], bool]) -> None:
-        """Run the rest of epoch ``epoch`` (from ``state.batches_done``), updating ``state`` as it goes.
+    def _train_epoch(self, epoch: int, stop_requested: Callable[[], bool]) -> bool:
+        """Run the rest of epoch ``epoch`` (from ``state.batches_done``), updating ``state`` as it goes; False when
+        training stopped at an evaluation inside it (early stopping at a val check, ``max_steps``).
 
         Under DDP each rank runs its own shard of batches; gradients are all-reduced once per optimizer step (not per
-        micro-batch: ``no_sync``), and a stop request is agreed on by all ranks so none is left waiting.
+        micro-batch: ``no_sync``), and a stop request is agreed on by all ranks so none is left waiting. Every rank
+        reaches the same log, check and sync points: they depend on the step count only.
         """
         f, st, dev = self.fit_, self.state, self.device
         loader = f.train_loader
@@ -165,8 +201,13 @@ class Trainer:
         n_micro, accum = len(loader.batch_sampler), f.accum_steps
         loss_sum = torch.zeros((), device=dev)  # summed on device: no host sync per step
         self._samples, self._t0, self._skipped_in_a_row = 0, time.perf_counter(), 0
+        self._window = (st.loss_sum, st.samples, st.train_time_s)  # where the step-log window starts
         desc = f"epoch {epoch}/{self.cfg.max_epochs}"
-        bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, initial=st.batches_done,
+        # A DataLoader iterator draws its worker seed from the global RNG. Drawn here, that would put a run resumed
+        # mid-epoch one draw ahead of the uninterrupted one (dropout masks differ); forked, no run draws at all.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        bar = tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, initial=st.batches_done,
                    total=n_micro, disable=None if self.progress else True)  # None: off when not a TTY
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=st.batches_done):
@@ -186,11 +227,20 @@ class Trainer:
             self._samples += y.shape[0]
             if not last_in_group:
                 continue  # keep accumulating
-            self._optimizer_step()
+            log_now = bool(self.log_every) and (st.step + 1) % self.log_every == 0
+            grad_norm = self._optimizer_step(measure=log_now)
             st.batches_done = i + 1
-            at_sync_point = st.step % SYNC_EVERY == 0 or st.batches_done == n_micro
-            if at_sync_point:  # the only host syncs: one per SYNC_EVERY steps
+            epoch_done = st.batches_done == n_micro
+            check = not epoch_done and (bool(self.val_every) and st.step % self.val_every == 0
+                                        or self._max_steps_reached)  # an epoch's last step: the epoch end evaluates
+            at_sync_point = st.step % SYNC_EVERY == 0 or epoch_done or log_now or check
+            if at_sync_point:  # the only host syncs: one per SYNC_EVERY steps, plus logs and checks
                 self._sync(loss_sum, bar, desc)
+            if log_now:
+                self._log_step(grad_norm)
+            if check and self._check(epoch, n_micro):
+                bar.close()
+                return False
             stop = stop_requested()
             if self.ddp.enabled:  # agree across ranks, at sync points only, so no rank waits in an all-reduce forever
                 stop = at_sync_point and self.ddp.sum(float(stop))[0] > 0
@@ -200,12 +250,51 @@ class Trainer:
                 self.checkpoints.save_last(st.as_dict())
                 raise TrainingInterrupted(f"stopped at step {st.step} (epoch {st.epoch + 1}, "
                                           f"batch {st.batches_done}/{n_micro})")
+        return True
 
-    def _optimizer_step(self) -> None:
-        """Unscale, clip, step (skipped by the scaler on fp16 overflow), schedule."""
+    def _check(self, epoch: int, n_micro: int) -> bool:
+        """Evaluate inside epoch ``epoch`` (a val check, or the step ``max_steps`` stops at), then report, rank and
+        checkpoint it as an epoch end would; True when training stops here."""
+        st = self.state
+        # Forked RNG: evaluating (its loader draws a seed) must not move the stream training draws dropout from, so
+        # checks neither change what is trained nor break exact resume from the `last` written here.
+        with torch.random.fork_rng(devices=[]):
+            metrics = self._evaluate(round(st.epoch + st.batches_done / n_micro, 4))
+        self.fit_.model.train()
+        improved, stop = self._judge(metrics, epoch)
+        st.checks.append(metrics)
+        log.info("step %d (epoch %.2f): val_loss %.4f  %s %.4f%s", st.step, metrics["epoch"], metrics["val_loss"],
+                 self.cfg.monitor, metrics[self.cfg.monitor], "  (best)" if improved else "")
+        self.on_step(st.step, val_metrics(metrics))  # reported before checkpointing, as at an epoch end
+        self.checkpoints.check(st.as_dict(), st.step, epoch, metrics[self.cfg.monitor])
+        self._t0 = time.perf_counter()  # evaluation is not training time
+        return stop
+
+    def _log_step(self, grad_norm: torch.Tensor | None) -> None:
+        """Step-level train numbers at this optimizer step: mean loss and samples/s over the steps since the last
+        log (or the epoch start; every rank's samples), the lr this step used and its gradient norm (before
+        clipping). Called right after a sync, so ``state`` is current."""
+        st = self.state
+        loss0, samples0, time0 = self._window
+        loss_sum, samples = self.ddp.sum(st.loss_sum - loss0, st.samples - samples0)
+        metrics = {"train_loss": loss_sum / max(samples, 1), "lr": self._lr,
+                   "samples_per_s": samples / max(st.train_time_s - time0, 1e-9)}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.item()
+        self._window = (st.loss_sum, st.samples, st.train_time_s)
+        self.on_step(st.step, metrics)
+
+    def _optimizer_step(self, measure: bool = False) -> torch.Tensor | None:
+        """Unscale, clip, step (skipped by the scaler on fp16 overflow), schedule. Returns the gradient norm
+        (before clipping) when clipping computes it or ``measure`` asks for it, else None (no extra work)."""
         self.scaler.unscale_(self.optimizer)
+        self._lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves it after)
+        grad_norm = None
         if self.optim_cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.fit_.model.parameters(), self.optim_cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.fit_.model.parameters(), self.optim_cfg.max_grad_norm)
+        elif measure:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fit_.model.parameters()
+                                                       if p.grad is not None])
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -220,6 +309,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        return grad_norm
 
     def _sync(self, loss_sum: torch.Tensor, bar, desc: str) -> None:
         """Move the on-device loss sum and the sample/time counters into ``state``; check the loss is finite."""
@@ -235,14 +325,15 @@ class Trainer:
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                         samples_s=f"{st.samples / max(st.train_time_s, 1e-9):.0f}")
 
-    def _evaluate(self, epoch: int) -> dict[str, float]:
-        """The epoch's metrics on the whole validation set (every rank's shard gathered)."""
+    def _evaluate(self, epoch: float) -> dict[str, float]:
+        """Metrics on the whole validation set (every rank's shard gathered); train numbers are of the epoch so
+        far. ``epoch`` is fractional for an evaluation inside an epoch."""
         f, st = self.fit_, self.state
         t_eval = time.perf_counter()
         logits, y = self.ddp.gather_predictions(*predict_logits(f.model, f.val_loader, self.device, self.precision))
         val_loss = f.loss_fn(torch.from_numpy(logits).to(self.device), torch.from_numpy(y).to(self.device)).item()
         loss_sum, samples = self.ddp.sum(st.loss_sum, st.samples)  # every rank's share of the epoch
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(samples, 1), "val_loss": val_loss,
+        metrics = {"epoch": epoch, "step": st.step, "train_loss": loss_sum / max(samples, 1), "val_loss": val_loss,
                    "train_samples_per_s": samples / max(st.train_time_s, 1e-9),
                    "epoch_train_time_s": st.train_time_s,
                    "eval_samples_per_s": len(logits) / (time.perf_counter() - t_eval),

@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import KBinsDiscretizer
 
 from loralab.data.balance import class_counts, needs_oversampling, oversample
-from loralab.data.records import DataError, Record, leaked_ids, load_records
+from loralab.data.records import DataError, Record, RowFormat, leaked_ids, load_records
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,15 @@ def stratified_split(strat: Sequence[Hashable], ratios: dict[str, float], seed: 
     return out, ok_test and ok_val
 
 
+def test_overlap(test: Sequence, **splits: Sequence) -> dict[str, int]:
+    """How many test ids are also in each other split (rows with an ``id``). Counted and warned about, never
+    dropped: the test file is scored as given, and the count says how far to trust it."""
+    out = {f"ids_in_{name}": len(leaked_ids(rows, test)) for name, rows in splits.items()}
+    if any(out.values()):
+        log.warning("data.test_file shares ids with other splits (%s): its scores partly measure memory", out)
+    return out
+
+
 def score_tiers(scores: Sequence[float], n_tiers: int) -> tuple[list[str], list[float]]:
     """Quantile tier of each score (``tier_0`` lowest) and the tier edges: the strata of regression rows, so every
     split sees low, middle and high scores alike."""
@@ -88,12 +97,14 @@ def build_splits(
     oversample_below: float | None = 0.25,
     leakage: str = "warn",
     allow_null: bool = False,
+    fmt: RowFormat = RowFormat(),
 ) -> Splits:
-    """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off."""
-    train, train_report = load_records(train_file, labels, allow_null)
+    """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off. With ``fmt``'s
+    format auto, each file's own extension decides (a CSV train file and a Parquet val file mix)."""
+    train, train_report = load_records(train_file, labels, allow_null, fmt)
     report: dict[str, Any] = {"labels": list(labels), "train_file": train_report.as_dict()}
     if val_file:
-        val, val_report = load_records(val_file, labels, allow_null)
+        val, val_report = load_records(val_file, labels, allow_null, fmt)
         report["val_file"] = val_report.as_dict()
     else:
         if len(train) < 2:

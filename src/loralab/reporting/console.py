@@ -79,26 +79,46 @@ def _gate_text(gate: Mapping[str, Any] | None) -> str:
     return "" if gate is None else f"{GATE_MARK[gate['passed']]} ({escape(str(gate['rule']))})"
 
 
+def best_point(summary: Mapping[str, Any]) -> str:
+    """Where the best evaluation was: an epoch end, or a val check inside an epoch (``trainer.val_check_interval``,
+    ``max_steps``)."""
+    step = summary.get("best_step")
+    if step is None or any(h.get("step") == step for h in summary.get("history", [])):
+        return f"epoch {summary['best_epoch']}"
+    return f"step {step} in epoch {summary['best_epoch']}"
+
+
+def test_value(metrics: Mapping[str, Any], key: str) -> float | None:
+    """The test split's counterpart of a ``val_*`` metric (``test_*``), when the run scored one."""
+    return metrics.get(f"test_{key[4:]}") if key.startswith("val_") else None
+
+
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
-    """Metrics with gates and the baseline, the artifacts written, and how to open the run in MLflow."""
+    """Metrics with gates, the test split and the baseline, the artifacts written, and how to open the run in
+    MLflow."""
     console = console or Console()
     m = summary["metrics"]
     gates = m.get("gates", {})
     baseline = m.get("baseline") or {}
     base_scalars = baseline.get("scalars", {})
-    table = Table(title=f"best epoch {summary['best_epoch']} of {summary['epochs_run']} — {summary['stop_reason']}")
+    test_rows = (m.get("test") or {}).get("rows", m.get("test_rows"))  # classification | regression
+    has_test = test_rows is not None
+    table = Table(title=f"best {best_point(summary)} of {summary['epochs_run']} epochs — {summary['stop_reason']}")
     table.add_column("metric")
     table.add_column("model", justify="right")
+    if has_test:
+        table.add_column(f"test ({test_rows} rows)", justify="right")
     if baseline:
         table.add_column(f"baseline ({baseline['name']})", justify="right")
     table.add_column("gate")
     for key, value in m.items():
-        if isinstance(value, float):
+        if isinstance(value, float) and not key.startswith("test_"):
+            test = [f"{test_value(m, key):.4f}" if test_value(m, key) is not None else ""] if has_test else []
             base = [f"{base_scalars[key]:.4f}" if key in base_scalars else ""] if baseline else []
-            table.add_row(key, f"{value:.4f}", *base, _gate_text(gates.get(key)))
+            table.add_row(key, f"{value:.4f}", *test, *base, _gate_text(gates.get(key)))
     for key, gate in gates.items():  # gated metrics this run has no value for (class absent from val)
         if key not in m:
-            table.add_row(key, "—", *([""] if baseline else []), _gate_text(gate))
+            table.add_row(key, "—", *([""] if has_test else []), *([""] if baseline else []), _gate_text(gate))
     console.print(table)
     verdicts = [g["passed"] for g in gates.values()]
     console.print(f"gates: {verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"
@@ -123,8 +143,8 @@ def run_line(summary: Mapping[str, Any], job: str | None = None) -> str:
     verdicts = [g["passed"] for g in m.get("gates", {}).values()]
     base = (m.get("baseline") or {}).get("scalars", {}).get("val_macro_f1")
     parts = [f"run {job}" if job is not None else "run",
-             f"{summary['objective_key']} {summary['objective']:.4f} (epoch {summary['best_epoch']}/"
-             f"{summary['epochs_run']})",
+             f"{summary['objective_key']} {summary['objective']:.4f} ({best_point(summary)}, "
+             f"{summary['epochs_run']} epochs)",
              (f"baseline macro-F1 {base:.4f}" + (" (model LOSES by more than 0.05)" if baseline_verdict(m) else ""))
              if base is not None else "no baseline",
              f"gates {verdicts.count(True)}/{len(verdicts)} pass",

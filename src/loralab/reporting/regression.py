@@ -58,13 +58,14 @@ def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_ep
 
 
 def write_regression_report(cfg: DictConfig, out_dir: Path, tracker, summary: dict[str, Any], names: Sequence[str],
-                            data_info: dict[str, Any]) -> dict[str, Any]:
-    """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; log ``best.*``;
-    return the metrics and files for the summary."""
+                            data_info: dict[str, Any], test: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; log ``best.*``
+    (and ``test_*``, the test split's scores, when given); return the metrics and files for the summary."""
     best_epoch, history = summary["best_epoch"], summary["history"]
-    best = history[best_epoch - 1]
+    best = summary["best"]  # the best evaluation: an epoch end or a val check
     atomic_write_json(out_dir / "training_history.json", history)
-    atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best})
+    test = test or {}
+    atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best, **test})
     metadata = {
         "task": cfg.task.name, "config": OmegaConf.to_container(cfg, resolve=True), "data": data_info,
         "target_names": list(names), "best_epoch": best_epoch, "best_metrics": best,
@@ -76,6 +77,7 @@ def write_regression_report(cfg: DictConfig, out_dir: Path, tracker, summary: di
     atomic_write_json(out_dir / "training_metadata.json", metadata)
     write_plots(history, names, best_epoch, out_dir)
     tracker.log_metrics({f"best.{k}": v for k, v in best.items() if k.startswith("val_")}, step=best_epoch)
+    tracker.log_metrics(test, step=best_epoch)
     files = [out_dir / n for n in ("training_history.json", "training_metadata.json", "metrics.json")]
-    metrics = {k: v for k, v in best.items() if k.startswith("val_")}
+    metrics = {k: v for k, v in {**best, **test}.items() if k.startswith(("val_", "test_"))}
     return {"metrics": {**metrics, "gates": {}}, "artifacts": [*files, out_dir / "plots"]}

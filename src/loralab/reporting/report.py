@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from loralab.fs import atomic_write_text
-from loralab.reporting.console import baseline_verdict
+from loralab.reporting.console import baseline_verdict, best_point, test_value
 from loralab.reporting.plots import make_plots
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     out = ["## Data", ""]
-    files = [(name, data_report[name]) for name in ("train_file", "val_file") if name in data_report]
+    files = [(name, data_report[name]) for name in ("train_file", "val_file", "test_file") if name in data_report]
     out += _table(["file", "path", "rows read", "kept", "dropped"],
                   [(name, f"`{f['path']}`", f["rows_read"], f["rows_kept"], f["rows_dropped"]) for name, f in files])
     drops = [(name, reason, n, f["first_line_by_reason"].get(reason)) for name, f in files
@@ -50,7 +50,7 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     counts = data_report.get("class_counts")
     if not counts:
         return out
-    splits = [s for s in ("train_before_oversampling", "train_after_oversampling", "val") if s in counts]
+    splits = [s for s in ("train_before_oversampling", "train_after_oversampling", "val", "test") if s in counts]
     out += ["Class counts:", ""] + _table(["class", *(s.replace("_", " ") for s in splits)],
                                          [(label, *(counts[s][label] for s in splits)) for label in counts["val"]])
     leak = data_report.get("leakage", {})
@@ -65,18 +65,25 @@ def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
     gates = metrics.get("gates", {})
     name = baseline.get("name")
     base_col = [f"baseline ({name})"] if name else []
+    test = metrics.get("test")
+    test_col = ["test"] if test else []
     out = [f"## Metrics (validation, best epoch {metrics.get('best_epoch')})", ""]
     rows = []
     for key, value in metrics.items():
-        if not isinstance(value, float):
+        if not isinstance(value, float) or key.startswith("test_"):
             continue
         gate = gates.get(key)
-        rows.append((key, value, *([base_scalars.get(key)] if name else []), gate["rule"] if gate else "",
+        rows.append((key, value, *([test_value(metrics, key)] if test else []),
+                     *([base_scalars.get(key)] if name else []), gate["rule"] if gate else "",
                      STATUS[gate["passed"]] if gate else ""))
     for key, gate in gates.items():  # gates on metrics this run has no value for (class absent)
         if key not in metrics:
-            rows.append((key, None, *([base_scalars.get(key)] if name else []), gate["rule"], STATUS[gate["passed"]]))
-    out += _table(["metric", "model", *base_col, "gate", "status"], rows)
+            rows.append((key, None, *([None] if test else []), *([base_scalars.get(key)] if name else []),
+                         gate["rule"], STATUS[gate["passed"]]))
+    out += _table(["metric", "model", *test_col, *base_col, "gate", "status"], rows)
+    if test:
+        out += [f"Test: {test['rows']} rows of `{test['file']}`, scored once with the final model (temperature "
+                f"{test['temperature']:.4f} fit on val); {test['use']}.", ""]
     if baseline:
         out += [f"Baseline: {name} fit on the {baseline['train_rows']} train rows before oversampling in "
                 f"{baseline['fit_time_s']:.2f} s, scored on the same val split.", ""]
@@ -110,7 +117,9 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
         ("run dir", f"`{run_dir}`"),
         ("MLflow run", f"`{run_id}`" if run_id else "tracking disabled"),
         ("MLflow UI", f"`mlflow ui --backend-store-uri {tracking_uri}`" if run_id else ""),
-        ("best epoch", f"{summary['best_epoch']} of {summary['epochs_run']} ({summary['stop_reason']})"),
+        *([("test", f"test_macro_f1 = {metrics['test_macro_f1']:.4f} on {metrics['test']['rows']} rows, scored "
+                     f"once after training")] if "test_macro_f1" in metrics else []),
+        ("best", f"{best_point(summary)} of {summary['epochs_run']} epochs ({summary['stop_reason']})"),
         ("time", f"{summary['wall_time_s']:.0f} s wall, {summary['train_samples_per_s']:.0f} train samples/s "
                  f"on {summary['device']}"),
     ])

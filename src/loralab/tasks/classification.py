@@ -10,26 +10,33 @@ from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from loralab.baseline import fit_baseline
-from loralab.core.loaders import TaskData
+from loralab.core.loaders import TaskData, eval_loader
+from loralab.data.balance import class_counts
 from loralab.data.demo import write_demo
-from loralab.data.splits import build_splits
+from loralab.data.records import RowFormat, load_records
 from loralab.data.serialize import Json, serialize_records
+from loralab.data.splits import build_splits, test_overlap
 from loralab.data.text import TokenizedRecords
+from loralab.errors import DataError
 from loralab.fs import atomic_write_json
 from loralab.losses import class_weights
 from loralab.metrics import classification_metrics
 from loralab.reporting.report import write_reports
 from loralab.tasks.base import Task
-from loralab.tasks.classification_export import best_epoch_report, export
+from loralab.tasks.classification_export import best_epoch_report, export, test_report
 from loralab.tasks.text_model import load_text_model, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def row_format(data: DictConfig) -> RowFormat:
+    return RowFormat(str(data.format), data.id_column, data.label_column)
 
 
 class Classification(Task):
@@ -46,7 +53,9 @@ class Classification(Task):
         if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
             write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
         self.splits = build_splits(d.train_file, d.val_file, self.labels, val_split=d.val_split, seed=self.cfg.seed,
-                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null)
+                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null,
+                                   fmt=row_format(d))
+        test_rows = self._test_rows() if d.test_file and ctx.ddp.is_main else []  # rank 0 reports
         counts = self.splits.report["class_counts"]
         # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
         mode = self.cfg.loss.class_weights
@@ -80,8 +89,26 @@ class Classification(Task):
                                                "example": texts[0]}
         if ctx.ddp.is_main:
             atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
-        return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths,
-                        collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
+        collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
+        self.test_loader = None
+        if test_rows:
+            test = TokenizedRecords(test_rows, self.tokenizer, label2id, self.serializer, self.source.max_length,
+                                    d.cache_dir)
+            self.test_loader = eval_loader(test, test.lengths, collate, batch_size=self.cfg.trainer.eval_batch_size,
+                                           hardware=self.cfg.hardware)
+        return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths, collate=collate)
+
+    def _test_rows(self) -> list:
+        """``data.test_file`` through the same reader (drops counted), into the data report; nothing trains on,
+        calibrates on or chooses by it: it is scored once, in ``finalize``."""
+        d, report = self.cfg.data, self.splits.report
+        rows, load_report = load_records(d.test_file, self.labels, d.allow_null, row_format(d))
+        if not rows:
+            raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(load_report.dropped)})")
+        report["test_file"] = {**load_report.as_dict(),
+                               **test_overlap(rows, train=self.splits.train_original, val=self.splits.val)}
+        report["class_counts"]["test"] = class_counts(rows, self.labels)
+        return rows
 
     def _baseline(self) -> dict[str, Any] | None:
         """The scikit-learn baseline on the train rows before oversampling, scored on the same val split."""
@@ -105,10 +132,13 @@ class Classification(Task):
         return classification_metrics(y, outputs.argmax(-1), self.labels)["scalars"]
 
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
-        """Best-epoch report (per class, gates, calibration, baseline), verified export, reports and plots."""
+        """Best-epoch report (per class, gates, calibration, baseline), the test split's scores, verified export,
+        reports and plots."""
         metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline)
-        artifacts = export(self.cfg, model, self.tokenizer, self.source, self.serializer, val_loader, metrics, summary,
-                           self.ctx)
+        if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
+            metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx)
+        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx,
+                           self.serializer)
         artifacts += write_reports(self.ctx.out_dir, self.labels, summary, metrics, self.splits.report,
                                    self.ctx.tracker)
         return {"metrics": metrics, "artifacts": artifacts}

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.calibrate import calibrate, probabilities, reliability_diagram
+from loralab.calibrate import calibrate, calibration_metrics, probabilities, reliability_diagram
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.trainer import predict_logits
+from loralab.data.serialize import Json, Serializer
 from loralab.export import export_model, zip_dir
 from loralab.fs import atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
@@ -38,7 +39,7 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
         curves[f"T = {calib['temperature']:.3f}"] = probabilities(logits, calib["temperature"])
     plot = reliability_diagram(y, curves, ctx.out_dir / "plots" / "reliability_diagram.png", c.n_bins,
                                title=f"Reliability diagram: validation, best epoch {best_epoch}")
-    best = summary["history"][best_epoch - 1]
+    best = summary["best"]  # the best evaluation: an epoch end or a val check
     metrics = {"best_epoch": best_epoch, **report["scalars"], "val_loss": best["val_loss"], **calib.pop("scalars"),
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
@@ -49,6 +50,31 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
     ctx.tracker.log_artifact(plot, "plots")
     ctx.tracker.set_tags({"gates_passed": all(g["passed"] is not False for g in gates.values())})
     return metrics
+
+
+def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext
+                ) -> dict[str, Any]:
+    """The test split, scored once with the final model (best evaluation's weights, val-fit temperature):
+    ``test_*`` beside the ``val_*`` metrics in ``metrics.json`` and MLflow. Runs after every choice is made, so
+    nothing here can feed back into the epoch, the temperature or the weights."""
+    labels, temperature, n_bins = list(cfg.data.labels), metrics["temperature"], cfg.calibration.n_bins
+    logits, y = predict_logits(model, test_loader, ctx.device, cfg.hardware.precision)
+    report = classification_metrics(y, logits.argmax(-1), labels, prefix="test_")  # T > 0 keeps the argmax
+    with torch.no_grad():
+        loss = loss_fn(torch.from_numpy(logits).to(ctx.device), torch.from_numpy(y).to(ctx.device)).item()
+    scalars = {**report["scalars"], "test_loss": loss,
+               **{f"test_{k}": v for k, v in calibration_metrics(probabilities(logits), y, n_bins).items()}}
+    if cfg.calibration.method != "none":
+        scalars.update({f"test_{k}_calibrated": v
+                        for k, v in calibration_metrics(probabilities(logits, temperature), y, n_bins).items()})
+    out = {**metrics, **scalars, "test": {
+        "file": str(cfg.data.test_file), "rows": len(y), "temperature": temperature,
+        "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
+        "use": "scored once after training; never used for early stopping, calibration or model choice"}}
+    atomic_write_json(ctx.out_dir / "metrics.json", out)
+    ctx.tracker.log_metrics(scalars, step=metrics["best_epoch"])
+    log.info("test split (%d rows, %s): macro-F1 %.4f", len(y), cfg.data.test_file, scalars["test_macro_f1"])
+    return out
 
 
 def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
@@ -73,15 +99,18 @@ def serialization(serializer, source) -> dict[str, Any]:
             "max_length": source.max_length, "truncation_side": source.truncation_side}
 
 
-def export_meta(cfg: DictConfig, source, serializer, metrics: dict[str, Any], summary: dict[str, Any]
-                ) -> dict[str, Any]:
-    """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from."""
+def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[str, Any],
+                serializer: Serializer | None = None) -> dict[str, Any]:
+    """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from.
+    ``serializer``: the run's fitted one (None: the json form of ``data.template``)."""
+    serializer = serializer or Json(cfg.data.template)
     prov = summary["provenance"]
     data_files = {k: cfg.data[k] for k in ("train_file", "val_file") if cfg.data[k]}
     return {
         "labels": list(cfg.data.labels), "temperature": metrics["temperature"], "calibration": metrics["calibration"],
         "serialization": serialization(serializer, source),
         "max_length": source.max_length, "allow_null": cfg.data.allow_null,
+        "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "gates": OmegaConf.to_container(cfg.trainer.gates) if cfg.trainer.gates else {},
         "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
@@ -91,22 +120,23 @@ def export_meta(cfg: DictConfig, source, serializer, metrics: dict[str, Any], su
         **code_version(prov)}
 
 
-def export(cfg: DictConfig, model, tokenizer, source, serializer, val_loader, metrics: dict[str, Any],
-           summary: dict[str, Any], ctx: RunContext) -> list[Path]:
+def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[str, Any], summary: dict[str, Any],
+           ctx: RunContext, serializer: Serializer | None = None) -> list[Path]:
     """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip.
     Returns the files for MLflow."""
     out_dir, e = ctx.out_dir, cfg.export
+    serializer = serializer or Json(cfg.data.template)
     save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
                     {"epoch": summary["best_epoch"], "labels": list(cfg.data.labels), "template": serializer.template,
                      "serializer": serializer.state(), "max_length": source.max_length,
-                     cfg.trainer.monitor: summary["history"][summary["best_epoch"] - 1][cfg.trainer.monitor]})
+                     cfg.trainer.monitor: summary["best"][cfg.trainer.monitor]})
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
     # Export (and its reload check, specified in fp32) from an fp32 copy: a LoRA run on CUDA keeps its base in
     # 16 bits and its adapters/head in fp32, which only mix under autocast.
     model = model.to("cpu", torch.float32)
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
-                 meta=export_meta(cfg, source, serializer, metrics, summary), base_location=source.location,
+                 meta=export_meta(cfg, source, metrics, summary, serializer), base_location=source.location,
                  save_base=not source.pretrained, atol=e.verify_atol, trust_remote_code=source.trust_remote_code)
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json")]
     if e.zip:

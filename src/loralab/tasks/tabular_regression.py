@@ -49,8 +49,7 @@ class TabularRegression(Task):
         return regression_metrics(y, outputs, self.names)
 
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
-        best = summary["history"][summary["best_epoch"] - 1]
-        ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, summary["best_epoch"], best["val_loss"])
+        ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, summary["best_epoch"], summary["best"]["val_loss"])
         out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, summary, self.names,
                                       self.data_info)
         return {**out, "artifacts": [*out["artifacts"], ckpt]}

@@ -8,17 +8,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from loralab.core.checkpoint import save_checkpoint
-from loralab.core.loaders import TaskData
+from loralab.core.loaders import TaskData, eval_loader
+from loralab.core.trainer import predict_logits
 from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles
 from loralab.data.records import leaked_ids
 from loralab.data.regression_demo import write_article_demo
-from loralab.data.splits import score_tiers, stratified_split
+from loralab.data.splits import score_tiers, stratified_split, test_overlap
 from loralab.errors import DataError
 from loralab.export import zip_dir
 from loralab.metrics import regression_metrics
@@ -84,8 +86,28 @@ class TextRegression(Task):
             log.warning("%d train / %d val texts truncated at model.max_length=%d", train_ds.truncated,
                         val_ds.truncated, self.source.max_length)
         lengths = [[len(x) for x in ds.input_ids] for ds in (train_ds, val_ds)]
-        return TaskData(train_ds, val_ds, train_lengths=lengths[0], val_lengths=lengths[1],
-                        collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
+        collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
+        self.test_loader = self._test_loader(train, val, collate) if d.test_file and ctx.ddp.is_main else None
+        return TaskData(train_ds, val_ds, train_lengths=lengths[0], val_lengths=lengths[1], collate=collate)
+
+    def _test_loader(self, train: list[Article], val: list[Article], collate) -> DataLoader:
+        """``data.test_file`` (same reader, drops counted in the data info), scored once in ``finalize``."""
+        d = self.cfg.data
+        test, report, _ = load_articles(d.test_file, self.dims)
+        if not test:
+            raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(report.dropped)})")
+        self.data_info["test_file"] = {**report.as_dict(), **test_overlap(test, train=train, val=val)}
+        ds = TokenizedArticles(test, self.tokenizer, d.template, self.source.max_length)
+        return eval_loader(ds, [len(x) for x in ds.input_ids], collate, batch_size=self.cfg.trainer.eval_batch_size,
+                           hardware=self.cfg.hardware)
+
+    def _score_test(self, model: nn.Module) -> dict[str, float]:
+        """``test_*``: the final (best) model on the test split, after every choice is made."""
+        outputs, y = predict_logits(model, self.test_loader, self.ctx.device, self.cfg.hardware.precision)
+        with torch.no_grad():
+            loss = self.loss()(torch.from_numpy(outputs).to(self.ctx.device), torch.from_numpy(y).to(self.ctx.device))
+        return {**regression_metrics(y, outputs, self.dims, prefix="test_"), "test_loss": loss.item(),
+                "test_rows": len(y)}
 
     def build_model(self) -> nn.Module:
         return load_text_model(self.source, self.dims, self.tokenizer, hardware=self.cfg.hardware,
@@ -100,7 +122,7 @@ class TextRegression(Task):
     def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
         """``checkpoint_best/`` (weights, tokenizer, dimensions), its zip, the history, metadata and plots."""
         cfg, out_dir = self.cfg, self.ctx.out_dir
-        best = summary["history"][summary["best_epoch"] - 1]
+        best = summary["best"]
         ckpt = save_checkpoint(out_dir / "checkpoint_best", model, self.tokenizer,
                                {"epoch": summary["best_epoch"], "task": self.name, "dimension_names": self.dims,
                                 "template": cfg.data.template, "max_length": self.source.max_length,
@@ -108,5 +130,6 @@ class TextRegression(Task):
         artifacts = [ckpt]
         if cfg.export.zip:
             artifacts.append(zip_dir(ckpt, out_dir / "model_final.zip", cfg.export.max_size_mb))
-        out = write_regression_report(cfg, out_dir, self.ctx.tracker, summary, self.dims, self.data_info)
+        test = self._score_test(model) if self.test_loader is not None else None
+        out = write_regression_report(cfg, out_dir, self.ctx.tracker, summary, self.dims, self.data_info, test)
         return {**out, "artifacts": [*out["artifacts"], *artifacts]}
