@@ -164,7 +164,10 @@ def main() -> None:
         with args.out.open("a") as fh:
             fh.write(json.dumps(result) + "\n")
     elif not args.table:
+        args.out = args.out.resolve()
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.work.mkdir(parents=True, exist_ok=True)
+        os.chdir(args.work)  # the SQLite store puts artifacts under ./mlruns: here, never in the checkout
         for name in args.sets:
             for serializer in args.serializers:
                 result = run_one(name, serializer, args.data, args.work, overrides)
