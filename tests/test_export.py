@@ -272,7 +272,7 @@ def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
     enc = [tokenizer(serialize(r["features"]), truncation=True, max_length=MAX_LENGTH) for r in rows[:8]]
     loader = DataLoader(enc, batch_size=8, collate_fn=DataCollatorWithPadding(tokenizer))
     prov = {"git_commit": "abc", "git_dirty": "False", **{f"version.{p}": "0" for p in PACKAGES}}
-    summary = {"best_epoch": 1, "history": [{cfg.trainer.monitor: 0.5}], "provenance": prov}
+    summary = {"best_epoch": 1, "history": [{cfg.trainer.monitor: 0.5}], "best": {cfg.trainer.monitor: 0.5}, "provenance": prov}
     metrics = {"temperature": 1.0, "calibration": {"method": "none"}}
     ctx = RunContext(out_dir=tmp_path, device=torch.device("cpu"), tracker=None)
     export(cfg, model, tokenizer, source, loader, metrics, summary, ctx)
