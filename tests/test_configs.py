@@ -33,7 +33,7 @@ def no_hydra_app():
 def test_every_group_has_been_found():
     groups = {g for g, _ in GROUP_OPTIONS}
     assert {"task", "data", "lora", "model", "loss", "optim", "trainer", "hardware", "tracking", "calibration",
-            "export", "distributed", "baseline", "sweep", "experiment"} <= groups
+            "export", "distributed", "baseline", "sweep", "experiment", "serialize"} <= groups
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -182,6 +182,13 @@ BAD_VALUES = [
      "val_<mse|mae|rmse|r2>_<target>"),
     (["experiment=article_regression", "loss=focal"], "loss", "focal", "does not fit task text_regression"),
     (["optim.lr=${oc.env:LORALAB_TEST_UNSET_LR,abc}"], "optim.lr", "oc.env", "resolves to 'abc', must be a float"),
+    (["serialize=bins", "serialize.n_bins=1"], "serialize.n_bins", "1", "[2, 100]"),
+    (["serialize=kv", "serialize.digits=0"], "serialize.digits", "0", ">= 1 or null"),
+    (["serialize=json", "+serialize.n_bins=4"], "serialize.n_bins", "4", "unknown key (known: template)"),
+    (["serialize._target_=os.system"], "serialize._target_", "'os.system'", "must be one of loralab.data.serialize"),
+    (["trainer.max_epochs=many"], "trainer.max_epochs", "'many'", "must be auto, an int >= 1"),
+    (["trainer.min_steps=0"], "trainer.min_steps", "0", ">= 1"),
+    (["trainer.early_stopping.smoothing=1"], "trainer.early_stopping.smoothing", "1.0", "[0, 1)"),
 ]
 
 

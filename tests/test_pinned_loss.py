@@ -40,6 +40,7 @@ def test_first_three_steps_match_the_pinned_losses(tmp_path):
     records = load_records(train, LABELS)[0]
     source = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2", tokenizer_vocab_size=300)
     tokenizer = source.load_tokenizer([serialize(r.features) for r in records])
+    # serialize=json explicitly (a template string is the json form), whatever conf/train.yaml's default is.
     data = TokenizedRecords(records, tokenizer, {label: i for i, label in enumerate(LABELS)}, "{features}", 256)
     model = source.load_model(LABELS, tokenizer)
     loader = DataLoader(data, batch_sampler=EpochBatchSampler(data.lengths, 16, 0),

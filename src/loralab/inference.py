@@ -2,10 +2,10 @@
 ``loralab.json``).
 
 Rows are validated exactly as in training (``load_records``); bad ones are counted by reason and left out, never
-fatal. Texts are serialized with the recorded template, scored in length-sorted batches (little padding), and
-written back in input order with the calibrated probability of every label. ``evaluate_file`` scores a labelled
-file into a metrics report shaped like training's ``metrics.json``. The command lines are ``loralab.cli.predict``
-and ``loralab.cli.evaluate``.
+fatal. Texts are made by the run's own fitted serializer (rebuilt from ``loralab.json``), scored in length-sorted
+batches (little padding), and written back in input order with the calibrated probability of every label.
+``evaluate_file`` scores a labelled file into a metrics report shaped like training's ``metrics.json``. The command
+lines are ``loralab.cli.predict`` and ``loralab.cli.evaluate``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,7 @@ from transformers import (
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
+from loralab.data.serialize import Json, Serializer, load_serializer
 from loralab.data.text import TokenizedRecords, length_sorted_order
 from loralab.export import (
     META_FILE,
@@ -64,6 +66,12 @@ class Exported:
     @property
     def temperature(self) -> float:
         return float(self.meta["temperature"])
+
+    @cached_property
+    def serializer(self) -> Serializer:
+        """The training run's fitted serializer; exports made before ``conf/serialize`` used the json form."""
+        ser = self.meta["serialization"]
+        return load_serializer(ser["serializer"]) if "serializer" in ser else Json(ser["template"])
 
 
 def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Exported:
@@ -110,7 +118,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", trust_re
 def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -> np.ndarray:
     """Raw logits (float32) in the order of ``records``; batches are formed longest first."""
     meta, device = exported.meta, next(exported.model.parameters()).device
-    ds = TokenizedRecords(records, exported.tokenizer, None, meta["serialization"]["template"], meta["max_length"])
+    ds = TokenizedRecords(records, exported.tokenizer, None, exported.serializer, meta["max_length"])
     if ds.truncated:
         log.warning("%d texts truncated at max_length=%d", ds.truncated, meta["max_length"])
     order = length_sorted_order(ds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -190,6 +191,21 @@ def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str
             if f"data.{key}.sha256" in prov}
 
 
+def resolve_length(trainer: DictConfig, steps_per_epoch: int) -> tuple[DictConfig, dict[str, int]]:
+    """``trainer.max_epochs=auto``: as many epochs as ``trainer.min_steps`` optimizer steps need, and a patience
+    (in epochs) covering at least ``early_stopping.patience_steps`` steps. So a 100-row set gets as many updates
+    as a large one, and early stopping waits as many steps on it. Returns the trainer group with plain numbers in
+    place and what was resolved (empty when ``max_epochs`` was a number: it is used as given)."""
+    if trainer.max_epochs != "auto":
+        return trainer, {}
+    es = trainer.early_stopping
+    epochs = max(1, math.ceil(trainer.min_steps / steps_per_epoch))
+    between_evals = trainer.get("val_check_interval") or steps_per_epoch  # patience counts evaluations
+    patience = max(es.patience, math.ceil(es.get("patience_steps", 0) / min(between_evals, steps_per_epoch)))
+    resolved = OmegaConf.merge(trainer, {"max_epochs": epochs, "early_stopping": {"patience": patience}})
+    return resolved, {"max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
+
+
 def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
     """An epoch's metrics as MLflow curves at step = epoch: the optimizer step count is not a curve of its own."""
     return {k: v for k, v in metrics.items() if k != "step"}
@@ -313,7 +329,12 @@ class Run:
             model.compile()  # in place: parameter names (and so checkpoints) stay the same
         if ddp.enabled:  # gradients of trainable weights are all-reduced once per optimizer step
             model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        trainer = Trainer(cfg.trainer, cfg.optim, precision=cfg.hardware.precision, device=ctx.device, ddp=ddp,
+        trainer_cfg, length = resolve_length(cfg.trainer, -(-len(train_loader) // accum))
+        if length:
+            log.info("trainer.max_epochs=auto: %(steps_per_epoch)d optimizer steps an epoch -> %(max_epochs)d epochs, "
+                     "early-stopping patience %(patience)d evaluations", length)
+            ctx.tracker.set_tags({f"resolved.{k}": v for k, v in length.items()})
+        trainer = Trainer(trainer_cfg, cfg.optim, precision=cfg.hardware.precision, device=ctx.device, ddp=ddp,
                           progress=self.progress)
         checkpoints = Checkpoints(ctx.out_dir / "checkpoints", keep=cfg.trainer.save_top_k,
                                   mode=cfg.trainer.monitor_mode, tokenizer=self.task.tokenizer,
@@ -341,6 +362,7 @@ class Run:
             "val_checks": state.checks, "wall_time_s": time.time() - t_start,
             "fit_time_s": state.fit_time_s, "train_samples_per_s": state.train_samples_per_s,
             "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
+            "max_epochs": trainer_cfg.max_epochs,
             "device": str(ctx.device), "world_size": ddp.world_size,
             "resumed_from": str(ctx.resume_dir) if ctx.resume_dir else None, "provenance": prov,
         }

@@ -42,13 +42,28 @@ def check(cfg: DictConfig) -> DictConfig:
     root = ROOTS[task]
     fit_groups(body, task)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(root), body)
+        typed = OmegaConf.merge(by_target(root, body), body)
         walk(typed, root, "")
     except OmegaConfBaseException as err:
         raise one_line(err, root, body) from None
     for rule in RULES:
         rule(typed)
     OmegaConf.set_struct(typed, True)
+    return typed
+
+
+def by_target(root: type, body: DictConfig) -> DictConfig:
+    """The root schema, with each group whose options differ in keys (``serialize=json|kv|bins``: a schema with a
+    ``BY_TARGET`` map) set to the schema of the option's ``_target_``."""
+    typed = OmegaConf.structured(root)
+    for name, tp in hints(root).items():
+        options = getattr(unwrap(tp)[0], "BY_TARGET", None)
+        node = body.get(name)
+        if options is None or not OmegaConf.is_dict(node):
+            continue
+        target = node.get("_target_")
+        require(target in options, f"{name}._target_", target, f"must be one of {', '.join(options)}")
+        typed[name] = OmegaConf.structured(options[target])
     return typed
 
 
@@ -92,8 +107,8 @@ def walk(node: DictConfig, schema: type, prefix: str) -> None:
             fail(key, "???", "missing value: set it (on the command line: " + key + "=...)")
         tp, optional = unwrap(types[f.name])
         if dataclasses.is_dataclass(tp):
-            if node[f.name] is not None:
-                walk(node[f.name], tp, key + ".")
+            if node[f.name] is not None:  # the option's own schema where by_target picked a subclass
+                walk(node[f.name], OmegaConf.get_type(node[f.name]) or tp, key + ".")
             continue
         value = plain(node, f.name)
         if value is SKIP or (value is None and optional):

@@ -98,12 +98,15 @@ class OptimConf:
 @dataclass
 class EarlyStoppingConf:
     patience: int = knob(ge(0))
+    patience_steps: int = knob(ge(0))  # with max_epochs=auto: patience in epochs covers at least this many steps
     min_delta: float = knob(ge(0))
+    smoothing: float = knob(interval("[0, 1)"))  # EMA weight of past evaluations in the stopping decision
 
 
 @dataclass
 class TrainerConf:
-    max_epochs: int = knob(ge(1))
+    max_epochs: Any = knob(auto_or(lambda v: is_int(v) and v >= 1, "an int >= 1"))  # auto: from min_steps
+    min_steps: int = knob(ge(1))
     monitor: str = MISSING  # which names exist depends on the task and labels: a cross-field rule
     monitor_mode: MonitorMode = MISSING
     early_stopping: EarlyStoppingConf = MISSING
@@ -177,6 +180,31 @@ class BaselineConf:
     params: Dict[str, Any] = MISSING  # passed to the scikit-learn estimator as is
 
 
+SERIALIZE_TARGET = "loralab.data.serialize."
+
+
+@dataclass
+class SerializeConf:
+    """``conf/serialize``: the option's ``_target_`` picks its schema (``BY_TARGET``), so each option has its keys."""
+
+    _target_: str = MISSING  # checked against BY_TARGET before the merge
+    template: str = MISSING  # ${data.template}: its rule is there
+
+
+@dataclass
+class KeyValueConf(SerializeConf):
+    digits: Optional[int] = knob(ge(1))
+
+
+@dataclass
+class QuantileBinsConf(SerializeConf):
+    n_bins: int = knob(interval("[2, 100]"))
+
+
+SerializeConf.BY_TARGET = {SERIALIZE_TARGET + name: schema for name, schema in (  # type: ignore[attr-defined]
+    ("Json", SerializeConf), ("KeyValue", KeyValueConf), ("QuantileBins", QuantileBinsConf))}
+
+
 @dataclass
 class RunConf:
     """Keys every task has; a task's root adds its data, model and loss schema."""
@@ -191,6 +219,7 @@ class RunConf:
     export: ExportConf = MISSING
     distributed: DistributedConf = MISSING
     baseline: Optional[BaselineConf] = MISSING
+    serialize: Optional[SerializeConf] = None  # records -> text (classification); regression experiments drop it
     task_name: str = MISSING
     seed: int = knob(interval("[0, 4294967295]"))  # numpy's seeding range
     resume: Optional[str] = MISSING  # null | auto | a checkpoint dir

@@ -10,17 +10,27 @@ from typing import Any
 @dataclass
 class EarlyStopping:
     """Stop after ``patience`` evaluations (epochs, or val checks with ``trainer.val_check_interval``) without the
-    monitored metric improving by more than ``min_delta``."""
+    monitored metric improving by more than ``min_delta``.
+
+    With ``smoothing`` > 0 the decision reads an exponential moving average of the evaluations (weight
+    ``smoothing`` on the past): a single lucky epoch does not set a bar no later epoch can clear, and a single bad
+    one does not count as much as a real decline. Which epoch is best (reloaded, exported) is still the raw value.
+    """
 
     patience: int
     min_delta: float = 0.0
     mode: str = "max"
+    smoothing: float = 0.0
     best: float = -math.inf
     bad_epochs: int = 0            # evaluations without improvement (the name predates val checks)
+    smoothed: float | None = None
 
     def update(self, value: float) -> bool:
-        """Record an evaluation's value; True when it is a new best."""
+        """Record an evaluation's value; True when it is a new best (of the smoothed value)."""
         score = value if self.mode == "max" else -value
+        if self.smoothed is not None:
+            score = self.smoothing * self.smoothed + (1 - self.smoothing) * score
+        self.smoothed = score
         if score > self.best + self.min_delta:
             self.best, self.bad_epochs = score, 0
             return True
@@ -30,6 +40,10 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.bad_epochs > 0 and self.bad_epochs >= self.patience  # patience 0: stop at the first miss
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps to resume the decision exactly."""
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "smoothed": self.smoothed}
 
 
 @dataclass

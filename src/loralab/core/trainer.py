@@ -117,7 +117,7 @@ class Trainer:
                                        num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.early_stopping = EarlyStopping(self.cfg.early_stopping.patience, self.cfg.early_stopping.min_delta,
-                                            self.cfg.monitor_mode)
+                                            self.cfg.monitor_mode, self.cfg.early_stopping.get("smoothing", 0.0))
         parts = dict(model=self.core, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         loop = checkpoints.restore(**parts)
         if loop is not None:
@@ -169,7 +169,7 @@ class Trainer:
         value = metrics[monitor]
         improved = not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
         self.early_stopping.update(value)
-        st.early_stopping = {"best": self.early_stopping.best, "bad_epochs": self.early_stopping.bad_epochs}
+        st.early_stopping = self.early_stopping.state()
         if improved:
             st.best_epoch, st.best_step = epoch, st.step
         if self.early_stopping.should_stop:

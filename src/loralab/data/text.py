@@ -6,21 +6,17 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from loralab.data.records import Record
+from loralab.data.serialize import serialize, serialize_records  # noqa: F401  (serialize: re-exported)
 from loralab.fs import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def serialize(features: dict[str, Any], template: str = "{features}") -> str:
-    """Feature text the model reads. Sorted keys make the text independent of the writer's key order."""
-    return template.format(features=json.dumps(features, sort_keys=True, ensure_ascii=True))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -98,11 +94,13 @@ class TokenizedTexts(Dataset):
 
 
 class TokenizedRecords(TokenizedTexts):
-    """Feature records: the serialized features, and the label's id (``label2id=None``: unlabelled)."""
+    """Feature records: the serialized features, and the label's id (``label2id=None``: unlabelled).
+    ``serializer``: a fitted ``loralab.data.serialize`` serializer, or a template for the ``json`` form."""
 
     def __init__(self, records: Sequence[Record], tokenizer, label2id: dict[str, int] | None,
-                 template: str, max_length: int, cache_dir: str | Path | None = None):
-        super().__init__([serialize(r.features, template) for r in records], [r.id for r in records],
+                 serializer: Callable[[Mapping[str, Any]], str] | str, max_length: int,
+                 cache_dir: str | Path | None = None):
+        super().__init__(serialize_records(records, serializer), [r.id for r in records],
                          [label2id[r.label] for r in records] if label2id is not None else None,
                          tokenizer, max_length, cache_dir)
 

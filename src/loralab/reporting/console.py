@@ -61,6 +61,20 @@ def print_config(config: Mapping[str, Any], overrides: Sequence[str] = (), conso
     console.print(config_tree(config, overrides))
 
 
+LOSES_BY = 0.05  # macro-F1 below the baseline that a run's summary calls a loss in so many words
+
+
+def baseline_verdict(metrics: Mapping[str, Any]) -> str | None:
+    """One plain line when the model trails the in-run baseline by more than ``LOSES_BY`` macro-F1, else None."""
+    base = (metrics.get("baseline") or {}).get("scalars", {}).get("val_macro_f1")
+    model = metrics.get("val_macro_f1")
+    if base is None or model is None or base - model <= LOSES_BY:
+        return None
+    name = metrics["baseline"]["name"]
+    return (f"The model loses to the {name} baseline by {base - model:.3f} macro-F1 ({model:.3f} vs {base:.3f}): "
+            f"on this data the {name} baseline is the better model.")
+
+
 def _gate_text(gate: Mapping[str, Any] | None) -> str:
     return "" if gate is None else f"{GATE_MARK[gate['passed']]} ({escape(str(gate['rule']))})"
 
@@ -110,6 +124,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     console.print(f"gates: {verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"
                   + (f"; model − baseline macro-F1 {m['val_macro_f1'] - base_scalars['val_macro_f1']:+.4f}"
                      if 'val_macro_f1' in base_scalars else ""))
+    verdict = baseline_verdict(m)
+    if verdict:
+        console.print(f"[bold red]{escape(verdict)}[/]")
     console.print(f"train {summary['train_samples_per_s']:.0f} samples/s on {summary['device']}, "
                   f"wall {summary['wall_time_s']:.0f} s")
     console.print(f"run dir: {summary['run_dir']}", soft_wrap=True)
@@ -128,7 +145,8 @@ def run_line(summary: Mapping[str, Any], job: str | None = None) -> str:
     parts = [f"run {job}" if job is not None else "run",
              f"{summary['objective_key']} {summary['objective']:.4f} ({best_point(summary)}, "
              f"{summary['epochs_run']} epochs)",
-             f"baseline macro-F1 {base:.4f}" if base is not None else "no baseline",
+             (f"baseline macro-F1 {base:.4f}" + (" (model LOSES by more than 0.05)" if baseline_verdict(m) else ""))
+             if base is not None else "no baseline",
              f"gates {verdicts.count(True)}/{len(verdicts)} pass",
              f"{summary['wall_time_s']:.0f} s", str(summary["run_dir"])]
     if summary.get("run_id"):

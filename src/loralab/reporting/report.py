@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from loralab.fs import atomic_write_text
-from loralab.reporting.console import best_point, test_value
+from loralab.reporting.console import baseline_verdict, best_point, test_value
 from loralab.reporting.plots import make_plots
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,9 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
     verdicts = [g["passed"] for g in metrics.get("gates", {}).values()]
     baseline = metrics.get("baseline") or {}
     base_f1 = baseline.get("scalars", {}).get("val_macro_f1")
+    verdict = baseline_verdict(metrics)
+    if verdict:
+        out += [f"**{verdict}**", ""]
     out += _table(["", ""], [
         ("objective", f"{summary['objective_key']} = {summary['objective']:.4f}"),
         ("gates", f"{verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"),

@@ -20,8 +20,9 @@ from loralab.core.loaders import TaskData, eval_loader
 from loralab.data.balance import class_counts
 from loralab.data.demo import write_demo
 from loralab.data.records import RowFormat, load_records
+from loralab.data.serialize import Json, serialize_records
 from loralab.data.splits import build_splits, test_overlap
-from loralab.data.text import TokenizedRecords, serialize
+from loralab.data.text import TokenizedRecords
 from loralab.errors import DataError
 from loralab.fs import atomic_write_json
 from loralab.losses import class_weights
@@ -65,25 +66,34 @@ class Classification(Task):
             "computed_from": "train_after_oversampling"}
         log.info("class counts: %s", counts)
         log.info("class weights (%s, from train counts after oversampling): %s", mode, self.class_weights)
-        if ctx.ddp.is_main:
-            atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
         ctx.tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items()
                                  for label, n in c.items()})
         self.baseline = self._baseline() if ctx.ddp.is_main else None
 
         self.source = instantiate(self.cfg.model)
-        texts = [serialize(r.features, d.template) for r in self.splits.train]
+        # Fitted on the train rows before oversampling (duplicated minority rows would shift the quantiles), never
+        # on val: a pure function of the train split, so a resumed run or another DDP rank fits the same one.
+        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.get("serialize") else Json(d.template)
+                           ).fit(self.splits.train_original)
+        texts = serialize_records(self.splits.train, self.serializer)
         self.tokenizer = load_tokenizer(self.source, texts, ctx.resume_dir, ctx.ddp)
         label2id = {label: i for i, label in enumerate(self.labels)}
-        train, val = (TokenizedRecords(rows, self.tokenizer, label2id, d.template, self.source.max_length, d.cache_dir)
-                      for rows in (self.splits.train, self.splits.val))
+        train, val = (TokenizedRecords(rows, self.tokenizer, label2id, self.serializer, self.source.max_length,
+                                       d.cache_dir) for rows in (self.splits.train, self.splits.val))
         if train.truncated or val.truncated:
             log.warning("%d train / %d val texts truncated at model.max_length=%d", train.truncated, val.truncated,
                         self.source.max_length)
+        tokens = sum(train.lengths) / len(train)
+        log.info("serialize=%s: %.1f tokens per train record, e.g. %s", self.serializer.kind, tokens, texts[0][:200])
+        ctx.tracker.log_metrics({"tokens_per_record": tokens})
+        self.splits.report["serialization"] = {"kind": self.serializer.kind, "tokens_per_train_record": tokens,
+                                               "example": texts[0]}
+        if ctx.ddp.is_main:
+            atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
         collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
         self.test_loader = None
         if test_rows:
-            test = TokenizedRecords(test_rows, self.tokenizer, label2id, d.template, self.source.max_length,
+            test = TokenizedRecords(test_rows, self.tokenizer, label2id, self.serializer, self.source.max_length,
                                     d.cache_dir)
             self.test_loader = eval_loader(test, test.lengths, collate, batch_size=self.cfg.trainer.eval_batch_size,
                                            hardware=self.cfg.hardware)
@@ -130,7 +140,8 @@ class Classification(Task):
         metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx)
-        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx)
+        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx,
+                           self.serializer)
         e, out_dir = self.cfg.export, self.ctx.out_dir
         model_uri = log_classifier(self.ctx.tracker, out_dir, zip_parts(out_dir, e.zip_parts, e.max_size_mb),
                                    self.splits.val, code_version(summary["provenance"])["packages"])

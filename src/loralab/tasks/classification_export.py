@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from loralab.calibrate import calibrate, calibration_metrics, probabilities, reliability_diagram
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.trainer import predict_logits
+from loralab.data.serialize import Json, Serializer
 from loralab.export import export_model, zip_dir
 from loralab.fs import atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
@@ -102,14 +103,24 @@ def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
     return ["adapter", "loralab.json"]
 
 
-def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from."""
+def serialization(serializer, source) -> dict[str, Any]:
+    """How texts were made and cut: ``serializer`` is the fitted serializer's state (``load_serializer`` rebuilds
+    it); ``template`` (and the json flags, for that form) are kept for readers of earlier exports."""
+    json_flags = {"json_sort_keys": True, "json_ensure_ascii": True} if serializer.kind == "json" else {}
+    return {"template": serializer.template, **json_flags, "serializer": serializer.state(),
+            "max_length": source.max_length, "truncation_side": source.truncation_side}
+
+
+def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[str, Any],
+                serializer: Serializer | None = None) -> dict[str, Any]:
+    """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from.
+    ``serializer``: the run's fitted one (None: the json form of ``data.template``)."""
+    serializer = serializer or Json(cfg.data.template)
     prov = summary["provenance"]
     data_files = {k: cfg.data[k] for k in ("train_file", "val_file") if cfg.data[k]}
     return {
         "labels": list(cfg.data.labels), "temperature": metrics["temperature"], "calibration": metrics["calibration"],
-        "serialization": {"template": cfg.data.template, "json_sort_keys": True, "json_ensure_ascii": True,
-                          "max_length": source.max_length, "truncation_side": source.truncation_side},
+        "serialization": serialization(serializer, source),
         "max_length": source.max_length, "allow_null": cfg.data.allow_null,
         "max_row_bytes": cfg.data.max_row_bytes,
         "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
@@ -123,13 +134,14 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
 
 
 def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[str, Any], summary: dict[str, Any],
-           ctx: RunContext) -> list[Path]:
+           ctx: RunContext, serializer: Serializer | None = None) -> list[Path]:
     """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip.
     Returns the files for MLflow."""
     out_dir, e = ctx.out_dir, cfg.export
+    serializer = serializer or Json(cfg.data.template)
     save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
-                    {"epoch": summary["best_epoch"], "labels": list(cfg.data.labels), "template": cfg.data.template,
-                     "max_length": source.max_length,
+                    {"epoch": summary["best_epoch"], "labels": list(cfg.data.labels), "template": serializer.template,
+                     "serializer": serializer.state(), "max_length": source.max_length,
                      cfg.trainer.monitor: summary["best"][cfg.trainer.monitor]})
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
@@ -137,7 +149,7 @@ def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[
     # 16 bits and its adapters/head in fp32, which only mix under autocast.
     model = model.to("cpu", torch.float32)
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
-                 meta=export_meta(cfg, source, metrics, summary), base_location=source.location,
+                 meta=export_meta(cfg, source, metrics, summary, serializer), base_location=source.location,
                  save_base=not source.pretrained, atol=e.verify_atol, trust_remote_code=source.trust_remote_code)
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json")]
     if e.zip:

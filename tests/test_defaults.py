@@ -1,0 +1,90 @@
+"""Defaults that hold from 100 to 100,000 rows: ``trainer.max_epochs=auto`` derives epochs (and patience) from
+optimizer steps, smoothed early stopping is not fooled by one noisy epoch, and a run that loses to its baseline by
+more than 0.05 macro-F1 says so in one plain line (console and report.md)."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from loralab.core.state import EarlyStopping
+from loralab.lifecycle import resolve_length
+from loralab.reporting.console import baseline_verdict, print_summary, run_line
+from loralab.reporting.report import render_report
+
+
+def trainer(max_epochs="auto", min_steps=1800, patience=3, patience_steps=540):
+    return OmegaConf.create({"max_epochs": max_epochs, "min_steps": min_steps, "monitor": "val_macro_f1",
+                             "early_stopping": {"patience": patience, "patience_steps": patience_steps,
+                                                "min_delta": 0.0, "smoothing": 0.5}})
+
+
+def test_auto_epochs_reach_min_steps_on_any_size():
+    for rows, batch in ((100, 16), (124, 16), (3000, 16), (100_000, 16)):
+        per_epoch = -(-rows // batch)
+        cfg, length = resolve_length(trainer(), per_epoch)
+        assert cfg.max_epochs * per_epoch >= 1800 > (cfg.max_epochs - 1) * per_epoch or cfg.max_epochs == 1
+        assert cfg.early_stopping.patience * per_epoch >= 540 or cfg.early_stopping.patience == 3
+        assert length["max_epochs"] == cfg.max_epochs
+    assert resolve_length(trainer(), 8)[0].max_epochs == 225  # 124 rows: 8 steps an epoch
+    assert resolve_length(trainer(), 8)[0].early_stopping.patience == 68
+    assert resolve_length(trainer(), 6250)[0].max_epochs == 1  # 100k rows: one epoch is already 6,250 steps
+    assert resolve_length(trainer(), 6250)[0].early_stopping.patience == 3
+
+
+def test_a_number_of_epochs_is_used_as_given():
+    cfg = trainer(max_epochs=2)
+    assert resolve_length(cfg, 5) == (cfg, {})
+
+
+def stops_after(values, smoothing, patience=2):
+    es = EarlyStopping(patience, 0.0, "max", smoothing)
+    for epoch, v in enumerate(values, start=1):
+        es.update(v)
+        if es.should_stop:
+            return epoch
+    return None
+
+
+def test_one_lucky_epoch_does_not_end_a_rising_run():
+    # A spike at epoch 2, then a steady climb that stays under the spike for two epochs.
+    values = [0.50, 0.80, 0.66, 0.70, 0.74, 0.78, 0.82]
+    assert stops_after(values, smoothing=0.0) == 4  # raw values: stopped by the spike
+    assert stops_after(values, smoothing=0.5) is None  # smoothed: the climb counts
+
+
+def test_a_real_decline_still_stops_and_state_resumes():
+    assert stops_after([0.8, 0.7, 0.6, 0.5, 0.4], smoothing=0.5) == 3
+    es = EarlyStopping(3, 0.0, "max", 0.5)
+    for v in (0.5, 0.7, 0.6):
+        es.update(v)
+    resumed = EarlyStopping(3, 0.0, "max", 0.5)
+    for k, v in es.state().items():  # as the trainer restores it from a checkpoint
+        setattr(resumed, k, v)
+    assert resumed.update(0.9) == es.update(0.9) and resumed.state() == es.state()
+
+
+def metrics(model_f1, base_f1):
+    return {"val_macro_f1": model_f1, "gates": {}, "best_epoch": 1,
+            "baseline": {"name": "hgb", "train_rows": 10, "fit_time_s": 0.1, "scalars": {"val_macro_f1": base_f1}}}
+
+
+def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
+    assert baseline_verdict(metrics(0.90, 0.94)) is None  # within 0.05
+    assert baseline_verdict({"val_macro_f1": 0.5, "baseline": None}) is None
+    line = baseline_verdict(metrics(0.446, 1.0))
+    assert line.startswith("The model loses to the hgb baseline by 0.554 macro-F1 (0.446 vs 1.000)")
+    summary = {"best_epoch": 1, "epochs_run": 1, "stop_reason": "max_epochs", "metrics": metrics(0.446, 1.0),
+               "train_samples_per_s": 10.0, "device": "cpu", "wall_time_s": 1.0, "run_dir": "/r",
+               "objective_key": "val_macro_f1", "objective": 0.446}
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    assert line in console.export_text()
+    assert "model LOSES" in run_line(summary)
+    report = render_report(metrics=summary["metrics"], data_report={}, summary=summary, plots={}, overrides=None,
+                           run_id=None, tracking_uri=None, run_dir="/r")
+    assert f"**{line}**" in report
+    summary["metrics"] = metrics(0.93, 0.95)
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    assert "loses" not in console.export_text() and "LOSES" not in run_line(summary)
