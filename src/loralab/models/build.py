@@ -2,7 +2,8 @@
 
 Real checkpoints load by hub id or local path. ``pretrained=false`` builds the same architecture with random
 weights from a config shipped in this package, and trains a byte-level BPE tokenizer on the run's own texts, so
-tests, benchmarks and the demo need no network.
+tests, benchmarks and the demo need no network. The pretrain stage (``loralab.pretrain``) turns a source into one
+whose ``path`` is a base it pretrained and cached here (``pretrain_key`` set).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -80,10 +82,40 @@ class ModelSource:
     truncation_side: str = "right"
     tokenizer_vocab_size: int = 2048
     trust_remote_code: bool = False
+    pretrain_key: str | None = None  # set by the pretrain stage: ``path`` is a base pretrained (and cached) here
 
     @property
     def location(self) -> str | None:
         return self.path or self.hub_id
+
+    @property
+    def local_base(self) -> bool:
+        """The base exists only on this machine (random init, or pretrained here): an export must carry it."""
+        return not self.pretrained or self.pretrain_key is not None
+
+    def identity(self) -> dict:
+        """What the base's weights start from: the shipped architecture (random init) or the checkpoint's location."""
+        if self.pretrained:
+            return {"location": self.location}
+        return {"arch": shipped_config(self.arch or self.name)}
+
+    def random_config(self, tokenizer, **label_map):
+        """The shipped architecture, its vocabulary grown to the tokenizer's."""
+        arch = shipped_config(self.arch or self.name)
+        arch["vocab_size"] = max(arch.get("vocab_size") or 0, len(tokenizer))
+        return AutoConfig.for_model(**arch, **label_map)
+
+    def load_causal_lm(self, tokenizer, attn_implementation: str = "sdpa") -> PreTrainedModel:
+        """The base as a causal LM (fp32), for continued pretraining on unlabelled texts."""
+        if self.pretrained:
+            model = AutoModelForCausalLM.from_pretrained(self.location, attn_implementation=attn_implementation,
+                                                         dtype=torch.float32, trust_remote_code=self.trust_remote_code)
+        else:
+            config = self.random_config(tokenizer, pad_token_id=tokenizer.pad_token_id)
+            config._attn_implementation = attn_implementation
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
 
     def load_tokenizer(self, texts: Sequence[str]) -> PreTrainedTokenizerFast:
         if self.pretrained:
@@ -124,9 +156,7 @@ class ModelSource:
 
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
-            arch = shipped_config(self.arch or self.name)
-            arch["vocab_size"] = max(arch.get("vocab_size") or 0, len(tokenizer))
-            config = AutoConfig.for_model(**arch, **label_map)
+            config = self.random_config(tokenizer, **label_map)
             config._attn_implementation = attn_implementation
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from hydra.utils import instantiate
@@ -18,6 +18,7 @@ from transformers import DataCollatorWithPadding
 from loralab.baseline import fit_baseline
 from loralab.core.loaders import TaskData
 from loralab.data.demo import write_demo
+from loralab.data.records import load_records
 from loralab.data.splits import build_splits
 from loralab.data.text import TokenizedRecords, serialize
 from loralab.fs import atomic_write_json
@@ -83,6 +84,13 @@ class Classification(Task):
         if result:
             self.ctx.tracker.log_metrics({f"baseline_{k}": v for k, v in result["scalars"].items()})
         return result
+
+    def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
+        """Train rows before oversampling (each text once); extra files need no label."""
+        d = self.cfg.data
+        rows = {"train": self.splits.train_original, "val": self.splits.val}
+        extra = [r for path in extra_files for r in load_records(path, None, d.allow_null)[0]]
+        return [serialize(r.features, d.template) for r in (*(r for s in splits for r in rows[s]), *extra)]
 
     def build_model(self) -> nn.Module:
         return load_text_model(self.source, self.labels, self.tokenizer, hardware=self.cfg.hardware,

@@ -15,7 +15,7 @@ from transformers import DataCollatorWithPadding
 
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.loaders import TaskData
-from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles
+from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles, unlabelled_texts
 from loralab.data.records import leaked_ids
 from loralab.data.regression_demo import write_article_demo
 from loralab.data.splits import score_tiers, stratified_split
@@ -72,6 +72,7 @@ class TextRegression(Task):
         if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file or d.train_file)):
             write_article_demo(Path(d.train_file).parent)
         train, val, self.dims, self.data_info = load_splits(d, self.cfg.seed)
+        self.articles = {"train": train, "val": val}
         ctx.tracker.log_metrics({"data.train_rows": len(train), "data.val_rows": len(val),
                                  **{f"data.dropped.{k}": v
                                     for k, v in self.data_info["train_file"]["dropped_by_reason"].items()}})
@@ -86,6 +87,11 @@ class TextRegression(Task):
         lengths = [[len(x) for x in ds.input_ids] for ds in (train_ds, val_ds)]
         return TaskData(train_ds, val_ds, train_lengths=lengths[0], val_lengths=lengths[1],
                         collate=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8))
+
+    def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
+        template = self.cfg.data.template
+        return [*(article_text(a, template) for split in splits for a in self.articles[split]),
+                *(text for path in extra_files for text in unlabelled_texts(path, template))]
 
     def build_model(self) -> nn.Module:
         return load_text_model(self.source, self.dims, self.tokenizer, hardware=self.cfg.hardware,
