@@ -105,7 +105,8 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
 
 
 ASK_FOR_A_BASE = """
-import sys, torch
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, sys.argv[3])
 from test_pretrain import stage_and_inputs, texts_of
 from pathlib import Path
