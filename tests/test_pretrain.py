@@ -141,8 +141,8 @@ def test_the_cards_sweep_composes_with_lora_on_in_every_job():
     assert check(compose_train("lora=none")).lora.enabled is False  # full fine-tuning is asked for by name
 
 
-def train_cmd(demo: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={demo / 'train.jsonl'}",
+def train_cmd(demo: Path, *overrides: str, multirun: bool = False) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), "data=jsonl", f"data.train_file={demo / 'train.jsonl'}",
             f"data.val_file={demo / 'val.jsonl'}", "trainer.max_epochs=1", "model.tokenizer_vocab_size=300",
             "model.max_length=64", "pretrain.epochs=2", "baseline=none", "hardware.torch_threads=1", *overrides]
 
@@ -153,8 +153,8 @@ def sweep_job(demo, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp}/mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*train_cmd(demo, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp / 'multirun'}"), "-m",
-                           "loss.gamma=1.0", "lora.r=8"], cwd=tmp, env=env, capture_output=True, text=True,
+    proc = subprocess.run(train_cmd(demo, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp / 'multirun'}",
+                                    "loss.gamma=1.0", "lora.r=8", multirun=True), cwd=tmp, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"uri": uri, "job_dir": tmp / "multirun" / "0", "tmp": tmp}
