@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import csv
 import json
 import os
 import shutil
@@ -41,6 +42,26 @@ def write_jsonl(path: Path, rows: list[dict[str, Any] | str | bytes]) -> Path:
     """Dicts are JSON-encoded; str and bytes lines are written verbatim (for malformed input)."""
     lines = [r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode() for r in rows]
     path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def write_table(path: Path, rows: list[dict[str, Any]], id_column: str = "id", label_column: str = "label") -> Path:
+    """Flat rows (id, label, features side by side; None = null/empty) in the format of ``path``'s suffix: JSONL
+    records, CSV as a pandas export writes it, or Parquet with one arrow type per column."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, [{"id": r[id_column], "label": r[label_column],
+                                   "features": {k: v for k, v in r.items() if k not in (id_column, label_column)}}
+                                  for r in rows])
+    if path.suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
 

@@ -15,9 +15,11 @@ from loralab.paths import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = {  # module -> options its --help must list
-    "predict": ["model", "input", "output", "batch_size", "device", "trust_remote_code"],
-    "evaluate": ["model", "input", "output", "prefix", "batch_size", "device"],
-    "prepare": ["input", "output_dir", "train_ratio", "val_ratio", "test_ratio", "seed", "score_tiers"],
+    "predict": ["model", "input", "output", "batch_size", "device", "trust_remote_code", "format", "id_column",
+                "label_column"],
+    "evaluate": ["model", "input", "output", "prefix", "batch_size", "device", "format", "id_column", "label_column"],
+    "prepare": ["input", "output_dir", "train_ratio", "val_ratio", "test_ratio", "seed", "score_tiers", "format",
+                "id_column", "label_column"],
     "compare": ["target", "tracking_uri"],
     "preflight": ["model", "lora", "hardware", "experiment"],
 }

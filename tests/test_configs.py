@@ -45,6 +45,8 @@ def test_every_option_checks_and_resolves(group, option, tmp_path, fake_cuda):
     if (group, option) == ("data", "jsonl"):
         (tmp_path / "train.jsonl").touch()
         overrides.append(f"data.train_file={tmp_path / 'train.jsonl'}")
+    if (group, option) == ("model", "hf"):
+        overrides.append("model.hub_id=google-bert/bert-base-uncased")  # checked, never read: no network
     cfg = compose_train(*overrides, hydra_config=True)
     assert OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") == option
     # The compose API leaves hydra.runtime.output_dir (paths.output_dir reads it) for @hydra.main to fill in.
@@ -149,7 +151,8 @@ BAD_VALUES = [
     (["lora.r=0"], "lora.r", "0", "> 0"),
     (["lora=default", "lora.r=-4"], "lora.r", "-4", "> 0"),
     (["lora=default", "lora.lora_dropout=1.0"], "lora.lora_dropout", "1.0", "[0, 1)"),
-    (["lora=default", "lora.target_modules=[]"], "lora.target_modules", "[]", "must not be empty"),
+    (["lora=default", "lora.target_modules=[]"], "lora.target_modules", "[]",
+     "all-linear or a non-empty list of module names"),
     (["lora.r=null"], "lora.r", "None", "LoRA needs a rank"),
     (["pretrain.epochs=0"], "pretrain.epochs", "0", ">= 1"),
     (["pretrain.lr=0"], "pretrain.lr", "0", "> 0"),

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
 from loralab.config import check
 from loralab.data.demo import write_demo
@@ -102,6 +102,24 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
     assert other.pretrain_key != first.pretrain_key and Path(other.path).is_dir()
     fewer, _ = pretrain_once(stage, source, tokenizer, hardware, texts[:-1], uri)  # other texts: another base
     assert fewer.pretrain_key not in (first.pretrain_key, other.pretrain_key)
+
+
+def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_path):
+    """``pretrain.train=lora``: only adapters train (embeddings stay), and they are merged into the saved base, so the
+    task loads it like any checkpoint."""
+    stage, source, tokenizer, hardware = stage_and_inputs(demo, tmp_path / "cache", "pretrain.train=lora",
+                                                          "pretrain.lora.r=4")
+    set_seed(0)  # as the stage does before building the base
+    random_lm = source.load_causal_lm(tokenizer)
+    out, _ = pretrain_once(stage, source, tokenizer, hardware, texts_of(demo / "train.jsonl"),
+                           f"sqlite:///{tmp_path}/mlflow.db")
+    weights = load_file(Path(out.path) / "model.safetensors")
+    assert not [k for k in weights if "lora" in k]
+    assert torch.equal(weights["model.embed_tokens.weight"], random_lm.model.embed_tokens.weight.detach())  # frozen
+    assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"],
+                           random_lm.model.layers[0].self_attn.q_proj.weight.detach())  # the adapter merged in
+    model = AutoModelForSequenceClassification.from_pretrained(out.path, num_labels=3)
+    assert model.config.num_labels == 3
 
 
 ASK_FOR_A_BASE = """

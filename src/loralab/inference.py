@@ -1,4 +1,5 @@
-"""Scoring JSONL records with an exported model (a ``model_final.zip`` or a run dir holding ``loralab.json``).
+"""Scoring records (JSONL, CSV or Parquet) with an exported model (a ``model_final.zip`` or a run dir holding
+``loralab.json``).
 
 Rows are validated exactly as in training (``load_records``); bad ones are counted by reason and left out, never
 fatal. Texts are serialized with the recorded template, scored in length-sorted batches (little padding), and
@@ -29,7 +30,7 @@ from transformers import (
 
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
-from loralab.data.records import DataError, Record, load_records, write_rows
+from loralab.data.records import DataError, Record, RowFormat, load_records, write_rows
 from loralab.data.text import TokenizedRecords, length_sorted_order
 from loralab.export import (
     META_FILE,
@@ -121,11 +122,21 @@ def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -
     return logits
 
 
+def row_format(meta: dict[str, Any], format: str = "auto", id_column: str | None = None,
+               label_column: str | None = None) -> RowFormat:
+    """How to read an input file: the given format and column names, else those the model was trained with."""
+    columns = meta.get("columns", {})
+    return RowFormat(format, id_column or columns.get("id", "id"), label_column or columns.get("label", "label"))
+
+
 def predict_file(model: str | Path, input: str | Path, output: str | Path, batch_size: int = 64,
-                 device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
-    """Score ``input`` into ``output`` (``{"id", "label", "probs": {label: p}}`` per valid row, input order)."""
+                 device: str = "auto", trust_remote_code: bool = False, columns: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Score ``input`` into ``output`` (``{"id", "label", "probs": {label: p}}`` per valid row, input order).
+    ``columns``: ``row_format``'s format, id_column, label_column (default: by extension, as in training)."""
     exported = load_exported(model, resolve_device(device), trust_remote_code)
-    records, report = load_records(input, labels=None, allow_null=exported.meta.get("allow_null", False))
+    records, report = load_records(input, labels=None, allow_null=exported.meta.get("allow_null", False),
+                                   fmt=row_format(exported.meta, **(columns or {})))
     if not records:
         raise DataError(f"{input}: no valid rows to score (dropped by reason: {dict(report.dropped)})")
     t0 = time.perf_counter()
@@ -139,12 +150,14 @@ def predict_file(model: str | Path, input: str | Path, output: str | Path, batch
 
 
 def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
-                  batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+                  batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False,
+                  columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score a labelled file; write and return scalars (``<prefix>macro_f1``…, NLL/ECE/Brier raw and with the
     exported temperature), per-class table, confusion matrix and the training gates applied to this file."""
     exported = load_exported(model, resolve_device(device), trust_remote_code)
     labels, meta = exported.labels, exported.meta
-    records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False))
+    records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False),
+                                   fmt=row_format(meta, **(columns or {})))
     if not records:
         raise DataError(f"{input}: no valid labelled rows (dropped by reason: {dict(report.dropped)})")
     y = [labels.index(r.label) for r in records]

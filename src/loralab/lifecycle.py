@@ -55,7 +55,7 @@ def settle(cfg: DictConfig) -> DictConfig:
         log.warning("LoRA on model=%s, a random-init base: adapters only steer features a base already has, so "
                     "expect little learning (pretrain=clm pretrains the base first; lora=none trains every "
                     "weight)", cfg.model.get("name"))
-    if cfg.model.get("arch"):
+    if "pretrained" in cfg.model:  # a transformer (ModelSource), not the MLP
         check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(output_names(cfg)),
                      batch_size=cfg.optim.batch_size)
     return cfg

@@ -1,4 +1,5 @@
-"""``loralab-evaluate model=<zip or dir> input=<test.jsonl>``: metrics of an exported model on a labelled file."""
+"""``loralab-evaluate model=<zip or dir> input=<test.jsonl|csv|parquet>``: metrics of an exported model on a
+labelled file."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from typing import Sequence
 from loralab.cli.args import Tool, option, run
 from loralab.cli.predict import ExportedModelArgs
 
-DESCRIPTION = ("Evaluate an exported model on a labelled JSONL and write a metrics report shaped like training's "
+DESCRIPTION = ("Evaluate an exported model on a labelled JSONL, CSV or Parquet file and write a metrics report "
+               "shaped like training's "
                "metrics.json: macro-F1, accuracy, per-class table, confusion matrix, NLL/ECE/Brier raw and at the "
                "exported temperature, and the training gates applied to this file's metrics.")
 
 
 @dataclass
 class EvaluateArgs(ExportedModelArgs):
-    input: str = option(help='labelled JSONL ({"id", "features", "label"} rows)')
-    output: str | None = option(None, "metrics JSON; null writes <input without .jsonl>.metrics.json")
+    input: str = option(help='labelled JSONL ({"id", "features", "label"} rows), or CSV/Parquet with a label column')
+    output: str | None = option(None, "metrics JSON; null writes <input without its suffix>.metrics.json")
     prefix: str = option("test_", "metric key prefix (training uses val_)")
 
 
@@ -28,7 +30,7 @@ def evaluate(args: EvaluateArgs) -> None:
     from loralab.inference import evaluate_file  # torch and transformers load only when there is work to do
 
     m = evaluate_file(args.model, args.input, args.output, args.prefix, args.batch_size, args.device,
-                      args.trust_remote_code)
+                      args.trust_remote_code, args.columns)
     p = args.prefix
     print(f"{m['input']['rows_kept']} rows ({m['input']['rows_dropped']} dropped): macro-F1 {m[p + 'macro_f1']:.4f}, "
           f"accuracy {m[p + 'accuracy']:.4f}, NLL {m[p + 'nll']:.4f} -> {m[p + 'nll_calibrated']:.4f} at "

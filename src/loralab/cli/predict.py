@@ -1,4 +1,5 @@
-"""``loralab-predict model=<zip or dir> input=<jsonl> output=<jsonl>``: score records with an exported model."""
+"""``loralab-predict model=<zip or dir> input=<jsonl|csv|parquet> output=<jsonl>``: score records with an exported
+model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from loralab.cli.args import Tool, option, run
+from loralab.config.schema import DataFormat
 
-DESCRIPTION = ("Score a JSONL file of {id, features} records with an exported model (model_final.zip or a run dir "
+DESCRIPTION = ("Score a JSONL file of {id, features} records (or a CSV/Parquet table: an id column, every other "
+               "column but the label a feature) with an exported model (model_final.zip or a run dir "
                "with loralab.json). Rows are validated as in training: bad ones are counted by reason and left "
                "out, never fatal. Writes id, label and the calibrated probability of every label, in input order.")
 
@@ -21,11 +24,18 @@ class ExportedModelArgs:
     batch_size: int = option(64, "rows per forward pass; larger is faster until memory runs out")
     device: str = option("auto", "auto | cpu | cuda | cuda:1 ...")
     trust_remote_code: bool = option(False, "run code shipped with the model (only for models you trust)")
+    format: DataFormat = option(DataFormat.auto, "input format: auto (by extension) | jsonl | csv | parquet")
+    id_column: str | None = option(None, "CSV/Parquet id column; null: the one the model was trained with")
+    label_column: str | None = option(None, "CSV/Parquet label column (never a feature); null: as in training")
+
+    @property
+    def columns(self) -> dict[str, str | None]:
+        return {"format": str(self.format), "id_column": self.id_column, "label_column": self.label_column}
 
 
 @dataclass
 class PredictArgs(ExportedModelArgs):
-    input: str = option(help='JSONL of {"id", "features"} rows (a label, if present, is ignored)')
+    input: str = option(help='JSONL of {"id", "features"} rows, or CSV/Parquet (a label, if present, is ignored)')
     output: str = option(help="JSONL written with id, label, probs")
 
 
@@ -35,7 +45,8 @@ TOOL = Tool("loralab-predict", DESCRIPTION, PredictArgs)
 def predict(args: PredictArgs) -> None:
     from loralab.inference import predict_file  # torch and transformers load only when there is work to do
 
-    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code)
+    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code,
+                         args.columns)
     print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
           f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}")
     if stats["rows_dropped"]:

@@ -53,8 +53,8 @@ def check(cfg: DictConfig) -> str:
     from loralab.lifecycle import output_names
     from loralab.models.memory import BYTES, check_memory, run_label
 
-    if not cfg.model.get("arch"):
-        return "nothing to check: this model has no transformer architecture (model.arch)"
+    if "pretrained" not in cfg.model:
+        return "nothing to check: this model is not a transformer (no model.pretrained)"
     with open_dict(cfg):
         cfg.hardware.update(auto_values(cfg.hardware))
     hw = cfg.hardware

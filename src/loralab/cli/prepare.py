@@ -1,4 +1,4 @@
-"""``loralab-prepare input=<jsonl> output_dir=<dir>``: stratified, seed-fixed train/val/test files."""
+"""``loralab-prepare input=<jsonl|csv|parquet> output_dir=<dir>``: stratified, seed-fixed train/val/test files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Sequence
 from loralab.cli.args import Tool, run
 from loralab.data.prepare import PrepareConfig, prepare
 
-DESCRIPTION = ("Split one labelled JSONL into train.jsonl, val.jsonl and test.jsonl, deterministic by seed. "
+DESCRIPTION = ("Split one labelled JSONL (or CSV/Parquet table) into train, val and test files of the same format, "
+               "deterministic by seed. "
                "Classification records are stratified by label, regression records by score tier (quantile bin "
                "of the mean score); each id lands in exactly one split, repeated ids are dropped and counted. "
                "split_report.json says how many rows each split kept and how far each stratum's share drifted.")

@@ -34,6 +34,13 @@ def data_files(cfg: DictConfig) -> None:
             require(Path(d[key]).is_file(), f"data.{key}", d[key], "file not found")
 
 
+def columns(cfg: DictConfig) -> None:
+    d = cfg.data
+    if "id_column" in d:
+        require(d.id_column != d.label_column, "data.label_column", d.label_column,
+                "must differ from data.id_column")
+
+
 def class_weights(cfg: DictConfig) -> None:
     weights, labels = cfg.loss.get("class_weights"), cfg.data.get("labels")
     if OmegaConf.is_list(weights):
@@ -65,7 +72,9 @@ def model(cfg: DictConfig) -> None:
     m = cfg.model
     if "pretrained" in m:
         require(m.pretrained or bool(m.arch), "model.arch", m.arch,
-                "pretrained=false needs a shipped architecture name")
+                "pretrained=false needs a shipped architecture name or a local config.json / model dir")
+        require(not m.pretrained or bool(m.hub_id or m.path), "model.hub_id", m.hub_id,
+                "pretrained=true needs model.hub_id or model.path")
 
 
 def monitor_names(cfg: DictConfig) -> tuple[set[str], Callable[[str], bool], str]:
@@ -122,5 +131,5 @@ def hardware(cfg: DictConfig) -> None:
                 "the MLP trains in fp32 (mixed precision buys nothing at this size)")
 
 
-RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, class_weights, lora, pretrain, model, monitor, batch,
-                                                   hardware)
+RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, pretrain, model, monitor,
+                                                   batch, hardware)

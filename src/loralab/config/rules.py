@@ -95,6 +95,9 @@ def _either(choices: Iterable[str]) -> str:
 NAMES = Rule(lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
              "must be a non-empty list of unique, non-empty strings")
 NOT_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty")
+LORA_TARGETS = Rule(lambda v: v is None or v == "all-linear" or (
+    isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) and x for x in v)),
+    "must be null (peft's default for the architecture), all-linear or a non-empty list of module names")
 DEVICE = Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "must be auto, cpu, cuda or cuda:<index>")
 CLASS_WEIGHTS = Rule(lambda v: v in ("auto", "sqrt_inverse", "none", None)
                      or (isinstance(v, list) and all(is_number(w) and w >= 0 for w in v)),

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from loralab.config.rules import (
     DEVICE,
     GATE,
-    NOT_EMPTY,
+    LORA_TARGETS,
     SCHEDULER,
     T_BOUNDS,
     ZIP_PARTS_KNOWN,
@@ -51,6 +51,7 @@ CalibrationMethod = choices("CalibrationMethod", "temperature none")
 BaselineName = choices("BaselineName", "hgb logreg")
 TruncationSide = choices("TruncationSide", "left right")
 Backend = choices("Backend", "auto nccl gloo")
+DataFormat = choices("DataFormat", "auto jsonl csv parquet")
 PretrainName = choices("PretrainName", "none clm")
 PretrainTrain = choices("PretrainTrain", "full lora")
 
@@ -72,7 +73,7 @@ class LoraConf:
     r: Optional[int] = knob(gt(0))
     lora_alpha: int = knob(gt(0))
     lora_dropout: float = knob(interval("[0, 1)"))
-    target_modules: List[str] = knob(NOT_EMPTY)
+    target_modules: Any = knob(LORA_TARGETS)  # null | all-linear | a list of module names
     bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
 
 

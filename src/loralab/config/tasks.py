@@ -11,8 +11,8 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
 
-from loralab.config.rules import CLASS_WEIGHTS, NAMES, ge, gt, interval, knob, template_of
-from loralab.config.schema import Leakage, RunConf, TruncationSide
+from loralab.config.rules import CLASS_WEIGHTS, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
+from loralab.config.schema import DataFormat, Leakage, RunConf, TruncationSide
 
 
 @dataclass
@@ -29,6 +29,9 @@ class SplitDataConf:
 @dataclass
 class RecordsDataConf(SplitDataConf):
     OPTION: ClassVar[str] = "demo|jsonl"
+    format: DataFormat = MISSING  # auto: by each file's extension
+    id_column: str = knob(NOT_EMPTY)  # CSV/Parquet only
+    label_column: str = knob(NOT_EMPTY)
     labels: List[str] = knob(NAMES)
     template: str = knob(template_of("features"))
     oversample_below: Optional[float] = knob(interval("(0, 1]"))
@@ -56,7 +59,7 @@ class TabularDataConf:
 
 @dataclass
 class QwenModelConf:
-    OPTION: ClassVar[str] = "tiny_qwen2|qwen2_5_*"
+    OPTION: ClassVar[str] = "hf|tiny_qwen2|qwen2_5_*"
     _target_: str = MISSING
     name: str = MISSING
     hub_id: Optional[str] = MISSING

@@ -1,4 +1,6 @@
-"""Split one labelled JSONL into train/val/test, stratified and deterministic by seed (CLI: ``loralab-prepare``).
+"""Split one labelled file into train/val/test, stratified and deterministic by seed (CLI: ``loralab-prepare``).
+A JSONL file gives ``train.jsonl``..., a CSV or Parquet table (classification rows) the same format back, every
+column and (Parquet) column type kept.
 
 Classification records (``label``) are stratified by label; regression records (``labels``, a list of numbers) by
 score tier: the quantile bin of the row's mean score, so every split sees low, middle and high scores alike.
@@ -18,8 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 from omegaconf import MISSING
 
-from loralab.data.records import DataError, LoadReport, read_rows
+from loralab.data.records import FORMATS, DataError, LoadReport, RowFormat, label_text, read_rows
 from loralab.data.splits import score_tiers, stratified_split
+from loralab.data.tables import write_table_subset
 from loralab.errors import ConfigError
 from loralab.fs import atomic_write_json, atomic_write_text
 
@@ -34,8 +37,11 @@ def _opt(default, help: str):
 
 @dataclass
 class PrepareConfig:
-    input: str = _opt(MISSING, "labelled JSONL (classification or regression records)")
-    output_dir: str = _opt(MISSING, "gets train.jsonl, val.jsonl, test.jsonl, split_report.json")
+    input: str = _opt(MISSING, "labelled JSONL (classification or regression records), CSV or Parquet")
+    output_dir: str = _opt(MISSING, "gets train, val and test files in the input's format, split_report.json")
+    format: str = _opt("auto", "auto (by extension: .csv, .parquet/.pq, else JSONL) | jsonl | csv | parquet")
+    id_column: str = _opt("id", "CSV/Parquet: the unique-id column")
+    label_column: str = _opt("label", "CSV/Parquet: the label column; every other column is a feature")
     train_ratio: float = _opt(0.8, "share of rows for training; the three ratios must sum to 1")
     val_ratio: float = _opt(0.1, "share for validation (early stopping, calibration); must be > 0")
     test_ratio: float = _opt(0.1, "share held out for the final report; 0 writes an empty test.jsonl")
@@ -51,14 +57,15 @@ def record_kind(row: dict) -> str | None:
     """``classification``, ``regression`` or None (no usable label)."""
     if isinstance(row.get("labels"), list) and row["labels"] and all(_finite_number(v) for v in row["labels"]):
         return "regression"
-    if isinstance(row.get("label"), str) and row["label"]:
+    label = label_text(row.get("label"))
+    if isinstance(label, str) and label:
         return "classification"
     return None
 
 
-def read_labelled(path: str | Path) -> tuple[list[str], list[dict], str, LoadReport]:
-    """Line texts (written out verbatim) and parsed rows of one kind (the first valid row decides), with every
-    dropped line counted by ``read_rows``, the reader training uses."""
+def read_labelled(path: str | Path, fmt: RowFormat = RowFormat()) -> tuple[list[Any], list[dict], str, LoadReport]:
+    """Row sources (line texts, CSV cells, Parquet row indices: written out verbatim) and parsed rows of one kind
+    (the first valid row decides), with every dropped row counted by ``read_rows``, the reader training uses."""
     kind = None
 
     def parse(row: dict) -> dict | str:
@@ -69,7 +76,7 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[dict], str, LoadRep
         kind = kind or row_kind
         return row if row_kind == kind else f"not_{kind}_record"
 
-    pairs, report = read_rows(path, parse, with_text=True)
+    pairs, report = read_rows(path, parse, with_text=True, fmt=fmt)
     if not pairs:
         raise DataError(f"{path}: no usable labelled rows ({dict(report.dropped)})")
     lines, rows = (list(x) for x in zip(*pairs))
@@ -107,12 +114,19 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"ratios={ratios}: train_ratio and val_ratio must be > 0, test_ratio >= 0")
     if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
         raise ConfigError(f"ratios={ratios}: must sum to 1 (they sum to {sum(ratios.values()):g})")
-    lines, rows, kind, load = read_labelled(cfg.input)
+    if cfg.format not in ("auto", *FORMATS):
+        raise ConfigError(f"format={cfg.format!r}: must be auto, {', '.join(FORMATS)}")
+    fmt = RowFormat(cfg.format, cfg.id_column, cfg.label_column)
+    lines, rows, kind, load = read_labelled(cfg.input, fmt)
     strat, edges = strata(rows, kind, cfg.score_tiers)
     parts, stratified = stratified_split(strat, ratios, cfg.seed)
-    out = Path(cfg.output_dir)
+    out, kind_of_file = Path(cfg.output_dir), fmt.resolve(cfg.input)
     for split in SPLITS:
-        atomic_write_text(out / f"{split}.jsonl", "".join(lines[i] + "\n" for i in parts.get(split, [])))
+        chosen = [lines[i] for i in parts.get(split, [])]
+        if kind_of_file == "jsonl":
+            atomic_write_text(out / f"{split}.jsonl", "".join(line + "\n" for line in chosen))
+        else:
+            write_table_subset(Path(cfg.input), kind_of_file, chosen, out / f"{split}.{kind_of_file}")
     report = {"input": load.as_dict(), "kind": kind, "stratified_by": "label" if kind == "classification"
               else f"score tier ({cfg.score_tiers} quantile bins of the mean score)", "tier_edges": edges,
               "stratified": stratified, "seed": cfg.seed, "ratios_requested": ratios,

@@ -1,7 +1,8 @@
-"""Reading and validating JSONL feature records.
+"""Reading and validating feature records from JSONL, CSV or Parquet.
 
-A record is ``{"id": ..., "features": {flat: values}, "label": str}``. Every malformed row is dropped and counted
-by reason, never raised: one bad line in a million must not kill a run, and the counts tell the user what to fix.
+A record is ``{"id": ..., "features": {flat: values}, "label": str}``: a JSONL line holds it as is, a table row
+(``loralab.data.tables``) is turned into it. Every malformed row is dropped and counted by reason, never raised: one
+bad line in a million must not kill a run, and the counts tell the user what to fix.
 """
 
 from __future__ import annotations
@@ -12,14 +13,37 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+from loralab.data.tables import table_rows
 from loralab.errors import DataError
 from loralab.fs import atomic_path
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+FORMATS = ("jsonl", "csv", "parquet")
+SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}  # anything else reads as JSONL, as before
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How a file holds records: ``format`` auto (by extension) | jsonl | csv | parquet, and for tables the id and
+    label column names (a JSONL record names them ``id`` and ``label``)."""
+
+    format: str = "auto"
+    id_column: str = "id"
+    label_column: str = "label"
+
+    def resolve(self, path: str | Path) -> str:
+        if self.format != "auto":
+            return self.format
+        return SUFFIXES.get(Path(path).suffix.lower(), "jsonl")
+
+
+JSONL = RowFormat("jsonl")
 
 
 @dataclass
@@ -94,10 +118,21 @@ def parse_object(text: str) -> dict[str, Any] | str:
         return "invalid_json"
     if not isinstance(row, dict):
         return "not_object"
+    return with_id(row)
+
+
+def with_id(row: dict[str, Any]) -> dict[str, Any] | str:
+    """The row, or ``missing_id`` when its id is absent, empty or not a string or int."""
     rid = row.get("id")
     if rid is None or isinstance(rid, (bool, dict, list, float)) or rid == "":
         return "missing_id"
     return row
+
+
+def label_text(label: Any) -> Any:
+    """Labels match the configured names by their text: an int label ``1`` (JSONL number, Parquet int column) is
+    the label ``"1"``, as the same cell in a CSV would be. Other non-strings stay as they are (and match nothing)."""
+    return str(label) if isinstance(label, int) and not isinstance(label, bool) else label
 
 
 def record_from_row(row: dict[str, Any], labels: Sequence[str] | None, allow_null: bool = False) -> Record | str:
@@ -107,7 +142,7 @@ def record_from_row(row: dict[str, Any], labels: Sequence[str] | None, allow_nul
     reason = _check_features(row["features"], allow_null)
     if reason:
         return reason
-    label = row.get("label")
+    label = label_text(row.get("label"))
     if labels is not None:
         if label is None or label == "":
             return "missing_label"
@@ -124,44 +159,58 @@ def parse_line(text: str, labels: Sequence[str] | None, allow_null: bool = False
     return row if isinstance(row, str) else record_from_row(row, labels, allow_null)
 
 
-def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False
-              ) -> tuple[list[T] | list[tuple[str, T]], LoadReport]:
-    """Parse every line of a JSONL file with ``parse``; keep valid rows (the first occurrence of an id wins) and
+def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False,
+              fmt: RowFormat = JSONL, labelled: bool = True) -> tuple[list[T] | list[tuple[Any, T]], LoadReport]:
+    """Parse every row of a file in ``fmt`` with ``parse``; keep valid rows (the first occurrence of an id wins) and
     count the rest by reason. Shared by every record format, so all of them treat bad input the same way.
-    ``with_text`` keeps ``(line text, row)`` pairs, for writers that copy rows verbatim (``data.prepare``)."""
+    ``with_text`` keeps ``(source, row)`` pairs, for writers that copy rows verbatim (``data.prepare``): the line
+    text of JSONL, the cells of a CSV row, the row index of Parquet. ``labelled``: a table must have its label
+    column."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    kind = fmt.resolve(path)
+    if kind == "jsonl":
+        source_rows = jsonl_rows(path)
+    else:
+        source_rows = ((n, src, with_id(row) if isinstance(row, dict) else row)
+                       for n, src, row in table_rows(path, kind, fmt.id_column, fmt.label_column, labelled))
     report = LoadReport(path=str(path))
     rows = []
     seen: set[str] = set()
+    for line_no, text, row in source_rows:
+        report.rows_read += 1
+        parsed = parse(row) if isinstance(row, dict) else row
+        if isinstance(parsed, str):
+            report.drop(parsed, line_no)
+            continue
+        key = str(row["id"])
+        if key in seen:
+            report.drop("duplicate_id", line_no)
+            continue
+        seen.add(key)
+        rows.append((text, parsed) if with_text else parsed)
+    report.rows_kept = len(rows)
+    if report.dropped:
+        log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()),
+                    report.rows_read, dict(report.dropped))
+    return rows, report
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, str | None, dict[str, Any] | str]]:
+    """(line number, line text, JSON object or drop reason) for every non-blank line."""
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 BOM written by some Windows tools
             if not raw.strip():
                 continue  # blank lines are formatting, not rows
-            report.rows_read += 1
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
-                row = parse_object(text)
             except UnicodeDecodeError:
-                row = "invalid_utf8"
-            parsed = parse(row) if isinstance(row, dict) else row
-            if isinstance(parsed, str):
-                report.drop(parsed, line_no)
+                yield line_no, None, "invalid_utf8"
                 continue
-            key = str(row["id"])
-            if key in seen:
-                report.drop("duplicate_id", line_no)
-                continue
-            seen.add(key)
-            rows.append((text, parsed) if with_text else parsed)
-    report.rows_kept = len(rows)
-    if report.dropped:
-        log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()),
-                    report.rows_read, dict(report.dropped))
-    return rows, report
+            yield line_no, text, parse_object(text)
 
 
 def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -172,10 +221,11 @@ def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 
 def load_records(
-    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False
+    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False, fmt: RowFormat = RowFormat()
 ) -> tuple[list[Record], LoadReport]:
-    """Feature records of a JSONL file, with the per-reason report of what was dropped."""
-    return read_rows(path, lambda row: record_from_row(row, labels, allow_null))
+    """Feature records of a JSONL, CSV or Parquet file (``fmt``: auto by extension), with the per-reason report of
+    what was dropped. ``labels=None``: unlabelled input (predict), a table's label column is optional."""
+    return read_rows(path, lambda row: record_from_row(row, labels, allow_null), fmt=fmt, labelled=labels is not None)
 
 
 def leaked_ids(train: Sequence[Record], val: Sequence[Record]) -> list[str]:

@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import KBinsDiscretizer
 
 from loralab.data.balance import class_counts, needs_oversampling, oversample
-from loralab.data.records import DataError, Record, leaked_ids, load_records
+from loralab.data.records import DataError, Record, RowFormat, leaked_ids, load_records
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,14 @@ def build_splits(
     oversample_below: float | None = 0.25,
     leakage: str = "warn",
     allow_null: bool = False,
+    fmt: RowFormat = RowFormat(),
 ) -> Splits:
-    """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off."""
-    train, train_report = load_records(train_file, labels, allow_null)
+    """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off. With ``fmt``'s
+    format auto, each file's own extension decides (a CSV train file and a Parquet val file mix)."""
+    train, train_report = load_records(train_file, labels, allow_null, fmt)
     report: dict[str, Any] = {"labels": list(labels), "train_file": train_report.as_dict()}
     if val_file:
-        val, val_report = load_records(val_file, labels, allow_null)
+        val, val_report = load_records(val_file, labels, allow_null, fmt)
         report["val_file"] = val_report.as_dict()
     else:
         if len(train) < 2:

@@ -1,9 +1,14 @@
-"""Tokenizer and sequence-classification model from a ``conf/model`` entry.
+"""Tokenizer and sequence-classification model from a ``conf/model`` entry: any architecture transformers has a
+``*ForSequenceClassification`` for (Qwen2/3, Llama, Mistral, BERT-family encoders...).
 
-Real checkpoints load by hub id or local path. ``pretrained=false`` builds the same architecture with random
-weights from a config shipped in this package, and trains a byte-level BPE tokenizer on the run's own texts, so
-tests, benchmarks and the demo need no network. The pretrain stage (``loralab.pretrain``) turns a source into one
-whose ``path`` is a base it pretrained and cached here (``pretrain_key`` set).
+Real checkpoints load by hub id or local path. ``pretrained=false`` builds an architecture with random weights from
+a config shipped in this package (or a local config.json), and trains a byte-level BPE tokenizer on the run's own
+texts, so tests, benchmarks and the demo need no network. The pretrain stage (``loralab.pretrain``) turns a source
+into one whose ``path`` is a base it pretrained and cached here (``pretrain_key`` set).
+
+Pooling is the architecture's own: decoders score the last non-pad token (found through ``config.pad_token_id``,
+set from the tokenizer, whose pad token is its eos token when it has none), encoders their first ([CLS]) token.
+Padding is on the right for both, so batched logits equal one-by-one logits (tested for Qwen2, Llama and BERT).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,9 +27,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+from loralab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,18 @@ def shipped_config(name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no shipped architecture config named {name!r} ({path})")
     return json.loads(path.read_text())
+
+
+def read_config(location: str | Path, key: str, trust_remote_code: bool, local_only: bool = False) -> PretrainedConfig:
+    """``AutoConfig`` of a local dir / config.json or a hub id (``local_only``: from the HF cache, no network);
+    ConfigError (one line, naming ``key``) when it cannot be read."""
+    try:
+        if Path(location).is_file():  # a bare config.json
+            return AutoConfig.for_model(**json.loads(Path(location).read_text()))
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{key}={str(location)!r}: cannot read the model's config.json ({first})") from None
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -88,22 +109,55 @@ class ModelSource:
     def location(self) -> str | None:
         return self.path or self.hub_id
 
+    def architecture(self, vocab_size: int | None = None) -> PretrainedConfig:
+        """The model's config, read before any weights load (preflight, random init). A local ``path``: its
+        config.json. A ``hub_id``: from the HF cache; when it is not cached, the shipped config named by ``arch``
+        (Qwen2.5's match the hub's), else config.json alone is downloaded. ``pretrained=false``: ``arch``, a
+        shipped name or a local config.json / model dir; a shipped config without a vocabulary size gets
+        ``vocab_size`` (the trained tokenizer's), else ``tokenizer_vocab_size``."""
+        if not self.pretrained:
+            name = self.arch or self.name
+            if Path(name).exists():
+                config = read_config(name, "model.arch", self.trust_remote_code)
+            else:
+                try:
+                    arch = shipped_config(name)
+                except FileNotFoundError as err:
+                    raise ConfigError(f"model.arch={name!r}: not a shipped architecture name nor a local "
+                                      f"config.json or model dir ({err})") from None
+                arch["vocab_size"] = arch.get("vocab_size") or vocab_size or self.tokenizer_vocab_size
+                config = AutoConfig.for_model(**arch)
+            return config
+        if self.path:
+            return read_config(self.path, "model.path", self.trust_remote_code)
+        if not self.hub_id:
+            raise ConfigError("model.hub_id=None: pretrained=true needs model.hub_id or model.path")
+        try:
+            return read_config(self.hub_id, "model.hub_id", self.trust_remote_code, local_only=True)
+        except ConfigError:
+            if self.arch:
+                return AutoConfig.for_model(**shipped_config(self.arch))
+            return read_config(self.hub_id, "model.hub_id", self.trust_remote_code)
+
     @property
     def local_base(self) -> bool:
         """The base exists only on this machine (random init, or pretrained here): an export must carry it."""
         return not self.pretrained or self.pretrain_key is not None
 
     def identity(self) -> dict:
-        """What the base's weights start from: the shipped architecture (random init) or the checkpoint's location."""
+        """What the base's weights start from: the architecture (random init) or the checkpoint's location."""
         if self.pretrained:
             return {"location": self.location}
-        return {"arch": shipped_config(self.arch or self.name)}
+        config = self.architecture().to_diff_dict()
+        config.pop("transformers_version", None)
+        return {"arch": config}
 
-    def random_config(self, tokenizer, **label_map):
-        """The shipped architecture, its vocabulary grown to the tokenizer's."""
-        arch = shipped_config(self.arch or self.name)
-        arch["vocab_size"] = max(arch.get("vocab_size") or 0, len(tokenizer))
-        return AutoConfig.for_model(**arch, **label_map)
+    def random_config(self, tokenizer, **label_map) -> PretrainedConfig:
+        """The architecture, its vocabulary grown to the tokenizer's."""
+        config = self.architecture(vocab_size=len(tokenizer))
+        config.vocab_size = max(config.vocab_size or 0, len(tokenizer))
+        config.update(label_map)
+        return config
 
     def load_causal_lm(self, tokenizer, attn_implementation: str = "sdpa") -> PreTrainedModel:
         """The base as a causal LM (fp32), for continued pretraining on unlabelled texts."""
@@ -120,7 +174,11 @@ class ModelSource:
     def load_tokenizer(self, texts: Sequence[str]) -> PreTrainedTokenizerFast:
         if self.pretrained:
             tok = AutoTokenizer.from_pretrained(self.location, trust_remote_code=self.trust_remote_code)
-            if tok.pad_token is None:
+            if tok.pad_token is None:  # decoder tokenizers (Llama, Mistral) often have none; eos is the convention
+                if tok.eos_token is None:
+                    key = "model.path" if self.path else "model.hub_id"
+                    raise ConfigError(f"{key}={self.location!r}: the tokenizer has neither a pad nor an eos token "
+                                      f"to pad batches with")
                 tok.pad_token = tok.eos_token
         else:
             tok = train_tokenizer(texts, self.tokenizer_vocab_size)

@@ -1,22 +1,27 @@
 """Hardware profiles: resolving ``auto`` values and a memory preflight that runs before any weights load.
 
-The preflight counts parameters exactly by building the architecture on PyTorch's ``meta`` device (no memory, no
-download) and adds the usual training costs. It is an estimate — allocator fragmentation and kernels' workspaces
-come on top — so it refuses only clear misfits and logs every term so a user can see what to cut. Training runs it
-before loading weights; ``loralab-preflight`` runs it alone.
+The preflight reads the model's own config.json (``ModelSource.architecture``: a local dir, the HF cache, or a
+shipped Qwen config), counts parameters exactly by building the architecture on PyTorch's ``meta`` device (no
+memory, no weights) and wrapping it with peft as training will (so LoRA's count is peft's, whatever the architecture
+and ``lora.target_modules``), and adds the usual training costs. It is an estimate — allocator fragmentation and
+kernels' workspaces come on top — so it refuses only clear misfits and logs every term so a user can see what to
+cut. Training runs it before loading weights; ``loralab-preflight`` runs it alone.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from loralab.errors import ConfigError
-from loralab.models.build import shipped_config
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +49,25 @@ class MemoryEstimate:
                 f"{self.activations_gib:.2f} + overhead {self.overhead_gib:.2f}")
 
 
-def meta_model(arch: dict[str, Any], num_labels: int):
-    config = AutoConfig.for_model(**{**arch, "vocab_size": arch.get("vocab_size") or 32000},
-                                  num_labels=num_labels, pad_token_id=0)
+def meta_model(arch: dict[str, Any] | PretrainedConfig, num_labels: int):
+    if isinstance(arch, dict):
+        config = AutoConfig.for_model(**{**arch, "vocab_size": arch.get("vocab_size") or 32000})
+    else:
+        config = copy.deepcopy(arch)
+    config.num_labels = num_labels
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def lora_params(model, r: int, target_modules: Sequence[str]) -> int:
-    """Parameters LoRA adds: r x (in + out) for every Linear whose name ends with a target module."""
-    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules)
+def lora_trainable(model, r: int, target_modules: Sequence[str] | str | None) -> int:
+    """What peft trains (adapters + the saved head) on ``model``: ``target_modules`` None is peft's default for the
+    architecture, ``all-linear`` every linear layer but the head. A target peft cannot place is a ConfigError."""
+    try:
+        wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, target_modules=target_modules))
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules={target_modules!r}: {str(err).splitlines()[0]} (model type "
+                          f"{model.config.model_type})") from None
+    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ class Workload:
 
     num_labels: int
     lora_r: int | None             # None: full fine-tuning
-    target_modules: Sequence[str]
+    target_modules: Sequence[str] | str | None  # as lora.target_modules: None = peft's default per architecture
     precision: str                 # fp32 | bf16 | fp16
     load_in_4bit: bool
     micro_batch: int
@@ -72,13 +85,14 @@ class Workload:
     on_cuda: bool
 
 
-def estimate_memory(arch: dict[str, Any], w: Workload) -> MemoryEstimate:
+def estimate_memory(arch: dict[str, Any] | PretrainedConfig, w: Workload) -> MemoryEstimate:
     """Peak training memory: weights + trainable state + activations (+ CUDA context)."""
     model = meta_model(arch, w.num_labels)
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
+    c = model.config
     if w.lora_r:
-        trainable = lora_params(model, w.lora_r, w.target_modules) + model.score.weight.numel()
+        trainable = lora_trainable(model, w.lora_r, w.target_modules)
         if w.load_in_4bit:  # NF4 blocks (~0.5 B + constants) for Linear layers; embeddings stay 16-bit
             weights = (total - embed) * 0.53 + embed * 2
         else:
@@ -86,13 +100,13 @@ def estimate_memory(arch: dict[str, Any], w: Workload) -> MemoryEstimate:
     else:
         trainable, weights = total, 0  # full fine-tuning: the weights are the fp32 trainable state below
     trainable_bytes = trainable * 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
-    c = model.config
     d, layers = c.hidden_size, c.num_hidden_layers
+    ffn = getattr(c, "intermediate_size", None) or 4 * d  # configs without the name use the classic 4·d
     tokens = w.micro_batch * w.max_length
     act_bytes = BYTES[w.precision]
     # Stored activations per layer and token, in elements: Korthikanti et al. (2022) ~34·d for a transformer
-    # layer without the attention matrix (SDPA never materialises it), scaled for Qwen's wider SwiGLU MLP.
-    per_layer = tokens * (10 * d + 4 * c.intermediate_size) * act_bytes
+    # layer without the attention matrix (SDPA never materialises it), scaled for the MLP's width (SwiGLU's too).
+    per_layer = tokens * (10 * d + 4 * ffn) * act_bytes
     if w.gradient_checkpointing:  # keep each layer's input; recompute one layer at a time in backward
         activations = layers * tokens * d * act_bytes + per_layer
     else:
@@ -129,11 +143,16 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mod
     """Estimate training memory for the ``model`` x ``lora`` x ``hardware`` groups (hardware ``auto`` values
     resolved) at ``optim.batch_size``; refuse a clear misfit before any weights load. ``mode`` overrides
     ``hardware.preflight`` (``loralab-preflight`` always asks for a verdict: error)."""
-    arch = shipped_config(model.arch)
-    arch["vocab_size"] = arch.get("vocab_size") or model.get("tokenizer_vocab_size")
+    config = instantiate(model).architecture()  # the ModelSource training builds
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and model.max_length > limit:
+        raise ConfigError(f"model.max_length={model.max_length}: must be <= {limit}, the max_position_embeddings "
+                          f"of this {config.model_type} model")
     r = lora.r if lora.enabled else None
-    est = estimate_memory(arch, Workload(
-        num_labels=max(num_labels, 1), lora_r=r, target_modules=list(lora.target_modules) if r else [],
+    targets = lora.target_modules
+    est = estimate_memory(config, Workload(
+        num_labels=max(num_labels, 1), lora_r=r,
+        target_modules=list(targets) if OmegaConf.is_list(targets) else targets,
         precision=str(hardware.precision), load_in_4bit=hardware.load_in_4bit,
         micro_batch=hardware.micro_batch_size or batch_size, max_length=model.max_length,
         gradient_checkpointing=hardware.gradient_checkpointing, on_cuda=str(hardware.device).startswith("cuda")))

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -18,7 +18,7 @@ from transformers import DataCollatorWithPadding
 from loralab.baseline import fit_baseline
 from loralab.core.loaders import TaskData
 from loralab.data.demo import write_demo
-from loralab.data.records import load_records
+from loralab.data.records import RowFormat, load_records
 from loralab.data.splits import build_splits
 from loralab.data.text import TokenizedRecords, serialize
 from loralab.fs import atomic_write_json
@@ -30,6 +30,10 @@ from loralab.tasks.classification_export import best_epoch_report, export
 from loralab.tasks.text_model import load_text_model, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def row_format(data: DictConfig) -> RowFormat:
+    return RowFormat(str(data.format), data.id_column, data.label_column)
 
 
 class Classification(Task):
@@ -46,7 +50,8 @@ class Classification(Task):
         if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
             write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
         self.splits = build_splits(d.train_file, d.val_file, self.labels, val_split=d.val_split, seed=self.cfg.seed,
-                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null)
+                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null,
+                                   fmt=row_format(d))
         counts = self.splits.report["class_counts"]
         # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
         mode = self.cfg.loss.class_weights
@@ -86,10 +91,10 @@ class Classification(Task):
         return result
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
-        """Train rows before oversampling (each text once); extra files need no label."""
+        """Train rows before oversampling (each text once); extra files (any data.format) need no label."""
         d = self.cfg.data
         rows = {"train": self.splits.train_original, "val": self.splits.val}
-        extra = [r for path in extra_files for r in load_records(path, None, d.allow_null)[0]]
+        extra = [r for path in extra_files for r in load_records(path, None, d.allow_null, row_format(d))[0]]
         return [serialize(r.features, d.template) for r in (*(r for s in splits for r in rows[s]), *extra)]
 
     def build_model(self) -> nn.Module:

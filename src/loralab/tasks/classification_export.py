@@ -74,6 +74,7 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
         "serialization": {"template": cfg.data.template, "json_sort_keys": True, "json_ensure_ascii": True,
                           "max_length": source.max_length, "truncation_side": source.truncation_side},
         "max_length": source.max_length, "allow_null": cfg.data.allow_null,
+        "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "gates": OmegaConf.to_container(cfg.trainer.gates) if cfg.trainer.gates else {},
         "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
