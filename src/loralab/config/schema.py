@@ -16,6 +16,7 @@ from loralab.config.rules import (
     DEVICE,
     GATE,
     LORA_TARGETS,
+    NOT_EMPTY,
     SCHEDULER,
     T_BOUNDS,
     ZIP_PARTS_KNOWN,
