@@ -72,8 +72,8 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
 
 
 def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
-    """``python train.py`` subprocesses on the tiny model, each with its run dir and MLflow store under its
-    ``run_dir``; returns (exit code, console output) per run. All start at once and use one thread each, so
+    """``python train.py`` subprocesses on the tiny model, each with its run dir, MLflow store and artifact root
+    (``./mlruns`` of its working dir) under its ``run_dir``; returns (exit code, console output) per run. All start at once and use one thread each, so
     on a small machine they share the cores instead of oversubscribing them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = []
@@ -82,8 +82,33 @@ def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
                f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "model.tokenizer_vocab_size=300",
                "trainer.max_epochs=2", *overrides]
         with (run_dir / "console.log").open("w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT))
     return [(proc.wait(timeout=600), (run_dir / "console.log").read_text()) for proc, (run_dir, _) in zip(procs, runs)]
+
+
+def checkout_mlruns() -> set[str]:
+    return {str(p.relative_to(ROOT)) for p in (ROOT / "mlruns").rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory):
+    """Tests never write into the checkout. A SQLite store created without an artifact root puts artifacts under
+    ``./mlruns`` of the working dir, so session and module fixtures work in a temporary dir, each test in its own
+    (``own_cwd``), subprocess runs in their run's dir; and the session fails if the checkout's ``mlruns/`` gained
+    anything anyway."""
+    before = checkout_mlruns()
+    previous = Path.cwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+    added = checkout_mlruns() - before
+    assert not added, f"tests wrote into the checkout's mlruns/: {sorted(added)[:5]}"
+
+
+@pytest.fixture(autouse=True)
+def own_cwd(tmp_path, monkeypatch):
+    """Each test works in its own temporary dir: an in-process store's default artifact root is its own."""
+    monkeypatch.chdir(tmp_path)
 
 
 # Malformed lines appended to the end-to-end train file, each with the drop reason it must be counted under.

@@ -4,10 +4,14 @@ import random
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import DataCollatorWithPadding
 
+from loralab.core.distributed import Dist
+from loralab.core.loaders import TaskData, make_loaders
 from loralab.core.sampler import EpochBatchSampler
 from loralab.data.text import tokenize
+from loralab.errors import ConfigError
 from loralab.models.build import ModelSource, train_tokenizer
 
 _rng = random.Random(0)
@@ -44,13 +48,26 @@ def test_length_grouping_cuts_padding():
     assert grouped < 0.8 * plain
 
 
-def test_ranks_split_an_epoch_without_overlap():
-    parts = []
-    for rank in (0, 1):
-        s = EpochBatchSampler(LENGTHS, 16, seed=1, rank=rank, world_size=2)
-        s.set_epoch(1)
-        parts.append([i for b in s for i in b])
-    assert len(parts[0]) > 0 and set(parts[0]) | set(parts[1]) == set(range(len(LENGTHS)))
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("group", [True, False])
+def test_ranks_get_disjoint_shards_with_equal_batch_counts(world_size, group):
+    """203 rows in batches of 16 make 13 batches: no rank sees a row another rank sees, every rank runs the same
+    number of batches (its ``len`` too, which the trainer's step count uses), and only the ``13 % world_size``
+    leftover batches go unseen that epoch."""
+    for epoch in (1, 2):
+        shards = []
+        for rank in range(world_size):
+            s = EpochBatchSampler(LENGTHS, 16, seed=1, group_by_length=group, bucket_size=4, rank=rank,
+                                  world_size=world_size)
+            s.set_epoch(epoch)
+            shards.append(list(s))
+            assert len(shards[-1]) == len(s) == 13 // world_size
+        rows = [i for shard in shards for b in shard for i in b]
+        assert len(rows) == len(set(rows))  # disjoint
+        whole = EpochBatchSampler(LENGTHS, 16, seed=1, group_by_length=group, bucket_size=4)
+        whole.set_epoch(epoch)
+        kept = list(whole)[:13 // world_size * world_size]
+        assert sorted(rows) == sorted(i for b in kept for i in b)  # the single-process epoch, minus the leftovers
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +78,11 @@ def tokenizer():
 def test_tokenization_cache_hits_and_invalidates(tokenizer, tmp_path):
     texts = ['{"a": 1}', '{"b": 2}', '{"a": 1}']
     first = tokenize(texts, tokenizer, 32, tmp_path)
+    (cached,) = tmp_path.iterdir()
+    written = cached.stat()
     assert tokenize(texts, tokenizer, 32, tmp_path) == first == tokenize(texts, tokenizer, 32, None)
-    assert len(list(tmp_path.iterdir())) == 1  # second call was a hit
+    again = cached.stat()  # a hit reads the file; a miss would write a new one over it (new inode, atomic rename)
+    assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     tokenize(['{"a": 1}', '{"b": 3}'], tokenizer, 32, tmp_path)  # data changed
     tokenize([f"features: {t}" for t in texts], tokenizer, 32, tmp_path)  # template changed
     tokenize(texts, tokenizer, 8, tmp_path)  # max_length changed
@@ -83,3 +103,20 @@ def test_dynamic_padding_never_changes_logits(tokenizer):
         batched = model(**batch).logits
         single = torch.cat([model(input_ids=torch.tensor([x])).logits for x in ids])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_trained_tokenizer_reads_numbers_one_digit_per_token():
+    """Even numbers the training texts repeat often enough for BPE to merge them come out one digit per token."""
+    tok = train_tokenizer(['{"price": 1234.5678, "atr": 99}'] * 50, 300)
+    pieces = tok.convert_ids_to_tokens(tok('{"price": 1234.5678, "atr": 99}')["input_ids"])
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digits == list("12345678") + ["9", "9"]
+
+
+def test_fewer_batches_than_processes_is_refused_before_training():
+    """With every leftover batch dropped, 5 rows in per-rank batches of 8 would leave both ranks nothing to run."""
+    data = TaskData(train=[{"x": i} for i in range(5)], val=[{"x": 0}])
+    hardware = OmegaConf.create({"micro_batch_size": None, "num_workers": 0, "pin_memory": False, "device": "cpu"})
+    trainer = OmegaConf.create({"group_by_length": False, "eval_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"optim.batch_size=16: 5 training rows make fewer batches than the 2 "):
+        make_loaders(data, batch_size=16, hardware=hardware, trainer=trainer, seed=0, ddp=Dist(rank=1, world_size=2))

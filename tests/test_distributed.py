@@ -2,8 +2,9 @@
 
 Tolerance: with an epoch that splits evenly into global batches and an unweighted loss, the two runs see the same
 samples per optimizer step and average the same gradients; only the order of float additions differs (all-reduce
-of two half-batch gradients vs one batch), so losses agree to ~1e-6. An uneven last batch (DistributedSampler-style
-wrap-around) or class-weighted means per half-batch would add small, documented differences.
+of two half-batch gradients vs one batch), so losses and weights agree to float32 rounding (README: ~1e-7). An
+epoch that does not split evenly would differ by design (each rank drops the epoch's leftover batches), as would
+class-weighted means per half-batch.
 """
 
 import json
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from loralab.data.demo import write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-6  # float32 rounding of a different addition order, over 24 optimizer steps
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -46,9 +48,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     h_ddp, h_single = (json.loads((d / "training_summary.json").read_text()) for d in (ddp, single))
     assert h_ddp["world_size"] == 2 and h_single["world_size"] == 1
     for a, b in zip(h_ddp["history"], h_single["history"], strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
-        assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=TOL)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=TOL)
+        assert a["val_macro_f1"] == b["val_macro_f1"]
+    w_ddp, w_single = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (ddp, single))
+    assert w_ddp.keys() == w_single.keys()
+    worst = max((w_ddp[k] - w_single[k]).abs().max().item() for k in w_ddp)
+    assert worst <= TOL, worst  # the trained weights themselves, not only the metrics they produce
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/ddp.db")
     runs = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)

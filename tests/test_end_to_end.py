@@ -6,6 +6,7 @@ import json
 import subprocess
 import zipfile
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import safetensors.torch
 import torch
 from conftest import BAD_TRAIN_LINES, LABELS, ROOT, run_trains
 from mlflow.tracking import MlflowClient
+
+from loralab.reporting.provenance import PACKAGES
 
 pytestmark = pytest.mark.slow  # three train.py subprocesses side by side: ~30 s on two idle CPU cores
 
@@ -94,6 +97,10 @@ def test_data_report_json(finished, tiny_data):
     assert counts["train_before_oversampling"] == {label: before[label] for label in LABELS}
     assert counts["train_after_oversampling"] == {label: max(before.values()) for label in LABELS}
     assert report["oversampled"] is True
+    # Class weights come from the counts after oversampling (all equal here, so inverse frequency gives 1 each);
+    # the counts before it would have given unequal weights.
+    assert report["class_weights"]["computed_from"] == "train_after_oversampling"
+    assert report["class_weights"]["values"] == pytest.approx({label: 1.0 for label in LABELS})
 
 
 def test_training_summary_json(finished):
@@ -136,6 +143,12 @@ def test_mlflow_run_record(finished):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.data.tags["git_dirty"] == str(bool(dirty.stdout.strip()))
+    assert {p: run.data.tags[f"version.{p}"] for p in PACKAGES} == {p: version(p) for p in PACKAGES}
+    counts = read_json(finished / "data_report.json")["class_counts"]
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("class_count.")} == \
+        {f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()}
 
     history = read_json(finished / "training_summary.json")["history"]
     logged = client.get_metric_history(run.info.run_id, "val_macro_f1")
@@ -167,6 +180,8 @@ def test_failure_after_run_start_marks_run_failed(runs):
     assert not (run_dir / "model_final.zip").exists()
     _, mlruns = mlflow_runs(run_dir)
     assert [r.info.status for r in mlruns] == ["FAILED"]
+    tags = mlruns[0].data.tags
+    assert tags["error_type"] == "ExportError" and tags["error"].startswith("ExportError: ") and "max_size_mb" in tags["error"]
 
 
 def test_same_seed_same_losses(runs):

@@ -250,19 +250,33 @@ def test_size_gate_refuses(tmp_path):
 
 
 def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
-    """What a CUDA run holds (frozen base in bf16, adapters + head in fp32) mixes dtypes outside autocast; run.export
-    casts to fp32 on CPU first, and the export then verifies like any other."""
+    """What a CUDA run holds (frozen base in bf16, adapters + head in fp32) mixes dtypes outside autocast; the run's
+    export step (``classification_export.export``) casts to fp32 on CPU first, and the export then verifies."""
+    from conftest import compose_train
+    from torch.utils.data import DataLoader
+
+    from loralab.reporting.provenance import PACKAGES
+    from loralab.tasks.base import RunContext
+    from loralab.tasks.classification_export import export
+
     model, tokenizer, rows, _ = tiny_model(lora=True)
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.bfloat16()
     batch = make_batch(tokenizer, rows[:4])
-    with pytest.raises(RuntimeError):  # the mixed model cannot even score without autocast
+    with pytest.raises(RuntimeError, match="dtype"):  # the mixed model cannot even score without autocast
         with torch.inference_mode():
             model(**batch)
-    model = model.to("cpu", torch.float32)
-    result = export_model(model, tokenizer, tmp_path, batch, meta=meta(), base_location=None, save_base=True)
-    assert {"merged", "adapter"} <= set(result["parts"])
+    cfg = compose_train("lora=default", "export.zip=false", "data.train_file=null", "data.val_file=null")
+    source = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2", max_length=MAX_LENGTH)
+    enc = [tokenizer(serialize(r["features"]), truncation=True, max_length=MAX_LENGTH) for r in rows[:8]]
+    loader = DataLoader(enc, batch_size=8, collate_fn=DataCollatorWithPadding(tokenizer))
+    prov = {"git_commit": "abc", "git_dirty": "False", **{f"version.{p}": "0" for p in PACKAGES}}
+    summary = {"best_epoch": 1, "history": [{cfg.trainer.monitor: 0.5}], "provenance": prov}
+    metrics = {"temperature": 1.0, "calibration": {"method": "none"}}
+    ctx = RunContext(out_dir=tmp_path, device=torch.device("cpu"), tracker=None)
+    export(cfg, model, tokenizer, source, loader, metrics, summary, ctx)
+    assert json.loads((tmp_path / "loralab.json").read_text())["parts"] == ["merged", "adapter", "base"]
 
 
 def test_auto_zip_parts_fall_back_to_the_adapter_when_merged_is_too_big(tmp_path):

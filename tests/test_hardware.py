@@ -118,3 +118,23 @@ def test_lora_over_a_16_bit_base_trains_fp32_weights_with_a_grad_scaler():
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # raises "Attempting to unscale FP16 gradients" if any trainable weight is fp16
     scaler.step(opt)
+
+
+def test_the_docs_memory_table_is_what_the_estimator_says(fake_cuda):
+    """docs/hardware.md's fit table, cell by cell, against ``check_memory`` on the composed configs it names."""
+    text = (Path(CONF).parent / "docs" / "hardware.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model (LoRA r=8, max_length 256)"))
+    lines = text.splitlines()
+    table = lines[lines.index(header) + 2:]
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[:next(
+        (i for i, line in enumerate(table) if not line.startswith("|")), len(table))]]
+    columns = {"rtx3050 (4 GB)": ["hardware=rtx3050"], "rtx3050 + 4-bit": ["hardware=rtx3050",
+               "hardware.load_in_4bit=true"], "a100 (micro 16)": ["hardware=a100"], "h100 (micro 32)": ["hardware=h100"]}
+    names = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    assert names == list(columns) and len(table) == 4
+    for model, *cells in table:
+        for name, cell in zip(names, cells):
+            cfg = compose_cfg(f"model={model}", "lora=default", "lora.r=8", "model.max_length=256", *columns[name])
+            est = check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(cfg.data.labels),
+                               batch_size=cfg.optim.batch_size, mode="off")
+            assert cell == f"{est.total_gib:.1f} GiB", (model, name)

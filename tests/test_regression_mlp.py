@@ -176,8 +176,9 @@ def test_best_checkpoint_is_weights_only_and_survives_a_failed_write(tmp_path, m
 
 def test_marketsentinel_run_end_to_end(tabular, tmp_path, mlflow_uri):
     out = tmp_path / "run"
-    cfg = compose_ms(tabular, out, "trainer.max_epochs=4", "trainer.early_stopping.patience=2", uri=mlflow_uri,
-                     experiment="ms-e2e")
+    # min_delta larger than any change: epochs 2 and 3 cannot improve, so early stopping ends the run after epoch 3
+    cfg = compose_ms(tabular, out, "trainer.max_epochs=4", "trainer.early_stopping.patience=2",
+                     "trainer.early_stopping.min_delta=1e9", uri=mlflow_uri, experiment="ms-e2e")
     objective = train(cfg)
 
     history = json.loads((out / "training_history.json").read_text())
@@ -201,6 +202,7 @@ def test_marketsentinel_run_end_to_end(tabular, tmp_path, mlflow_uri):
 
     client, run = only_run(cfg.tracking.uri, "ms-e2e")
     assert run.info.status == "FINISHED" and run.data.params["model.hidden_dim"] == "128"
+    assert len(history) == 3 and run.data.tags["stop_reason"] == "early_stopping: no val_loss improvement for 2 epochs"
     for key in ("val_loss", "train_loss", "val_mse_head_0", "val_mae_head_1", "val_rmse_head_0", "val_r2_head_1"):
         logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [m.step for m in logged] == [h["epoch"] for h in history]
@@ -215,7 +217,9 @@ def test_bad_data_ends_the_mlflow_run_failed(tabular, tmp_path, mlflow_uri):
     cfg = compose_ms({**tabular, "schema": schema}, tmp_path, uri=mlflow_uri, experiment="ms-failed")
     with pytest.raises(DataError, match="schema lists 1 features"):
         train(cfg)
-    assert only_run(mlflow_uri, "ms-failed")[1].info.status == "FAILED"
+    run = only_run(mlflow_uri, "ms-failed")[1]
+    assert run.info.status == "FAILED" and run.data.tags["error_type"] == "DataError"
+    assert "schema lists 1 features" in run.data.tags["error"]
 
 
 def test_config_errors_fail_before_anything_loads(tabular, tmp_path):
@@ -241,7 +245,7 @@ def test_train_py_cli(tabular, tmp_path):
            f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "data.demo=false", f"data.train_file={tabular['train']}",
            f"data.val_file={tabular['val']}", f"data.schema_file={tabular['schema']}", "trainer.max_epochs=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"] in (1, 2)
     assert only_run(f"sqlite:///{run_dir}/mlflow.db")[1].info.status == "FINISHED"

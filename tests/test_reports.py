@@ -199,11 +199,11 @@ def test_config_tree_marks_overrides():
 def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
     train, val = write_demo(tmp_path / "data", n_train=60, n_val=30)
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    cmd = [sys.executable, "train.py", "data=jsonl", f"data.train_file={train}", f"data.val_file={val}",
+    cmd = [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={train}", f"data.val_file={val}",
            "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", f"hydra.run.dir={run_dir}",
            f"tracking.uri=sqlite:///{db}", "quiet=true", "baseline.threads=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("loss_curves", "f1_curves", "confusion_matrix", "class_distribution"):
         assert_png(run_dir / "plots" / f"{name}.png")

@@ -90,4 +90,5 @@ def test_export_mismatch_fails_the_run(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="merged/ logits differ"):
         train(compose_run(tmp_path, "run", "lora=none"))  # full fine-tuning: merged/ is the only form
     _, run = only_run(tmp_path)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and run.data.tags["error_type"] == "ExportError"
+    assert "merged/ logits differ" in run.data.tags["error"]

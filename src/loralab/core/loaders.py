@@ -49,6 +49,9 @@ def make_loaders(data: TaskData, *, batch_size: int, hardware, trainer, seed: in
     sampler = EpochBatchSampler(lengths, per_rank // accum, seed, shuffle=data.shuffle,
                                 group_by_length=trainer.group_by_length and data.train_lengths is not None,
                                 rank=ddp.rank, world_size=ddp.world_size)
+    if ddp.enabled and len(sampler) == 0:
+        raise ConfigError(f"optim.batch_size={batch_size}: {len(data.train)} training rows make fewer batches than "
+                          f"the {ddp.world_size} processes; use a smaller batch or fewer processes")
     train = DataLoader(data.train, batch_sampler=sampler, **args)
     order = None  # file order
     if data.val_lengths is not None:  # longest first: the first batch shows peak memory; batches pad little

@@ -18,7 +18,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     Length grouping is bucketed, as in HF's ``LengthGroupedSampler``: shuffle, cut into mega-batches of
     ``bucket_size`` batches, sort each by length, then shuffle the batch order. ``rank``/``world_size`` give each
-    process every ``world_size``-th batch (the list is padded by wrapping so all ranks get the same count).
+    process every ``world_size``-th batch. Shards are disjoint and every rank runs the same number of batches (a
+    rank with one batch more would wait forever in the gradient all-reduce): the epoch's last ``len % world_size``
+    batches are dropped, a different few each epoch when shuffled, as ``DistributedSampler(drop_last=True)`` does.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, shuffle: bool = True,
@@ -45,8 +47,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         if self.world_size > 1:
-            per_rank = -(-len(batches) // self.world_size)
-            batches = (batches * 2)[:per_rank * self.world_size][self.rank::self.world_size]
+            batches = batches[:len(batches) // self.world_size * self.world_size][self.rank::self.world_size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -55,4 +56,4 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         """Batches in a full epoch for this rank (independent of ``start_batch``)."""
         total = -(-len(self.lengths) // self.batch_size)
-        return -(-total // self.world_size)
+        return total // self.world_size
