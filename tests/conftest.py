@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,11 @@ from loralab.data.demo import write_demo
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 LABELS = ["long", "short", "skip"]
+
+# Pretrained bases (pretrain=clm, the tiny model's default) go to a cache of this session, never the checkout's
+# .cache/: runs in one session share it as sweep jobs do, and no base of an older code version is ever reused.
+os.environ["LORALAB_CACHE"] = tempfile.mkdtemp(prefix="loralab-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LORALAB_CACHE"], True)
 
 
 def row(rid: Any, label: str | None = "long", **features: Any) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def test_preflight_fits_and_misfits(capsys):
 
 
 def test_preflight_turns_lora_on_for_a_lora_key_like_training(capsys):
-    assert tool_main("preflight")(["model=tiny_qwen2", "lora.r=4"]) == 0  # tiny_qwen2 defaults to lora=none
+    assert tool_main("preflight")(["model=tiny_qwen2", "lora.r=4"]) == 0  # LoRA is on by default
     assert "(lora=r=4)" in capsys.readouterr().out
 
 

@@ -1,6 +1,7 @@
 """Typed configs (``loralab.config``): every option of every group and every experiment composes (Hydra compose
-API), passes ``check`` and resolves fully; every bad value fails as one line ``key=value: rule``; a LoRA rank on
-the command line turns LoRA on; ``resolve_hardware`` fills ``auto`` and says what it filled."""
+API), passes ``check`` and resolves fully; every bad value fails as one line ``key=value: rule``; LoRA is on unless
+a config says ``lora.enabled: false`` (nothing reads the command line for it); ``resolve_hardware`` fills ``auto``
+and says what it filled."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def no_hydra_app():
 
 def test_every_group_has_been_found():
     groups = {g for g, _ in GROUP_OPTIONS}
-    assert {"task", "data", "lora", "model", "loss", "optim", "trainer", "hardware", "tracking", "calibration",
-            "export", "distributed", "baseline", "sweep", "experiment", "serialize"} <= groups
+    assert {"task", "data", "lora", "pretrain", "model", "loss", "optim", "trainer", "hardware", "tracking",
+            "calibration", "export", "distributed", "baseline", "sweep", "experiment", "serialize"} <= groups
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -82,7 +83,7 @@ def test_interpolations_and_resolvers_survive_check():
     cfg = check(compose_train())
     raw = OmegaConf.to_container(cfg)  # unresolved
     assert raw["tracking"]["run_name"].startswith("${task_name}-${now:")
-    assert raw["lora"]["enabled"] == "${loralab.is_set:${.r}}"
+    assert raw["pretrain"]["cache_dir"] == "${oc.env:LORALAB_CACHE,${paths.root_dir}/.cache}/pretrain"
     assert raw["paths"]["output_dir"] == "${hydra:runtime.output_dir}"
 
 
@@ -152,7 +153,16 @@ BAD_VALUES = [
     (["lora=default", "lora.lora_dropout=1.0"], "lora.lora_dropout", "1.0", "[0, 1)"),
     (["lora=default", "lora.target_modules=[]"], "lora.target_modules", "[]",
      "all-linear or a non-empty list of module names"),
-    (["lora=none", "lora.enabled=true"], "lora.enabled", "True", "LoRA needs a rank"),
+    (["lora.r=null"], "lora.r", "None", "LoRA needs a rank"),
+    (["pretrain.epochs=0"], "pretrain.epochs", "0", ">= 1"),
+    (["pretrain.lr=0"], "pretrain.lr", "0", "> 0"),
+    (["pretrain.holdout=0"], "pretrain.holdout", "0", "(0, 1)"),
+    (["pretrain.splits=[train,test]"], "pretrain.splits.1", "'test'", "must be train or val"),
+    (["pretrain.splits=[]"], "pretrain.splits", "[]", "no texts to pretrain on"),
+    (["pretrain.extra_files=[/nonexistent/more.jsonl]"], "pretrain.extra_files.0", "/nonexistent/more.jsonl",
+     "file not found"),
+    (["pretrain.train=partial"], "pretrain.train", "'partial'", "must be one of full, lora"),
+    (["experiment=marketsentinel", "pretrain=clm"], "pretrain", "'clm'", "needs a text model"),
     (["optim.batch_size=10", "hardware.micro_batch_size=4"], "optim.batch_size", "10",
      "not divisible by hardware.micro_batch_size=4"),
     (["optim.warmup_ratio=1"], "optim.warmup_ratio", "1.0", "[0, 1)"),
@@ -205,23 +215,32 @@ def test_bad_values_fail_in_one_line(overrides, key, value, rule, monkeypatch):
 @pytest.mark.parametrize("overrides, r", [
     (["loss.gamma=1.5", "lora.r=16"], 16),          # the design card's sweep: python train.py -m ... lora.r=8,16,32
     (["lora.r=32"], 32),
+    ([], 8),                                        # the offline default: tiny_qwen2 + pretrain=clm + LoRA
     (["lora=none"], None),
-    (["lora=none", "lora.enabled=false", "lora.r=4"], None),  # explicit off wins
+    (["lora=none", "lora.r=4"], None),              # a rank alone switches nothing: lora=none says off
     (["lora=default", "lora.enabled=false"], None),
-    (["lora=default", "model=tiny_qwen2"], 8),      # a lora option on the command line wins over the model's
-    (["model=tiny_qwen2", "lora=default"], 8),
     (["model=qwen2_5_0_5b"], 8),                    # real models default to LoRA r=8
     (["model=qwen2_5_0_5b", "lora=none"], None),
 ])
-def test_a_rank_on_the_command_line_turns_lora_on(overrides, r):
-    cfg = check(compose_train(*overrides))  # the default model (tiny_qwen2) trains fully unless asked
+def test_lora_is_on_unless_a_config_says_off(overrides, r):
+    cfg = check(compose_train(*overrides))
     assert cfg.lora.enabled is (r is not None)
     built = instantiate(cfg.lora)
     assert (built.r if built else None) == r
 
 
-def test_default_model_trains_fully():
-    assert check(compose_train()).lora.enabled is False
+@pytest.mark.parametrize("overrides, stage", [
+    ([], "clm"),                                    # tiny_qwen2 (random init) picks it: LoRA needs a trained base
+    (["pretrain=none"], "none"),
+    (["model=qwen2_5_0_5b"], "none"),               # a real checkpoint: domain-adaptive pretraining is opt-in
+    (["model=qwen2_5_0_5b", "pretrain=clm"], "clm"),
+    (["experiment=article_regression"], "none"),
+    (["experiment=marketsentinel"], "none"),
+])
+def test_which_models_pretrain_by_default(overrides, stage):
+    cfg = check(compose_train(*overrides))
+    assert cfg.pretrain.name == stage and type(instantiate(cfg.pretrain)).__name__ == {
+        "clm": "CausalLMPretrain", "none": "NoPretrain"}[stage]
 
 
 def test_cpu_profile_has_nothing_to_resolve():

@@ -115,18 +115,21 @@ def test_training_summary_json(finished):
 
 
 def test_checkpoint_and_zip(finished):
+    """The default run trains LoRA over the pretrained tiny base: the best checkpoint is its adapter (+ head), and
+    the zip carries merged/, adapter/ and the base the adapter belongs to (it exists on no hub)."""
     ckpt = finished / "checkpoint_best"
     files = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
             "loralab_checkpoint.json"} <= files
-    assert read_json(ckpt / "config.json")["id2label"] == {str(i): label for i, label in enumerate(LABELS)}
-    with zipfile.ZipFile(finished / "model_final.zip") as zf:  # the deployable export: merged model + metadata
+    with zipfile.ZipFile(finished / "model_final.zip") as zf:  # the deployable export
         names = set(zf.namelist())
-        assert {"loralab.json", "merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= names
+        assert {"loralab.json", "merged/model.safetensors", "merged/config.json", "merged/tokenizer.json",
+                "adapter/adapter_model.safetensors", "base/model.safetensors"} <= names
         assert json.loads(zf.read("merged/config.json"))["id2label"] == {str(i): l for i, l in enumerate(LABELS)}
-        merged = safetensors.torch.load(zf.read("merged/model.safetensors"))
-    best = safetensors.torch.load_file(ckpt / "model.safetensors")
-    assert merged.keys() == best.keys() and all(torch.equal(merged[k], best[k]) for k in best)
+        adapter = safetensors.torch.load(zf.read("adapter/adapter_model.safetensors"))
+    best = safetensors.torch.load_file(ckpt / "adapter_model.safetensors")
+    assert adapter.keys() == best.keys() and all(torch.equal(adapter[k], best[k]) for k in best)
+    assert any("lora_A" in k for k in best) and any("score" in k for k in best)
 
 
 def test_mlflow_run_record(finished):

@@ -231,10 +231,9 @@ def test_gamma_rank_sweep_is_the_three_by_three_grid():
     jobs = BasicSweeper.split_arguments(parsed, None)[0]
     assert len(jobs) == 9
     values = [dict(o.split("=", 1) for o in job) for job in jobs]
-    assert {v["lora"] for v in values} == {"default"}
     assert {(v["loss.gamma"], v["lora.r"]) for v in values} == set(product(["1.0", "1.5", "2.0"], ["8", "16", "32"]))
-    job = _compose(*jobs[-1])  # a job of the grid composes with LoRA on
-    assert job.lora is not None and job.lora.r == 32 and job.loss.gamma == 2.0
+    job = _compose(*jobs[-1])  # a job of the grid composes with LoRA on (the default; no lora=... needed)
+    assert job.lora.enabled is True and job.lora.r == 32 and job.loss.gamma == 2.0
 
 
 def test_optuna_sweep_config():

@@ -5,7 +5,8 @@ Layout (in the run dir, and in ``model_final.zip`` for the parts ``export.zip_pa
 
     merged/        full model (LoRA merged into the base), safetensors + config + tokenizer
     adapter/       PEFT adapter (LoRA + score head) for ``PeftModel.from_pretrained`` (LoRA runs only)
-    base/          the random base the adapter belongs to (``pretrained=false`` LoRA runs only)
+    base/          the base the adapter belongs to when it exists nowhere else (LoRA over a random-init base or one
+                   the pretrain stage trained: ``ModelSource.local_base``)
     loralab.json   labels, temperature, serialization, metrics, data hashes, versions, sha256 of every file
 """
 

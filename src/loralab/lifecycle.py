@@ -34,6 +34,7 @@ from loralab.core.trainer import Fit, Trainer
 from loralab.errors import CheckpointError, ConfigError, TrainingInterrupted
 from loralab.fs import atomic_write_json, recover, sha256_file, writable_dir
 from loralab.models.memory import check_memory
+from loralab.pretrain import PretrainStage
 from loralab.reporting import console
 from loralab.reporting.provenance import provenance
 from loralab.tasks.base import RunContext, Task
@@ -52,9 +53,10 @@ def settle(cfg: DictConfig) -> DictConfig:
     cfg, resolved = config.resolve_hardware(cfg)
     if resolved:
         log.info("hardware auto values resolved: %s", ", ".join(f"{k}={v}" for k, v in resolved.items()))
-    if cfg.lora.enabled and not cfg.model.get("pretrained", True):
+    if cfg.lora.enabled and not cfg.model.get("pretrained", True) and cfg.pretrain.name == "none":
         log.warning("LoRA on model=%s, a random-init base: adapters only steer features a base already has, so "
-                    "expect little learning (lora=none trains every weight)", cfg.model.get("name"))
+                    "expect little learning (pretrain=clm pretrains the base first; lora=none trains every "
+                    "weight)", cfg.model.get("name"))
     if "pretrained" in cfg.model:  # a transformer (ModelSource), not the MLP
         check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(output_names(cfg)),
                      batch_size=cfg.optim.batch_size)
@@ -218,6 +220,14 @@ def step_logger(tracker) -> Callable[[int, dict[str, float]], None]:
                                                      background="train_loss" in metrics)
 
 
+def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
+    """Trainable and total parameters: shows at a glance whether a run trained LoRA adapters or every weight."""
+    params = list(model.parameters())
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return {"model.trainable_params": trainable, "model.total_params": total,
+            "model.trainable_share": trainable / max(total, 1)}
+
+
 def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
     """An epoch's metrics plus ``objective`` (= the monitored one): one key to chart across runs and tasks."""
     return {**metrics, "objective": metrics[key]} if key in metrics else metrics
@@ -311,6 +321,7 @@ class Run:
     def __init__(self, cfg: DictConfig, ctx: RunContext, progress: bool = True):
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.task: Task = get_class(cfg.task._target_)(cfg, ctx)
+        self.pretrain: PretrainStage = instantiate(cfg.pretrain)  # none | clm: the base the task's model loads
 
     def execute(self, stop_requested: Callable[[], bool], data_files: dict[str, Any]) -> dict[str, Any]:
         cfg, ctx, ddp = self.cfg, self.ctx, self.ctx.ddp
@@ -322,7 +333,12 @@ class Run:
         prov = provenance(cfg.paths.root_dir, data_files)  # after build_data: demo files exist now
         ctx.tracker.set_provenance(prov, resumed=ctx.resume_dir is not None)
         ctx.tracker.log_datasets(dataset_inputs(data_files, prov))
+        self.task.source = self.pretrain.base(self.task.source, self.task.tokenizer, self.task.pretrain_texts,
+                                              seed=cfg.seed, device=ctx.device, hardware=cfg.hardware,
+                                              tracker=ctx.tracker, stop_requested=stop_requested,
+                                              progress=self.progress)
         model = self.task.build_model()
+        ctx.tracker.log_metrics(parameter_counts(model))
         train_loader, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
                                                        trainer=cfg.trainer, seed=cfg.seed, ddp=ddp)
         if cfg.trainer.compile:

@@ -1,4 +1,4 @@
-"""Where loralab's Hydra configs are, and the two resolvers they use: ``${loralab.cwd:}`` and ``${loralab.is_set:}``.
+"""Where loralab's Hydra configs are, and the resolver they use: ``${loralab.cwd:}``.
 
 There are two places for ``conf/``: a built wheel carries it as ``loralab/conf`` (force-included at build time), while a
 source checkout or an editable install reads the repository's top-level ``conf/`` directly, so that one directory
@@ -32,7 +32,3 @@ def register_resolvers() -> None:
     loralab (Hydra's ``${hydra:runtime.cwd}`` is unset under the compose API that tests and the preflight use)."""
     if not OmegaConf.has_resolver(CWD_RESOLVER):
         OmegaConf.register_new_resolver(CWD_RESOLVER, os.getcwd)
-    # conf/lora: `enabled: ${loralab.is_set:${.r}}`, so a rank typed on the command line (lora.r=16, a sweep over
-    # it) turns LoRA on also where the model's default is full fine-tuning, and r: null (lora=none) turns it off.
-    if not OmegaConf.has_resolver("loralab.is_set"):
-        OmegaConf.register_new_resolver("loralab.is_set", lambda value: value is not None)

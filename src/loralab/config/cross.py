@@ -51,10 +51,23 @@ def class_weights(cfg: DictConfig) -> None:
 
 def lora(cfg: DictConfig) -> None:
     lo = cfg.lora
-    require(not lo.enabled or lo.r is not None, "lora.enabled", lo.enabled,
-            "LoRA needs a rank: set lora.r (e.g. lora.r=8) or pick lora=default")
+    require(not lo.enabled or lo.r is not None, "lora.r", lo.r, "LoRA needs a rank (e.g. lora.r=8); lora=none "
+            "trains every weight instead")
     if cfg.task.name == "tabular_regression":
         require(not lo.enabled, "lora.enabled", lo.enabled, "the MLP trains fully; LoRA applies to Qwen2 models")
+
+
+def pretrain(cfg: DictConfig) -> None:
+    p = cfg.pretrain
+    if p.name == "none":
+        return
+    require(cfg.task.name != "tabular_regression", "pretrain", p.name,
+            "continued pretraining needs a text model; the MLP has no texts (pretrain=none)")
+    require(bool(p.splits) or bool(p.extra_files), "pretrain.splits", list(p.splits),
+            "no texts to pretrain on: name a split (train) or pretrain.extra_files")
+    for i, path in enumerate(p.extra_files):
+        problem = unreadable(path)
+        require(problem is None, f"pretrain.extra_files.{i}", path, problem or "")
 
 
 def model(cfg: DictConfig) -> None:
@@ -120,5 +133,5 @@ def hardware(cfg: DictConfig) -> None:
                 "the MLP trains in fp32 (mixed precision buys nothing at this size)")
 
 
-RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, model, monitor, batch,
-                                                   hardware)
+RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, pretrain, model, monitor,
+                                                   batch, hardware)

@@ -17,6 +17,7 @@ from loralab.config.rules import (
     GATE,
     LORA_TARGETS,
     RESUME_ALLOW,
+    NOT_EMPTY,
     SCHEDULER,
     T_BOUNDS,
     ZIP_PARTS_KNOWN,
@@ -53,6 +54,8 @@ BaselineName = choices("BaselineName", "hgb logreg")
 TruncationSide = choices("TruncationSide", "left right")
 Backend = choices("Backend", "auto nccl gloo")
 DataFormat = choices("DataFormat", "auto jsonl csv parquet")
+PretrainName = choices("PretrainName", "none clm")
+PretrainTrain = choices("PretrainTrain", "full lora")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class TaskConf:
 
 @dataclass
 class LoraConf:
-    """``enabled`` is ``${loralab.is_set:${.r}}`` in the YAML: a rank turns LoRA on (see conf/lora)."""
+    """``enabled`` says whether LoRA is on (lora=default: true, lora=none: false); the other keys stay either way."""
 
     _target_: str = MISSING
     _convert_: str = MISSING
@@ -74,6 +77,36 @@ class LoraConf:
     lora_dropout: float = knob(interval("[0, 1)"))
     target_modules: Any = knob(LORA_TARGETS)  # null | all-linear | a list of module names
     bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
+
+
+@dataclass
+class PretrainLoraConf:
+    """The pretrain stage's own adapters (``pretrain.train: lora``), merged into the base it saves."""
+
+    r: int = knob(gt(0))
+    lora_alpha: int = knob(gt(0))
+    lora_dropout: float = knob(interval("[0, 1)"))
+    target_modules: List[str] = knob(NOT_EMPTY)
+
+
+@dataclass
+class PretrainConf:
+    """``conf/pretrain``: ``none`` keeps ``clm``'s keys and uses none of them."""
+
+    _target_: str = MISSING
+    _convert_: str = MISSING
+    name: PretrainName = MISSING
+    epochs: int = knob(ge(1))
+    lr: float = knob(gt(0))
+    batch_size: int = knob(gt(0))
+    weight_decay: float = knob(ge(0))
+    warmup_ratio: float = knob(interval("[0, 1)"))
+    holdout: float = knob(interval("(0, 1)"))
+    splits: List[str] = knob(each=one_of("train", "val"))  # never test texts
+    extra_files: List[str] = MISSING  # each must exist when the stage is on: a cross-field rule
+    train: PretrainTrain = MISSING
+    lora: PretrainLoraConf = MISSING
+    cache_dir: str = MISSING
 
 
 @dataclass
@@ -211,6 +244,7 @@ class RunConf:
 
     task: TaskConf = MISSING
     lora: LoraConf = MISSING
+    pretrain: PretrainConf = MISSING
     optim: OptimConf = MISSING
     trainer: TrainerConf = MISSING
     hardware: HardwareConf = MISSING

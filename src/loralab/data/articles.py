@@ -32,14 +32,23 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def article_from_row(row: dict[str, Any]) -> Article | str:
-    """An Article from a parsed JSON object (id already checked), or the reason it is dropped."""
+def text_of_row(row: dict[str, Any]) -> tuple[str, str] | str:
+    """(title, content) of a parsed JSON object, or the reason it is dropped."""
     title, content = row.get("title", ""), row.get("content", "")
     if not isinstance(title, (str, type(None))) or not isinstance(content, (str, type(None))):
         return "text_not_string"
     title, content = title or "", content or ""
     if not (title.strip() or content.strip()):
         return "missing_text"
+    return title, content
+
+
+def article_from_row(row: dict[str, Any]) -> Article | str:
+    """An Article from a parsed JSON object (id already checked), or the reason it is dropped."""
+    text = text_of_row(row)
+    if isinstance(text, str):
+        return text
+    title, content = text
     labels = row.get("labels")
     if labels is None:
         return "missing_labels"
@@ -79,6 +88,12 @@ def load_articles(path: str | Path, dimension_names: Sequence[str] | None, max_r
 
 def article_text(article: Article, template: str) -> str:
     return template.format(title=article.title, content=article.content)
+
+
+def unlabelled_texts(path: str | Path, template: str) -> list[str]:
+    """The texts of a JSONL file of articles that need no labels (pretraining input); bad rows counted, dropped."""
+    rows, _ = read_rows(path, text_of_row)  # (title, content) pairs; a str is a drop reason
+    return [template.format(title=title, content=content) for title, content in rows]
 
 
 class TokenizedArticles(TokenizedTexts):

@@ -3,7 +3,8 @@
 
 Real checkpoints load by hub id or local path. ``pretrained=false`` builds an architecture with random weights from
 a config shipped in this package (or a local config.json), and trains a byte-level BPE tokenizer on the run's own
-texts, so tests, benchmarks and the demo need no network.
+texts, so tests, benchmarks and the demo need no network. The pretrain stage (``loralab.pretrain``) turns a source
+into one whose ``path`` is a base it pretrained and cached here (``pretrain_key`` set).
 
 Pooling is the architecture's own: decoders score the last non-pad token (found through ``config.pad_token_id``,
 set from the tokenizer, whose pad token is its eos token when it has none), encoders their first ([CLS]) token.
@@ -23,6 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
@@ -101,6 +103,7 @@ class ModelSource:
     truncation_side: str = "right"
     tokenizer_vocab_size: int = 2048
     trust_remote_code: bool = False
+    pretrain_key: str | None = None  # set by the pretrain stage: ``path`` is a base pretrained (and cached) here
 
     @property
     def location(self) -> str | None:
@@ -135,6 +138,38 @@ class ModelSource:
             if self.arch:
                 return AutoConfig.for_model(**shipped_config(self.arch))
             return read_config(self.hub_id, "model.hub_id", self.trust_remote_code)
+
+    @property
+    def local_base(self) -> bool:
+        """The base exists only on this machine (random init, or pretrained here): an export must carry it."""
+        return not self.pretrained or self.pretrain_key is not None
+
+    def identity(self) -> dict:
+        """What the base's weights start from: the architecture (random init) or the checkpoint's location."""
+        if self.pretrained:
+            return {"location": self.location}
+        config = self.architecture().to_diff_dict()
+        config.pop("transformers_version", None)
+        return {"arch": config}
+
+    def random_config(self, tokenizer, **label_map) -> PretrainedConfig:
+        """The architecture, its vocabulary grown to the tokenizer's."""
+        config = self.architecture(vocab_size=len(tokenizer))
+        config.vocab_size = max(config.vocab_size or 0, len(tokenizer))
+        config.update(label_map)
+        return config
+
+    def load_causal_lm(self, tokenizer, attn_implementation: str = "sdpa") -> PreTrainedModel:
+        """The base as a causal LM (fp32), for continued pretraining on unlabelled texts."""
+        if self.pretrained:
+            model = AutoModelForCausalLM.from_pretrained(self.location, attn_implementation=attn_implementation,
+                                                         dtype=torch.float32, trust_remote_code=self.trust_remote_code)
+        else:
+            config = self.random_config(tokenizer, pad_token_id=tokenizer.pad_token_id)
+            config._attn_implementation = attn_implementation
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
 
     def load_tokenizer(self, texts: Sequence[str]) -> PreTrainedTokenizerFast:
         if self.pretrained:
@@ -179,9 +214,7 @@ class ModelSource:
 
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
-            config = self.architecture(vocab_size=len(tokenizer))
-            config.vocab_size = max(config.vocab_size or 0, len(tokenizer))
-            config.update(label_map)
+            config = self.random_config(tokenizer, **label_map)
             config._attn_implementation = attn_implementation
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,7 +1,8 @@
 """The task protocol: what differs between experiments. Everything else (validation, tracking, resume, signals,
 top-k checkpoints, DDP, sweeps, provenance, the memory preflight) is the lifecycle's, so every task gets it.
 
-The lifecycle calls, in order: ``build_data`` ▸ ``build_model`` ▸ ``loss`` ▸ (the trainer fits, scoring each epoch
+The lifecycle calls, in order: ``build_data`` ▸ (the pretrain stage, which may ask for ``pretrain_texts`` and
+replace ``source``) ▸ ``build_model`` ▸ ``loss`` ▸ (the trainer fits, scoring each epoch
 with ``metrics``) ▸ ``finalize``. ``conf/task/<name>.yaml`` names the class (``_target_``).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from loralab.core.distributed import Dist
 from loralab.core.loaders import TaskData
+from loralab.errors import ConfigError
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Task(ABC):
 
     name: str = "task"
     tokenizer: Any = None  # saved into every checkpoint when set: a resumed run must tokenize identically
+    source: Any = None     # loralab.models.build.ModelSource of a text task, set by build_data; the lifecycle's
+                           # pretrain stage may replace it (a base it pretrained) before build_model loads it
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
@@ -45,6 +49,11 @@ class Task(ABC):
     @abstractmethod
     def build_data(self) -> TaskData:
         """Read, validate and split the data (drops counted), write ``data_report.json``; datasets ready to batch."""
+
+    def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
+        """Unlabelled texts for the pretrain stage, serialized as the model will read them: those of ``splits``
+        (``train``, ``val``) and of the records in ``extra_files``. After ``build_data``."""
+        raise ConfigError(f"pretrain: task {self.name} has no texts to pretrain on; use pretrain=none")
 
     @abstractmethod
     def build_model(self) -> nn.Module:

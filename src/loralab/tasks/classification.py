@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from hydra.utils import instantiate
@@ -121,6 +121,13 @@ class Classification(Task):
         if result:
             self.ctx.tracker.log_metrics({f"baseline.{k}": v for k, v in result["scalars"].items()})
         return result
+
+    def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
+        """Train rows before oversampling (each text once); extra files (any data.format) need no label."""
+        d = self.cfg.data
+        rows = {"train": self.splits.train_original, "val": self.splits.val}
+        extra = [r for path in extra_files for r in load_records(path, None, d.allow_null, row_format(d))[0]]
+        return serialize_records([*(r for s in splits for r in rows[s]), *extra], self.serializer)
 
     def build_model(self) -> nn.Module:
         return load_text_model(self.source, self.labels, self.tokenizer, hardware=self.cfg.hardware,

@@ -129,6 +129,7 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
         "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
                  for k, p in data_files.items()},
         "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
+                  "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
                   "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
         **code_version(prov)}
 
@@ -150,7 +151,7 @@ def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[
     model = model.to("cpu", torch.float32)
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
                  meta=export_meta(cfg, source, metrics, summary, serializer), base_location=source.location,
-                 save_base=not source.pretrained, atol=e.verify_atol, trust_remote_code=source.trust_remote_code)
+                 save_base=source.local_base, atol=e.verify_atol, trust_remote_code=source.trust_remote_code)
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json")]
     if e.zip:
         artifacts.append(zip_dir(out_dir, out_dir / "model_final.zip", e.max_size_mb,

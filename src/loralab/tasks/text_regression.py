@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.loaders import TaskData, eval_loader
 from loralab.core.trainer import predict_logits
-from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles
+from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles, unlabelled_texts
 from loralab.data.records import leaked_ids
 from loralab.data.regression_demo import write_article_demo
 from loralab.data.splits import score_tiers, stratified_split, test_overlap
@@ -74,6 +74,7 @@ class TextRegression(Task):
         if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file or d.train_file)):
             write_article_demo(Path(d.train_file).parent)
         train, val, self.dims, self.data_info = load_splits(d, self.cfg.seed)
+        self.articles = {"train": train, "val": val}
         ctx.tracker.log_metrics({"data.train_rows": len(train), "data.val_rows": len(val),
                                  **{f"data.dropped.{k}": v
                                     for k, v in self.data_info["train_file"]["dropped_by_reason"].items()}})
@@ -108,6 +109,11 @@ class TextRegression(Task):
             loss = self.loss()(torch.from_numpy(outputs).to(self.ctx.device), torch.from_numpy(y).to(self.ctx.device))
         return {**regression_metrics(y, outputs, self.dims, prefix="test_"), "test_loss": loss.item(),
                 "test_rows": len(y)}
+
+    def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
+        template = self.cfg.data.template
+        return [*(article_text(a, template) for split in splits for a in self.articles[split]),
+                *(text for path in extra_files for text in unlabelled_texts(path, template))]
 
     def build_model(self) -> nn.Module:
         return load_text_model(self.source, self.dims, self.tokenizer, hardware=self.cfg.hardware,
