@@ -33,7 +33,7 @@ from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
 from loralab.data.serialize import Json, Serializer, load_serializer
-from loralab.data.text import TokenizedRecords, length_sorted_order
+from loralab.data.text import TokenizedRecords, TokenizedTexts, length_sorted_order
 from loralab.export import (
     META_FILE,
     ExportError,
@@ -117,14 +117,19 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", trust_re
 
 def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -> np.ndarray:
     """Raw logits (float32) in the order of ``records``; batches are formed longest first."""
-    meta, device = exported.meta, next(exported.model.parameters()).device
+    meta = exported.meta
     ds = TokenizedRecords(records, exported.tokenizer, None, exported.serializer, meta["max_length"])
+    return score_texts(exported.model, exported.tokenizer, ds, meta["max_length"], batch_size)
+
+
+def score_texts(model, tokenizer, ds: TokenizedTexts, max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Raw outputs (float32) of a tokenized dataset in its order: every exported text model scores through here."""
     if ds.truncated:
-        log.warning("%d texts truncated at max_length=%d", ds.truncated, meta["max_length"])
+        log.warning("%d texts truncated at max_length=%d", ds.truncated, max_length)
     order = length_sorted_order(ds)
     loader = DataLoader(ds, batch_size=batch_size, sampler=order,
-                        collate_fn=DataCollatorWithPadding(exported.tokenizer, pad_to_multiple_of=8))
-    sorted_logits, _ = predict_logits(exported.model, loader, device)
+                        collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+    sorted_logits, _ = predict_logits(model, loader, next(model.parameters()).device)
     logits = np.empty_like(sorted_logits)
     logits[order] = sorted_logits
     return logits

@@ -144,3 +144,61 @@ def log_tabular_regressor(tracker, checkpoint: Path, schema_file: Path, metadata
     return tracker.log_model(CODE / "tabular_regressor.py",
                              {CHECKPOINT: checkpoint, SCHEMA: schema_file, METADATA: metadata_file},
                              signature, example, requirements(packages))
+
+
+# --- text regression: the article model on title + content ---------------------------------------------------------
+
+CHECKPOINT_DIR, CHECKPOINT_META = "checkpoint", "loralab_checkpoint.json"
+
+
+class TextRegressor(PythonModel):
+    """Articles (``title``, ``content``; a DataFrame or records) → one column per dimension: the run's full
+    ``checkpoint_best/`` weights on the texts of its ``data.template``, scored as ``loralab-predict`` scores. A row
+    training would drop for its text (no title or content, not a string) is an error naming the row and the rule."""
+
+    def load_context(self, context) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from loralab.core.device import resolve_device
+
+        root = Path(context.artifacts[CHECKPOINT_DIR])
+        self.meta = json.loads((root / CHECKPOINT_META).read_text())
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            root, dtype=torch.float32, use_safetensors=True).to(resolve_device("auto")).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(root)
+        self.tokenizer.padding_side = "right"  # the head pools the last non-pad token
+        self.tokenizer.truncation_side = self.meta.get("truncation_side", "right")
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from loralab.data.articles import text_of_row
+        from loralab.data.text import TokenizedTexts
+        from loralab.inference import score_texts
+
+        dims, template, max_length = self.meta["dimension_names"], self.meta["template"], self.meta["max_length"]
+        texts = []
+        for i, row in enumerate(_rows(model_input)):
+            text = text_of_row(row)
+            if isinstance(text, str):
+                raise DataError(f"row {i} (id {row.get('id', i)!r}): {text} (needs a non-empty string title "
+                                f"and/or content)")
+            texts.append(template.format(title=text[0], content=text[1]))
+        if not texts:
+            return pd.DataFrame(columns=dims)
+        ds = TokenizedTexts(texts, list(range(len(texts))), None, self.tokenizer, max_length)
+        return pd.DataFrame(score_texts(self.model, self.tokenizer, ds, max_length, BATCH_SIZE).astype(np.float64),
+                            columns=dims)
+
+
+TEXT_INPUTS = Schema([ColSpec(AnyType(), "id", required=False), ColSpec(DataType.string, "title", required=False),
+                      ColSpec(DataType.string, "content", required=False)])
+
+
+def log_text_regressor(tracker, checkpoint: Path, dims: Sequence[str], examples: Sequence[Any],
+                       packages: Mapping[str, str]) -> str | None:
+    """Log ``checkpoint`` (a full model's directory: safetensors, tokenizer, ``loralab_checkpoint.json``) as the
+    run's MLflow model; ``examples``: a few articles for the input example."""
+    signature = ModelSignature(inputs=TEXT_INPUTS, outputs=Schema([ColSpec(DataType.double, d) for d in dims]))
+    example = pd.DataFrame([{"id": a.id, "title": a.title, "content": a.content} for a in examples[:EXAMPLE_ROWS]])
+    return tracker.log_model(CODE / "text_regressor.py", {CHECKPOINT_DIR: checkpoint}, signature, example,
+                             requirements(packages))
