@@ -333,10 +333,16 @@ class Run:
         prov = provenance(cfg.paths.root_dir, data_files)  # after build_data: demo files exist now
         ctx.tracker.set_provenance(prov, resumed=ctx.resume_dir is not None)
         ctx.tracker.log_datasets(dataset_inputs(data_files, prov))
+        # Under DDP rank 0 fills the pretrain cache alone (a single-process stage), the other ranks then hit it.
+        # The wait is bounded by distributed.timeout_min.
+        if not ddp.is_main:
+            ddp.barrier()
         self.task.source = self.pretrain.base(self.task.source, self.task.tokenizer, self.task.pretrain_texts,
                                               seed=cfg.seed, device=ctx.device, hardware=cfg.hardware,
                                               tracker=ctx.tracker, stop_requested=stop_requested,
                                               progress=self.progress)
+        if ddp.is_main:
+            ddp.barrier()
         model = self.task.build_model()
         ctx.tracker.log_metrics(parameter_counts(model))
         train_loader, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
