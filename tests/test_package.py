@@ -60,7 +60,7 @@ def test_console_scripts_work_from_another_directory(installed):
         return sh(installed["bin"] / tool, *args, cwd=installed["cwd"], env=installed["env"])
 
     train_help = run("loralab-train", "--help")
-    assert train_help.returncode == 0 and "model: mlp, qwen2_5_0_5b" in train_help.stdout, train_help.stderr
+    assert train_help.returncode == 0 and "model: hf, mlp, qwen2_5_0_5b" in train_help.stdout, train_help.stderr
     resolved = run("loralab-train", "--cfg", "job", "--resolve")
     assert f"root_dir: {installed['cwd']}\n" in resolved.stdout, resolved.stderr
     assert f"uri: sqlite:///{installed['cwd']}/mlflow.db" in resolved.stdout
