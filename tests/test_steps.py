@@ -282,8 +282,11 @@ def test_the_test_split_never_influences_training_calibration_or_choice(with_tes
     assert ma["temperature"] == mb["temperature"]
     assert {k: v for k, v in ma.items() if k.startswith("val_")} == {k: v for k, v in mb.items() if k.startswith("val_")}
     assert not any(k.startswith("test") for k in mb)
-    wa, wb = (load_file(d / "checkpoint_best" / "model.safetensors") for d in (with_test, without))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    files = sorted(p.relative_to(with_test) for p in (with_test / "checkpoint_best").rglob("*.safetensors"))
+    assert files  # the adapter (LoRA) or the whole model (full fine-tuning)
+    for name in files:
+        wa, wb = load_file(with_test / name), load_file(without / name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def test_console_summary_shows_the_test_column_and_where_the_best_evaluation_was():
