@@ -104,7 +104,7 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
     assert fewer.pretrain_key not in (first.pretrain_key, other.pretrain_key)
 
 
-def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_path):
+def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_path, caplog):
     """``pretrain.train=lora``: only adapters train (embeddings stay), and they are merged into the saved base, so the
     task loads it like any checkpoint."""
     stage, source, tokenizer, hardware = stage_and_inputs(demo, tmp_path / "cache", "pretrain.train=lora",
@@ -120,6 +120,12 @@ def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_pa
                            random_lm.model.layers[0].self_attn.q_proj.weight.detach())  # the adapter merged in
     model = AutoModelForSequenceClassification.from_pretrained(out.path, num_labels=3)
     assert model.config.num_labels == 3
+    # Through loralab the always-new head is one INFO line, not transformers' WARNING table (a sweep's quiet line).
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        out.load_model(["a", "b", "c"], tokenizer)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "classifier head ['score'] is new" in caplog.text
 
 
 ASK_FOR_A_BASE = """

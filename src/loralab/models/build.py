@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,7 @@ from loralab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+HEAD_MODULES = {"score", "classifier"}  # the sequence-classification heads transformers adds
 PAD = "<|endoftext|>"  # Qwen's own pad token, reused by the trained tokenizer
 
 
@@ -206,9 +208,11 @@ class ModelSource:
         if load_in_4bit and not self.pretrained:
             raise ValueError("hardware.load_in_4bit=true needs model.pretrained=true (random weights are not quantized)")
         if self.pretrained:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                self.location, attn_implementation=attn_implementation, dtype=dtype,
-                trust_remote_code=self.trust_remote_code, **label_map, **kwargs)
+            with _quiet_load_report():
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    self.location, attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True,
+                    trust_remote_code=self.trust_remote_code, **label_map, **kwargs)
+            _log_loading_info(info, self.location)
             if load_in_4bit:
                 from peft import prepare_model_for_kbit_training
 
@@ -219,3 +223,33 @@ class ModelSource:
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers logs a WARNING table for every missing key; the classifier head of a base checkpoint is always
+    missing (it is new for this label set), so ``_log_loading_info`` reports that and warns only about the rest.
+
+    A filter, not a level: transformers 5 runs an extra tensor-parallel check (more warnings) when its logger's
+    level is raised to WARNING or above."""
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    drop_report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    hf_log.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        hf_log.removeFilter(drop_report)
+
+
+def _log_loading_info(info: dict, location: str) -> None:
+    missing = list(info.get("missing_keys", ()))
+    body = [key for key in missing if key.split(".")[0] not in HEAD_MODULES]
+    if len(body) < len(missing):
+        log.info("classifier head %s is new (initialized for this label set)",
+                 sorted({key.split(".")[0] for key in missing if key not in body}))
+    if body:
+        log.warning("%d weights missing from %s were initialized at random: %s", len(body), location,
+                    ", ".join(sorted(body)[:8]) + (" ..." if len(body) > 8 else ""))
+    if info.get("unexpected_keys"):
+        log.info("%d weights of %s are not used by the classifier (e.g. a language-model head)",
+                 len(info["unexpected_keys"]), location)
