@@ -53,10 +53,6 @@ def settle(cfg: DictConfig) -> DictConfig:
     cfg, resolved = config.resolve_hardware(cfg)
     if resolved:
         log.info("hardware auto values resolved: %s", ", ".join(f"{k}={v}" for k, v in resolved.items()))
-    if cfg.lora.enabled and not cfg.model.get("pretrained", True) and cfg.pretrain.name == "none":
-        log.warning("LoRA on model=%s, a random-init base: adapters only steer features a base already has, so "
-                    "expect little learning (pretrain=clm pretrains the base first; lora=none trains every "
-                    "weight)", cfg.model.get("name"))
     if "pretrained" in cfg.model:  # a transformer (ModelSource), not the MLP
         check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(output_names(cfg)),
                      batch_size=cfg.optim.batch_size)

@@ -1,10 +1,9 @@
 """The pretrain stage of the lifecycle (``conf/pretrain``): between a task's data and its model, it may replace the
 task's base with one it trained as a causal LM on the run's unlabelled texts.
 
-Why: LoRA adapters only steer features a base already has. The offline demo's base is random, so adapters on it
-learn next to nothing; a few epochs of next-token prediction on the training texts give it those features, and
-then LoRA + the classifier head learn like they do on a real checkpoint. On a real Qwen2.5 the same stage is
-domain-adaptive pretraining.
+Why: adapters steer features a base already has, and a few epochs of next-token prediction on the training texts
+give a base features of the records. On a real Qwen2.5 this is domain-adaptive pretraining. On the offline demo it
+is the two-stage path real runs take, but measured it does not beat LoRA on the random base (README).
 
 ``none`` returns the base unchanged. ``clm`` trains with ``core.Trainer`` (the run's own trainer: checkpoints,
 exact resume, SIGTERM handling) and caches the result as a plain Hugging Face directory (safetensors + tokenizer)
