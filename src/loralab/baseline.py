@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction import DictVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -42,14 +43,12 @@ def feature_dicts(records: Sequence[Record]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.features.items() if v is not None} for r in records]
 
 
-def fit_baseline(name: str, train: Sequence[Record], val: Sequence[Record], labels: Sequence[str], seed: int,
-                 params: Mapping[str, Any] | None = None, threads: int | None = None) -> dict[str, Any] | None:
-    """Fit on ``train``, score on ``val``; the result has the shape of ``classification_metrics`` plus fit info.
-
-    Returns None (with a warning) when scikit-learn cannot fit the data, e.g. a single class: a baseline must
-    never cost the run. ``threads`` caps OpenMP/BLAS threads: on a host busy with other jobs, spinning OpenMP
-    workers can make a sub-second fit take tens of seconds.
-    """
+def fit_estimator(name: str, train: Sequence[Record], labels: Sequence[str], seed: int,
+                  params: Mapping[str, Any] | None = None, threads: int | None = None) -> tuple[Pipeline, float] | None:
+    """The fitted pipeline and its fit time in seconds on ``train`` (labels as their index in ``labels``), or None
+    (with a warning) when scikit-learn cannot fit the data, e.g. a single class: a baseline must never cost the run.
+    ``threads`` caps OpenMP/BLAS threads: on a host busy with other jobs, spinning OpenMP workers can make a
+    sub-second fit take tens of seconds."""
     label2id = {label: i for i, label in enumerate(labels)}
     model = build_estimator(name, seed, params)
     t0 = time.perf_counter()
@@ -59,8 +58,32 @@ def fit_baseline(name: str, train: Sequence[Record], val: Sequence[Record], labe
         except ValueError as err:
             log.warning("baseline %s not fitted: %s", name, err)
             return None
-        fit_time = time.perf_counter() - t0
+    return model, time.perf_counter() - t0
+
+
+def predict_proba(model: Pipeline, records: Sequence[Record], n_labels: int, threads: int | None = None
+                  ) -> np.ndarray:
+    """Class probabilities (float64, one column per label in label order): a label the train split lacked gets a
+    column of zeros, so the matrix lines up with the learned model's."""
+    with threadpool_limits(threads):
+        proba = model.predict_proba(feature_dicts(records))
+    out = np.zeros((len(records), n_labels))
+    out[:, model.classes_.astype(int)] = proba
+    return out
+
+
+def fit_baseline(name: str, train: Sequence[Record], val: Sequence[Record], labels: Sequence[str], seed: int,
+                 params: Mapping[str, Any] | None = None, threads: int | None = None,
+                 fitted: tuple[Pipeline, float] | None = None) -> dict[str, Any] | None:
+    """Fit on ``train`` (or take ``fit_estimator``'s ``fitted``), score on ``val``; the result has the shape of
+    ``classification_metrics`` plus fit info, or is None when the fit failed."""
+    fitted = fitted or fit_estimator(name, train, labels, seed, params, threads)
+    if fitted is None:
+        return None
+    model, fit_time = fitted
+    with threadpool_limits(threads):
         pred = model.predict(feature_dicts(val))
+    label2id = {label: i for i, label in enumerate(labels)}
     report = classification_metrics([label2id[r.label] for r in val], pred, labels)
     log.info("baseline %s: val_macro_f1 %.4f (fit on %d rows in %.2f s)", name, report["scalars"]["val_macro_f1"],
              len(train), fit_time)

@@ -133,5 +133,14 @@ def hardware(cfg: DictConfig) -> None:
                 "the MLP trains in fp32 (mixed precision buys nothing at this size)")
 
 
+def ensemble(cfg: DictConfig) -> None:
+    if cfg.get("ensemble") is None:
+        return
+    require(cfg.task.name == "classification", "ensemble", "blend", f"blends a classifier's probabilities; this run's "
+            f"task is {cfg.task.name} (use ensemble=none)")
+    require(cfg.get("baseline") is not None, "ensemble", "blend", "needs the in-run baseline to blend with "
+            "(baseline=hgb or logreg, not none)")
+
+
 RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, pretrain, model, monitor,
-                                                   batch, hardware)
+                                                   batch, hardware, ensemble)

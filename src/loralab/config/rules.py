@@ -105,7 +105,7 @@ CLASS_WEIGHTS = Rule(lambda v: v in ("auto", "sqrt_inverse", "none", None)
 RESUME_ALLOW = Rule(lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
                     "must be true, false or a list of keys (e.g. [optim.lr, data.train_file])")
 T_BOUNDS = Rule(lambda v: len(v) == 2 and 0 < v[0] < 1 < v[1], "must be [lo, hi] with 0 < lo < 1 < hi")
-ZIP_PARTS = ("merged", "adapter", "base", "loralab.json")
+ZIP_PARTS = ("merged", "adapter", "base", "baseline", "loralab.json")
 ZIP_PARTS_KNOWN = Rule(lambda v: v == "auto" or (isinstance(v, list) and set(v) <= set(ZIP_PARTS)),
                        f"allowed parts: auto, or a list of {', '.join(ZIP_PARTS)}")
 ZIP_PARTS_LOADABLE = Rule(lambda v: v == "auto" or ("loralab.json" in v and bool({"merged", "adapter"} & set(v))),

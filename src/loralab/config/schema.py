@@ -51,6 +51,8 @@ Leakage = choices("Leakage", "warn drop error")
 MonitorMode = choices("MonitorMode", "max min")
 CalibrationMethod = choices("CalibrationMethod", "temperature none")
 BaselineName = choices("BaselineName", "hgb logreg")
+EnsembleMethod = choices("EnsembleMethod", "blend")
+EnsembleSelect = choices("EnsembleSelect", "macro_f1 log_loss")
 TruncationSide = choices("TruncationSide", "left right")
 Backend = choices("Backend", "auto nccl gloo")
 DataFormat = choices("DataFormat", "auto jsonl csv parquet")
@@ -213,6 +215,14 @@ class BaselineConf:
     params: Dict[str, Any] = MISSING  # passed to the scikit-learn estimator as is
 
 
+@dataclass
+class EnsembleConf:
+    method: EnsembleMethod = MISSING
+    folds: int = knob(ge(2))
+    grid: int = knob(interval("[2, 101]"))
+    select: EnsembleSelect = MISSING
+
+
 SERIALIZE_TARGET = "loralab.data.serialize."
 
 
@@ -253,6 +263,7 @@ class RunConf:
     export: ExportConf = MISSING
     distributed: DistributedConf = MISSING
     baseline: Optional[BaselineConf] = MISSING
+    ensemble: Optional[EnsembleConf] = None  # conf/ensemble: none (null) | blend (classification, needs a baseline)
     serialize: Optional[SerializeConf] = None  # records -> text (classification); regression experiments drop it
     task_name: str = MISSING
     seed: int = knob(interval("[0, 4294967295]"))  # numpy's seeding range

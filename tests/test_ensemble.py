@@ -1,0 +1,117 @@
+"""``ensemble=blend``: the blend lands with the winner whichever side wins, no fold's weight sees the rows it is
+scored on, the baseline survives skops (and nothing untrusted loads), and through a real tiny run the exported
+zip (predict, evaluate, the manifest) serves exactly the blend's val probabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+from sklearn.datasets import make_classification
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.model_selection import train_test_split
+
+from loralab.ensemble import (
+    BASELINE_FILE,
+    blend,
+    choose_weight,
+    cross_fit,
+    folds,
+    load_baseline,
+    save_baseline,
+    scores,
+    weight_grid,
+)
+from loralab.errors import ExportError
+
+
+def tabular(seed: int, label_noise: float = 0.0):
+    """A 3-class synthetic table, HGB fit on its train part (``label_noise``: share of train labels shuffled,
+    which weakens the baseline only), and the val part's labels and HGB probabilities."""
+    x, y = make_classification(n_samples=900, n_features=8, n_informative=5, n_classes=3, class_sep=1.2,
+                               random_state=seed)
+    x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=0.4, stratify=y, random_state=seed)
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(len(y_tr)) < label_noise
+    y_tr = np.where(noisy, rng.integers(0, 3, len(y_tr)), y_tr)
+    hgb = HistGradientBoostingClassifier(max_iter=60, random_state=seed).fit(x_tr, y_tr)
+    return y_val, hgb.predict_proba(x_val)
+
+
+def synthetic_model_logits(y: np.ndarray, strength: float, seed: int) -> np.ndarray:
+    """Logits of a stand-in "learned model": the true class lifted by ``strength`` over Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    return strength * np.eye(3)[y] + rng.normal(0, 1, (len(y), 3))
+
+
+@pytest.mark.parametrize("winner", ["baseline", "model"])
+def test_blend_lands_with_the_winner(winner):
+    y, base = tabular(0, label_noise=0.0 if winner == "baseline" else 0.6)
+    logits = synthetic_model_logits(y, 0.8 if winner == "baseline" else 4.0, seed=1)
+    report, _ = cross_fit(logits, base, y, temperature=1.0, k=5, seed=0)
+    oof = report["oof"]
+    assert max(oof, key=lambda who: oof[who]["macro_f1"]) in (winner, "blend")
+    gap = oof[winner]["macro_f1"] - oof["model" if winner == "baseline" else "baseline"]["macro_f1"]
+    assert gap > 0.1  # the set is as meant: one side clearly wins
+    assert oof["blend"]["macro_f1"] >= oof[winner]["macro_f1"] - 0.01
+    assert report["choice"] in (winner, "blend") and len(report["fold_weights"]) == 5
+
+
+def test_no_fold_weight_sees_its_own_rows():
+    """Two folds where each side is perfect on one fold and wrong on the other: a weight chosen on the other fold
+    picks the side that is wrong on the held-out one, so the honest out-of-fold accuracy is 0; a weight that saw
+    its own rows would score them well."""
+    n = 40
+    y = np.tile([0, 1], n // 2)
+    right, wrong = np.eye(2)[y] * 0.98 + 0.01, np.eye(2)[1 - y] * 0.98 + 0.01
+    a, b = np.arange(n // 2), np.arange(n // 2, n)
+    model = np.vstack([right[a], wrong[b]])  # the model is right on fold a, the baseline on fold b
+    base = np.vstack([wrong[a], right[b]])
+    report, _ = cross_fit(np.log(model), base, y, temperature=1.0, calibrate=False, fold_rows=[a, b])
+    assert report["fold_weights"] == [0.0, 1.0]  # fold a scored with the baseline's weight, chosen on b
+    assert report["oof"]["blend"]["accuracy"] == 0.0
+
+
+def test_each_fold_weight_is_the_argmax_on_the_other_folds():
+    y, base = tabular(3)
+    logits = synthetic_model_logits(y, 1.5, seed=4)
+    report, exported = cross_fit(logits, base, y, temperature=1.0, k=4, seed=7, calibrate=False)
+    rows = folds(y, 4, 7)
+    probs = np.exp(log_softmax(logits, axis=1))
+    for held_out, w in zip(rows, report["fold_weights"]):
+        others = np.setdiff1d(np.arange(len(y)), held_out)
+        assert w == choose_weight(probs[others], base[others], y[others], weight_grid(11))
+    assert report["weight"] == choose_weight(probs, base, y, weight_grid(11))
+    np.testing.assert_allclose(exported, blend(probs, base, report["weight"]))
+    blended = np.vstack([blend(probs[h], base[h], w) for h, w in zip(rows, report["fold_weights"])])
+    order = np.concatenate(rows)
+    assert report["oof"]["blend"] == scores(blended, y[order])
+
+
+def test_blend_endpoints_and_rows_sum_to_one():
+    p, q = np.array([[0.7, 0.3], [0.2, 0.8]]), np.array([[0.4, 0.6], [0.0, 1.0]])
+    assert np.array_equal(blend(p, q, 1.0), p) and np.array_equal(blend(p, q, 0.0), q)
+    mid = blend(p, q, 0.5)
+    np.testing.assert_allclose(mid.sum(1), 1.0)
+    assert mid[0, 0] == pytest.approx(np.sqrt(0.28) / (np.sqrt(0.28) + np.sqrt(0.18)))
+
+
+def test_baseline_round_trips_through_skops_and_untrusted_types_are_refused(tmp_path):
+    from sklearn.preprocessing import FunctionTransformer
+
+    from loralab.baseline import build_estimator
+
+    rows = [{"x": float(i % 7), "venue": "ab"[i % 2]} for i in range(60)]
+    y = [i % 3 for i in range(60)]
+    model = build_estimator("hgb", 0, {"max_iter": 10}).fit(rows, y)
+    path = save_baseline(model, tmp_path / BASELINE_FILE)
+    np.testing.assert_array_equal(load_baseline(path).predict_proba(rows), model.predict_proba(rows))
+    foreign = save_baseline(FunctionTransformer(os.getcwd), tmp_path / "foreign.skops")  # any function: refused
+    with pytest.raises(ExportError, match=r"refusing to load untrusted types \['posix.getcwd'\]"):
+        load_baseline(foreign)
+    (tmp_path / "junk.skops").write_bytes(b"not a zip")
+    with pytest.raises(ExportError, match="not a readable skops file"):
+        load_baseline(tmp_path / "junk.skops")
