@@ -115,3 +115,116 @@ def test_baseline_round_trips_through_skops_and_untrusted_types_are_refused(tmp_
     (tmp_path / "junk.skops").write_bytes(b"not a zip")
     with pytest.raises(ExportError, match="not a readable skops file"):
         load_baseline(tmp_path / "junk.skops")
+
+
+# --- one tiny run with ensemble=blend ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def blend_run(tmp_path_factory) -> dict:
+    """A tiny LoRA run on demo-shaped data (no pretrain stage) with ``ensemble=blend``."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+    from loralab.data.demo import write_demo
+    from loralab.lifecycle import run as train
+
+    tmp = tmp_path_factory.mktemp("blend")
+    train_file, val_file = write_demo(tmp / "data", n_train=48, n_val=30)
+    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "pretrain=none",
+                 "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=64",
+                 "optim.batch_size=8", "baseline.threads=1", "baseline.params.max_iter=20", "ensemble=blend",
+                 "ensemble.folds=3", f"paths.output_dir={tmp / 'run'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+                 "data.cache_dir=null", "quiet=true"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    train(cfg)
+    run_dir = tmp / "run"
+    val = {r["id"]: r for r in map(json.loads, (run_dir / "ensemble_val.jsonl").read_text().splitlines())}
+    return {"tmp": tmp, "run_dir": run_dir, "val_file": val_file, "val": val, "labels": list(cfg.data.labels),
+            "metrics": json.loads((run_dir / "metrics.json").read_text())}
+
+
+def probs_of(rows: list[dict], labels: list[str]) -> np.ndarray:
+    return np.array([[r[label] for label in labels] for r in rows])
+
+
+@pytest.mark.slow
+def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run):
+    from mlflow.tracking import MlflowClient
+
+    from loralab.inference import evaluate_file, predict_file
+
+    run_dir, labels, val = blend_run["run_dir"], blend_run["labels"], blend_run["val"]
+    e = blend_run["metrics"]["ensemble"]
+    assert set(e["oof"]) == {"model", "baseline", "blend"} and e["choice"] in ("model", "baseline", "blend")
+    assert e["oof"]["baseline"]["macro_f1"] == pytest.approx(blend_run["metrics"]["baseline"]["scalars"]
+                                                             ["val_macro_f1"])
+    assert e["oof"]["model"]["macro_f1"] == pytest.approx(blend_run["metrics"]["val_macro_f1"])  # T keeps argmax
+    meta = json.loads((run_dir / "loralab.json").read_text())
+    assert "baseline" in meta["parts"] and BASELINE_FILE in meta["files"]
+    assert meta["ensemble"]["weight"] == e["weight"]
+    client = MlflowClient(f"sqlite:///{blend_run['tmp'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("loralab").experiment_id])
+    assert run.data.tags["ensemble.choice"] == e["choice"]
+    assert run.data.metrics["ensemble.weight"] == e["weight"]
+    assert run.data.metrics["ensemble.blend.oof_macro_f1"] == pytest.approx(e["oof"]["blend"]["macro_f1"])
+    report = (run_dir / "report.md").read_text()
+    assert "## Ensemble" in report and f"{e['oof']['blend']['macro_f1']:.4f}" in report
+
+    pred = predict_file(run_dir / "model_final.zip", blend_run["val_file"], blend_run["tmp"] / "pred.jsonl",
+                        device="cpu")
+    assert pred["blend_weight"] == e["weight"]
+    rows = [json.loads(line) for line in (blend_run["tmp"] / "pred.jsonl").read_text().splitlines()]
+    expected = probs_of([val[r["id"]]["blend"] for r in rows], labels)
+    assert np.abs(probs_of([r["probs"] for r in rows], labels) - expected).max() <= 1e-5
+    scored = evaluate_file(run_dir / "model_final.zip", blend_run["val_file"], blend_run["tmp"] / "val.metrics.json",
+                           prefix="val_", device="cpu")
+    assert scored["val_macro_f1"] == pytest.approx(blend_run["metrics"]["val_macro_f1"])  # gates: the model itself
+    assert scored["ensemble"]["weight"] == e["weight"]
+    y = [labels.index(val[r["id"]]["label"]) for r in rows]
+    assert scored["ensemble"]["val_macro_f1"] == pytest.approx(scores(expected, y)["macro_f1"])
+
+    # Whatever weight this tiny run chose, an interior one blends both sides exactly as the run's components say.
+    meta["ensemble"]["weight"] = 0.5
+    (run_dir / "loralab.json").write_text(json.dumps(meta))
+    predict_file(run_dir, blend_run["val_file"], blend_run["tmp"] / "half.jsonl", device="cpu")
+    half = [json.loads(line) for line in (blend_run["tmp"] / "half.jsonl").read_text().splitlines()]
+    model = probs_of([val[r["id"]]["model"] for r in half], labels)
+    base = probs_of([val[r["id"]]["baseline"] for r in half], labels)
+    assert np.abs(probs_of([r["probs"] for r in half], labels) - blend(model, base, 0.5)).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_mlflow_model_serves_the_blend_and_a_tampered_baseline_is_refused(blend_run):
+    import shutil
+    import zipfile
+
+    import mlflow
+
+    from loralab.inference import load_exported
+    from loralab.reporting.compare import using_store
+
+    labels, val = blend_run["labels"], blend_run["val"]
+    rows = [json.loads(line) for line in blend_run["val_file"].read_text().splitlines()][:8]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{blend_run['tmp'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("loralab").experiment_id])
+    with using_store(f"sqlite:///{blend_run['tmp'] / 'mlflow.db'}"):
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    out = model.predict([{"id": r["id"], "features": r["features"]} for r in rows])
+    expected = probs_of([val[r["id"]]["blend"] for r in rows], labels)
+    assert np.abs(probs_of(out["probs"], labels) - expected).max() <= 1e-5
+
+    tampered = blend_run["tmp"] / "tampered"
+    with zipfile.ZipFile(blend_run["run_dir"] / "model_final.zip") as zf:
+        zf.extractall(tampered)
+    skops_file = tampered / BASELINE_FILE
+    data = bytearray(skops_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    skops_file.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=f"{BASELINE_FILE} does not match its sha256"):
+        load_exported(tampered)
+    shutil.rmtree(tampered / "baseline")
+    with pytest.raises(ExportError, match="baseline/ is missing"):
+        load_exported(tampered)

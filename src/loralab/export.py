@@ -7,6 +7,7 @@ Layout (in the run dir, and in ``model_final.zip`` for the parts ``export.zip_pa
     adapter/       PEFT adapter (LoRA + score head) for ``PeftModel.from_pretrained`` (LoRA runs only)
     base/          the base the adapter belongs to when it exists nowhere else (LoRA over a random-init base or one
                    the pretrain stage trained: ``ModelSource.local_base``)
+    baseline/      ``ensemble=blend`` only: the fitted scikit-learn baseline as ``model.skops`` (no pickle)
     loralab.json   labels, temperature, serialization, metrics, data hashes, versions, sha256 of every file
 """
 
@@ -176,13 +177,14 @@ def verify_export(out_dir: Path, reference: torch.Tensor, batch: dict[str, torch
 
 def export_model(model, tokenizer, out_dir: str | Path, batch: dict[str, torch.Tensor], *, meta: dict[str, Any],
                  base_location: str | None, save_base: bool, atol: float = 1e-4,
-                 trust_remote_code: bool = False) -> dict[str, Any]:
+                 trust_remote_code: bool = False, extra_parts: Sequence[str] = ()) -> dict[str, Any]:
     """Write merged/, adapter/ and base/ (as applicable) and ``loralab.json`` into ``out_dir``, then verify.
 
     ``model`` is the trained model (a ``PeftModel`` for LoRA runs) and is consumed: its adapter is unloaded.
     ``batch`` (input_ids, attention_mask) is what the reloaded forms must score like the in-memory model.
     ``save_base`` writes base/ (needed when the base exists nowhere else); otherwise ``base_location`` (hub id or
-    path) is where the adapter's base is loaded from, and is recorded.
+    path) is where the adapter's base is loaded from, and is recorded. ``extra_parts``: part dirs the caller wrote
+    and checked (``baseline/``), listed in the parts and the manifest like the weights.
     """
     out_dir = Path(out_dir)
     batch = {k: v for k, v in batch.items() if k != "labels"}
@@ -208,6 +210,7 @@ def export_model(model, tokenizer, out_dir: str | Path, batch: dict[str, torch.T
     diffs = verify_export(out_dir, reference, batch, atol=atol, base_location=base_location,
                           label_kwargs=labels_cfg, trust_remote_code=trust_remote_code, device=device,
                           adapter="adapter" in written)
+    written += list(extra_parts)
     meta = {"format": FORMAT, **meta, "parts": written,
             "base": {"saved_as": "base" if "base" in written else None,
                      "location": None if save_base else (str(base_location) if base_location else None),

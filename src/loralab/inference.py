@@ -29,11 +29,13 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
+from loralab.baseline import predict_proba
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
 from loralab.data.serialize import Json, Serializer, load_serializer
 from loralab.data.text import TokenizedRecords, TokenizedTexts, length_sorted_order
+from loralab.ensemble import blend, load_baseline, scores
 from loralab.export import (
     META_FILE,
     ExportError,
@@ -58,6 +60,7 @@ class Exported:
     tokenizer: Any
     meta: dict[str, Any]
     part: str  # which form was loaded: merged | adapter
+    baseline: Any = None  # ensemble=blend exports: the fitted scikit-learn baseline (from baseline/model.skops)
 
     @property
     def labels(self) -> list[str]:
@@ -66,6 +69,11 @@ class Exported:
     @property
     def temperature(self) -> float:
         return float(self.meta["temperature"])
+
+    @property
+    def blend_weight(self) -> float | None:
+        """The model's weight in the exported blend (``ensemble=blend``), else None: the model alone."""
+        return float(self.meta["ensemble"]["weight"]) if self.baseline is not None else None
 
     @cached_property
     def serializer(self) -> Serializer:
@@ -95,11 +103,17 @@ def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Expo
         model = PeftModel.from_pretrained(base, root / "adapter")
     else:
         raise ExportError(f"{root}: neither merged/ nor adapter/ present (parts in {META_FILE}: {meta.get('parts')})")
+    baseline = None
+    if ensemble := meta.get("ensemble"):
+        if "baseline" not in parts:
+            raise ExportError(f"{root}: {META_FILE} says ensemble={ensemble['method']} but baseline/ is missing (add "
+                              f"baseline to export.zip_parts or use the run dir)")
+        baseline = load_baseline(root / ensemble["baseline_file"])  # manifest-checked above; trusted types only
     tokenizer = AutoTokenizer.from_pretrained(root / part, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"  # the classifier pools the last non-pad token
     tokenizer.truncation_side = meta["serialization"]["truncation_side"]
     log.info("loaded %s/ from %s (labels %s, T=%.4f)", part, root, meta["labels"], meta["temperature"])
-    return Exported(model.to(device).eval(), tokenizer, meta, part)
+    return Exported(model.to(device).eval(), tokenizer, meta, part, baseline)
 
 
 def load_exported(path: str | Path, device: torch.device | str = "cpu", trust_remote_code: bool = False) -> Exported:
@@ -120,6 +134,18 @@ def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -
     meta = exported.meta
     ds = TokenizedRecords(records, exported.tokenizer, None, exported.serializer, meta["max_length"])
     return score_texts(exported.model, exported.tokenizer, ds, meta["max_length"], batch_size)
+
+
+def predict_probs(exported: Exported, records: Sequence[Record], batch_size: int = 64,
+                  logits: np.ndarray | None = None) -> np.ndarray:
+    """What an export serves per record: the calibrated probabilities, blended with the baseline's on the
+    features (the in-run baseline's feature table) when it was exported with ``ensemble=blend``. ``logits``:
+    ``score``'s output when the caller already has it."""
+    logits = score(exported, records, batch_size) if logits is None else logits
+    probs = probabilities(logits, exported.temperature)
+    if exported.baseline is None:
+        return probs
+    return blend(probs, predict_proba(exported.baseline, records, len(exported.labels)), exported.blend_weight)
 
 
 def score_texts(model, tokenizer, ds: TokenizedTexts, max_length: int, batch_size: int = 64) -> np.ndarray:
@@ -162,13 +188,14 @@ def predict_file(model: str | Path, input: str | Path, output: str | Path, batch
     if not records:
         raise DataError(f"{input}: no valid rows to score (dropped by reason: {dict(report.dropped)})")
     t0 = time.perf_counter()
-    probs = probabilities(score(exported, records, batch_size), exported.temperature)
+    probs = predict_probs(exported, records, batch_size)
     seconds = time.perf_counter() - t0
     labels = exported.labels
     write_rows(output, ({"id": r.id, "label": labels[int(p.argmax())], "probs": dict(zip(labels, p.tolist()))}
                         for r, p in zip(records, probs)))
     return {**report.as_dict(), "output": str(output), "model_part": exported.part,
-            "temperature": exported.temperature, "score_seconds": seconds, "rows_per_s": len(records) / seconds}
+            "temperature": exported.temperature, "blend_weight": exported.blend_weight, "score_seconds": seconds,
+            "rows_per_s": len(records) / seconds}
 
 
 def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
@@ -198,5 +225,9 @@ def evaluate_file(model: str | Path, input: str | Path, output: str | Path | Non
     metrics = {"temperature": exported.temperature, **scalars, "per_class": cls["per_class"],
                "confusion_matrix": cls["confusion_matrix"], "gates": evaluate_gates(scalars, gates),
                "input": report.as_dict(), "model_part": exported.part}
+    if exported.baseline is not None:  # what predict serves; the gates above judge the learned model itself
+        blended = predict_probs(exported, records, logits=logits)
+        metrics["ensemble"] = {"weight": exported.blend_weight, "choice": exported.meta["ensemble"]["choice"],
+                               **{prefix + k: v for k, v in scores(blended, y).items()}}
     atomic_write_json(output, metrics)
     return {**metrics, "output": str(output)}

@@ -140,6 +140,9 @@ def ensemble(cfg: DictConfig) -> None:
             f"task is {cfg.task.name} (use ensemble=none)")
     require(cfg.get("baseline") is not None, "ensemble", "blend", "needs the in-run baseline to blend with "
             "(baseline=hgb or logreg, not none)")
+    parts = cfg.export.zip_parts
+    require(parts == "auto" or "baseline" in parts, "export.zip_parts", parts,
+            "ensemble=blend serves the blend: the zip needs baseline (its skops file)")
 
 
 RULES: tuple[Callable[[DictConfig], None], ...] = (data_files, columns, class_weights, lora, pretrain, model, monitor,

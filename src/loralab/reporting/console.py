@@ -75,6 +75,17 @@ def baseline_verdict(metrics: Mapping[str, Any]) -> str | None:
             f"on this data the {name} baseline is the better model.")
 
 
+def ensemble_line(metrics: Mapping[str, Any]) -> str | None:
+    """``ensemble=blend``: out-of-fold macro-F1 of model, baseline and blend on val, and what the export serves."""
+    e = metrics.get("ensemble")
+    if not e:
+        return None
+    oof = {who: s["macro_f1"] for who, s in e["oof"].items()}
+    return (f"ensemble ({e['folds']}-fold out-of-fold on val): macro-F1 model {oof['model']:.4f}, baseline "
+            f"{oof['baseline']:.4f}, blend {oof['blend']:.4f}; the export serves {e['choice']} (model weight "
+            f"{e['weight']:g})")
+
+
 def _gate_text(gate: Mapping[str, Any] | None) -> str:
     return "" if gate is None else f"{GATE_MARK[gate['passed']]} ({escape(str(gate['rule']))})"
 
@@ -127,6 +138,8 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     verdict = baseline_verdict(m)
     if verdict:
         console.print(f"[bold red]{escape(verdict)}[/]")
+    if ensemble := ensemble_line(m):
+        console.print(escape(ensemble), soft_wrap=True)
     console.print(f"train {summary['train_samples_per_s']:.0f} samples/s on {summary['device']}, "
                   f"wall {summary['wall_time_s']:.0f} s")
     console.print(f"run dir: {summary['run_dir']}", soft_wrap=True)
@@ -147,6 +160,8 @@ def run_line(summary: Mapping[str, Any], job: str | None = None) -> str:
              f"{summary['epochs_run']} epochs)",
              (f"baseline macro-F1 {base:.4f}" + (" (model LOSES by more than 0.05)" if baseline_verdict(m) else ""))
              if base is not None else "no baseline",
+             *([f"ensemble {m['ensemble']['choice']} w={m['ensemble']['weight']:g} oof macro-F1 "
+                f"{m['ensemble']['oof']['blend']['macro_f1']:.4f}"] if m.get("ensemble") else []),
              f"gates {verdicts.count(True)}/{len(verdicts)} pass",
              f"{summary['wall_time_s']:.0f} s", str(summary["run_dir"])]
     if summary.get("run_id"):

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from loralab.fs import atomic_write_text
-from loralab.reporting.console import baseline_verdict, best_point, test_value
+from loralab.reporting.console import baseline_verdict, best_point, ensemble_line, test_value
 from loralab.reporting.plots import make_plots
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,22 @@ def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
+    """``ensemble=blend``: model, baseline and blend side by side, out of fold on val, and what the export serves."""
+    e = metrics.get("ensemble")
+    if not e:
+        return []
+    out = ["## Ensemble (model + baseline blend)", "", ensemble_line(metrics) + ".", ""]
+    out += _table(["", "out-of-fold macro-F1", "accuracy", "log-loss"],
+                  [(who, s["macro_f1"], s["accuracy"], s["log_loss"]) for who, s in e["oof"].items()])
+    out += [f"Blend: softmax(w·log p_model + (1−w)·log p_baseline), w on a grid of {len(e['grid'])} from 0 to 1 "
+            f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} stratified folds, each "
+            f"scored with the temperature and weight fit on the other folds (fold weights "
+            f"{', '.join(f'{w:g}' for w in e['fold_weights'])}); the exported weight {e['weight']:g} is chosen on "
+            f"the whole val split. The gates above judge the learned model itself.", ""]
+    return out
+
+
 def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any], summary: Mapping[str, Any],
                   plots: Mapping[str, str], overrides: Sequence[str] | None, run_id: str | None,
                   tracking_uri: str | None, run_dir: str) -> str:
@@ -128,7 +144,7 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
         out += ["Not run through Hydra: no overrides recorded.", ""]
     else:
         out += ["```", *(overrides or ["(none: defaults only)"]), "```", ""]
-    out += _data_section(data_report) + _metrics_section(metrics)
+    out += _data_section(data_report) + _metrics_section(metrics) + _ensemble_section(metrics)
     out += ["## Plots", ""]
     for name, rel in plots.items():
         out += [f"### {PLOT_TITLES.get(name, name)}", "", f"![{name}]({rel})", ""]

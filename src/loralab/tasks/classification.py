@@ -15,11 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from loralab.baseline import fit_baseline
+from loralab.baseline import fit_baseline, fit_estimator, predict_proba
 from loralab.core.loaders import TaskData, eval_loader
 from loralab.data.balance import class_counts
 from loralab.data.demo import write_demo
-from loralab.data.records import RowFormat, load_records
+from loralab.data.records import Record, RowFormat, load_records
 from loralab.data.serialize import Json, serialize_records
 from loralab.data.splits import build_splits, test_overlap
 from loralab.data.text import TokenizedRecords
@@ -30,7 +30,13 @@ from loralab.metrics import classification_metrics
 from loralab.reporting.provenance import code_version
 from loralab.reporting.report import write_reports
 from loralab.tasks.base import Task
-from loralab.tasks.classification_export import best_epoch_report, export, test_report, zip_parts
+from loralab.tasks.classification_export import (
+    best_epoch_report,
+    export,
+    save_blend_baseline,
+    test_report,
+    zip_parts,
+)
 from loralab.tasks.text_model import load_text_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -116,11 +122,25 @@ class Classification(Task):
         b = self.cfg.get("baseline")
         if b is None:
             return None
-        result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed,
-                              OmegaConf.to_container(b.params, resolve=True), b.get("threads"))
+        params = OmegaConf.to_container(b.params, resolve=True)
+        fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.cfg.seed, params, b.get("threads"))
+        self.baseline_model = fitted[0] if fitted else None  # ensemble=blend serves it beside the model
+        result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed, params,
+                              b.get("threads"), fitted=fitted)
         if result:
             self.ctx.tracker.log_metrics({f"baseline.{k}": v for k, v in result["scalars"].items()})
         return result
+
+    def _blend_inputs(self, val_loader: DataLoader) -> tuple[np.ndarray, list[Record]] | None:
+        """ensemble=blend: the baseline's val probabilities and the val records, both in the loader's order (the
+        order of the model's val logits); None when there is nothing to blend."""
+        if self.cfg.get("ensemble") is None:
+            return None
+        if getattr(self, "baseline_model", None) is None:
+            log.warning("ensemble=blend: the baseline was not fitted, so the model is exported alone")
+            return None
+        rows = [self.splits.val[i] for i in val_loader.sampler]
+        return predict_proba(self.baseline_model, rows, len(self.labels), self.cfg.baseline.get("threads")), rows
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
         """Train rows before oversampling (each text once); extra files (any data.format) need no label."""
@@ -144,11 +164,13 @@ class Classification(Task):
         the MLflow model, reports and plots."""
         from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
 
-        metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline)
+        blend_inputs = self._blend_inputs(val_loader)
+        metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline, blend_inputs)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx)
+        extra = save_blend_baseline(self.ctx.out_dir, self.baseline_model, *blend_inputs) if blend_inputs else []
         artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx,
-                           self.serializer)
+                           self.serializer, extra_parts=extra)
         e, out_dir = self.cfg.export, self.ctx.out_dir
         model_uri = log_classifier(self.ctx.tracker, out_dir, zip_parts(out_dir, e.zip_parts, e.max_size_mb),
                                    self.splits.val, code_version(summary["provenance"])["packages"])

@@ -7,15 +7,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.baseline import predict_proba
 from loralab.calibrate import calibrate, calibration_metrics, probabilities, reliability_diagram
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.trainer import predict_logits
+from loralab.data.records import write_rows
 from loralab.data.serialize import Json, Serializer
+from loralab.ensemble import BASELINE_FILE, cross_fit, load_baseline, save_baseline
+from loralab.errors import ExportError
 from loralab.export import export_model, zip_dir
-from loralab.fs import atomic_write_json, sha256_file
+from loralab.fs import atomic_dir, atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.reporting.provenance import code_version
 from loralab.tasks.base import RunContext
@@ -26,8 +31,10 @@ CALIBRATION_KEYS = ("val_nll", "val_ece", "val_brier", "temperature")
 
 
 def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any], ctx: RunContext,
-                      baseline: dict[str, Any] | None) -> dict[str, Any]:
-    """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``)."""
+                      baseline: dict[str, Any] | None, blend_inputs: tuple[np.ndarray, list] | None = None
+                      ) -> dict[str, Any]:
+    """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``); with ``blend_inputs`` (the
+    baseline's val probabilities and the val records, in the loader's order) the ensemble's report too."""
     labels, best_epoch = list(cfg.data.labels), summary["best_epoch"]
     logits, y = predict_logits(model, val_loader, ctx.device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
@@ -43,12 +50,46 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
     metrics = {"best_epoch": best_epoch, **report["scalars"], "val_loss": best["val_loss"], **calib.pop("scalars"),
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
+    if blend_inputs is not None:
+        metrics["ensemble"] = ensemble_report(cfg, logits, y, metrics["temperature"], *blend_inputs, ctx)
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
     ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
     ctx.tracker.log_metrics(calibration_scalars(metrics), step=best_epoch)
     ctx.tracker.log_artifact(plot, "plots")
     ctx.tracker.set_tags({"gates_passed": all(g["passed"] is not False for g in gates.values())})
     return metrics
+
+
+def ensemble_report(cfg: DictConfig, logits: np.ndarray, y: np.ndarray, temperature: float, base_probs: np.ndarray,
+                    rows: list, ctx: RunContext) -> dict[str, Any]:
+    """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
+    ``ensemble_val.jsonl``: per val row the model's, the baseline's and the exported blend's probabilities."""
+    e, labels = cfg.ensemble, list(cfg.data.labels)
+    report, blended = cross_fit(logits, base_probs, y, temperature=temperature, k=e.folds, seed=cfg.seed,
+                                grid=e.grid, select=e.select, calibrate=cfg.calibration.method != "none",
+                                t_bounds=list(cfg.calibration.t_bounds))
+    model_probs = probabilities(logits, temperature)
+    write_rows(ctx.out_dir / "ensemble_val.jsonl", (
+        {"id": r.id, "label": r.label, **{who: dict(zip(labels, p.tolist())) for who, p in
+                                          (("model", m), ("baseline", b), ("blend", x))}}
+        for r, m, b, x in zip(rows, model_probs, base_probs, blended)))
+    ctx.tracker.log_metrics({"ensemble.weight": report["weight"],
+                             **{f"ensemble.{who}.oof_{k}": v for who, s in report["oof"].items() for k, v in s.items()}})
+    ctx.tracker.set_tags({"ensemble.choice": report["choice"]})
+    return report
+
+
+def save_blend_baseline(out_dir: Path, baseline_model, base_probs: np.ndarray, rows: list) -> list[str]:
+    """The fitted baseline as ``baseline/model.skops``, reloaded and checked to give the val probabilities the
+    blend was chosen with (the weights' own check is ``export_model``'s); returns the part to list in the manifest."""
+    with atomic_dir(out_dir / "baseline") as tmp:
+        save_baseline(baseline_model, tmp / Path(BASELINE_FILE).name)
+    reloaded = predict_proba(load_baseline(out_dir / BASELINE_FILE), rows, base_probs.shape[1])
+    if not np.array_equal(reloaded, base_probs):
+        raise ExportError(f"export verification failed: {BASELINE_FILE} reloaded scores the val rows differently "
+                          f"(max abs diff {np.abs(reloaded - base_probs).max():.3e})")
+    log.info("export check: %s reproduces the baseline's val probabilities exactly", BASELINE_FILE)
+    return ["baseline"]
 
 
 def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext
@@ -94,13 +135,13 @@ def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
     merged weights (GBs) stay in the run dir instead of failing a finished run at the last step."""
     if parts != "auto":
         return [p for p in parts if (out_dir / p).exists()]
-    present = [p for p in ("merged", "adapter", "base", "loralab.json") if (out_dir / p).exists()]
+    present = [p for p in ("merged", "adapter", "base", "baseline", "loralab.json") if (out_dir / p).exists()]
     size_mb = sum(f.stat().st_size for p in present for f in (out_dir / p).rglob("*") if f.is_file()) / 2**20
     if size_mb <= max_mb or "adapter" not in present:
         return present
     log.warning("export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter "
                 "(merged/ stays in the run dir)", size_mb, max_mb)
-    return ["adapter", "loralab.json"]
+    return [p for p in ("adapter", "baseline", "loralab.json") if p in present]
 
 
 def serialization(serializer, source) -> dict[str, Any]:
@@ -131,13 +172,15 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
         "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
                   "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
                   "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
+        "ensemble": {k: metrics["ensemble"][k] for k in ("method", "choice", "weight", "baseline_file",
+                                                         "trusted_types")} if metrics.get("ensemble") else None,
         **code_version(prov)}
 
 
 def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[str, Any], summary: dict[str, Any],
-           ctx: RunContext, serializer: Serializer | None = None) -> list[Path]:
-    """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip.
-    Returns the files for MLflow."""
+           ctx: RunContext, serializer: Serializer | None = None, extra_parts: list[str] | None = None) -> list[Path]:
+    """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip;
+    ``extra_parts``: part dirs already written (``baseline``) for the manifest. Returns the files for MLflow."""
     out_dir, e = ctx.out_dir, cfg.export
     serializer = serializer or Json(cfg.data.template)
     save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
@@ -151,8 +194,10 @@ def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[
     model = model.to("cpu", torch.float32)
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
                  meta=export_meta(cfg, source, metrics, summary, serializer), base_location=source.location,
-                 save_base=source.local_base, atol=e.verify_atol, trust_remote_code=source.trust_remote_code)
-    artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json")]
+                 save_base=source.local_base, atol=e.verify_atol, trust_remote_code=source.trust_remote_code,
+                 extra_parts=extra_parts or [])
+    artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json",
+                                       *(["ensemble_val.jsonl"] if extra_parts else []))]
     if e.zip:
         artifacts.append(zip_dir(out_dir, out_dir / "model_final.zip", e.max_size_mb,
                                  include=zip_parts(out_dir, e.zip_parts, e.max_size_mb)))

@@ -72,8 +72,7 @@ class Classifier(PythonModel):
         self.exported = load_exported(Path(context.artifacts[META_FILE]).parent, resolve_device("auto"))
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        from loralab.calibrate import probabilities
-        from loralab.inference import score
+        from loralab.inference import predict_probs
 
         exported = self.exported
         records: list[Record] = []
@@ -84,7 +83,7 @@ class Classifier(PythonModel):
             records.append(record)
         if not records:
             return pd.DataFrame(columns=["id", "label", "probs"])
-        probs = probabilities(score(exported, records, BATCH_SIZE), exported.temperature)
+        probs = predict_probs(exported, records, BATCH_SIZE)  # with ensemble=blend: the blend, as predict serves
         labels = exported.labels
         return pd.DataFrame({"id": [r.id for r in records], "label": [labels[int(p.argmax())] for p in probs],
                              "probs": [dict(zip(labels, p.tolist())) for p in probs]})
@@ -95,6 +94,7 @@ def log_classifier(tracker, out_dir: Path, parts: Sequence[str], examples: Seque
     """Log the export in ``out_dir`` as the run's MLflow model: ``loralab.json`` and ``merged/`` (or, when merged
     was left out of ``parts``, the adapter and a random base). Returns the model's URI."""
     chosen = ["merged"] if "merged" in parts else [p for p in parts if p in ("adapter", "base")]
+    chosen += [p for p in parts if p == "baseline"]  # ensemble=blend: the skops baseline the blend needs
     example = pd.DataFrame([{"id": r.id, "features": r.features} for r in examples[:EXAMPLE_ROWS]])
     return tracker.log_model(CODE / "classifier.py", {p: out_dir / p for p in (META_FILE, *chosen)},
                              CLASSIFIER_SIGNATURE, example, requirements(packages))
