@@ -34,7 +34,7 @@ def no_hydra_app():
 def test_every_group_has_been_found():
     groups = {g for g, _ in GROUP_OPTIONS}
     assert {"task", "data", "lora", "pretrain", "model", "loss", "optim", "trainer", "hardware", "tracking",
-            "calibration", "export", "distributed", "baseline", "sweep", "experiment", "serialize"} <= groups
+            "calibration", "export", "distributed", "baseline", "sweep", "experiment", "serialize", "ensemble"} <= groups
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -176,6 +176,12 @@ BAD_VALUES = [
     (["export.zip_parts=[merged,loralab.json,weights]"], "export.zip_parts", "weights", "allowed parts"),
     (["export.max_size_mb=0"], "export.max_size_mb", "0", "> 0"),
     (["baseline.name=xgb"], "baseline.name", "'xgb'", "hgb, logreg"),
+    (["ensemble=blend", "baseline=none"], "ensemble", "'blend'", "needs the in-run baseline"),
+    (["ensemble=blend", "ensemble.folds=1"], "ensemble.folds", "1", ">= 2"),
+    (["ensemble=blend", "ensemble.select=auc"], "ensemble.select", "'auc'", "macro_f1, log_loss"),
+    (["ensemble=blend", "export.zip_parts=[merged,loralab.json]"], "export.zip_parts", "merged",
+     "the zip needs baseline"),
+    (["experiment=marketsentinel", "ensemble=blend"], "ensemble", "'blend'", "task is tabular_regression"),
     (["distributed.backend=mpi"], "distributed.backend", "'mpi'", "auto, nccl, gloo"),
     (["task=text_regression"], "data", "demo|jsonl", "does not fit task text_regression"),
     (["experiment=marketsentinel", "model.hidden_dim=0"], "model.hidden_dim", "0", "must be > 0"),
