@@ -56,9 +56,21 @@ def collect(run_dir: Path, name: str, serializer: str, overrides: list[str]) -> 
             "hgb_macro_f1": base, "gap": metrics["val_macro_f1"] - base, "best_epoch": summary["best_epoch"],
             "epochs_run": summary["epochs_run"], "optimizer_steps": summary["optimizer_steps"],
             "stop_reason": summary["stop_reason"], "wall_time_s": summary["wall_time_s"],
-            "overrides": overrides, "run_dir": str(run_dir), "example": data["serialization"]["example"][:160],
+            **ensemble_result(metrics), "overrides": overrides, "run_dir": str(run_dir), "example": data["serialization"]["example"][:160],
             "host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def ensemble_result(metrics: dict) -> dict:
+    """``ensemble=blend`` runs: out-of-fold macro-F1 of model, baseline and blend, the weight, and the issue-19 goal
+    (blend >= max(model, baseline) - 0.01)."""
+    e = metrics.get("ensemble")
+    if not e:
+        return {}
+    oof = {who: s["macro_f1"] for who, s in e["oof"].items()}
+    return {"ensemble": {"oof_macro_f1": oof, "weight": e["weight"], "choice": e["choice"], "folds": e["folds"],
+                         "fold_weights": e["fold_weights"], "select": e["select"],
+                         "goal_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01}}
 
 
 def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat: int, seed: int = 42) -> list[dict]:
@@ -132,6 +144,14 @@ def table(results: list[dict]) -> str:
                      f"{r['tokens_per_record']:.1f} | {r['train_samples_per_s']:.1f} | {r['val_macro_f1']:.3f} | "
                      f"{r['hgb_macro_f1']:.3f} | {r['gap']:+.3f} | {r['best_epoch']} / {r['epochs_run']} "
                      f"({r['optimizer_steps']}) |")
+    blends = [r for r in results if r.get("ensemble")]
+    if blends:
+        lines += ["", "| set | serialize | OOF macro-F1 model | baseline | blend | weight (choice) | blend >= max - 0.01 |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in blends:
+            e, oof = r["ensemble"], r["ensemble"]["oof_macro_f1"]
+            lines.append(f"| {r['set']} | {r['serialize']} | {oof['model']:.3f} | {oof['baseline']:.3f} | "
+                         f"{oof['blend']:.3f} | {e['weight']:g} ({e['choice']}) | {'yes' if e['goal_met'] else 'NO'} |")
     return "\n".join(lines)
 
 
