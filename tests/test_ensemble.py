@@ -117,6 +117,32 @@ def test_baseline_round_trips_through_skops_and_untrusted_types_are_refused(tmp_
         load_baseline(tmp_path / "junk.skops")
 
 
+def test_console_report_and_run_line_show_model_baseline_and_blend_side_by_side():
+    from rich.console import Console
+
+    from loralab.reporting.console import print_summary, run_line
+    from loralab.reporting.report import render_report
+
+    y, base = tabular(5)
+    report, _ = cross_fit(synthetic_model_logits(y, 1.0, seed=6), base, y, temperature=1.0, k=3, seed=0)
+    m = {"val_macro_f1": report["oof"]["model"]["macro_f1"], "gates": {}, "best_epoch": 1, "ensemble": report,
+         "baseline": {"name": "hgb", "train_rows": 540, "fit_time_s": 0.1,
+                      "scalars": {"val_macro_f1": report["oof"]["baseline"]["macro_f1"]}}}
+    summary = {"best_epoch": 1, "epochs_run": 1, "stop_reason": "max_epochs", "metrics": m, "run_dir": "/r",
+               "train_samples_per_s": 10.0, "device": "cpu", "wall_time_s": 1.0, "objective_key": "val_macro_f1",
+               "objective": m["val_macro_f1"]}
+    oof = {who: f"{s['macro_f1']:.4f}" for who, s in report["oof"].items()}
+    console = Console(record=True, width=250)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert (f"macro-F1 model {oof['model']}, baseline {oof['baseline']}, blend {oof['blend']}; the export serves "
+            f"{report['choice']} (model weight {report['weight']:g})") in text
+    assert f"ensemble {report['choice']} w={report['weight']:g} oof macro-F1 {oof['blend']}" in run_line(summary)
+    md = render_report(metrics=m, data_report={}, summary=summary, plots={}, overrides=None, run_id=None,
+                       tracking_uri=None, run_dir="/r")
+    assert f"| blend | {oof['blend']} |" in md and "fold weights" in md
+
+
 # --- one tiny run with ensemble=blend ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
