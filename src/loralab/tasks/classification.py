@@ -5,6 +5,7 @@ calibration, the best-epoch report and a verified export."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -169,6 +170,8 @@ class Classification(Task):
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx)
         extra = save_blend_baseline(self.ctx.out_dir, self.baseline_model, *blend_inputs) if blend_inputs else []
+        if not blend_inputs and (self.ctx.out_dir / "baseline").is_dir():  # an earlier blend run's, in this run dir
+            shutil.rmtree(self.ctx.out_dir / "baseline")  # zip_parts would ship it beside a model-only export
         artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx,
                            self.serializer, extra_parts=extra)
         e, out_dir = self.cfg.export, self.ctx.out_dir
