@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from loralab.ensemble import (
     BASELINE_FILE,
     blend,
+    calibrated_baseline,
     choose_weight,
     cross_fit,
     folds,
@@ -217,6 +218,7 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run):
     half = [json.loads(line) for line in (blend_run["tmp"] / "half.jsonl").read_text().splitlines()]
     model = probs_of([val[r["id"]]["model"] for r in half], labels)
     base = probs_of([val[r["id"]]["baseline"] for r in half], labels)
+    base = calibrated_baseline(base, e["baseline_temperature"])
     assert np.abs(probs_of([r["probs"] for r in half], labels) - blend(model, base, 0.5)).max() <= 1e-5
 
 

@@ -1,13 +1,14 @@
 """Blending the learned classifier with the in-run scikit-learn baseline (``ensemble=blend``), measured honestly.
 
-The blend is a weighted geometric mean of the two calibrated probability vectors,
+The blend is a weighted geometric mean of the two calibrated probability vectors (each side's temperature fit on
+val, the baseline's on the log of its probabilities),
 ``softmax(w * log p_model + (1 - w) * log p_baseline)``, with ``w`` from a grid over [0, 1] (1: the model alone,
 0: the baseline alone). Fine-tuned LMs tend to lose to gradient-boosted trees on numeric tables and fusing the two
 beats both (LLM-Boost, arXiv 2502.02672); one weight is all a few hundred val rows can choose without overfitting.
 
 The only labelled rows neither model trained on are the val split's, so the weight is chosen there and its worth
-is reported by cross-fitting: the val split is cut into k stratified folds; for each fold the model's temperature
-and the weight are fit on the other k-1 folds and the held-out fold is scored with them. The out-of-fold metrics of
+is reported by cross-fitting: the val split is cut into k stratified folds; for each fold both temperatures and
+the weight are fit on the other k-1 folds and the held-out fold is scored with them. The out-of-fold metrics of
 model, baseline and blend are therefore never scored on rows that chose anything. The exported weight is then
 chosen on the whole val split (with the run's own temperature). The fitted baseline travels with the export as a
 skops file, which loads without unpickling: only the types in ``TRUSTED_TYPES`` are accepted beyond skops' own.
@@ -54,6 +55,14 @@ def blend(model_probs: np.ndarray, base_probs: np.ndarray, weight: float) -> np.
     return softmax(z, axis=1)
 
 
+def calibrated_baseline(base_probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The baseline's probabilities with a temperature on their logs, ``softmax(log p / T)``: boosted trees fit with
+    class weights are often over- or under-confident, and the blend should mix calibrated evidence on both sides."""
+    if temperature == 1.0:  # calibration=none: the baseline's own probabilities, as is
+        return np.asarray(base_probs, dtype=np.float64)
+    return probabilities(np.log(np.clip(base_probs, EPS, 1.0)), temperature)
+
+
 def scores(probs: np.ndarray, y: Sequence[int]) -> dict[str, float]:
     """macro-F1 and accuracy of the argmax (as ``classification_metrics`` scores the model) and the log-loss."""
     names = [str(i) for i in range(probs.shape[1])]
@@ -92,34 +101,40 @@ def cross_fit(model_logits: np.ndarray, base_probs: np.ndarray, y: Sequence[int]
     the exported blend's val probabilities.
 
     ``model_logits``: the model's raw val logits (log-probabilities do as well, with ``calibrate=False``);
-    ``temperature``: the run's, fit on the whole val split, used for the exported weight only; each fold refits
-    its own on its k-1 training folds when ``calibrate``. ``fold_rows``: the held-out indices (default ``folds``).
+    ``base_probs``: the baseline's raw probabilities; ``temperature``: the model's, fit on the whole val split, used
+    for the exported weight only. With ``calibrate`` each fold refits the model's and the baseline's temperature on
+    its k-1 training folds, and the baseline's exported one is fit on all of val; without, both stay 1.
+    ``fold_rows``: the held-out indices (default ``folds``).
     """
     logits, base_probs, y = np.asarray(model_logits, np.float64), np.asarray(base_probs, np.float64), np.asarray(y)
     weights = weight_grid(grid)
     fold_rows = list(fold_rows) if fold_rows is not None else folds(y, k, seed)
-    oof_model, oof_blend = np.zeros_like(base_probs), np.zeros_like(base_probs)
+    base_logs = np.log(np.clip(base_probs, EPS, 1.0))
+    oof = {who: np.zeros_like(base_probs) for who in ("model", "baseline", "blend")}
     fold_weights, fold_temps = [], []
     for held_out in fold_rows:
         fit = np.setdiff1d(np.arange(len(y)), held_out)
-        t = fit_temperature(logits[fit], y[fit], t_bounds) if calibrate else 1.0
-        probs = probabilities(logits, t)
-        w = choose_weight(probs[fit], base_probs[fit], y[fit], weights, select)
-        oof_model[held_out] = probs[held_out]
-        oof_blend[held_out] = blend(probs[held_out], base_probs[held_out], w)
+        t_model, t_base = ((fit_temperature(z[fit], y[fit], t_bounds) if calibrate else 1.0)
+                           for z in (logits, base_logs))
+        probs, base = probabilities(logits, t_model), calibrated_baseline(base_probs, t_base)
+        w = choose_weight(probs[fit], base[fit], y[fit], weights, select)
+        oof["model"][held_out], oof["baseline"][held_out] = probs[held_out], base[held_out]
+        oof["blend"][held_out] = blend(probs[held_out], base[held_out], w)
         fold_weights.append(w)
-        fold_temps.append(t)
-    model_probs = probabilities(logits, temperature)
-    weight = choose_weight(model_probs, base_probs, y, weights, select)
+        fold_temps.append({"model": t_model, "baseline": t_base})
+    t_base = fit_temperature(base_logs, y, t_bounds) if calibrate else 1.0
+    model_probs, base = probabilities(logits, temperature), calibrated_baseline(base_probs, t_base)
+    weight = choose_weight(model_probs, base, y, weights, select)
     choice = "model" if weight == 1.0 else "baseline" if weight == 0.0 else "blend"
-    oof = {"model": scores(oof_model, y), "baseline": scores(base_probs, y), "blend": scores(oof_blend, y)}
-    report = {"method": "blend", "choice": choice, "weight": weight, "select": select, "grid": weights,
-              "folds": len(fold_rows), "rows": len(y), "fold_weights": fold_weights, "fold_temperatures": fold_temps,
-              "oof": oof, "baseline_file": BASELINE_FILE, "trusted_types": list(TRUSTED_TYPES)}
+    oof = {who: scores(p, y) for who, p in oof.items()}
+    report = {"method": "blend", "choice": choice, "weight": weight, "baseline_temperature": t_base,
+              "select": select, "grid": weights, "folds": len(fold_rows), "rows": len(y),
+              "fold_weights": fold_weights, "fold_temperatures": fold_temps, "oof": oof,
+              "baseline_file": BASELINE_FILE, "trusted_types": list(TRUSTED_TYPES)}
     log.info("ensemble: out-of-fold macro-F1 model %.4f, baseline %.4f, blend %.4f (%d folds of %d val rows); "
              "exported weight %.2f -> %s", oof["model"]["macro_f1"], oof["baseline"]["macro_f1"],
              oof["blend"]["macro_f1"], len(fold_rows), len(y), weight, choice)
-    return report, blend(model_probs, base_probs, weight)
+    return report, blend(model_probs, base, weight)
 
 
 def save_baseline(model: Any, path: str | Path) -> Path:

@@ -35,7 +35,7 @@ from loralab.core.device import resolve_device
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
 from loralab.data.serialize import Json, Serializer, load_serializer
 from loralab.data.text import TokenizedRecords, TokenizedTexts, length_sorted_order
-from loralab.ensemble import blend, load_baseline, scores
+from loralab.ensemble import blend, calibrated_baseline, load_baseline, scores
 from loralab.export import (
     META_FILE,
     ExportError,
@@ -145,7 +145,9 @@ def predict_probs(exported: Exported, records: Sequence[Record], batch_size: int
     probs = probabilities(logits, exported.temperature)
     if exported.baseline is None:
         return probs
-    return blend(probs, predict_proba(exported.baseline, records, len(exported.labels)), exported.blend_weight)
+    base = calibrated_baseline(predict_proba(exported.baseline, records, len(exported.labels)),
+                               float(exported.meta["ensemble"]["baseline_temperature"]))
+    return blend(probs, base, exported.blend_weight)
 
 
 def score_texts(model, tokenizer, ds: TokenizedTexts, max_length: int, batch_size: int = 64) -> np.ndarray:

@@ -108,9 +108,10 @@ def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
                   [(who, s["macro_f1"], s["accuracy"], s["log_loss"]) for who, s in e["oof"].items()])
     out += [f"Blend: softmax(w·log p_model + (1−w)·log p_baseline), w on a grid of {len(e['grid'])} from 0 to 1 "
             f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} stratified folds, each "
-            f"scored with the temperature and weight fit on the other folds (fold weights "
-            f"{', '.join(f'{w:g}' for w in e['fold_weights'])}); the exported weight {e['weight']:g} is chosen on "
-            f"the whole val split. The gates above judge the learned model itself.", ""]
+            f"scored with the temperatures (model and baseline) and the weight fit on the other folds (fold weights "
+            f"{', '.join(f'{w:g}' for w in e['fold_weights'])}); the exported weight {e['weight']:g} and baseline "
+            f"temperature {e['baseline_temperature']:.3f} are chosen on the whole val split. The gates above judge "
+            f"the learned model itself.", ""]
     return out
 
 

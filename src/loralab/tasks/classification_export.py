@@ -63,7 +63,8 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
 def ensemble_report(cfg: DictConfig, logits: np.ndarray, y: np.ndarray, temperature: float, base_probs: np.ndarray,
                     rows: list, ctx: RunContext) -> dict[str, Any]:
     """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
-    ``ensemble_val.jsonl``: per val row the model's, the baseline's and the exported blend's probabilities."""
+    ``ensemble_val.jsonl``: per val row the model's (calibrated), the baseline's (as it predicts them, before its
+    temperature) and the exported blend's probabilities."""
     e, labels = cfg.ensemble, list(cfg.data.labels)
     report, blended = cross_fit(logits, base_probs, y, temperature=temperature, k=e.folds, seed=cfg.seed,
                                 grid=e.grid, select=e.select, calibrate=cfg.calibration.method != "none",
@@ -172,8 +173,8 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
         "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
                   "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
                   "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
-        "ensemble": {k: metrics["ensemble"][k] for k in ("method", "choice", "weight", "baseline_file",
-                                                         "trusted_types")} if metrics.get("ensemble") else None,
+        "ensemble": {k: metrics["ensemble"][k] for k in ("method", "choice", "weight", "baseline_temperature",
+                                                         "baseline_file", "trusted_types")} if metrics.get("ensemble") else None,
         **code_version(prov)}
 
 
