@@ -176,9 +176,10 @@ def probs_of(rows: list[dict], labels: list[str]) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run):
+def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, capsys):
     from mlflow.tracking import MlflowClient
 
+    from loralab.cli.predict import main as loralab_predict
     from loralab.inference import evaluate_file, predict_file
 
     run_dir, labels, val = blend_run["run_dir"], blend_run["labels"], blend_run["val"]
@@ -198,9 +199,9 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run):
     report = (run_dir / "report.md").read_text()
     assert "## Ensemble" in report and f"{e['oof']['blend']['macro_f1']:.4f}" in report
 
-    pred = predict_file(run_dir / "model_final.zip", blend_run["val_file"], blend_run["tmp"] / "pred.jsonl",
-                        device="cpu")
-    assert pred["blend_weight"] == e["weight"]
+    assert loralab_predict([f"model={run_dir / 'model_final.zip'}", f"input={blend_run['val_file']}",
+                            f"output={blend_run['tmp'] / 'pred.jsonl'}", "device=cpu"]) == 0
+    assert f"probs: model + baseline blend, model weight {e['weight']:g}" in capsys.readouterr().out
     rows = [json.loads(line) for line in (blend_run["tmp"] / "pred.jsonl").read_text().splitlines()]
     expected = probs_of([val[r["id"]]["blend"] for r in rows], labels)
     assert np.abs(probs_of([r["probs"] for r in rows], labels) - expected).max() <= 1e-5

@@ -35,6 +35,9 @@ def evaluate(args: EvaluateArgs) -> None:
     print(f"{m['input']['rows_kept']} rows ({m['input']['rows_dropped']} dropped): macro-F1 {m[p + 'macro_f1']:.4f}, "
           f"accuracy {m[p + 'accuracy']:.4f}, NLL {m[p + 'nll']:.4f} -> {m[p + 'nll_calibrated']:.4f} at "
           f"T={m['temperature']:.3f}; ECE {m[p + 'ece']:.4f} -> {m[p + 'ece_calibrated']:.4f} -> {m['output']}")
+    if e := m.get("ensemble"):  # what predict serves for this export: the model blended with its baseline
+        print(f"served blend (model weight {e['weight']:g}): macro-F1 {e[p + 'macro_f1']:.4f}, accuracy "
+              f"{e[p + 'accuracy']:.4f}, log-loss {e[p + 'log_loss']:.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,7 +56,9 @@ def predict(args: PredictArgs) -> None:
     stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code,
                          args.columns, args.max_row_bytes)
     print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
-          f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}")
+          f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}"
+          + (f"; probs: model + baseline blend, model weight {stats['blend_weight']:g}"
+             if stats["blend_weight"] is not None else ""))
     if stats["rows_dropped"]:
         print(f"dropped {stats['rows_dropped']} rows: " + ", ".join(
             f"{reason}={n} (first at line {stats['first_line_by_reason'][reason]})"
