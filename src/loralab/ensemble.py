@@ -1,16 +1,16 @@
 """Blending the learned classifier with the in-run scikit-learn baseline (``ensemble=blend``), measured honestly.
 
-The blend is a weighted geometric mean of the two calibrated probability vectors (each side's temperature fit on
-val, the baseline's on the log of its probabilities),
-``softmax(w * log p_model + (1 - w) * log p_baseline)``, with ``w`` from a grid over [0, 1] (1: the model alone,
-0: the baseline alone). Fine-tuned LMs tend to lose to gradient-boosted trees on numeric tables and fusing the two
+The blend is a weighted geometric mean of the two calibrated probability vectors (a temperature per side, the
+baseline's on the log of its probabilities), ``softmax(w * log p_model + (1 - w) * log p_baseline)``, with ``w``
+from a grid over [0, 1] (1: the model alone, 0: the baseline alone). Fine-tuned LMs tend to lose to gradient-boosted trees on numeric tables and fusing the two
 beats both (LLM-Boost, arXiv 2502.02672); one weight is all a few hundred val rows can choose without overfitting.
 
 The only labelled rows neither model trained on are the val split's, so the weight is chosen there and its worth
 is reported by cross-fitting: the val split is cut into k stratified folds; for each fold both temperatures and
 the weight are fit on the other k-1 folds and the held-out fold is scored with them. The out-of-fold metrics of
-model, baseline and blend are therefore never scored on rows that chose anything. The exported weight is then
-chosen on the whole val split (with the run's own temperature). The fitted baseline travels with the export as a
+model, baseline and blend are never scored on rows that chose their temperature or weight (the model's best epoch
+is still chosen on val, by early stopping). The exported weight and baseline temperature are then fit on the whole
+val split, beside the run's own model temperature. The fitted baseline travels with the export as a
 skops file, which loads without unpickling: only the types in ``TRUSTED_TYPES`` are accepted beyond skops' own.
 """
 
