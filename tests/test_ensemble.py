@@ -152,12 +152,15 @@ def blend_run(tmp_path_factory) -> dict:
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF_DIR
-    from loralab.data.demo import write_demo
+    from loralab.data.demo import make_rows, write_demo
+    from loralab.data.records import write_rows
     from loralab.lifecycle import run as train
 
     tmp = tmp_path_factory.mktemp("blend")
     train_file, val_file = write_demo(tmp / "data", n_train=48, n_val=30)
+    test_file = write_rows(tmp / "data" / "test.jsonl", make_rows(20, seed=99, start_id=1000))
     overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "pretrain=none",
+                 f"data.test_file={test_file}",
                  "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=64",
                  "optim.batch_size=8", "baseline.threads=1", "baseline.params.max_iter=20", "ensemble=blend",
                  "ensemble.folds=3", f"paths.output_dir={tmp / 'run'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
@@ -167,7 +170,8 @@ def blend_run(tmp_path_factory) -> dict:
     train(cfg)
     run_dir = tmp / "run"
     val = {r["id"]: r for r in map(json.loads, (run_dir / "ensemble_val.jsonl").read_text().splitlines())}
-    return {"tmp": tmp, "run_dir": run_dir, "val_file": val_file, "val": val, "labels": list(cfg.data.labels),
+    return {"tmp": tmp, "run_dir": run_dir, "val_file": val_file, "test_file": test_file, "val": val,
+            "labels": list(cfg.data.labels),
             "metrics": json.loads((run_dir / "metrics.json").read_text())}
 
 
@@ -196,8 +200,11 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
     assert run.data.tags["ensemble.choice"] == e["choice"]
     assert run.data.metrics["ensemble.weight"] == e["weight"]
     assert run.data.metrics["ensemble.blend.oof_macro_f1"] == pytest.approx(e["oof"]["blend"]["macro_f1"])
+    assert run.data.metrics["ensemble.blend.test_macro_f1"] == pytest.approx(e["test"]["blend"]["macro_f1"])
+    assert e["test"]["model"]["macro_f1"] == pytest.approx(blend_run["metrics"]["test_macro_f1"])
     report = (run_dir / "report.md").read_text()
     assert "## Ensemble" in report and f"{e['oof']['blend']['macro_f1']:.4f}" in report
+    assert "| test macro-F1 |" in report and f"{e['test']['blend']['macro_f1']:.4f} |" in report
 
     assert loralab_predict([f"model={run_dir / 'model_final.zip'}", f"input={blend_run['val_file']}",
                             f"output={blend_run['tmp'] / 'pred.jsonl'}", "device=cpu"]) == 0
@@ -211,6 +218,9 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
     assert scored["ensemble"]["weight"] == e["weight"]
     y = [labels.index(val[r["id"]]["label"]) for r in rows]
     assert scored["ensemble"]["val_macro_f1"] == pytest.approx(scores(expected, y)["macro_f1"])
+    on_test = evaluate_file(run_dir / "model_final.zip", blend_run["test_file"], device="cpu")  # test_ prefix
+    assert on_test["ensemble"]["test_macro_f1"] == pytest.approx(e["test"]["blend"]["macro_f1"])
+    assert on_test["ensemble"]["test_log_loss"] == pytest.approx(e["test"]["blend"]["log_loss"], rel=1e-4)
 
     # Whatever weight this tiny run chose, an interior one blends both sides exactly as the run's components say.
     meta["ensemble"]["weight"] = 0.5

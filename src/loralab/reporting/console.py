@@ -81,9 +81,11 @@ def ensemble_line(metrics: Mapping[str, Any]) -> str | None:
     if not e:
         return None
     oof = {who: s["macro_f1"] for who, s in e["oof"].items()}
+    test = {who: s["macro_f1"] for who, s in e.get("test", {}).items()}
     return (f"ensemble ({e['folds']}-fold out-of-fold on val): macro-F1 model {oof['model']:.4f}, baseline "
             f"{oof['baseline']:.4f}, blend {oof['blend']:.4f}; the export serves {e['choice']} (model weight "
-            f"{e['weight']:g})")
+            f"{e['weight']:g})" + (f"; test macro-F1 model {test['model']:.4f}, baseline {test['baseline']:.4f}, "
+                                   f"blend {test['blend']:.4f}" if test else ""))
 
 
 def _gate_text(gate: Mapping[str, Any] | None) -> str:

@@ -104,8 +104,10 @@ def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
     if not e:
         return []
     out = ["## Ensemble (model + baseline blend)", "", ensemble_line(metrics) + ".", ""]
-    out += _table(["", "out-of-fold macro-F1", "accuracy", "log-loss"],
-                  [(who, s["macro_f1"], s["accuracy"], s["log_loss"]) for who, s in e["oof"].items()])
+    test = e.get("test", {})
+    out += _table(["", "out-of-fold macro-F1", "accuracy", "log-loss", *(["test macro-F1"] if test else [])],
+                  [(who, s["macro_f1"], s["accuracy"], s["log_loss"], *([test[who]["macro_f1"]] if test else []))
+                   for who, s in e["oof"].items()])
     out += [f"Blend: softmax(w·log p_model + (1−w)·log p_baseline), w on a grid of {len(e['grid'])} from 0 to 1 "
             f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} stratified folds, each "
             f"scored with the temperatures (model and baseline) and the weight fit on the other folds (fold weights "

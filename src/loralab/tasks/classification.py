@@ -64,6 +64,7 @@ class Classification(Task):
                                    oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null,
                                    fmt=row_format(d), max_row_bytes=d.max_row_bytes)
         test_rows = self._test_rows() if d.test_file and ctx.ddp.is_main else []  # rank 0 reports
+        self.test_rows = test_rows
         counts = self.splits.report["class_counts"]
         # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
         mode = self.cfg.loss.class_weights
@@ -132,15 +133,15 @@ class Classification(Task):
             self.ctx.tracker.log_metrics({f"baseline.{k}": v for k, v in result["scalars"].items()})
         return result
 
-    def _blend_inputs(self, val_loader: DataLoader) -> tuple[np.ndarray, list[Record]] | None:
-        """ensemble=blend: the baseline's val probabilities and the val records, both in the loader's order (the
-        order of the model's val logits); None when there is nothing to blend."""
+    def _blend_inputs(self, loader: DataLoader, records: Sequence[Record]) -> tuple[np.ndarray, list[Record]] | None:
+        """ensemble=blend: the baseline's probabilities of a split and its records, both in the loader's order (the
+        order of the model's logits); None when there is nothing to blend."""
         if self.cfg.get("ensemble") is None:
             return None
         if getattr(self, "baseline_model", None) is None:
             log.warning("ensemble=blend: the baseline was not fitted, so the model is exported alone")
             return None
-        rows = [self.splits.val[i] for i in val_loader.sampler]
+        rows = [records[i] for i in loader.sampler]
         return predict_proba(self.baseline_model, rows, len(self.labels), self.cfg.baseline.get("threads")), rows
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
@@ -165,10 +166,12 @@ class Classification(Task):
         the MLflow model, reports and plots."""
         from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
 
-        blend_inputs = self._blend_inputs(val_loader)
+        blend_inputs = self._blend_inputs(val_loader, self.splits.val)
         metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline, blend_inputs)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
-            metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx)
+            test_base = self._blend_inputs(self.test_loader, self.test_rows) if blend_inputs else None
+            metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx,
+                                  test_base[0] if test_base else None)
         extra = save_blend_baseline(self.ctx.out_dir, self.baseline_model, *blend_inputs) if blend_inputs else []
         if not blend_inputs and (self.ctx.out_dir / "baseline").is_dir():  # an earlier blend run's, in this run dir
             shutil.rmtree(self.ctx.out_dir / "baseline")  # zip_parts would ship it beside a model-only export

@@ -17,7 +17,15 @@ from loralab.core.checkpoint import save_checkpoint
 from loralab.core.trainer import predict_logits
 from loralab.data.records import write_rows
 from loralab.data.serialize import Json, Serializer
-from loralab.ensemble import BASELINE_FILE, cross_fit, load_baseline, save_baseline
+from loralab.ensemble import (
+    BASELINE_FILE,
+    blend,
+    calibrated_baseline,
+    cross_fit,
+    load_baseline,
+    save_baseline,
+    scores,
+)
 from loralab.errors import ExportError
 from loralab.export import export_model, zip_dir
 from loralab.fs import atomic_dir, atomic_write_json, sha256_file
@@ -93,11 +101,12 @@ def save_blend_baseline(out_dir: Path, baseline_model, base_probs: np.ndarray, r
     return ["baseline"]
 
 
-def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext
-                ) -> dict[str, Any]:
+def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext,
+                base_probs: np.ndarray | None = None) -> dict[str, Any]:
     """The test split, scored once with the final model (best evaluation's weights, val-fit temperature):
     ``test_*`` beside the ``val_*`` metrics in ``metrics.json`` and MLflow. Runs after every choice is made, so
-    nothing here can feed back into the epoch, the temperature or the weights."""
+    nothing here can feed back into the epoch, the temperature or the weights. ``base_probs`` (ensemble=blend: the
+    baseline's test probabilities in the loader's order): model, baseline and exported blend on test too."""
     labels, temperature, n_bins = list(cfg.data.labels), metrics["temperature"], cfg.calibration.n_bins
     logits, y = predict_logits(model, test_loader, ctx.device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels, prefix="test_")  # T > 0 keeps the argmax
@@ -112,6 +121,13 @@ def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str,
         "file": str(cfg.data.test_file), "rows": len(y), "temperature": temperature,
         "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
         "use": "scored once after training; never used for early stopping, calibration or model choice"}}
+    if base_probs is not None and metrics.get("ensemble"):
+        e, model_probs = metrics["ensemble"], probabilities(logits, temperature)
+        base = calibrated_baseline(base_probs, e["baseline_temperature"])
+        test = {"model": scores(model_probs, y), "baseline": scores(base, y),
+                "blend": scores(blend(model_probs, base, e["weight"]), y)}
+        out["ensemble"] = {**e, "test": test}
+        ctx.tracker.log_metrics({f"ensemble.{who}.test_{k}": v for who, s in test.items() for k, v in s.items()})
     atomic_write_json(ctx.out_dir / "metrics.json", out)
     ctx.tracker.log_metrics({f"calibrated.{k.removesuffix('_calibrated')}" if k.endswith("_calibrated") else k: v
                              for k, v in scalars.items()}, step=metrics["best_epoch"])  # the naming of docs/mlflow.md
