@@ -86,7 +86,8 @@ def choose_weight(model_probs: np.ndarray, base_probs: np.ndarray, y: Sequence[i
 
 
 def folds(y: Sequence[int], k: int, seed: int) -> list[np.ndarray]:
-    """Held-out row indices of ``k`` stratified, shuffled folds (fewer when a class has fewer rows, at least 2)."""
+    """Held-out row indices of ``k`` stratified, shuffled folds (at most as many as the largest class has rows, at
+    least 2; scikit-learn warns when a class has fewer rows than folds)."""
     y = np.asarray(y)
     k = max(2, min(k, int(np.bincount(y).max())))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
