@@ -64,6 +64,25 @@ def test_a_real_decline_still_stops_and_state_resumes():
     assert resumed.update(0.9) == es.update(0.9) and resumed.state() == es.state()
 
 
+def test_a_plateau_starts_the_patience_with_the_shipped_min_delta():
+    # A run stuck at 1.0 (wine from epoch ~40): in floats its smoothed value keeps rising by ever smaller amounts
+    # for ~50 evaluations, each one a "new best" under min_delta 0; the shipped min_delta ends that creep.
+    from loralab.paths import conf_dir
+    shipped = OmegaConf.load(conf_dir() / "trainer" / "default.yaml").early_stopping
+    values = [0.5] + [1.0] * 200
+    with_default = stopped_at(values, EarlyStopping(68, shipped.min_delta, "max", shipped.smoothing))
+    creeping = stopped_at(values, EarlyStopping(68, 0.0, "max", shipped.smoothing))
+    assert with_default <= 1 + 12 + 68 < creeping
+
+
+def stopped_at(values, es):
+    for epoch, v in enumerate(values, start=1):
+        es.update(v)
+        if es.should_stop:
+            return epoch
+    return len(values) + 1
+
+
 def metrics(model_f1, base_f1):
     return {"val_macro_f1": model_f1, "gates": {}, "best_epoch": 1,
             "baseline": {"name": "hgb", "train_rows": 10, "fit_time_s": 0.1, "scalars": {"val_macro_f1": base_f1}}}
