@@ -9,6 +9,7 @@ from rich.console import Console
 
 from loralab.core.state import EarlyStopping
 from loralab.lifecycle import resolve_length
+from loralab.pretrain import pretrain_epochs
 from loralab.reporting.console import baseline_verdict, print_summary, run_line
 from loralab.reporting.report import render_report
 
@@ -30,6 +31,13 @@ def test_auto_epochs_reach_min_steps_on_any_size():
     assert resolve_length(trainer(), 8)[0].early_stopping.patience == 68
     assert resolve_length(trainer(), 6250)[0].max_epochs == 1  # 100k rows: one epoch is already 6,250 steps
     assert resolve_length(trainer(), 6250)[0].early_stopping.patience == 3
+
+
+def test_pretrain_min_steps_gives_small_corpora_more_epochs_only():
+    # wine: 118 texts after the hold-out are 8 steps an epoch; the demo's 2,280 are 143 (5 epochs: 715 steps)
+    assert pretrain_epochs(5, 700, 8) == 88
+    assert pretrain_epochs(5, 700, 143) == 5
+    assert pretrain_epochs(5, 0, 8) == 5  # the shipped default: off
 
 
 def test_a_number_of_epochs_is_used_as_given():
