@@ -155,6 +155,7 @@ BAD_VALUES = [
      "all-linear or a non-empty list of module names"),
     (["lora.r=null"], "lora.r", "None", "LoRA needs a rank"),
     (["pretrain.epochs=0"], "pretrain.epochs", "0", ">= 1"),
+    (["pretrain.min_steps=-1"], "pretrain.min_steps", "-1", ">= 0"),
     (["pretrain.lr=0"], "pretrain.lr", "0", "> 0"),
     (["pretrain.holdout=0"], "pretrain.holdout", "0", "(0, 1)"),
     (["pretrain.splits=[train,test]"], "pretrain.splits.1", "'test'", "must be train or val"),

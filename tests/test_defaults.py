@@ -9,6 +9,7 @@ from rich.console import Console
 
 from loralab.core.state import EarlyStopping
 from loralab.lifecycle import resolve_length
+from loralab.pretrain import pretrain_epochs
 from loralab.reporting.console import baseline_verdict, print_summary, run_line
 from loralab.reporting.report import render_report
 
@@ -30,6 +31,13 @@ def test_auto_epochs_reach_min_steps_on_any_size():
     assert resolve_length(trainer(), 8)[0].early_stopping.patience == 68
     assert resolve_length(trainer(), 6250)[0].max_epochs == 1  # 100k rows: one epoch is already 6,250 steps
     assert resolve_length(trainer(), 6250)[0].early_stopping.patience == 3
+
+
+def test_pretrain_min_steps_gives_small_corpora_more_epochs_only():
+    # wine: 118 texts after the hold-out are 8 steps an epoch; the demo's 2,280 are 143 (5 epochs: 715 steps)
+    assert pretrain_epochs(5, 700, 8) == 88
+    assert pretrain_epochs(5, 700, 143) == 5
+    assert pretrain_epochs(5, 0, 8) == 5  # the shipped default: off
 
 
 def test_a_number_of_epochs_is_used_as_given():
@@ -62,6 +70,25 @@ def test_a_real_decline_still_stops_and_state_resumes():
     for k, v in es.state().items():  # as the trainer restores it from a checkpoint
         setattr(resumed, k, v)
     assert resumed.update(0.9) == es.update(0.9) and resumed.state() == es.state()
+
+
+def test_a_plateau_starts_the_patience_with_the_shipped_min_delta():
+    # A run stuck at 1.0 (wine from epoch ~40): in floats its smoothed value keeps rising by ever smaller amounts
+    # for ~50 evaluations, each one a "new best" under min_delta 0; the shipped min_delta ends that creep.
+    from loralab.paths import conf_dir
+    shipped = OmegaConf.load(conf_dir() / "trainer" / "default.yaml").early_stopping
+    values = [0.5] + [1.0] * 200
+    with_default = stopped_at(values, EarlyStopping(68, shipped.min_delta, "max", shipped.smoothing))
+    creeping = stopped_at(values, EarlyStopping(68, 0.0, "max", shipped.smoothing))
+    assert with_default <= 1 + 12 + 68 < creeping
+
+
+def stopped_at(values, es):
+    for epoch, v in enumerate(values, start=1):
+        es.update(v)
+        if es.should_stop:
+            return epoch
+    return len(values) + 1
 
 
 def metrics(model_f1, base_f1):

@@ -54,6 +54,7 @@ class PretrainStage:
 
     name: str = "none"
     epochs: int = 3
+    min_steps: int = 0
     lr: float = 1e-3
     batch_size: int = 16
     weight_decay: float = 0.01
@@ -81,7 +82,8 @@ class CausalLMPretrain(PretrainStage):
     def settings(self) -> dict[str, Any]:
         """What, besides texts, tokenizer, base and seed, changes the result (so it is in the cache key)."""
         keys = ("epochs", "lr", "batch_size", "weight_decay", "warmup_ratio", "holdout", "train")
-        return {k: getattr(self, k) for k in keys} | ({"lora": dict(self.lora)} if self.train == "lora" else {})
+        return ({k: getattr(self, k) for k in keys} | ({"lora": dict(self.lora)} if self.train == "lora" else {})
+                | ({"min_steps": self.min_steps} if self.min_steps else {}))  # 0 keeps the keys of older bases
 
     def key(self, source: ModelSource, tokenizer, texts: Sequence[str], seed: int, precision: str) -> str:
         digest = hashlib.sha256()
@@ -154,6 +156,10 @@ class CausalLMPretrain(PretrainStage):
                 "scheduler": "cosine", "warmup_ratio": self.warmup_ratio, "max_grad_norm": 1.0})
             train_loader, val_loader, accum = make_loaders(data, batch_size=self.batch_size, hardware=hardware,
                                                            trainer=trainer_cfg, seed=seed)
+            epochs = pretrain_epochs(self.epochs, self.min_steps, -(-len(train_loader) // accum))
+            if epochs != self.epochs:
+                log.info("pretrain=%s: %d epochs to reach pretrain.min_steps=%d", self.name, epochs, self.min_steps)
+                trainer_cfg.max_epochs = trainer_cfg.early_stopping.patience = epochs
             last = work / "checkpoints" / "last"
             recover(last)
             resume = last if last.is_dir() else None
@@ -180,6 +186,11 @@ class CausalLMPretrain(PretrainStage):
             return info
         finally:
             set_rng_state(outer_rng)
+
+
+def pretrain_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """``epochs``, or more where a small corpus needs them to reach ``min_steps`` optimizer steps."""
+    return max(epochs, math.ceil(min_steps / max(steps_per_epoch, 1)))
 
 
 def perplexity(y, outputs) -> dict[str, float]:

@@ -99,6 +99,7 @@ class PretrainConf:
     _convert_: str = MISSING
     name: PretrainName = MISSING
     epochs: int = knob(ge(1))
+    min_steps: int = knob(ge(0))  # 0: off
     lr: float = knob(gt(0))
     batch_size: int = knob(gt(0))
     weight_decay: float = knob(ge(0))
