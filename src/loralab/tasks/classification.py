@@ -76,6 +76,7 @@ class Classification(Task):
         log.info("class weights (%s, from train counts after oversampling): %s", mode, self.class_weights)
         ctx.tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items()
                                  for label, n in c.items()})
+        self.baseline_model = None  # the fitted estimator, set by _baseline: ensemble=blend serves it
         self.baseline = self._baseline() if ctx.ddp.is_main else None
 
         self.source = instantiate(self.cfg.model)
@@ -126,7 +127,7 @@ class Classification(Task):
             return None
         params = OmegaConf.to_container(b.params, resolve=True)
         fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.cfg.seed, params, b.get("threads"))
-        self.baseline_model = fitted[0] if fitted else None  # ensemble=blend serves it beside the model
+        self.baseline_model = fitted[0] if fitted else None
         result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed, params,
                               b.get("threads"), fitted=fitted)
         if result:
@@ -138,7 +139,7 @@ class Classification(Task):
         order of the model's logits); None when there is nothing to blend."""
         if self.cfg.get("ensemble") is None:
             return None
-        if getattr(self, "baseline_model", None) is None:
+        if self.baseline_model is None:
             log.warning("ensemble=blend: the baseline was not fitted, so the model is exported alone")
             return None
         rows = [records[i] for i in loader.sampler]
