@@ -6,6 +6,7 @@ fitted on the training split only."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -62,6 +63,26 @@ def test_bins_are_train_quantiles_and_few_values_keep_their_order():
     assert spec["ok"] == {"type": "bool"} and spec["venue"] == {"type": "category", "values": ["a", "b", "c", "d"]}
     assert bins({"x": 10.0, "dir": -1, "ok": True, "venue": "c"}) == "dir=0 ok=1 venue=c x=0"
     assert bins({"x": 60, "dir": 1, "ok": False, "venue": "a"}) == "dir=1 ok=0 venue=a x=2"
+
+
+def test_tree_cuts_put_a_rules_threshold_on_a_bin_edge_fitted_on_the_labels_given():
+    """A label that flips at x = 37 inside a quantile bin: ``cuts: tree`` cuts there, ``quantile`` does not; a
+    feature unrelated to the label still gets ordered bins of at least half a quantile bin's rows; the edges depend
+    on the training labels."""
+    xs = [float(i) for i in range(100)]
+    train = [Record(id=str(i), features={"x": x, "noise": float((i * 37) % 100)}, label="long" if x < 37 else "skip")
+             for i, x in enumerate(xs)]
+    tree, quantile = (QuantileBins(n_bins=4, cuts=c).fit(train) for c in ("tree", "quantile"))
+    assert 36.5 in tree.features["x"]["edges"] and 36.5 not in quantile.features["x"]["edges"]
+    assert len(tree.features["x"]["edges"]) <= 3  # at most n_bins bins
+    below, above = ({int(tree.value("x", x)) for x in part} for part in (xs[:37], xs[37:]))
+    assert max(below) < min(above)  # the bins still keep the order of the numbers, and now separate the labels
+    counts = Counter(tree.value("noise", r.features["noise"]) for r in train)
+    assert len(counts) <= 4 and min(counts.values()) >= 100 // (2 * 4)
+    shifted = [Record(id=r.id, features=r.features, label="long" if r.features["x"] < 60 else "skip") for r in train]
+    assert 59.5 in QuantileBins(n_bins=4, cuts="tree").fit(shifted).features["x"]["edges"]
+    again = load_serializer(json.loads(json.dumps(tree.state())))
+    assert again.state() == tree.state() and again({"x": 40.0, "noise": 1.0}) == tree({"x": 40.0, "noise": 1.0})
 
 
 def test_bins_defined_meanings_for_missing_unseen_mistyped_and_out_of_range():

@@ -58,6 +58,7 @@ Backend = choices("Backend", "auto nccl gloo")
 DataFormat = choices("DataFormat", "auto jsonl csv parquet")
 PretrainName = choices("PretrainName", "none clm")
 PretrainTrain = choices("PretrainTrain", "full lora")
+BinCuts = choices("BinCuts", "quantile tree")
 
 
 @dataclass
@@ -243,6 +244,7 @@ class KeyValueConf(SerializeConf):
 @dataclass
 class QuantileBinsConf(SerializeConf):
     n_bins: int = knob(interval("[2, 100]"))
+    cuts: BinCuts = MISSING
 
 
 SerializeConf.BY_TARGET = {SERIALIZE_TARGET + name: schema for name, schema in (  # type: ignore[attr-defined]

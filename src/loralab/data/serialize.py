@@ -7,8 +7,10 @@ the fast ones.
 
 - ``json``: ``json.dumps(features, sort_keys=True)`` — the seed spec's form, byte for byte.
 - ``kv``: ``key=value`` pairs, sorted keys, numbers to ``digits`` significant digits, booleans 1/0.
-- ``bins``: every number as its per-feature quantile bin (``0`` … ``n_bins-1``, edges from the training split):
-  ordered single digits a small model can compare; booleans 1/0; categories as written.
+- ``bins``: every number as its per-feature bin (``0`` … ``n_bins-1``, edges from the training split): ordered
+  single digits a small model can compare; booleans 1/0; categories as written. The edges are quantiles, or
+  (``cuts: tree``) the cut points a small decision tree on that feature alone finds against the training labels,
+  so a threshold a rule uses becomes a bin edge instead of falling inside a bin.
 
 Meanings the model can rely on: a missing value (``null`` under ``data.allow_null``, or a key the record lacks)
 reads as ``?`` in ``kv`` and ``bins`` (``null``/absent in ``json``, as the record has it). In ``bins`` a category
@@ -25,6 +27,7 @@ import math
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+from sklearn.tree import DecisionTreeClassifier
 
 from loralab.data.records import Record
 
@@ -126,33 +129,36 @@ class KeyValue(Serializer):
 
 
 class QuantileBins(Serializer):
-    """``atr=7 session=london wave_strength=9``: numbers as their training-split quantile bin.
+    """``atr=7 session=london wave_strength=9``: numbers as their training-split bin.
 
     A number with at most ``n_bins`` distinct training values gets one bin per value (edges half-way between
-    them: ``ext_dir`` -1/1 reads 0/1), any other gets ``n_bins`` equal-count bins (fewer where ties merge edges).
+    them: ``ext_dir`` -1/1 reads 0/1). Any other gets at most ``n_bins`` bins: equal-count ones (``cuts:
+    quantile``, fewer where ties merge edges), or (``cuts: tree``) those of a decision tree fitted on that feature
+    alone against the training labels, every bin holding at least half a quantile bin's rows (a feature the tree
+    cannot cut at all keeps its quantile bins).
     """
 
     kind = "bins"
 
-    def __init__(self, template: str = "{features}", n_bins: int = 10):
+    def __init__(self, template: str = "{features}", n_bins: int = 10, cuts: str = "quantile"):
         super().__init__(template)
-        self.n_bins = n_bins
+        self.n_bins, self.cuts = n_bins, str(cuts)
         self.features: dict[str, dict[str, Any]] = {}  # per key: {"type": number|bool|category, edges|values}
         self._known: dict[str, frozenset[str]] = {}
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "n_bins": self.n_bins}
+        return {**super().params(), "n_bins": self.n_bins, "cuts": self.cuts}
 
     def fit(self, records: Sequence[Record]) -> QuantileBins:
-        values: dict[str, list[Any]] = {}
+        values: dict[str, list[tuple[Any, Any]]] = {}
         for r in records:
             for k, v in r.features.items():
                 if v is not None:
-                    values.setdefault(k, []).append(v)
-        self.load_fitted({"features": {k: self._fit_one(vs) for k, vs in sorted(values.items())}})
+                    values.setdefault(k, []).append((v, r.label))
+        self.load_fitted({"features": {k: self._fit_one(*zip(*pairs)) for k, pairs in sorted(values.items())}})
         return self
 
-    def _fit_one(self, vs: list[Any]) -> dict[str, Any]:
+    def _fit_one(self, vs: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
         if all(isinstance(v, bool) for v in vs):
             return {"type": "bool"}
         if all(is_number(v) for v in vs):
@@ -161,9 +167,19 @@ class QuantileBins(Serializer):
             if len(distinct) <= self.n_bins:
                 edges = (distinct[:-1] + distinct[1:]) / 2
             else:
-                edges = np.unique(np.quantile(x, np.arange(1, self.n_bins) / self.n_bins))
+                edges = self._tree_edges(x, labels) if self.cuts == "tree" else np.array([])
+                if not len(edges):
+                    edges = np.unique(np.quantile(x, np.arange(1, self.n_bins) / self.n_bins))
             return {"type": "number", "edges": [float(e) for e in edges]}
         return {"type": "category", "values": sorted({str(v) for v in vs})}
+
+    def _tree_edges(self, x: np.ndarray, labels: Sequence[Any]) -> np.ndarray:
+        """Supervised discretisation: the thresholds of a best-first tree with ``n_bins`` leaves on ``x`` alone."""
+        if any(y is None for y in labels) or len(set(labels)) < 2:
+            return np.array([])  # nothing to cut against: quantiles
+        tree = DecisionTreeClassifier(max_leaf_nodes=self.n_bins, min_samples_leaf=max(1, len(x) // (2 * self.n_bins)),
+                                      random_state=0).fit(x[:, None], [str(y) for y in labels])
+        return np.unique(tree.tree_.threshold[tree.tree_.feature >= 0])
 
     def fitted(self) -> dict[str, Any]:
         return {"features": self.features}
