@@ -134,8 +134,8 @@ class QuantileBins(Serializer):
     A number with at most ``n_bins`` distinct training values gets one bin per value (edges half-way between
     them: ``ext_dir`` -1/1 reads 0/1). Any other gets at most ``n_bins`` bins: equal-count ones (``cuts:
     quantile``, fewer where ties merge edges), or (``cuts: tree``) those of a decision tree fitted on that feature
-    alone against the training labels, every bin holding at least half a quantile bin's rows (a feature the tree
-    cannot cut at all keeps its quantile bins).
+    alone against the training labels, every bin holding at least half a quantile bin's rows and at least 5 (a
+    feature the tree cannot cut at all keeps its quantile bins).
     """
 
     kind = "bins"
@@ -177,9 +177,15 @@ class QuantileBins(Serializer):
         """Supervised discretisation: the thresholds of a best-first tree with ``n_bins`` leaves on ``x`` alone."""
         if any(y is None for y in labels) or len(set(labels)) < 2:
             return np.array([])  # nothing to cut against: quantiles
-        tree = DecisionTreeClassifier(max_leaf_nodes=self.n_bins, min_samples_leaf=max(1, len(x) // (2 * self.n_bins)),
-                                      random_state=0).fit(x[:, None], [str(y) for y in labels])
-        return np.unique(tree.tree_.threshold[tree.tree_.feature >= 0])
+        # Each bin keeps >= half a quantile bin's rows (and >= 5): cuts follow the labels without isolating a few rows.
+        min_rows = max(5, len(x) // (2 * self.n_bins))
+        tree = DecisionTreeClassifier(max_leaf_nodes=self.n_bins, min_samples_leaf=min_rows, random_state=0)
+        tree.fit(x[:, None], [str(y) for y in labels])
+        cuts = np.unique(tree.tree_.threshold[tree.tree_.feature >= 0])
+        # The tree compares in float32: put each cut half-way between the float64 training values it separates.
+        distinct = np.unique(x)
+        above = np.searchsorted(distinct.astype(np.float32), cuts.astype(np.float32), side="right")
+        return np.unique((distinct[above - 1] + distinct[above]) / 2)
 
     def fitted(self) -> dict[str, Any]:
         return {"features": self.features}
