@@ -95,7 +95,7 @@ def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat:
     train_file, val_file = write_set(name, data_dir)
     labels = LABELS[name]
     splits = build_splits(str(train_file), str(val_file), labels, seed=seed)
-    kinds = {"json": "Json", "kv": "KeyValue", "bins": "QuantileBins"}
+    kinds = {"json": "Json", "kv": "KeyValue", "bins": "Bins"}
     setups = {}
     for kind in serializers:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -18,7 +18,7 @@ from loralab.data.serialize import (
     UNKNOWN,
     Json,
     KeyValue,
-    QuantileBins,
+    Bins,
     load_serializer,
     serialize,
     serialize_records,
@@ -49,10 +49,10 @@ def test_kv_form():
     assert kv({"z": 1, "a": 2}) == kv({"a": 2, "z": 1})  # key order of the writer does not matter
 
 
-def fitted_bins(n_bins: int = 4) -> QuantileBins:
+def fitted_bins(n_bins: int = 4) -> Bins:
     train = records(*({"x": float(i), "dir": d, "ok": i % 2 == 0, "venue": v}
                       for i, d, v in zip(range(100), [-1, 1] * 50, ["a", "b", "c", "d"] * 25)))
-    return QuantileBins(n_bins=n_bins).fit(train)
+    return Bins(n_bins=n_bins).fit(train)
 
 
 def test_bins_are_train_quantiles_and_few_values_keep_their_order():
@@ -72,7 +72,7 @@ def test_tree_cuts_put_a_rules_threshold_on_a_bin_edge_fitted_on_the_labels_give
     xs = [float(i) for i in range(100)]
     train = [Record(id=str(i), features={"x": x, "noise": float((i * 37) % 100)}, label="long" if x < 37 else "skip")
              for i, x in enumerate(xs)]
-    tree, quantile = (QuantileBins(n_bins=4, cuts=c).fit(train) for c in ("tree", "quantile"))
+    tree, quantile = (Bins(n_bins=4, cuts=c).fit(train) for c in ("tree", "quantile"))
     assert 36.5 in tree.features["x"]["edges"] and 36.5 not in quantile.features["x"]["edges"]
     assert len(tree.features["x"]["edges"]) <= 3  # at most n_bins bins
     below, above = ({int(tree.value("x", x)) for x in part} for part in (xs[:37], xs[37:]))
@@ -80,7 +80,7 @@ def test_tree_cuts_put_a_rules_threshold_on_a_bin_edge_fitted_on_the_labels_give
     counts = Counter(tree.value("noise", r.features["noise"]) for r in train)
     assert len(counts) <= 4 and min(counts.values()) >= max(5, 100 // (2 * 4))
     shifted = [Record(id=r.id, features=r.features, label="long" if r.features["x"] < 60 else "skip") for r in train]
-    assert 59.5 in QuantileBins(n_bins=4, cuts="tree").fit(shifted).features["x"]["edges"]
+    assert 59.5 in Bins(n_bins=4, cuts="tree").fit(shifted).features["x"]["edges"]
     again = load_serializer(json.loads(json.dumps(tree.state())))
     assert again.state() == tree.state() and again({"x": 40.0, "noise": 1.0}) == tree({"x": 40.0, "noise": 1.0})
 
@@ -105,7 +105,7 @@ def test_fitted_state_is_json_and_rebuilds_the_same_serializer():
     with pytest.raises(ValueError, match="kind 'os.system': unknown"):
         load_serializer({"kind": "os.system", "params": {}})
     with pytest.raises(RuntimeError, match="fit"):
-        QuantileBins()({"x": 1})
+        Bins()({"x": 1})
 
 
 def compose_run(tmp_path, name, *extra):
@@ -129,9 +129,10 @@ def test_each_serializer_round_trips_through_export_and_predict(tmp_path, kind):
     assert state["kind"] == kind
     train_rows = load_records(cfg.data.train_file, LABELS)[0]
     val_rows = load_records(cfg.data.val_file, LABELS)[0]
-    if kind == "bins":  # fitted on the training split only: the val rows (other quantiles) never reach it
-        assert state == QuantileBins(n_bins=cfg.serialize.n_bins).fit(train_rows).state()
-        assert state != QuantileBins(n_bins=cfg.serialize.n_bins).fit(train_rows + val_rows).state()
+    if kind == "bins":  # fitted on the training split only: the val rows (their values, labels) never reach it
+        bins = {"n_bins": cfg.serialize.n_bins, "cuts": cfg.serialize.cuts}
+        assert state == Bins(**bins).fit(train_rows).state()
+        assert state != Bins(**bins).fit(train_rows + val_rows).state()
     ckpt = json.loads((run_dir / "checkpoint_best" / "loralab_checkpoint.json").read_text())
     assert ckpt["serializer"] == state
 

@@ -242,13 +242,13 @@ class KeyValueConf(SerializeConf):
 
 
 @dataclass
-class QuantileBinsConf(SerializeConf):
+class BinsConf(SerializeConf):
     n_bins: int = knob(interval("[2, 100]"))
     cuts: BinCuts = MISSING
 
 
 SerializeConf.BY_TARGET = {SERIALIZE_TARGET + name: schema for name, schema in (  # type: ignore[attr-defined]
-    ("Json", SerializeConf), ("KeyValue", KeyValueConf), ("QuantileBins", QuantileBinsConf))}
+    ("Json", SerializeConf), ("KeyValue", KeyValueConf), ("Bins", BinsConf))}
 
 
 @dataclass

@@ -128,7 +128,7 @@ class KeyValue(Serializer):
         return " ".join(f"{k}={self.value(features[k])}" for k in sorted(features))
 
 
-class QuantileBins(Serializer):
+class Bins(Serializer):
     """``atr=7 session=london wave_strength=9``: numbers as their training-split bin.
 
     A number with at most ``n_bins`` distinct training values gets one bin per value (edges half-way between
@@ -149,7 +149,7 @@ class QuantileBins(Serializer):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "n_bins": self.n_bins, "cuts": self.cuts}
 
-    def fit(self, records: Sequence[Record]) -> QuantileBins:
+    def fit(self, records: Sequence[Record]) -> Bins:
         values: dict[str, list[tuple[Any, Any]]] = {}
         for r in records:
             for k, v in r.features.items():
@@ -213,7 +213,7 @@ class QuantileBins(Serializer):
         return " ".join(f"{k}={self.value(k, features.get(k))}" for k in self.features)
 
 
-SERIALIZERS: dict[str, type[Serializer]] = {c.kind: c for c in (Json, KeyValue, QuantileBins)}
+SERIALIZERS: dict[str, type[Serializer]] = {c.kind: c for c in (Json, KeyValue, Bins)}
 
 
 def load_serializer(state: Mapping[str, Any]) -> Serializer:
