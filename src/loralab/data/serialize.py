@@ -134,7 +134,7 @@ class Bins(Serializer):
     A number with at most ``n_bins`` distinct training values gets one bin per value (edges half-way between
     them: ``ext_dir`` -1/1 reads 0/1). Any other gets at most ``n_bins`` bins: equal-count ones (``cuts:
     quantile``, fewer where ties merge edges), or (``cuts: tree``) those of a decision tree fitted on that feature
-    alone against the training labels, every bin holding at least half a quantile bin's rows and at least 5 (a
+    alone against the training labels, every bin holding at least a quantile bin's rows and at least 5 (a
     feature the tree cannot cut at all keeps its quantile bins).
     """
 
@@ -177,8 +177,9 @@ class Bins(Serializer):
         """Supervised discretisation: the thresholds of a best-first tree with ``n_bins`` leaves on ``x`` alone."""
         if any(y is None for y in labels) or len(set(labels)) < 2:
             return np.array([])  # nothing to cut against: quantiles
-        # Each bin keeps >= half a quantile bin's rows (and >= 5): cuts follow the labels without isolating a few rows.
-        min_rows = max(5, len(x) // (2 * self.n_bins))
+        # No bin smaller than a decile's rows (and >= 5): the cuts move to where the labels change, they do not get
+        # finer. Half a decile isolated too few rows on 124-row wine (3 seeds: 0.950 vs 0.965 mean macro-F1).
+        min_rows = max(5, len(x) // self.n_bins)
         tree = DecisionTreeClassifier(max_leaf_nodes=self.n_bins, min_samples_leaf=min_rows, random_state=0)
         tree.fit(x[:, None], [str(y) for y in labels])
         cuts = np.unique(tree.tree_.threshold[tree.tree_.feature >= 0])
