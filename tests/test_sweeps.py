@@ -184,13 +184,13 @@ def test_parallel_processes_create_one_parent(tmp_path, store):
 
 
 def _child(uri: str, exp: str, parent: str, job: int, overrides: list[str], objective: float | None,
-           status: str) -> str:
+           status: str, **beside: float) -> str:
     tracker = MLflowTracker(uri, exp)
     tracker.start({"objective": "val_macro_f1", "trainer": {"monitor_mode": "max"}},
                   tags={"hydra.job.num": str(job), compare.OVERRIDES_TAG: json.dumps(overrides)},
                   parent_run_id=parent)
     if objective is not None:
-        tracker.log_metrics({"best.val_macro_f1": objective, "best.val_f1_long": objective / 2})
+        tracker.log_metrics({"best.val_macro_f1": objective, "best.val_f1_long": objective / 2, **beside})
     if status != "RUNNING":
         tracker.end(status)
     return tracker.run_id
@@ -201,7 +201,9 @@ def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path
     parent = get_or_create_parent(tmp_path / "sweep", store, exp)
     values = {(1.0, 4): 0.5, (1.0, 8): 0.7, (2.0, 4): 0.6}
     for job, ((gamma, r), f1) in enumerate(values.items()):
-        _child(store, exp, parent, job, ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"], f1, "FINISHED")
+        blended = {"ensemble.blend.oof_macro_f1": 0.8, "ensemble.weight": 0.3} if job == 1 else {}
+        _child(store, exp, parent, job, ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"], f1, "FINISHED",
+               **{"baseline.val_macro_f1": 0.65, **blended})
     orphan = _child(store, exp, parent, 3, ["lora=default", "loss.gamma=2.0", "lora.r=8"], None, "RUNNING")
     client = MlflowClient(store)
 
@@ -214,6 +216,12 @@ def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path
     paths = compare.write_summary(rows, tmp_path)
     assert [p.name for p in paths] == ["sweep_summary.csv", "sweep_summary.md", "sweep_summary_heatmap.png"]
     assert compare.heatmap(rows[:3], tmp_path / "partial.png") is None  # 3 of 4 grid points: not a grid
+    # What ran beside the model: the baseline for every run that fitted one, the blend only where a job blended.
+    header, cells = compare.columns(rows)
+    assert header[-4:] == ["baseline_macro_f1", "blend_oof_f1", "blend_weight", "error"]
+    assert [c[-4:-1] for c in cells[:3]] == [["0.6500", "0.8000", "0.3000"], ["0.6500", "", ""], ["0.6500", "", ""]]
+    table = (tmp_path / "sweep_summary.csv").read_text().splitlines()
+    assert "baseline_macro_f1,blend_oof_f1,blend_weight" in table[0] and ",0.65,0.8,0.3," in table[1]
 
 
 # --- configs compose (compose API) ---------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 OVERRIDES_TAG = "loralab.overrides"  # JSON list of a job's Hydra overrides (set on sweep children)
 F1_PREFIX = "best.val_f1_"  # per-class F1 of the best epoch, as run.py logs it
+# What ran beside the model, as columns where any run logged it: the in-run baseline, and the blend's out-of-fold
+# macro-F1 (ensemble=blend) next to the model's own out-of-fold score, so a sweep shows what the blend added.
+BESIDE = {"baseline_macro_f1": "baseline.val_macro_f1", "model_oof_f1": "ensemble.model.oof_macro_f1",
+          "blend_oof_f1": "ensemble.blend.oof_macro_f1", "blend_weight": "ensemble.weight"}
 MAX_RUNS = 5000
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
@@ -99,6 +103,7 @@ def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "objective": metrics.get(f"best.{key}", math.nan),
         "mode": params.get("trainer.monitor_mode", "max"),
         "f1": {k[len(F1_PREFIX):]: v for k, v in sorted(metrics.items()) if k.startswith(F1_PREFIX)},
+        "beside": {name: metrics[key] for name, key in BESIDE.items() if key in metrics},
         "error": tags.get("error", ""),
         "run_id": record["run_id"],
     }
@@ -135,18 +140,24 @@ def swept_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({row["override_values"].get(k) for row in rows}) > 1]
 
 
+def beside_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``BESIDE`` columns at least one row has (a sweep without ``ensemble=blend`` shows no blend columns)."""
+    return [name for name in BESIDE if any(name in row["beside"] for row in rows)]
+
+
 def columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and text cells shared by the markdown and terminal tables."""
     keys = swept_keys(rows) or ["overrides"]
     labels = sorted({label for row in rows for label in row["f1"]})
     objective = rows[0]["objective_key"] if rows else "objective"
-    header = ["job", *keys, "status", objective, *(f"f1_{label}" for label in labels), "error"]
+    beside = beside_columns(rows)
+    header = ["job", *keys, "status", objective, *(f"f1_{label}" for label in labels), *beside, "error"]
     cells = []
     for row in rows:
         values = row["override_values"] if keys != ["overrides"] else {"overrides": row["overrides"]}
         cells.append(["" if row["job"] is None else str(row["job"]), *(short_value(values.get(k, "")) for k in keys),
                       row["status"], _num(row["objective"]), *(_num(row["f1"].get(label)) for label in labels),
-                      row["error"][:120]])
+                      *(_num(row["beside"].get(name)) for name in beside), row["error"][:120]])
     return header, cells
 
 
@@ -172,14 +183,15 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     keys = swept_keys(rows)
     labels = sorted({label for row in rows for label in row["f1"]})
+    beside = beside_columns(rows)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["job", "run_id", "status", *keys, "objective_key", "objective",
-                    *(f"f1_{label}" for label in labels), "overrides", "error"])
+                    *(f"f1_{label}" for label in labels), *beside, "overrides", "error"])
         for row in rows:
             w.writerow([row["job"], row["run_id"], row["status"], *(row["override_values"].get(k, "") for k in keys),
                         row["objective_key"], row["objective"], *(row["f1"].get(label, "") for label in labels),
-                        row["overrides"], row["error"]])
+                        *(row["beside"].get(name, "") for name in beside), row["overrides"], row["error"]])
     return path
 
 
