@@ -193,6 +193,7 @@ def run_in_process(run_dir, *overrides):
     cfg = compose_train("data=jsonl", "data.cache_dir=null", "model.tokenizer_vocab_size=300", "export.zip=false",
                         "baseline=none", "quiet=true", "trainer.max_epochs=2", "trainer.log_every_n_steps=3",
                         "trainer.val_check_interval=4", "trainer.max_steps=12",
+                        "trainer.early_stopping.patience=100",  # these runs end at max_steps, whatever they learn
                         f"tracking.uri=sqlite:///{run_dir}/mlflow.db", *overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
@@ -307,6 +308,7 @@ def train_py(data_dir, run_dir, *extra):
     return [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={data_dir}/train.jsonl",
             f"data.val_file={data_dir}/val.jsonl", "data.cache_dir=null", "model.tokenizer_vocab_size=300",
             "lora=default", "trainer.max_epochs=2", "trainer.val_check_interval=6", "trainer.max_steps=22",
+            "trainer.early_stopping.patience=100",  # it ends at max_steps, whatever it learns
             "baseline=none", "export.zip=false", f"hydra.run.dir={run_dir}",
             f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db", *extra]
 
