@@ -1,62 +1,52 @@
-"""What binning the numbers costs before any model sees them: HGB on the raw features against HGB on each number's
+"""What binning the numbers costs before any model sees them: the run's own HGB baseline (``baseline.build_estimator``,
+class-balanced as ``conf/baseline/hgb.yaml`` sets it) on the raw features against the same baseline on each number's
 bin index (``serialize=bins`` with ``cuts: quantile`` and ``cuts: tree``), same train/val split, val macro-F1.
 
     python bench/tabular_sets.py /tmp/q/sets
     python bench/bin_ceiling.py /tmp/q/sets mixed demo wine breast_cancer iris
-
-Categories are ordinal-coded and booleans 0/1 in every column set, so only the numbers differ.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from loralab.baseline import build_estimator, feature_dicts  # noqa: E402
 from loralab.data.records import Record, load_records  # noqa: E402
-from loralab.data.serialize import UNKNOWN, Bins  # noqa: E402
+from loralab.data.serialize import UNKNOWN, Bins, is_number  # noqa: E402
 from tabular_sets import LABELS  # noqa: E402
 
 
-def matrix(rows: list[Record], keys: list[str], codes: dict[str, dict[str, int]], bins: Bins | None) -> np.ndarray:
-    """Rows x features: numbers raw (``bins`` None) or as their bin index, categories as codes, missing NaN."""
-    x = np.full((len(rows), len(keys)), np.nan)
-    for i, r in enumerate(rows):
-        for j, k in enumerate(keys):
-            v = r.features.get(k)
-            if v is None:
-                continue
-            if isinstance(v, bool):
-                x[i, j] = float(v)
-            elif not isinstance(v, (int, float)):
-                x[i, j] = codes.setdefault(k, {}).setdefault(str(v), len(codes.get(k, {})))
-            elif bins is None:
-                x[i, j] = v
-            elif (b := bins.value(k, v)) != UNKNOWN:
-                x[i, j] = float(b)
-    return x
+def binned(records: list[Record], bins: Bins) -> list[Record]:
+    """Every number replaced by its bin index (an unknown bin by null); booleans and categories as they are."""
+    def one(k, v):
+        if isinstance(v, bool) or not is_number(v) or k not in bins.features:
+            return v
+        b = bins.value(k, v)
+        return None if b == UNKNOWN else int(b)
+    return [replace(r, features={k: one(k, v) for k, v in r.features.items()}) for r in records]
 
 
 def main() -> None:
     sets, names = Path(sys.argv[1]), sys.argv[2:]
     for name in names:
-        train, val = (load_records(sets / name / f"{split}.jsonl", LABELS[name], allow_null=True)[0] for split in ("train", "val"))
-        keys = sorted({k for r in train for k in r.features})
-        y_train, y_val = [r.label for r in train], [r.label for r in val]
+        train, val = (load_records(sets / name / f"{split}.jsonl", LABELS[name], allow_null=True)[0]
+                      for split in ("train", "val"))
         scores = {}
-        for form, bins in (("raw", None), ("quantile", Bins(cuts="quantile").fit(train)),
-                           ("tree", Bins(cuts="tree").fit(train))):
-            codes: dict[str, dict[str, int]] = {}
-            x_train, x_val = matrix(train, keys, codes, bins), matrix(val, keys, codes, bins)
-            model = HistGradientBoostingClassifier(class_weight="balanced", random_state=0).fit(x_train, y_train)
-            scores[form] = round(f1_score(y_val, model.predict(x_val), average="macro"), 3)
+        for form in ("raw", "quantile", "tree"):
+            bins = None if form == "raw" else Bins(cuts=form).fit(train)
+            fit_rows, val_rows = (train, val) if bins is None else (binned(train, bins), binned(val, bins))
+            model = build_estimator("hgb", 42, {"class_weight": "balanced"})  # the runs' seed
+            model.fit(feature_dicts(fit_rows), [r.label for r in fit_rows])
+            scores[form] = round(f1_score([r.label for r in val_rows], model.predict(feature_dicts(val_rows)),
+                                          average="macro"), 3)
         print(name, scores, flush=True)
 
 
