@@ -71,6 +71,49 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
+def typed_conf(*overrides: str):
+    """The typed config a run reads (``config.check`` ▸ ``config.typed``) for ``python train.py <overrides>``; the
+    run dir, which only the Hydra app knows, is a placeholder."""
+    from loralab import config
+
+    return config.typed(config.check(compose_train("paths.output_dir=unused", *overrides)))
+
+
+def trainer_conf(max_epochs: int = 1, *, monitor: str = "acc", mode: str = "max", patience: int = 100,
+                 min_delta: float = 0.0, **knobs: Any):
+    """A complete ``TrainerConf`` for a loop test: the step-level knobs off unless ``knobs`` set them."""
+    from loralab.config.schema import EarlyStoppingConf, TrainerConf
+
+    values = dict(max_epochs=max_epochs, min_steps=1, monitor=monitor, monitor_mode=mode,
+                  early_stopping=EarlyStoppingConf(patience=patience, patience_steps=0, min_delta=min_delta,
+                                                   smoothing=0.0),
+                  save_top_k=3, group_by_length=False, compile=False, eval_batch_size=8, deterministic=False,
+                  gates=None, log_every_n_steps=None, val_check_interval=None, max_steps=None)
+    return TrainerConf(**{**values, **knobs})
+
+
+def optim_conf(optimizer: str = "torch.optim.SGD", *, lr: float = 0.1, weight_decay: float = 0.0,
+               scheduler: str = "constant", warmup_ratio: float = 0.0, max_grad_norm: float | None = None):
+    """A complete ``OptimConf``: ``optimizer`` by class path, a constant lr and no clipping unless given."""
+    from loralab.config.schema import OptimConf, OptimizerConf
+
+    return OptimConf(lr=lr, batch_size=8, weight_decay=weight_decay, warmup_ratio=warmup_ratio, scheduler=scheduler,
+                     max_grad_norm=max_grad_norm,
+                     optimizer=OptimizerConf(_target_=optimizer, _partial_=True, lr=lr, weight_decay=weight_decay))
+
+
+def run_result(**values: Any):
+    """A ``RunResult`` of a one-epoch run, with ``values`` in place of the defaults."""
+    from loralab.result import RunResult
+
+    base = dict(task="classification", objective_key="val_macro_f1", objective=0.5, best_epoch=1, best_step=1,
+                best={"val_macro_f1": 0.5, "val_loss": 1.0}, stop_reason="max_epochs", epochs_run=1, history=[],
+                val_checks=[], wall_time_s=1.0, fit_time_s=1.0, train_samples_per_s=10.0, optimizer_steps=1,
+                skipped_steps=0, accumulation_steps=1, max_epochs=1, device="cpu", world_size=1, resumed_from=None,
+                provenance={}, run_dir="/r")
+    return RunResult(**{**base, **values})
+
+
 def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
     """``python train.py`` subprocesses on the tiny model, each with its run dir, MLflow store and artifact root
     (``./mlruns`` of its working dir) under its ``run_dir``; returns (exit code, console output) per run. All start at once and use one thread each, so

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF_DIR, LABELS, compose_train
+from conftest import CONF_DIR, LABELS, compose_train, typed_conf
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
@@ -246,7 +246,7 @@ def test_lora_is_on_unless_a_config_says_off(overrides, r):
 ])
 def test_which_models_pretrain_by_default(overrides, stage):
     cfg = check(compose_train(*overrides))
-    assert cfg.pretrain.name == stage and type(instantiate(cfg.pretrain)).__name__ == {
+    assert cfg.pretrain.name == stage and type(typed_conf(*overrides).pretrain.stage()).__name__ == {
         "clm": "CausalLMPretrain", "none": "NoPretrain"}[stage]
 
 

@@ -4,20 +4,32 @@ more than 0.05 macro-F1 says so in one plain line (console and report.md)."""
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+import dataclasses
+
 from rich.console import Console
 
+from conftest import run_result, typed_conf
 from loralab.core.state import EarlyStopping
-from loralab.lifecycle import resolve_length
-from loralab.pretrain import pretrain_epochs
 from loralab.reporting.console import baseline_verdict, print_summary, run_line
 from loralab.reporting.report import render_report
 
 
+CONF = typed_conf()  # the shipped trainer group: max_epochs auto, min_steps 1800, patience 3, patience_steps 540
+
+
 def trainer(max_epochs="auto", min_steps=1800, patience=3, patience_steps=540):
-    return OmegaConf.create({"max_epochs": max_epochs, "min_steps": min_steps, "monitor": "val_macro_f1",
-                             "early_stopping": {"patience": patience, "patience_steps": patience_steps,
-                                                "min_delta": 0.0, "smoothing": 0.5}})
+    t = CONF.trainer
+    es = dataclasses.replace(t.early_stopping, patience=patience, patience_steps=patience_steps)
+    return dataclasses.replace(t, max_epochs=max_epochs, min_steps=min_steps, early_stopping=es)
+
+
+def resolve_length(trainer_conf, steps_per_epoch):
+    return trainer_conf.for_epoch_length(steps_per_epoch)
+
+
+def pretrain_epochs(epochs, min_steps, steps_per_epoch):
+    pretrain = dataclasses.replace(CONF.pretrain, epochs=epochs, min_steps=min_steps)
+    return pretrain.trainer(steps_per_epoch).max_epochs
 
 
 def test_auto_epochs_reach_min_steps_on_any_size():
@@ -75,8 +87,7 @@ def test_a_real_decline_still_stops_and_state_resumes():
 def test_a_plateau_starts_the_patience_with_the_shipped_min_delta():
     # A run stuck at 1.0 (wine from epoch ~40): in floats its smoothed value keeps rising by ever smaller amounts
     # for ~50 evaluations, each one a "new best" under min_delta 0; the shipped min_delta ends that creep.
-    from loralab.paths import conf_dir
-    shipped = OmegaConf.load(conf_dir() / "trainer" / "default.yaml").early_stopping
+    shipped = CONF.trainer.early_stopping
     values = [0.5] + [1.0] * 200
     with_default = stopped_at(values, EarlyStopping(68, shipped.min_delta, "max", shipped.smoothing))
     creeping = stopped_at(values, EarlyStopping(68, 0.0, "max", shipped.smoothing))
@@ -101,17 +112,15 @@ def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
     assert baseline_verdict({"val_macro_f1": 0.5, "baseline": None}) is None
     line = baseline_verdict(metrics(0.446, 1.0))
     assert line.startswith("The model loses to the hgb baseline by 0.554 macro-F1 (0.446 vs 1.000)")
-    summary = {"best_epoch": 1, "epochs_run": 1, "stop_reason": "max_epochs", "metrics": metrics(0.446, 1.0),
-               "train_samples_per_s": 10.0, "device": "cpu", "wall_time_s": 1.0, "run_dir": "/r",
-               "objective_key": "val_macro_f1", "objective": 0.446}
+    summary = run_result(metrics=metrics(0.446, 1.0), objective=0.446)
     console = Console(record=True, width=200)
     print_summary(summary, console)
     assert line in console.export_text()
     assert "model LOSES" in run_line(summary)
-    report = render_report(metrics=summary["metrics"], data_report={}, summary=summary, plots={}, overrides=None,
+    report = render_report(metrics=summary.metrics, data_report={}, result=summary, plots={}, overrides=None,
                            run_id=None, tracking_uri=None, run_dir="/r")
     assert f"**{line}**" in report
-    summary["metrics"] = metrics(0.93, 0.95)
+    summary.metrics = metrics(0.93, 0.95)
     console = Console(record=True, width=200)
     print_summary(summary, console)
     assert "loses" not in console.export_text() and "LOSES" not in run_line(summary)

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import run_result
 from scipy.special import log_softmax
 from sklearn.datasets import make_classification
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -129,9 +130,7 @@ def test_console_report_and_run_line_show_model_baseline_and_blend_side_by_side(
     m = {"val_macro_f1": report["oof"]["model"]["macro_f1"], "gates": {}, "best_epoch": 1, "ensemble": report,
          "baseline": {"name": "hgb", "train_rows": 540, "fit_time_s": 0.1,
                       "scalars": {"val_macro_f1": report["oof"]["baseline"]["macro_f1"]}}}
-    summary = {"best_epoch": 1, "epochs_run": 1, "stop_reason": "max_epochs", "metrics": m, "run_dir": "/r",
-               "train_samples_per_s": 10.0, "device": "cpu", "wall_time_s": 1.0, "objective_key": "val_macro_f1",
-               "objective": m["val_macro_f1"]}
+    summary = run_result(metrics=m, objective=m["val_macro_f1"])
     oof = {who: f"{s['macro_f1']:.4f}" for who, s in report["oof"].items()}
     console = Console(record=True, width=250)
     print_summary(summary, console)
@@ -139,7 +138,7 @@ def test_console_report_and_run_line_show_model_baseline_and_blend_side_by_side(
     assert (f"macro-F1 model {oof['model']}, baseline {oof['baseline']}, blend {oof['blend']}; the export serves "
             f"{report['choice']} (model weight {report['weight']:g})") in text
     assert f"ensemble {report['choice']} w={report['weight']:g} oof macro-F1 {oof['blend']}" in run_line(summary)
-    md = render_report(metrics=m, data_report={}, summary=summary, plots={}, overrides=None, run_id=None,
+    md = render_report(metrics=m, data_report={}, result=summary, plots={}, overrides=None, run_id=None,
                        tracking_uri=None, run_dir="/r")
     assert f"| blend | {oof['blend']} |" in md and "fold weights" in md
 

@@ -252,7 +252,8 @@ def test_size_gate_refuses(tmp_path):
 def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
     """What a CUDA run holds (frozen base in bf16, adapters + head in fp32) mixes dtypes outside autocast; the run's
     export step (``classification_export.export``) casts to fp32 on CPU first, and the export then verifies."""
-    from conftest import compose_train
+    from conftest import run_result, typed_conf
+    from loralab.data.demo import write_demo
     from torch.utils.data import DataLoader
 
     from loralab.reporting.provenance import PACKAGES
@@ -267,15 +268,16 @@ def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
     with pytest.raises(RuntimeError, match="dtype"):  # the mixed model cannot even score without autocast
         with torch.inference_mode():
             model(**batch)
-    cfg = compose_train("lora=default", "export.zip=false", "data.train_file=null", "data.val_file=null")
     source = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2", max_length=MAX_LENGTH)
     enc = [tokenizer(serialize(r["features"]), truncation=True, max_length=MAX_LENGTH) for r in rows[:8]]
     loader = DataLoader(enc, batch_size=8, collate_fn=DataCollatorWithPadding(tokenizer))
     prov = {"git_commit": "abc", "git_dirty": "False", **{f"version.{p}": "0" for p in PACKAGES}}
-    summary = {"best_epoch": 1, "history": [{cfg.trainer.monitor: 0.5}], "best": {cfg.trainer.monitor: 0.5}, "provenance": prov}
+    train, val = write_demo(tmp_path / "data", n_train=8, n_val=4)
+    conf = typed_conf("lora=default", "export.zip=false", f"data.train_file={train}", f"data.val_file={val}")
+    summary = run_result(history=[{conf.trainer.monitor: 0.5}], best={conf.trainer.monitor: 0.5}, provenance=prov)
     metrics = {"temperature": 1.0, "calibration": {"method": "none"}}
     ctx = RunContext(out_dir=tmp_path, device=torch.device("cpu"), tracker=None)
-    export(cfg, model, tokenizer, source, loader, metrics, summary, ctx)
+    export(conf, model, tokenizer, source, loader, metrics, summary, ctx)
     assert json.loads((tmp_path / "loralab.json").read_text())["parts"] == ["merged", "adapter", "base"]
 
 

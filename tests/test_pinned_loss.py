@@ -6,7 +6,7 @@ numbers fails here loudly. The values were produced by the pre-refactor loop (``
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
+from conftest import optim_conf, trainer_conf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 
@@ -46,13 +46,10 @@ def test_first_three_steps_match_the_pinned_losses(tmp_path):
     loader = DataLoader(data, batch_sampler=EpochBatchSampler(data.lengths, 16, 0),
                         collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
     loss = RecordingLoss(gamma=1.5)
-    trainer = Trainer(
-        OmegaConf.create({"max_epochs": 1, "monitor": "val_loss", "monitor_mode": "min",
-                          "early_stopping": {"patience": 1, "min_delta": 0.0}}),
-        OmegaConf.create({"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-4,
-                                        "weight_decay": 0.01},
-                          "scheduler": "cosine", "warmup_ratio": 0.06, "max_grad_norm": 1.0}),
-        precision="fp32", device=torch.device("cpu"), progress=False)
+    trainer = Trainer(trainer_conf(1, monitor="val_loss", mode="min", patience=1),
+                      optim_conf("torch.optim.AdamW", lr=2e-4, weight_decay=0.01, scheduler="cosine",
+                                 warmup_ratio=0.06, max_grad_norm=1.0),
+                      precision="fp32", device=torch.device("cpu"), progress=False)
     trainer.setup(Fit(model, loss, loader, loader, metric_fn=lambda y, p: {}),
                   Checkpoints(tmp_path / "checkpoints", keep=1, mode="min", meta={}))
     trainer.fit()

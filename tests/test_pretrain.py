@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_train
+from conftest import ROOT, compose_train, typed_conf
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
@@ -49,11 +49,11 @@ def texts_of(path: Path) -> list[str]:
 
 def stage_and_inputs(demo: Path, cache: Path, *overrides: str):
     """The ``clm`` stage as the run's config builds it, the tiny random source and its tokenizer."""
-    cfg = check(compose_train("pretrain.epochs=1", f"pretrain.cache_dir={cache}", "model.tokenizer_vocab_size=300",
-                              "model.max_length=64", *overrides))
-    source = instantiate(cfg.model)
+    conf = typed_conf("pretrain.epochs=1", f"pretrain.cache_dir={cache}", "model.tokenizer_vocab_size=300",
+                      "model.max_length=64", *overrides)
+    source = instantiate(conf.model)
     tokenizer = source.load_tokenizer(texts_of(demo / "train.jsonl"))
-    return instantiate(cfg.pretrain), source, tokenizer, cfg.hardware
+    return conf.pretrain.stage(), source, tokenizer, conf.hardware
 
 
 def pretrain_once(stage, source, tokenizer, hardware, texts, uri: str):

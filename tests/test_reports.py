@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_result
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -57,9 +59,8 @@ def run_data(demo):
     metrics = {"best_epoch": 3, **report["scalars"], "val_loss": history[-1]["val_loss"],
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
                "gates": evaluate_gates(report["scalars"], GATES), "baseline": baseline}
-    summary = {"objective_key": "val_macro_f1", "objective": history[-1]["val_macro_f1"], "best_epoch": 3,
-               "epochs_run": 3, "stop_reason": "max_epochs", "history": history, "wall_time_s": 12.0,
-               "train_samples_per_s": 100.0, "device": "cpu"}
+    summary = run_result(objective=history[-1]["val_macro_f1"], best_epoch=3, epochs_run=3, history=history,
+                         wall_time_s=12.0, train_samples_per_s=100.0)
     return history, metrics, summary
 
 
@@ -160,7 +161,7 @@ def test_report_data_section_counts_dropped_rows(tmp_path, run_data):
     rows = [json.dumps({"id": i, "features": {"x": i}, "label": "long" if i % 2 else "skip"}) for i in range(8)]
     bad.write_text("\n".join(rows + ["{not json", json.dumps({"id": 99, "features": {"x": 1}, "label": "up"})]))
     splits = build_splits(str(bad), None, LABELS, val_split=0.25, seed=0)
-    text = render_report(metrics=metrics, data_report=splits.report, summary=summary, plots={}, overrides=[],
+    text = render_report(metrics=metrics, data_report=splits.report, result=summary, plots={}, overrides=[],
                          run_id=None, tracking_uri=None, run_dir=str(tmp_path))
     assert f"| train_file | `{bad}` | 10 | 8 | 2 |" in text
     assert "| train_file | invalid_json | 1 | 9 |" in text and "| train_file | unknown_label | 1 | 10 |" in text
@@ -169,8 +170,8 @@ def test_report_data_section_counts_dropped_rows(tmp_path, run_data):
 
 def test_summary_table_shows_baseline_gates_and_mlflow(run_data):
     _, metrics, summary = run_data
-    full = {**summary, "metrics": metrics, "run_dir": "/runs/x", "run_id": "abc123", "tracking_uri": "sqlite:///m.db",
-            "artifacts": ["/runs/x/report.md"]}
+    full = dataclasses.replace(summary, metrics=metrics, run_dir="/runs/x", run_id="abc123",
+                               tracking_uri="sqlite:///m.db", artifacts=["/runs/x/report.md"])
     out = Console(record=True, width=200)
     console.print_summary(full, out)
     text = out.export_text()

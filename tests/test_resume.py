@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import optim_conf, trainer_conf
 from safetensors.torch import load_file
 
 from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, read_meta, save_train_state
@@ -95,11 +95,8 @@ def test_checkpoint_refuses_nan_weights_and_wrong_shapes(tmp_path):
 
 
 def tiny_trainer(max_epochs: int = 1, lr: float = 0.1) -> Trainer:
-    trainer_cfg = OmegaConf.create({"max_epochs": max_epochs, "monitor": "acc", "monitor_mode": "max",
-                                    "early_stopping": {"patience": 1, "min_delta": 0.0}})
-    optim_cfg = OmegaConf.create({"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
-                                  "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None})
-    return Trainer(trainer_cfg, optim_cfg, precision="fp32", device=torch.device("cpu"))
+    return Trainer(trainer_conf(max_epochs, patience=1), optim_conf(lr=lr), precision="fp32",
+                   device=torch.device("cpu"))
 
 
 def test_fit_stops_on_non_finite_loss(tmp_path):

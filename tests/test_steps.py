@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import LABELS, ROOT, compose_train, write_jsonl
+from conftest import LABELS, ROOT, compose_train, optim_conf, run_result, trainer_conf, write_jsonl
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
@@ -77,11 +77,9 @@ def fit(ckpt_dir, *, metric_fn=None, checkpoints=Checkpoints, resume=None, max_e
     rows = data()
     loader = DataLoader(rows, batch_sampler=EpochBatchSampler([1] * ROWS, BATCH, 0, group_by_length=False))
     val = DataLoader(rows[:30], batch_size=8)
-    trainer_cfg = OmegaConf.create({"max_epochs": max_epochs, "monitor": monitor[0], "monitor_mode": monitor[1],
-                                    "early_stopping": {"patience": patience, "min_delta": 0.0}, **knobs})
-    optim_cfg = OmegaConf.create({"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.05},
-                                  "scheduler": "linear", "warmup_ratio": 0.0, "max_grad_norm": max_grad_norm})
-    trainer = Trainer(trainer_cfg, optim_cfg, precision="fp32", device=torch.device("cpu"), progress=False)
+    trainer = Trainer(trainer_conf(max_epochs, monitor=monitor[0], mode=monitor[1], patience=patience, **knobs),
+                      optim_conf("torch.optim.AdamW", lr=0.05, scheduler="linear", max_grad_norm=max_grad_norm),
+                      precision="fp32", device=torch.device("cpu"), progress=False)
     ckpts = checkpoints(ckpt_dir, keep=2, mode=monitor[1], meta={}, resume_from=resume)
     trainer.setup(Fit(Net(), nn.CrossEntropyLoss(), loader, val, metric_fn or (lambda y, p: {})), ckpts)
     calls: list[tuple[int, dict[str, float]]] = []
@@ -291,10 +289,9 @@ def test_the_test_split_never_influences_training_calibration_or_choice(with_tes
 
 
 def test_console_summary_shows_the_test_column_and_where_the_best_evaluation_was():
-    summary = {"best_epoch": 2, "best_step": 20, "epochs_run": 1, "stop_reason": "max_steps: 25 optimizer steps",
-               "history": [{"epoch": 1, "step": 15}], "train_samples_per_s": 10.0, "device": "cpu",
-               "wall_time_s": 3.0, "run_dir": "/r", "objective_key": "val_macro_f1", "objective": 0.5,
-               "metrics": {"val_macro_f1": 0.5, "test_macro_f1": 0.25, "test": {"rows": 7}, "gates": {}}}
+    summary = run_result(best_epoch=2, best_step=20, epochs_run=1, stop_reason="max_steps: 25 optimizer steps",
+                         history=[{"epoch": 1, "step": 15}], objective_key="val_macro_f1", objective=0.5,
+                         metrics={"val_macro_f1": 0.5, "test_macro_f1": 0.25, "test": {"rows": 7}, "gates": {}})
     console = Console(width=200, record=True)
     print_summary(summary, console)
     text = " ".join(console.export_text().split())  # the title wraps at the table's width

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+
+from conftest import optim_conf, trainer_conf
 
 from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, read_meta
 from loralab.core.distributed import Dist
@@ -26,6 +27,7 @@ from loralab.core.sampler import EpochBatchSampler
 from loralab.core.state import EarlyStopping
 from loralab.core.trainer import MAX_SKIPPED_IN_A_ROW, Fit, Trainer
 from loralab.errors import NonFiniteLossError, TrainingInterrupted
+
 
 TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
 
@@ -67,11 +69,8 @@ def scripted(values):
 
 def make_trainer(max_epochs: int, *, patience: int = 100, min_delta: float = 0.0, mode: str = "max",
                  precision: str = "fp32", lr: float = 0.1, ddp: Dist = Dist()) -> Trainer:
-    trainer_cfg = OmegaConf.create({"max_epochs": max_epochs, "monitor": "acc", "monitor_mode": mode,
-                                    "early_stopping": {"patience": patience, "min_delta": min_delta}})
-    optim_cfg = OmegaConf.create({"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
-                                  "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None})
-    return Trainer(trainer_cfg, optim_cfg, precision=precision, device=torch.device("cpu"), ddp=ddp, progress=False)
+    return Trainer(trainer_conf(max_epochs, mode=mode, patience=patience, min_delta=min_delta), optim_conf(lr=lr),
+                   precision=precision, device=torch.device("cpu"), ddp=ddp, progress=False)
 
 
 def fit(tmp_path: Path, *, model=None, data=None, batch_size: int = 4, accum: int = 1, metric=None, keep: int = 3,

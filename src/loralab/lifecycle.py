@@ -1,4 +1,5 @@
-"""One run of any task: check ▸ preflight ▸ tracker ▸ data ▸ model ▸ train ▸ finalize, always closing the run.
+"""One run of any task: settle the config ▸ preflight ▸ tracker ▸ the ``Run`` recipe (setup ▸ train ▸ finalize),
+always closing the run.
 
 The MLflow run ends FINISHED, FAILED (with the error as tags) or KILLED (SIGINT/SIGTERM, after writing ``last``),
 whatever the task. Tasks (``conf/task``) only say what differs; resume, signals, top-k checkpoints, DDP, sweep
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
@@ -25,8 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import set_seed
 
 from loralab import config
-from loralab.core import distributed
+from loralab.config import RunConf
 from loralab.config.changes import describe
+from loralab.config.tasks import QwenModelConf
+from loralab.core import distributed
 from loralab.core.checkpoint import Checkpoints, verify_resumable
 from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
@@ -37,7 +39,8 @@ from loralab.models.memory import check_memory
 from loralab.pretrain import PretrainStage
 from loralab.reporting import console
 from loralab.reporting.provenance import provenance
-from loralab.resume import CONFIG_FILE, checkpoint_run_id, resolve_resume, resume_changes
+from loralab.result import RunResult
+from loralab.resume import CONFIG_FILE, checkpoint_run_id, interpolated_keys, resolve_resume, resume_changes
 from loralab.tasks.base import RunContext, Task
 from loralab.tracking import sweep
 
@@ -46,20 +49,20 @@ log = logging.getLogger(__name__)
 RUN_LOCK = ".run.lock"  # held by the run using a run dir
 
 
-def settle(cfg: DictConfig) -> DictConfig:
-    """The config the run will use: typed and checked, ``auto`` resolved (and logged), memory preflight passed.
-    Raises ``ConfigError`` (one line) before anything loads."""
-    cfg = config.check(cfg)
-    cfg, resolved = config.resolve_hardware(cfg)
+def settle(cfg: DictConfig) -> RunConf:
+    """The config the run will use, as its task's typed root: checked, ``auto`` resolved (and logged), memory
+    preflight passed. Raises ``ConfigError`` (one line) before anything loads."""
+    checked, resolved = config.resolve_hardware(config.check(cfg))
     if resolved:
         log.info("hardware auto values resolved: %s", ", ".join(f"{k}={v}" for k, v in resolved.items()))
-    if "pretrained" in cfg.model:  # a transformer (ModelSource), not the MLP
-        check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(output_names(cfg)),
-                     batch_size=cfg.optim.batch_size)
-    return cfg
+    conf = config.typed(checked)
+    if isinstance(conf.model, QwenModelConf):  # a transformer, not the MLP
+        check_memory(conf.model, conf.lora, conf.hardware, num_labels=len(conf.output_names()),
+                     batch_size=conf.optim.batch_size)
+    return conf
 
 
-def settle_job(cfg: DictConfig, tracker) -> DictConfig:
+def settle_job(cfg: DictConfig, tracker) -> RunConf:
     """``settle`` inside a sweep job's MLflow run; a job that fails it still shows the values it was given."""
     try:
         return settle(cfg)
@@ -67,12 +70,6 @@ def settle_job(cfg: DictConfig, tracker) -> DictConfig:
         with contextlib.suppress(Exception):  # a value that does not even resolve is already named in the error
             tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
         raise
-
-
-def output_names(cfg: DictConfig) -> list[str]:
-    """Labels (classification) or target dimensions (regression); [] when the data decides."""
-    d = cfg.data
-    return list(d.get("labels") or d.get("dimension_names") or d.get("target_names") or [])
 
 
 @contextlib.contextmanager
@@ -130,21 +127,6 @@ def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str
             if f"data.{key}.sha256" in prov}
 
 
-def resolve_length(trainer: DictConfig, steps_per_epoch: int) -> tuple[DictConfig, dict[str, int]]:
-    """``trainer.max_epochs=auto``: as many epochs as ``trainer.min_steps`` optimizer steps need, and a patience
-    (in epochs) covering at least ``early_stopping.patience_steps`` steps. So a 100-row set gets as many updates
-    as a large one, and early stopping waits as many steps on it. Returns the trainer group with plain numbers in
-    place and what was resolved (empty when ``max_epochs`` was a number: it is used as given)."""
-    if trainer.max_epochs != "auto":
-        return trainer, {}
-    es = trainer.early_stopping
-    epochs = max(1, math.ceil(trainer.min_steps / steps_per_epoch))
-    between_evals = trainer.get("val_check_interval") or steps_per_epoch  # patience counts evaluations
-    patience = max(es.patience, math.ceil(es.get("patience_steps", 0) / min(between_evals, steps_per_epoch)))
-    resolved = OmegaConf.merge(trainer, {"max_epochs": epochs, "early_stopping": {"patience": patience}})
-    return resolved, {"max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
-
-
 def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
     """An epoch's metrics as MLflow curves at step = epoch: the optimizer step count is not a curve of its own."""
     return {k: v for k, v in metrics.items() if k != "step"}
@@ -171,20 +153,53 @@ def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> float:
-    """Run one experiment; returns ``cfg.objective`` of the best epoch (what sweepers optimise)."""
+    """Run one experiment; returns the best evaluation's ``objective`` (what sweepers optimise).
+
+    A single run settles its config first, so a bad value fails before an MLflow run exists; a sweep job settles
+    inside its MLflow run, so a bad value is a FAILED child and the sweep goes on. Until then only keys every task
+    has are read (``quiet``, ``distributed``, ``paths``, ``resume``, ``tracking``, ``task``)."""
     multirun = sweep.is_multirun()
-    quiet = console.is_quiet(cfg.get("quiet", "auto"), multirun)
+    quiet = console.is_quiet(cfg.quiet, multirun)
     if quiet:
         console.quiet_logging()
-    if not multirun:
-        cfg = settle(cfg)  # a single run with a bad value fails before an MLflow run exists
+    conf = None if multirun else settle(cfg)
     ddp = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_min)
     if not ddp.is_main and not quiet:
         quiet = True
         console.quiet_logging()
     out_dir = writable_dir(ddp.broadcast(cfg.paths.output_dir), "hydra.run.dir")  # every rank: rank 0's run dir
     with run_dir_lock(out_dir, ddp.is_main):
-        return _run(cfg, out_dir, ddp, multirun, quiet)
+        if ddp.is_main:  # where checkpoints and tokenized data go: unwritable is one line now, not after an epoch
+            writable_dir(out_dir / "checkpoints", "hydra.run.dir")
+            if getattr(cfg.data, "cache_dir", None):  # records data only
+                writable_dir(cfg.data.cache_dir, "data.cache_dir")
+        resume_dir = resolve_resume(cfg.resume, out_dir)
+        # A single run is settled: a changed resume is refused before its MLflow run is reopened.
+        changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if conf and resume_dir else {}
+        tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
+        parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
+        tracker.start({}, tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name}, parent_run_id=parent_run_id,
+                      resume_run_id=checkpoint_run_id(resume_dir))
+        try:
+            with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
+                if conf is None:
+                    conf = settle_job(cfg, tracker)
+                    changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if resume_dir else {}
+                ctx = RunContext(out_dir=out_dir, device=rank_device(conf.hardware.device, ddp), tracker=tracker,
+                                 ddp=ddp, resume_dir=resume_dir)
+                recipe = Run(conf, ctx, progress=not quiet)
+                recipe.prepare(changes, show_config=not quiet)
+                with stop_on_signals() as stop_requested, torch_threads(conf.hardware.torch_threads):
+                    recipe.setup(stop_requested)
+                    recipe.train(stop_requested)
+                    result = recipe.finalize()
+        finally:
+            distributed.shutdown()
+    if ddp.is_main and quiet:
+        console.print_run_line(result, HydraConfig.get().job.num if multirun else None)
+    elif ddp.is_main:
+        console.print_summary(result)
+    return result.objective
 
 
 @contextlib.contextmanager
@@ -206,139 +221,142 @@ def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
         lock.release()
 
 
-def _run(cfg: DictConfig, out_dir: Path, ddp, multirun: bool, quiet: bool) -> float:
-    """The run, holding its run dir: output dirs probed ▸ resume point (settings unchanged) ▸ tracker ▸ (sweep jobs:
-    settle) ▸ checkpoint checksums ▸ ``Run`` ▸ console summary."""
-    if ddp.is_main:  # where checkpoints and tokenized data go: unwritable is one line now, not after an epoch
-        writable_dir(out_dir / "checkpoints", "hydra.run.dir")
-        if cfg.data.get("cache_dir"):
-            writable_dir(cfg.data.cache_dir, "data.cache_dir")
-    resume_dir = resolve_resume(cfg.get("resume"), out_dir)
-    data_files = {k: cfg.data.get(k) for k in ("train_file", "val_file", "test_file")}
-    # A single run's config is settled: a changed resume is refused before its MLflow run is reopened.
-    changes = resume_changes(cfg, resume_dir, data_files) if resume_dir and not multirun else {}
-    resumed_run_id = checkpoint_run_id(resume_dir)
-    tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
-    parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
-    tracker.start({}, tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
-                  parent_run_id=parent_run_id, resume_run_id=resumed_run_id)
-    try:
-        with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
-            if multirun:
-                cfg = settle_job(cfg, tracker)  # in a sweep a bad value is a FAILED child, and the sweep goes on
-                changes = resume_changes(cfg, resume_dir, data_files) if resume_dir else {}
-            if resume_dir is not None:
-                verify_resumable(resume_dir)  # a corrupt checkpoint fails this run by name, before data loads
-                if changes:
-                    tracker.set_tags({"resume_changes": describe(changes)[:5000]})
-            used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-            if ddp.is_main:
-                OmegaConf.save(used, out_dir / CONFIG_FILE)
-                if tracker.run_id != resumed_run_id:  # params are write-once; a reopened run already has them
-                    tracker.log_params(used)
-                tracker.log_artifact(out_dir / CONFIG_FILE)
-            if not quiet:
-                console.print_config(used, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
-            ctx = RunContext(out_dir=out_dir, device=rank_device(cfg.hardware.device, ddp), tracker=tracker,
-                             ddp=ddp, resume_dir=resume_dir)
-            with stop_on_signals() as stop_requested, torch_threads(cfg.hardware.get("torch_threads")):
-                summary = Run(cfg, ctx, progress=not quiet).execute(stop_requested, data_files)
-    finally:
-        distributed.shutdown()
-    if ddp.is_main and quiet:
-        console.print_run_line(summary, HydraConfig.get().job.num if multirun else None)
-    elif ddp.is_main:
-        console.print_summary(summary)
-    return summary["objective"]
-
-
 class Run:
-    """The part of a run inside the tracker: task data ▸ model ▸ trainer ▸ finalize (torchtune-recipe style)."""
+    """One run inside its MLflow run, a recipe in torchtune's sense: ``setup`` builds every component onto
+    ``self`` (one ``_setup_*`` method each), ``train`` fits, ``finalize`` hands the best model to the task for
+    reports and export and returns the ``RunResult``."""
 
-    def __init__(self, cfg: DictConfig, ctx: RunContext, progress: bool = True):
-        self.cfg, self.ctx, self.progress = cfg, ctx, progress
-        self.task: Task = get_class(cfg.task._target_)(cfg, ctx)
-        self.pretrain: PretrainStage = instantiate(cfg.pretrain)  # none | clm: the base the task's model loads
+    def __init__(self, conf: RunConf, ctx: RunContext, progress: bool = True):
+        self.conf, self.ctx, self.progress = conf, ctx, progress
+        self.task: Task = get_class(conf.task._target_)(conf, ctx)
+        self.pretrain: PretrainStage = conf.pretrain.stage()
+        self.t_start = time.time()
 
-    def execute(self, stop_requested: Callable[[], bool], data_files: dict[str, Any]) -> dict[str, Any]:
-        cfg, ctx, ddp = self.cfg, self.ctx, self.ctx.ddp
-        t_start = time.time()
-        set_seed(cfg.seed)
-        if cfg.trainer.deterministic:
+    def prepare(self, changes: dict[str, Any], show_config: bool) -> None:
+        """Before anything loads: verify the checkpoint it resumes, save and log the config exactly as used."""
+        conf, ctx = self.conf, self.ctx
+        if ctx.resume_dir is not None:
+            verify_resumable(ctx.resume_dir)  # a corrupt checkpoint fails this run by name, before data loads
+            if changes:
+                ctx.tracker.set_tags({"resume_changes": describe(changes)[:5000]})
+        used = conf.as_dict()
+        if ctx.ddp.is_main:
+            OmegaConf.save(used, ctx.out_dir / CONFIG_FILE)
+            if ctx.tracker.run_id != checkpoint_run_id(ctx.resume_dir):  # params are write-once; a reopened run has them
+                ctx.tracker.log_params(used)
+            ctx.tracker.log_artifact(ctx.out_dir / CONFIG_FILE)
+        if show_config:
+            console.print_config(used, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
+
+    def setup(self, stop_requested: Callable[[], bool]) -> None:
+        self._setup_seed()
+        self._setup_data()
+        self._setup_base(stop_requested)
+        self._setup_model()
+        self._setup_loaders()
+        self._setup_trainer()
+
+    def _setup_seed(self) -> None:
+        set_seed(self.conf.seed)
+        if self.conf.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        data = self.task.build_data()
-        prov = provenance(cfg.paths.root_dir, data_files)  # after build_data: demo files exist now
-        ctx.tracker.set_provenance(prov, resumed=ctx.resume_dir is not None)
-        ctx.tracker.log_datasets(dataset_inputs(data_files, prov))
-        # Under DDP rank 0 fills the pretrain cache alone (a single-process stage), the other ranks then hit it.
-        # The wait is bounded by distributed.timeout_min.
+
+    def _setup_data(self) -> None:
+        ctx = self.ctx
+        self.data = self.task.build_data()
+        self.data_files = self.conf.data.files()
+        self.provenance = provenance(self.conf.paths["root_dir"], self.data_files)  # after build_data: demo files exist
+        ctx.tracker.set_provenance(self.provenance, resumed=ctx.resume_dir is not None)
+        ctx.tracker.log_datasets(dataset_inputs(self.data_files, self.provenance))
+
+    def _setup_base(self, stop_requested: Callable[[], bool]) -> None:
+        """The pretrain stage may replace the task's base. Under DDP rank 0 fills the pretrain cache alone (a
+        single-process stage), the other ranks then hit it; the wait is bounded by distributed.timeout_min."""
+        conf, ctx, ddp = self.conf, self.ctx, self.ctx.ddp
         if not ddp.is_main:
             ddp.barrier()
         self.task.source = self.pretrain.base(self.task.source, self.task.tokenizer, self.task.pretrain_texts,
-                                              seed=cfg.seed, device=ctx.device, hardware=cfg.hardware,
+                                              seed=conf.seed, device=ctx.device, hardware=conf.hardware,
                                               tracker=ctx.tracker, stop_requested=stop_requested,
                                               progress=self.progress)
         if ddp.is_main:
             ddp.barrier()
+
+    def _setup_model(self) -> None:
+        ctx = self.ctx
         model = self.task.build_model()
         ctx.tracker.log_metrics(parameter_counts(model))
-        train_loader, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
-                                                       trainer=cfg.trainer, seed=cfg.seed, ddp=ddp)
-        if cfg.trainer.compile:
+        if self.conf.trainer.compile:
             model.compile()  # in place: parameter names (and so checkpoints) stay the same
-        if ddp.enabled:  # gradients of trainable weights are all-reduced once per optimizer step
+        if ctx.ddp.enabled:  # gradients of trainable weights are all-reduced once per optimizer step
             model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        trainer_cfg, length = resolve_length(cfg.trainer, -(-len(train_loader) // accum))
+        self.model = model
+
+    def _setup_loaders(self) -> None:
+        conf, ddp = self.conf, self.ctx.ddp
+        self.train_loader, self.val_loader, self.accum = make_loaders(
+            self.data, batch_size=conf.optim.batch_size, hardware=conf.hardware, trainer=conf.trainer, seed=conf.seed,
+            ddp=ddp)
+
+    def _setup_trainer(self) -> None:
+        conf, ctx = self.conf, self.ctx
+        self.trainer_conf, length = conf.trainer.for_epoch_length(-(-len(self.train_loader) // self.accum))
         if length:
             log.info("trainer.max_epochs=auto: %(steps_per_epoch)d optimizer steps an epoch -> %(max_epochs)d epochs, "
                      "early-stopping patience %(patience)d evaluations", length)
             ctx.tracker.set_tags({f"resolved.{k}": v for k, v in length.items()})
-        trainer = Trainer(trainer_cfg, cfg.optim, precision=cfg.hardware.precision, device=ctx.device, ddp=ddp,
-                          progress=self.progress)
-        checkpoints = Checkpoints(ctx.out_dir / "checkpoints", keep=cfg.trainer.save_top_k,
-                                  mode=cfg.trainer.monitor_mode, tokenizer=self.task.tokenizer,
-                                  meta={"mlflow_run_id": ctx.tracker.run_id, "monitor": cfg.trainer.monitor,
-                                        "data_sha256": {k: v for k, v in prov.items() if k.startswith("data.")}},
-                                  resume_from=ctx.resume_dir, ddp=ddp)
-        trainer.setup(Fit(model, self.task.loss(), train_loader, shard(val_loader, ddp), self.task.metrics, accum),
-                      checkpoints)
+        self.trainer = Trainer(self.trainer_conf, conf.optim, precision=conf.hardware.precision, device=ctx.device,
+                               ddp=ctx.ddp, progress=self.progress)
+        data_sha256 = {k: v for k, v in self.provenance.items() if k.startswith("data.")}
+        checkpoints = Checkpoints(ctx.out_dir / "checkpoints", keep=conf.trainer.save_top_k,
+                                  mode=conf.trainer.monitor_mode, tokenizer=self.task.tokenizer,
+                                  meta={"mlflow_run_id": ctx.tracker.run_id, "monitor": conf.trainer.monitor,
+                                        "data_sha256": data_sha256},
+                                  resume_from=ctx.resume_dir, ddp=ctx.ddp)
+        self.trainer.setup(Fit(self.model, self.task.loss(), self.train_loader, shard(self.val_loader, ctx.ddp),
+                               self.task.metrics, self.accum), checkpoints)
         if ctx.resume_dir is not None:
             ctx.tracker.set_tags({"resumed_from": str(ctx.resume_dir)})
-        state = trainer.fit(on_epoch_end=lambda st, metrics: ctx.tracker.log_metrics(
-                                with_objective(epoch_curves(metrics), cfg.objective), step=st.epoch),
-                            on_step=step_logger(ctx.tracker),
-                            stop_requested=stop_requested)
-        trainer.finish()
-        if state.best_epoch is None:
-            raise RuntimeError(f"no epoch produced a usable {cfg.trainer.monitor}; nothing to report")
-        objective = state.best[cfg.objective]
-        if not ddp.is_main:  # rank 0 reports and exports
-            return {"objective": objective}
-        summary = {
-            "task": cfg.task.name, "objective_key": cfg.objective, "objective": objective,
-            "best_epoch": state.best_epoch, "best_step": state.best_step, "best": state.best,
-            "stop_reason": state.stop_reason, "epochs_run": len(state.history), "history": state.history,
-            "val_checks": state.checks, "wall_time_s": time.time() - t_start,
-            "fit_time_s": state.fit_time_s, "train_samples_per_s": state.train_samples_per_s,
-            "optimizer_steps": state.step, "skipped_steps": state.skipped_steps, "accumulation_steps": accum,
-            "max_epochs": trainer_cfg.max_epochs,
-            "device": str(ctx.device), "world_size": ddp.world_size,
-            "resumed_from": str(ctx.resume_dir) if ctx.resume_dir else None, "provenance": prov,
-        }
-        atomic_write_json(ctx.out_dir / "training_summary.json", summary)
-        ctx.tracker.set_tags({"stop_reason": state.stop_reason, "best_epoch": state.best_epoch,
-                              "best_step": state.best_step})
-        ctx.tracker.log_metrics({"best.objective": objective}, step=state.best_epoch)
-        out = self.task.finalize(trainer.core, val_loader, summary)
-        artifacts = [ctx.out_dir / "training_summary.json", *out.get("artifacts", [])]
+
+    def train(self, stop_requested: Callable[[], bool]) -> None:
+        """Fit to the end (max_epochs, max_steps, early stopping), the best evaluation's weights back in the model."""
+        tracker, objective = self.ctx.tracker, self.conf.objective
+        self.state = self.trainer.fit(
+            on_epoch_end=lambda st, metrics: tracker.log_metrics(with_objective(epoch_curves(metrics), objective),
+                                                                 step=st.epoch),
+            on_step=step_logger(tracker), stop_requested=stop_requested)
+        self.trainer.finish()
+        if self.state.best_epoch is None:
+            raise RuntimeError(f"no epoch produced a usable {self.conf.trainer.monitor}; nothing to report")
+
+    def finalize(self) -> RunResult:
+        """The result; on rank 0 also the task's reports and export, the artifacts and the run's note."""
+        conf, ctx, st = self.conf, self.ctx, self.state
+        result = RunResult(
+            task=str(conf.task.name), objective_key=conf.objective, objective=st.best[conf.objective],
+            best_epoch=st.best_epoch, best_step=st.best_step, best=st.best, stop_reason=st.stop_reason,
+            epochs_run=len(st.history), history=st.history, val_checks=st.checks,
+            wall_time_s=time.time() - self.t_start, fit_time_s=st.fit_time_s,
+            train_samples_per_s=st.train_samples_per_s, optimizer_steps=st.step, skipped_steps=st.skipped_steps,
+            accumulation_steps=self.accum, max_epochs=self.trainer_conf.max_epochs, device=str(ctx.device),
+            world_size=ctx.ddp.world_size, resumed_from=str(ctx.resume_dir) if ctx.resume_dir else None,
+            provenance=self.provenance, run_dir=str(ctx.out_dir), run_id=ctx.tracker.run_id,
+            tracking_uri=ctx.tracker.uri)
+        if not ctx.ddp.is_main:  # rank 0 reports and exports
+            return result
+        summary_file = ctx.out_dir / "training_summary.json"
+        atomic_write_json(summary_file, result.training_summary())
+        ctx.tracker.set_tags({"stop_reason": st.stop_reason, "best_epoch": st.best_epoch, "best_step": st.best_step})
+        ctx.tracker.log_metrics({"best.objective": result.objective}, step=st.best_epoch)
+        out = self.task.finalize(self.trainer.core, self.val_loader, result)
+        artifacts = [summary_file, *out.artifacts]
         for path in artifacts:  # the run dir's layout, mirrored (checkpoints/model_best.pt -> checkpoints/)
             parent = Path(path).resolve().relative_to(ctx.out_dir.resolve()).parent
             ctx.tracker.log_artifact(path, None if parent == Path(".") else str(parent))
         if (ctx.out_dir / ".hydra").is_dir():
             ctx.tracker.log_artifact(ctx.out_dir / ".hydra", "hydra")
-        result = {**summary, "wall_time_s": time.time() - t_start, "metrics": out["metrics"],
-                  "run_dir": str(ctx.out_dir), "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
-                  "model_uri": out.get("model_uri"), "artifacts": [str(p) for p in artifacts]}
-        ctx.tracker.set_note(console.run_line(result) + (f"\n\nModel: `{result['model_uri']}`"
-                                                         if result["model_uri"] else ""))
+        result.metrics, result.model_uri, result.artifacts = out.metrics, out.model_uri, [str(p) for p in artifacts]
+        result.wall_time_s = time.time() - self.t_start
+        ctx.tracker.set_note(console.run_line(result) + (f"\n\nModel: `{result.model_uri}`" if result.model_uri
+                                                         else ""))
         return result

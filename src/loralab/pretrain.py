@@ -20,16 +20,16 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from filelock import FileLock
-from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorWithPadding, set_seed
 
+from loralab.config.schema import PretrainConf
 from loralab.core.checkpoint import Checkpoints, rng_state, set_rng_state
 from loralab.core.loaders import TaskData, make_loaders
 from loralab.core.trainer import Fit, Trainer
@@ -47,24 +47,16 @@ INFO_FILE = "pretrain.json"  # in each cached base: its key, settings, history, 
 Texts = Callable[[Sequence[str], Sequence[str]], list[str]]  # (splits, extra files) -> unlabelled texts
 
 
-@dataclass
 class PretrainStage:
-    """The keys of ``conf/pretrain`` (``none`` keeps ``clm``'s, so ``pretrain=clm`` finds them) and the stage's
-    interface: ``base`` returns the source the task's model loads."""
+    """The stage's interface: ``base`` returns the source the task's model loads. Built on the run's typed
+    ``pretrain`` group (``conf/pretrain``; ``none`` keeps ``clm``'s keys, so ``pretrain=clm`` finds them)."""
 
-    name: str = "none"
-    epochs: int = 3
-    min_steps: int = 0
-    lr: float = 1e-3
-    batch_size: int = 16
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    holdout: float = 0.05
-    splits: list[str] = field(default_factory=lambda: ["train"])
-    extra_files: list[str] = field(default_factory=list)
-    train: str = "full"
-    lora: dict[str, Any] = field(default_factory=dict)
-    cache_dir: str = ".cache/pretrain"
+    def __init__(self, conf: PretrainConf):
+        self.conf = conf
+
+    @property
+    def name(self) -> str:
+        return str(self.conf.name)
 
     def base(self, source: ModelSource | None, tokenizer, texts: Texts, **run: Any) -> ModelSource | None:
         """The source the task's model loads. ``run`` is what a stage that trains needs: ``seed``, ``device``,
@@ -80,10 +72,23 @@ class CausalLMPretrain(PretrainStage):
     """``pretrain=clm``: continued causal-LM pretraining of the base, cached."""
 
     def settings(self) -> dict[str, Any]:
-        """What, besides texts, tokenizer, base and seed, changes the result (so it is in the cache key)."""
+        """What, besides texts, tokenizer, base and seed, changes the result (so it is in the cache key). A key
+        left at what older versions hard-coded stays out, so their cached bases keep their keys."""
+        c = self.conf
         keys = ("epochs", "lr", "batch_size", "weight_decay", "warmup_ratio", "holdout", "train")
-        return ({k: getattr(self, k) for k in keys} | ({"lora": dict(self.lora)} if self.train == "lora" else {})
-                | ({"min_steps": self.min_steps} if self.min_steps else {}))  # 0 keeps the keys of older bases
+        out = {k: str(getattr(c, k)) if k == "train" else getattr(c, k) for k in keys}
+        if c.train == "lora":
+            out["lora"] = {**vars(c.lora), "target_modules": list(c.lora.target_modules)}
+        if c.min_steps:
+            out["min_steps"] = c.min_steps
+        optimizer = {k: v for k, v in vars(c.optimizer).items() if k not in ("_partial_", "lr", "weight_decay")}
+        if optimizer != {"_target_": "torch.optim.AdamW"}:
+            out["optimizer"] = optimizer
+        if c.scheduler != "cosine":
+            out["scheduler"] = c.scheduler
+        if c.max_grad_norm != 1.0:
+            out["max_grad_norm"] = c.max_grad_norm
+        return out
 
     def key(self, source: ModelSource, tokenizer, texts: Sequence[str], seed: int, precision: str) -> str:
         digest = hashlib.sha256()
@@ -95,8 +100,9 @@ class CausalLMPretrain(PretrainStage):
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def base(self, source: ModelSource | None, tokenizer, texts: Texts, **run: Any) -> ModelSource | None:
-        corpus = texts(list(self.splits), list(self.extra_files))
-        if "val" in self.splits:
+        c = self.conf
+        corpus = texts(list(c.splits), list(c.extra_files))
+        if "val" in c.splits:
             log.warning("pretrain.splits includes val: the base has read the val texts, so val metrics are "
                         "optimistic (transductive)")
         if len(corpus) < 2:
@@ -104,7 +110,7 @@ class CausalLMPretrain(PretrainStage):
                             f"(one is held out)")
         hw = run["hardware"]
         key = self.key(source, tokenizer, corpus, run["seed"], str(hw.precision))
-        cache = Path(self.cache_dir)
+        cache = Path(c.cache_dir)
         final = cache / f"{source.name}-{key}"
         cache.mkdir(parents=True, exist_ok=True)
         # Sweep jobs asking for the same base wait here for the first; the OS drops the lock if its holder dies.
@@ -116,7 +122,7 @@ class CausalLMPretrain(PretrainStage):
                 log.info("pretrain=%s: cache hit %s (%s)", self.name, key, final)
             else:
                 log.info("pretrain=%s: cache miss %s: %d epochs of causal-LM training on %d texts -> %s", self.name,
-                         key, self.epochs, len(corpus), final)
+                         key, c.epochs, len(corpus), final)
                 info = self._pretrain(source, tokenizer, corpus, final, key, **run)
         tracker = run["tracker"]
         tracker.set_tags({"pretrain.cache_key": key, "pretrain.cache_hit": hit, "pretrain.base_dir": str(final)})
@@ -132,40 +138,32 @@ class CausalLMPretrain(PretrainStage):
                   progress: bool) -> dict[str, Any]:
         """Train, save ``final`` atomically, drop the work dir. Leaves the global RNG as it found it, so a run that
         hits the cache fine-tunes exactly like the run that filled it."""
-        work = final.with_name(final.name + ".partial")
+        c, work = self.conf, final.with_name(final.name + ".partial")
         outer_rng = rng_state()
         try:
             set_seed(seed)
             lm = source.load_causal_lm(tokenizer, attn_implementation=hardware.attn_implementation)
             if hardware.gradient_checkpointing:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.train == "lora":
-                lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", **self.lora))
+            if c.train == "lora":
+                lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", **vars(c.lora)))
             model = TokenNLL(lm).to(device)
-            train_texts, held_out = holdout_split(texts, self.holdout, seed)
+            train_texts, held_out = holdout_split(texts, c.holdout, seed)
             data = TaskData(*(lm_dataset(t, tokenizer, source.max_length) for t in (train_texts, held_out)),
                             collate=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
             data.train_lengths, data.val_lengths = data.train.lengths, data.val.lengths
-            trainer_cfg = OmegaConf.create({
-                "max_epochs": self.epochs, "monitor": "val_perplexity", "monitor_mode": "min", "save_top_k": 1,
-                "early_stopping": {"patience": self.epochs, "min_delta": 0.0},  # every epoch runs; the best is kept
-                "group_by_length": True, "eval_batch_size": 4 * self.batch_size})
-            optim_cfg = OmegaConf.create({
-                "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": self.lr,
-                              "weight_decay": self.weight_decay},
-                "scheduler": "cosine", "warmup_ratio": self.warmup_ratio, "max_grad_norm": 1.0})
-            train_loader, val_loader, accum = make_loaders(data, batch_size=self.batch_size, hardware=hardware,
-                                                           trainer=trainer_cfg, seed=seed)
-            epochs = pretrain_epochs(self.epochs, self.min_steps, -(-len(train_loader) // accum))
-            if epochs != self.epochs:
-                log.info("pretrain=%s: %d epochs to reach pretrain.min_steps=%d", self.name, epochs, self.min_steps)
-                trainer_cfg.max_epochs = trainer_cfg.early_stopping.patience = epochs
+            train_loader, val_loader, accum = make_loaders(data, batch_size=c.batch_size, hardware=hardware,
+                                                           trainer=c.trainer(1), seed=seed)
+            trainer_conf = c.trainer(-(-len(train_loader) // accum))
+            if trainer_conf.max_epochs != c.epochs:
+                log.info("pretrain=%s: %d epochs to reach pretrain.min_steps=%d", self.name, trainer_conf.max_epochs,
+                         c.min_steps)
             last = work / "checkpoints" / "last"
             recover(last)
             resume = last if last.is_dir() else None
             if resume is not None:
                 log.info("pretrain=%s: resuming the interrupted pretraining from %s", self.name, resume)
-            trainer = Trainer(trainer_cfg, optim_cfg, precision=str(hardware.precision), device=device,
+            trainer = Trainer(trainer_conf, c.optim(), precision=str(hardware.precision), device=device,
                               progress=progress)
             trainer.setup(Fit(model, MeanTokenNLL(), train_loader, val_loader, perplexity, accum),
                           Checkpoints(work / "checkpoints", keep=1, mode="min", meta={"pretrain_key": key},
@@ -173,7 +171,7 @@ class CausalLMPretrain(PretrainStage):
             state = trainer.fit(on_epoch_end=lambda st, m: tracker.log_metrics(lm_metrics(m), step=st.epoch),
                                 stop_requested=stop_requested)
             trainer.finish()  # the epoch with the lowest held-out LM loss
-            lm = model.lm.merge_and_unload() if self.train == "lora" else model.lm
+            lm = model.lm.merge_and_unload() if c.train == "lora" else model.lm
             info = {"key": key, "stage": self.name, "settings": self.settings(), "seed": seed,
                     "texts": len(texts), "held_out": len(held_out), "best_epoch": state.best_epoch,
                     "history": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_perplexity", "epoch_train_time_s")}
@@ -186,11 +184,6 @@ class CausalLMPretrain(PretrainStage):
             return info
         finally:
             set_rng_state(outer_rng)
-
-
-def pretrain_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
-    """``epochs``, or more where a small corpus needs them to reach ``min_steps`` optimizer steps."""
-    return max(epochs, math.ceil(min_steps / max(steps_per_epoch, 1)))
 
 
 def perplexity(y, outputs) -> dict[str, float]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.config import RunConf
 from loralab.config.changes import RESUME_IGNORED, changed, describe, flatten, refused
 from loralab.core.checkpoint import checkpoint_meta
 from loralab.errors import CheckpointError, ConfigError
@@ -50,16 +51,21 @@ def checkpoint_run_id(resume_dir: Path | None) -> str | None:
     return None
 
 
-def resume_changes(cfg: DictConfig, resume_dir: Path, data_files: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def interpolated_keys(cfg: DictConfig) -> list[str]:
+    """Keys of the composed config whose value is written as ``${...}``: they follow their source
+    (optim.optimizer.lr: ${..lr}), which is compared itself, or name a data file, whose content is compared by
+    hash; counting them would name one change twice."""
+    return [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items()
+            if isinstance(v, str) and "${" in v]
+
+
+def resume_changes(conf: RunConf, derived: list[str], resume_dir: Path) -> dict[str, tuple[Any, Any]]:
     """What differs from the run that wrote ``resume_dir``: its ``config.yaml`` (in that run dir) and the data file
-    hashes its checkpoint recorded. Raises ``ConfigError`` (one line naming the keys) unless
-    ``resume_allow_changes`` accepts every change; returns the accepted ones."""
+    hashes its checkpoint recorded; ``derived`` keys (``interpolated_keys``) are not compared. Raises
+    ``ConfigError`` (one line naming the keys) unless ``resume_allow_changes`` accepts every change; returns the
+    accepted ones."""
     saved_config = resume_dir.parent.parent / CONFIG_FILE
-    used = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    # A value written as ${...} follows its source (optim.optimizer.lr: ${..lr}), which is compared itself, or
-    # names a data file, whose content is compared by hash: counting it would name one change twice.
-    derived = [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items()
-               if isinstance(v, str) and "${" in v]
+    used = conf.as_dict()
     if saved_config.is_file():
         changes = changed(OmegaConf.to_container(OmegaConf.load(saved_config)), used, (*RESUME_IGNORED, *derived))
     else:
@@ -67,11 +73,11 @@ def resume_changes(cfg: DictConfig, resume_dir: Path, data_files: dict[str, Any]
         changes = {}
     with contextlib.suppress(CheckpointError):  # an unreadable checkpoint is refused by name later, in the run
         saved_hashes = checkpoint_meta(resume_dir).get("data_sha256") or {}
-        now = data_hashes(data_files)
+        now = data_hashes(conf.data.files())
         changes.update({k: (v, now.get(k, "<missing>")) for k, v in saved_hashes.items() if now.get(k) != v})
-    bad = refused(changes, cfg.resume_allow_changes)
+    bad = refused(changes, conf.resume_allow_changes)
     if bad:
-        raise ConfigError(f"resume={cfg.resume}: {len(bad)} setting(s) differ from the checkpoint's run "
+        raise ConfigError(f"resume={conf.resume}: {len(bad)} setting(s) differ from the checkpoint's run "
                           f"({describe({k: changes[k] for k in bad})}); resume with the settings it was trained "
                           f"with, or accept them with resume_allow_changes=[{','.join(bad)}] (or true)")
     if changes:

@@ -46,11 +46,18 @@ def option_rows() -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def output_names(data: DictConfig) -> list[str]:
+    """The model's outputs as the composed (unchecked) data group names them: labels or regression targets."""
+    for key in ("labels", "dimension_names", "target_names"):
+        if key in data and data[key] is not None:
+            return list(data[key])
+    return []
+
+
 def check(cfg: DictConfig) -> str:
     """The verdict line for a composed config; ConfigError for a misfit. The config rules are not applied (they
     also ask for data files and a CUDA device on this machine): the question here is the memory only."""
     from loralab.config.hardware import auto_values  # importing loralab.config registers the YAML's resolvers
-    from loralab.lifecycle import output_names
     from loralab.models.memory import BYTES, check_memory, run_label
 
     if "pretrained" not in cfg.model:
@@ -60,7 +67,7 @@ def check(cfg: DictConfig) -> str:
     hw = cfg.hardware
     if hw.precision not in BYTES:
         raise ConfigError(f"hardware.precision={hw.precision!r}: must be one of {', '.join(BYTES)}")
-    est = check_memory(cfg.model, cfg.lora, hw, num_labels=len(output_names(cfg)), batch_size=cfg.optim.batch_size,
+    est = check_memory(cfg.model, cfg.lora, hw, num_labels=len(output_names(cfg.data)), batch_size=cfg.optim.batch_size,
                        mode="error")
     label = run_label(cfg.model.name, cfg.lora.r if cfg.lora.enabled else None, hw.name)
     if hw.memory_gib is None:

@@ -24,6 +24,7 @@ from omegaconf.errors import (
 
 from loralab.config.cross import RULES, fail, require
 from loralab.config.rules import rules_of
+from loralab.config.schema import RunConf
 from loralab.config.tasks import ROOTS, TASK_GROUPS
 from loralab.errors import ConfigError
 
@@ -50,6 +51,17 @@ def check(cfg: DictConfig) -> DictConfig:
         rule(typed)
     OmegaConf.set_struct(typed, True)
     return typed
+
+
+def typed(cfg: DictConfig) -> RunConf:
+    """The checked config (``check``'s result, ``auto`` values resolved) as instances of its task's root schema,
+    interpolations resolved: the object a run reads (``conf.trainer.max_epochs``). A value that does not resolve
+    here (an unset environment variable, ``${hydra:...}`` outside the Hydra app) fails as one line."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # a structured root gives its dataclass
+    except OmegaConfBaseException as err:
+        task = OmegaConf.select(cfg, "task.name")
+        raise one_line(err, ROOTS[task], cfg) from None
 
 
 def by_target(root: type, body: DictConfig) -> DictConfig:

@@ -1,16 +1,24 @@
 """Schemas of the groups every task shares (conf/<group>/*.yaml): field names are the YAML keys, types are what
 OmegaConf enforces on merge, ``knob(...)`` rules are the ranges. Values stay in the YAML (defaults are MISSING).
 
+These dataclasses are also the objects a run reads: ``config.typed`` turns the checked config into instances of
+them, and values derived from several keys are methods here (``TrainerConf.for_epoch_length``,
+``RunConf.accumulation_steps``), not free functions next to their one caller.
+
 Closed choices are ``Choice`` enums: they compare, hash, format, print and JSON-encode as their string value.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
+
+from loralab.core.loaders import accumulation_steps
 
 from loralab.config.rules import (
     DEVICE,
@@ -96,8 +104,7 @@ class PretrainLoraConf:
 class PretrainConf:
     """``conf/pretrain``: ``none`` keeps ``clm``'s keys and uses none of them."""
 
-    _target_: str = MISSING
-    _convert_: str = MISSING
+    _target_: str = MISSING  # the stage class (loralab.pretrain.NoPretrain | CausalLMPretrain), built on this
     name: PretrainName = MISSING
     epochs: int = knob(ge(1))
     min_steps: int = knob(ge(0))  # 0: off
@@ -111,6 +118,32 @@ class PretrainConf:
     train: PretrainTrain = MISSING
     lora: PretrainLoraConf = MISSING
     cache_dir: str = MISSING
+    optimizer: "OptimizerConf" = MISSING  # lr and weight_decay follow the keys above (${..lr})
+    scheduler: str = knob(SCHEDULER)
+    max_grad_norm: Optional[float] = knob(gt(0))
+
+    def stage(self) -> Any:
+        """The stage object (``_target_``, a ``loralab.pretrain.PretrainStage``) that reads these settings."""
+        from hydra.utils import get_class
+
+        return get_class(self._target_)(self)
+
+    def optim(self) -> "OptimConf":
+        """The stage's optimizer settings, as the run's ``optim`` group spells them."""
+        return OptimConf(lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                         warmup_ratio=self.warmup_ratio, scheduler=self.scheduler, max_grad_norm=self.max_grad_norm,
+                         optimizer=self.optimizer)
+
+    def trainer(self, steps_per_epoch: int) -> "TrainerConf":
+        """The stage's loop: every epoch runs (``epochs``, or more where a small corpus needs them to reach
+        ``min_steps`` optimizer steps) and the epoch with the lowest held-out perplexity is kept."""
+        epochs = max(self.epochs, math.ceil(self.min_steps / max(steps_per_epoch, 1)))
+        return TrainerConf(max_epochs=epochs, min_steps=1, monitor="val_perplexity", monitor_mode=MonitorMode.min,
+                           early_stopping=EarlyStoppingConf(patience=epochs, patience_steps=0, min_delta=0.0,
+                                                            smoothing=0.0),
+                           save_top_k=1, group_by_length=True, compile=False, eval_batch_size=4 * self.batch_size,
+                           deterministic=False, gates=None, log_every_n_steps=None, val_check_interval=None,
+                           max_steps=None)
 
 
 @dataclass
@@ -130,6 +163,12 @@ class OptimConf:
     scheduler: str = knob(SCHEDULER)
     max_grad_norm: Optional[float] = knob(gt(0))
     optimizer: OptimizerConf = MISSING
+
+    def make_optimizer(self, params: Any) -> Any:
+        """``optimizer`` (any ``torch.optim`` class by ``_target_``, with its keys) over ``params``."""
+        from hydra.utils import instantiate
+
+        return instantiate(self.optimizer)(params=params)
 
 
 @dataclass
@@ -156,6 +195,21 @@ class TrainerConf:
     log_every_n_steps: Optional[int] = knob(ge(1))   # null: no step-level train metrics
     val_check_interval: Optional[int] = knob(ge(1))  # null: evaluate at epoch ends only
     max_steps: Optional[int] = knob(ge(1))           # null: max_epochs alone ends training
+
+    def for_epoch_length(self, steps_per_epoch: int) -> tuple["TrainerConf", dict[str, int]]:
+        """``max_epochs=auto``: as many epochs as ``min_steps`` optimizer steps need, and a patience (in
+        evaluations) covering at least ``early_stopping.patience_steps`` steps. So a 100-row set gets as many
+        updates as a large one, and early stopping waits as many steps on it. Returns these settings with plain
+        numbers in place and what was resolved (empty when ``max_epochs`` is a number: it is used as given)."""
+        if self.max_epochs != "auto":
+            return self, {}
+        es = self.early_stopping
+        epochs = max(1, math.ceil(self.min_steps / steps_per_epoch))
+        between_evals = min(self.val_check_interval or steps_per_epoch, steps_per_epoch)
+        patience = max(es.patience, math.ceil(es.patience_steps / between_evals))
+        resolved = dataclasses.replace(self, max_epochs=epochs,
+                                       early_stopping=dataclasses.replace(es, patience=patience))
+        return resolved, {"max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
 
 
 @dataclass
@@ -275,3 +329,20 @@ class RunConf:
     quiet: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
     objective: str = MISSING
     paths: Dict[str, Any] = MISSING  # open: the run's directories (conf/train.yaml)
+
+    def output_names(self) -> list[str]:
+        """The model's outputs by name (labels, regression targets); [] when the data decides. Each task's root
+        says which data key holds them."""
+        return []
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each of ``world_size`` processes, so ``optim.batch_size`` means
+        the same global batch on every hardware profile."""
+        micro = self.hardware.micro_batch_size
+        return accumulation_steps(self.optim.batch_size // world_size, None if micro == "auto" else micro)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (choices as strings): what is saved to the run dir and logged to MLflow."""
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)  # type: ignore[return-value]

@@ -27,6 +27,10 @@ class SplitDataConf:
     leakage: Leakage = MISSING
     max_row_bytes: int = knob(gt(0))
 
+    def files(self) -> dict[str, Optional[str]]:
+        """The data files by key (``train_file``...): what provenance hashes and a resume compares."""
+        return {"train_file": self.train_file, "val_file": self.val_file, "test_file": self.test_file}
+
 
 @dataclass
 class RecordsDataConf(SplitDataConf):
@@ -57,6 +61,9 @@ class TabularDataConf:
     val_file: str = MISSING
     schema_file: str = MISSING
     target_names: List[str] = knob(NAMES)
+
+    def files(self) -> dict[str, Optional[str]]:
+        return {"train_file": self.train_file, "val_file": self.val_file, "test_file": None}
 
 
 @dataclass
@@ -102,6 +109,9 @@ class ClassificationConf(RunConf):
     model: QwenModelConf = MISSING
     loss: FocalLossConf = MISSING
 
+    def output_names(self) -> list[str]:
+        return list(self.data.labels)
+
 
 @dataclass
 class TextRegressionConf(RunConf):
@@ -109,12 +119,18 @@ class TextRegressionConf(RunConf):
     model: QwenModelConf = MISSING
     loss: LossConf = MISSING
 
+    def output_names(self) -> list[str]:
+        return list(self.data.dimension_names or [])
+
 
 @dataclass
 class TabularRegressionConf(RunConf):
     data: TabularDataConf = MISSING
     model: MLPModelConf = MISSING
     loss: LossConf = MISSING
+
+    def output_names(self) -> list[str]:
+        return list(self.data.target_names)
 
 
 ROOTS: dict[str, type[RunConf]] = {

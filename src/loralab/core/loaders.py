@@ -4,13 +4,16 @@ validation set, longest first."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from torch.utils.data import DataLoader, Dataset
 
 from loralab.core.distributed import Dist
 from loralab.core.sampler import EpochBatchSampler
 from loralab.errors import ConfigError
+
+if TYPE_CHECKING:  # the schema is a layer above; loaders only read attributes of it
+    from loralab.config.schema import HardwareConf, TrainerConf
 
 
 @dataclass
@@ -35,9 +38,10 @@ def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
     return batch_size // micro_batch_size
 
 
-def make_loaders(data: TaskData, *, batch_size: int, hardware, trainer, seed: int, ddp: Dist = Dist()
+def make_loaders(data: TaskData, *, batch_size: int, hardware: HardwareConf, trainer: TrainerConf, seed: int,
+                 ddp: Dist = Dist()
                  ) -> tuple[DataLoader, DataLoader, int]:
-    """(train loader, val loader, accumulation steps). ``hardware``/``trainer`` are the run's groups."""
+    """(train loader, val loader, accumulation steps) for a global batch of ``batch_size`` rows."""
     if batch_size % ddp.world_size:
         raise ConfigError(f"optim.batch_size={batch_size}: the global batch must be divisible by the "
                           f"{ddp.world_size} processes")
@@ -55,13 +59,13 @@ def make_loaders(data: TaskData, *, batch_size: int, hardware, trainer, seed: in
     return train, val, accum
 
 
-def loader_args(collate: Callable | None, hardware) -> dict:
+def loader_args(collate: Callable | None, hardware: HardwareConf) -> dict:
     return dict(collate_fn=collate, num_workers=hardware.num_workers,
                 pin_memory=bool(hardware.pin_memory) and str(hardware.device).startswith("cuda"))
 
 
 def eval_loader(dataset: Dataset, lengths: Sequence[int] | None, collate: Callable | None, *, batch_size: int,
-                hardware) -> DataLoader:
+                hardware: HardwareConf) -> DataLoader:
     """A scoring loader (validation, test): longest first when lengths are known (the first batch shows peak
     memory; batches pad little), else file order."""
     order = None if lengths is None else sorted(range(len(dataset)), key=lambda i: -lengths[i])

@@ -14,11 +14,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -29,6 +28,9 @@ from loralab.core.checkpoint import Checkpoints
 from loralab.core.distributed import Dist
 from loralab.core.state import EarlyStopping, TrainState
 from loralab.errors import NonFiniteLossError, TrainingInterrupted
+
+if TYPE_CHECKING:  # the schema is a layer above; the trainer only reads attributes of it
+    from loralab.config.schema import OptimConf, TrainerConf
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +87,17 @@ class Fit:
 
 class Trainer:
     """Set up (optimizer, schedule, scaler, resume) ▸ fit (epochs, early stopping, checkpoints) ▸ finish (best
-    weights back in the model). ``trainer_cfg``/``optim_cfg`` are the run's ``trainer``/``optim`` groups; the
-    step-level knobs (``log_every_n_steps``, ``val_check_interval``, ``max_steps``) are optional there: absent or
-    null switches them off."""
+    weights back in the model). ``trainer``/``optim`` are the run's typed groups (``max_epochs`` already a
+    number: ``TrainerConf.for_epoch_length``); null step-level knobs (``log_every_n_steps``,
+    ``val_check_interval``, ``max_steps``) switch them off."""
 
-    def __init__(self, trainer_cfg, optim_cfg, *, precision: str, device: torch.device, ddp: Dist = Dist(),
-                 progress: bool = True):
-        self.cfg, self.optim_cfg = trainer_cfg, optim_cfg
+    def __init__(self, trainer: TrainerConf, optim: OptimConf, *, precision: str, device: torch.device,
+                 ddp: Dist = Dist(), progress: bool = True):
+        self.cfg, self.optim_cfg = trainer, optim
         self.precision, self.device, self.ddp, self.progress = precision, device, ddp, progress
-        self.log_every = trainer_cfg.get("log_every_n_steps")
-        self.val_every = trainer_cfg.get("val_check_interval")
-        self.max_steps = trainer_cfg.get("max_steps")
+        self.log_every = trainer.log_every_n_steps
+        self.val_every = trainer.val_check_interval
+        self.max_steps = trainer.max_steps
         self.state = TrainState()
         self.on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
 
@@ -109,7 +111,7 @@ class Trainer:
         """Build the optimizer, schedule and grad scaler; restore them (and the loop state) when resuming."""
         self.fit_, self.checkpoints = fit, checkpoints
         params = [p for p in fit.model.parameters() if p.requires_grad]
-        self.optimizer = instantiate(self.optim_cfg.optimizer)(params=params)
+        self.optimizer = self.optim_cfg.make_optimizer(params)
         total_steps = self.cfg.max_epochs * -(-len(fit.train_loader) // fit.accum_steps)
         if self.max_steps:  # the schedule ends where training does
             total_steps = min(total_steps, self.max_steps)
@@ -117,7 +119,7 @@ class Trainer:
                                        num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.early_stopping = EarlyStopping(self.cfg.early_stopping.patience, self.cfg.early_stopping.min_delta,
-                                            self.cfg.monitor_mode, self.cfg.early_stopping.get("smoothing", 0.0))
+                                            self.cfg.monitor_mode, self.cfg.early_stopping.smoothing)
         parts = dict(model=self.core, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         loop = checkpoints.restore(**parts)
         if loop is not None:

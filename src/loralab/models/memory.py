@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
@@ -152,7 +151,7 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mod
     targets = lora.target_modules
     est = estimate_memory(config, Workload(
         num_labels=max(num_labels, 1), lora_r=r,
-        target_modules=list(targets) if OmegaConf.is_list(targets) else targets,
+        target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
         precision=str(hardware.precision), load_in_4bit=hardware.load_in_4bit,
         micro_batch=hardware.micro_batch_size or batch_size, max_length=model.max_length,
         gradient_checkpointing=hardware.gradient_checkpointing, on_cuda=str(hardware.device).startswith("cuda")))

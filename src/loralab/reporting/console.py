@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from loralab.result import RunResult
+
 GATE_MARK = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "skipped"}
 
 
@@ -92,13 +94,13 @@ def _gate_text(gate: Mapping[str, Any] | None) -> str:
     return "" if gate is None else f"{GATE_MARK[gate['passed']]} ({escape(str(gate['rule']))})"
 
 
-def best_point(summary: Mapping[str, Any]) -> str:
+def best_point(result: RunResult) -> str:
     """Where the best evaluation was: an epoch end, or a val check inside an epoch (``trainer.val_check_interval``,
     ``max_steps``)."""
-    step = summary.get("best_step")
-    if step is None or any(h.get("step") == step for h in summary.get("history", [])):
-        return f"epoch {summary['best_epoch']}"
-    return f"step {step} in epoch {summary['best_epoch']}"
+    step = result.best_step
+    if step is None or any(h.get("step") == step for h in result.history):
+        return f"epoch {result.best_epoch}"
+    return f"step {step} in epoch {result.best_epoch}"
 
 
 def test_value(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -106,17 +108,17 @@ def test_value(metrics: Mapping[str, Any], key: str) -> float | None:
     return metrics.get(f"test_{key[4:]}") if key.startswith("val_") else None
 
 
-def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_summary(result: RunResult, console: Console | None = None) -> None:
     """Metrics with gates, the test split and the baseline, the artifacts written, and how to open the run in
     MLflow."""
     console = console or Console()
-    m = summary["metrics"]
+    m = result.metrics
     gates = m.get("gates", {})
     baseline = m.get("baseline") or {}
     base_scalars = baseline.get("scalars", {})
     test_rows = (m.get("test") or {}).get("rows", m.get("test_rows"))  # classification | regression
     has_test = test_rows is not None
-    table = Table(title=f"best {best_point(summary)} of {summary['epochs_run']} epochs — {summary['stop_reason']}")
+    table = Table(title=f"best {best_point(result)} of {result.epochs_run} epochs — {result.stop_reason}")
     table.add_column("metric")
     table.add_column("model", justify="right")
     if has_test:
@@ -142,34 +144,33 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         console.print(f"[bold red]{escape(verdict)}[/]")
     if ensemble := ensemble_line(m):
         console.print(escape(ensemble), soft_wrap=True)
-    console.print(f"train {summary['train_samples_per_s']:.0f} samples/s on {summary['device']}, "
-                  f"wall {summary['wall_time_s']:.0f} s")
-    console.print(f"run dir: {summary['run_dir']}", soft_wrap=True)
-    for path in summary.get("artifacts", []):
+    console.print(f"train {result.train_samples_per_s:.0f} samples/s on {result.device}, "
+                  f"wall {result.wall_time_s:.0f} s")
+    console.print(f"run dir: {result.run_dir}", soft_wrap=True)
+    for path in result.artifacts:
         console.print(f"  {escape(str(path))}", soft_wrap=True, highlight=False)
-    if summary.get("run_id"):
-        console.print(f"MLflow run {summary['run_id']} — mlflow ui --backend-store-uri {summary['tracking_uri']}",
+    if result.run_id:
+        console.print(f"MLflow run {result.run_id} — mlflow ui --backend-store-uri {result.tracking_uri}",
                       soft_wrap=True)
 
 
-def run_line(summary: Mapping[str, Any], job: str | None = None) -> str:
+def run_line(result: RunResult, job: str | None = None) -> str:
     """The one line quiet mode prints per run: objective, baseline, gates, time, where to look."""
-    m = summary["metrics"]
+    m = result.metrics
     verdicts = [g["passed"] for g in m.get("gates", {}).values()]
     base = (m.get("baseline") or {}).get("scalars", {}).get("val_macro_f1")
     parts = [f"run {job}" if job is not None else "run",
-             f"{summary['objective_key']} {summary['objective']:.4f} ({best_point(summary)}, "
-             f"{summary['epochs_run']} epochs)",
+             f"{result.objective_key} {result.objective:.4f} ({best_point(result)}, {result.epochs_run} epochs)",
              (f"baseline macro-F1 {base:.4f}" + (" (model LOSES by more than 0.05)" if baseline_verdict(m) else ""))
              if base is not None else "no baseline",
              *([f"ensemble {m['ensemble']['choice']} w={m['ensemble']['weight']:g} oof macro-F1 "
                 f"{m['ensemble']['oof']['blend']['macro_f1']:.4f}"] if m.get("ensemble") else []),
              f"gates {verdicts.count(True)}/{len(verdicts)} pass",
-             f"{summary['wall_time_s']:.0f} s", str(summary["run_dir"])]
-    if summary.get("run_id"):
-        parts.append(f"mlflow {summary['run_id']}")
+             f"{result.wall_time_s:.0f} s", str(result.run_dir)]
+    if result.run_id:
+        parts.append(f"mlflow {result.run_id}")
     return " | ".join(parts)
 
 
-def print_run_line(summary: Mapping[str, Any], job: str | None = None, console: Console | None = None) -> None:
-    (console or Console()).print(run_line(summary, job), soft_wrap=True, highlight=False, markup=False)
+def print_run_line(result: RunResult, job: str | None = None, console: Console | None = None) -> None:
+    (console or Console()).print(run_line(result, job), soft_wrap=True, highlight=False, markup=False)

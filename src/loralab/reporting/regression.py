@@ -9,8 +9,9 @@ from typing import Any, Sequence
 from matplotlib.figure import (
     Figure,  # object API: the Agg canvas, no pyplot global state, no display needed
 )
-from omegaconf import DictConfig, OmegaConf
 
+from loralab.config import RunConf
+from loralab.result import RunResult
 from loralab.fs import atomic_write_json
 from loralab.reporting.plots import save_figure
 from loralab.reporting.provenance import code_version
@@ -57,22 +58,22 @@ def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_ep
     return paths
 
 
-def write_regression_report(cfg: DictConfig, out_dir: Path, tracker, summary: dict[str, Any], names: Sequence[str],
+def write_regression_report(cfg: RunConf, out_dir: Path, tracker, result: RunResult, names: Sequence[str],
                             data_info: dict[str, Any], test: dict[str, float] | None = None) -> dict[str, Any]:
     """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; log ``best.*``
     (and ``test_*``, the test split's scores, when given); return the metrics and files for the summary."""
-    best_epoch, history = summary["best_epoch"], summary["history"]
-    best = summary["best"]  # the best evaluation: an epoch end or a val check
+    best_epoch, history = result.best_epoch, result.history
+    best = result.best  # the best evaluation: an epoch end or a val check
     atomic_write_json(out_dir / "training_history.json", history)
     test = test or {}
     atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best, **test})
     metadata = {
-        "task": cfg.task.name, "config": OmegaConf.to_container(cfg, resolve=True), "data": data_info,
+        "task": cfg.task.name, "config": cfg.as_dict(), "data": data_info,
         "target_names": list(names), "best_epoch": best_epoch, "best_metrics": best,
         "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode,
-        **{k: summary[k] for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s", "train_samples_per_s",
-                                   "device")},
-        **code_version(summary["provenance"]),
+        **{k: getattr(result, k) for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s",
+                                           "train_samples_per_s", "device")},
+        **code_version(result.provenance),
     }
     atomic_write_json(out_dir / "training_metadata.json", metadata)
     write_plots(history, names, best_epoch, out_dir)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from loralab.fs import atomic_write_text
 from loralab.reporting.console import baseline_verdict, best_point, ensemble_line, test_value
 from loralab.reporting.plots import make_plots
+from loralab.result import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any], summary: Mapping[str, Any],
+def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any], result: RunResult,
                   plots: Mapping[str, str], overrides: Sequence[str] | None, run_id: str | None,
                   tracking_uri: str | None, run_dir: str) -> str:
     """The report's Markdown; ``plots`` maps a plot name to its path relative to the run dir."""
@@ -129,7 +130,7 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
     if verdict:
         out += [f"**{verdict}**", ""]
     out += _table(["", ""], [
-        ("objective", f"{summary['objective_key']} = {summary['objective']:.4f}"),
+        ("objective", f"{result.objective_key} = {result.objective:.4f}"),
         ("gates", f"{verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"),
         ("baseline", f"{baseline['name']} val_macro_f1 = {base_f1:.4f} (model − baseline: "
                      f"{metrics['val_macro_f1'] - base_f1:+.4f})" if base_f1 is not None else "none"),
@@ -138,9 +139,9 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
         ("MLflow UI", f"`mlflow ui --backend-store-uri {tracking_uri}`" if run_id else ""),
         *([("test", f"test_macro_f1 = {metrics['test_macro_f1']:.4f} on {metrics['test']['rows']} rows, scored "
                      f"once after training")] if "test_macro_f1" in metrics else []),
-        ("best", f"{best_point(summary)} of {summary['epochs_run']} epochs ({summary['stop_reason']})"),
-        ("time", f"{summary['wall_time_s']:.0f} s wall, {summary['train_samples_per_s']:.0f} train samples/s "
-                 f"on {summary['device']}"),
+        ("best", f"{best_point(result)} of {result.epochs_run} epochs ({result.stop_reason})"),
+        ("time", f"{result.wall_time_s:.0f} s wall, {result.train_samples_per_s:.0f} train samples/s "
+                 f"on {result.device}"),
     ])
     out += ["## Config overrides", ""]
     if overrides is None:
@@ -154,14 +155,14 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
     return "\n".join(out)
 
 
-def write_reports(run_dir: Path, labels: Sequence[str], summary: Mapping[str, Any], metrics: Mapping[str, Any],
+def write_reports(run_dir: Path, labels: Sequence[str], result: RunResult, metrics: Mapping[str, Any],
                   data_report: Mapping[str, Any], tracker) -> list[Path]:
     """Plots and report.md into the run dir, both sent to MLflow; returns the files written."""
     run_dir = Path(run_dir)
-    paths = make_plots(run_dir / "plots", summary["history"], metrics, data_report.get("class_counts"), labels)
+    paths = make_plots(run_dir / "plots", result.history, metrics, data_report.get("class_counts"), labels)
     if (run_dir / RELIABILITY).is_file():
         paths["reliability_diagram"] = run_dir / RELIABILITY
-    text = render_report(metrics=metrics, data_report=data_report, summary=summary,
+    text = render_report(metrics=metrics, data_report=data_report, result=result,
                          plots={k: p.relative_to(run_dir).as_posix() for k, p in paths.items()},
                          overrides=hydra_overrides(run_dir), run_id=tracker.run_id, tracking_uri=tracker.uri,
                          run_dir=str(run_dir))

@@ -15,13 +15,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from loralab.config import RunConf
 from loralab.core.distributed import Dist
 from loralab.core.loaders import TaskData
 from loralab.errors import ConfigError
+from loralab.result import RunResult
 
 
 @dataclass
@@ -35,6 +36,15 @@ class RunContext:
     resume_dir: Path | None = None     # the checkpoint this run continues (its tokenizer is reused)
 
 
+@dataclass
+class Finalized:
+    """What a task's ``finalize`` adds to the run's result."""
+
+    metrics: dict[str, Any]                          # the final report (metrics.json)
+    artifacts: list[Path] = field(default_factory=list)  # files in the run dir to log to MLflow
+    model_uri: str | None = None                     # the logged MLflow model
+
+
 class Task(ABC):
     """One kind of experiment, built from the run's (checked) config."""
 
@@ -43,7 +53,7 @@ class Task(ABC):
     source: Any = None     # loralab.models.build.ModelSource of a text task, set by build_data; the lifecycle's
                            # pretrain stage may replace it (a base it pretrained) before build_model loads it
 
-    def __init__(self, cfg: DictConfig, ctx: RunContext):
+    def __init__(self, cfg: RunConf, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
 
     @abstractmethod
@@ -68,7 +78,6 @@ class Task(ABC):
         """Scalar validation metrics of one epoch (``val_*``); the monitored one must be among them."""
 
     @abstractmethod
-    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
-        """After training, on rank 0 with the best epoch's weights in ``model``: reports, export, artifacts.
-        ``summary`` is ``training_summary.json`` (history, best epoch, timings). Returns ``{"metrics": {...},
-        "artifacts": [paths]}``."""
+    def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
+        """After training, on rank 0 with the best evaluation's weights in ``model``: reports, export, the MLflow
+        model. ``result`` holds the training part (history, best evaluation, timings, provenance)."""

@@ -11,11 +11,11 @@ from typing import Any, Sequence
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from loralab.config.tasks import ClassificationConf, RecordsDataConf
 from loralab.baseline import fit_baseline, fit_estimator, predict_proba
 from loralab.core.loaders import TaskData, eval_loader
 from loralab.data.balance import class_counts
@@ -30,7 +30,8 @@ from loralab.losses import class_weights
 from loralab.metrics import classification_metrics
 from loralab.reporting.provenance import code_version
 from loralab.reporting.report import write_reports
-from loralab.tasks.base import Task
+from loralab.result import RunResult
+from loralab.tasks.base import Finalized, Task
 from loralab.tasks.classification_export import (
     best_epoch_report,
     export,
@@ -43,12 +44,13 @@ from loralab.tasks.text_model import load_text_model, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def row_format(data: DictConfig) -> RowFormat:
+def row_format(data: RecordsDataConf) -> RowFormat:
     return RowFormat(str(data.format), data.id_column, data.label_column)
 
 
 class Classification(Task):
     name = "classification"
+    cfg: ClassificationConf
 
     @property
     def labels(self) -> list[str]:
@@ -82,7 +84,7 @@ class Classification(Task):
         self.source = instantiate(self.cfg.model)
         # Fitted on the train rows before oversampling (duplicated minority rows would shift the quantiles), never
         # on val: a pure function of the train split, so a resumed run or another DDP rank fits the same one.
-        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.get("serialize") else Json(d.template)
+        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.serialize else Json(d.template)
                            ).fit(self.splits.train_original)
         texts = serialize_records(self.splits.train, self.serializer)
         self.tokenizer = load_tokenizer(self.source, texts, ctx.resume_dir, ctx.ddp)
@@ -122,14 +124,14 @@ class Classification(Task):
 
     def _baseline(self) -> dict[str, Any] | None:
         """The scikit-learn baseline on the train rows before oversampling, scored on the same val split."""
-        b = self.cfg.get("baseline")
+        b = self.cfg.baseline
         if b is None:
             return None
-        params = OmegaConf.to_container(b.params, resolve=True)
-        fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.cfg.seed, params, b.get("threads"))
+        params = dict(b.params)
+        fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.cfg.seed, params, b.threads)
         self.baseline_model = fitted[0] if fitted else None
         result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed, params,
-                              b.get("threads"), fitted=fitted)
+                              b.threads, fitted=fitted)
         if result:
             self.ctx.tracker.log_metrics({f"baseline.{k}": v for k, v in result["scalars"].items()})
         return result
@@ -137,13 +139,13 @@ class Classification(Task):
     def _blend_inputs(self, loader: DataLoader, records: Sequence[Record]) -> tuple[np.ndarray, list[Record]] | None:
         """ensemble=blend: the baseline's probabilities of a split and its records, both in the loader's order (the
         order of the model's logits); None when there is nothing to blend."""
-        if self.cfg.get("ensemble") is None:
+        if self.cfg.ensemble is None:
             return None
         if self.baseline_model is None:
             log.warning("ensemble=blend: the baseline was not fitted, so the model is exported alone")
             return None
         rows = [records[i] for i in loader.sampler]
-        return predict_proba(self.baseline_model, rows, len(self.labels), self.cfg.baseline.get("threads")), rows
+        return predict_proba(self.baseline_model, rows, len(self.labels), self.cfg.baseline.threads), rows
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
         """Train rows before oversampling (each text once); extra files (any data.format) need no label."""
@@ -162,13 +164,13 @@ class Classification(Task):
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         return classification_metrics(y, outputs.argmax(-1), self.labels)["scalars"]
 
-    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+    def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
         """Best-epoch report (per class, gates, calibration, baseline), the test split's scores, verified export,
         the MLflow model, reports and plots."""
         from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
 
         blend_inputs = self._blend_inputs(val_loader, self.splits.val)
-        metrics = best_epoch_report(self.cfg, model, val_loader, summary, self.ctx, self.baseline, blend_inputs)
+        metrics = best_epoch_report(self.cfg, model, val_loader, result, self.ctx, self.baseline, blend_inputs)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             test_base = self._blend_inputs(self.test_loader, self.test_rows) if blend_inputs else None
             metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx,
@@ -176,10 +178,10 @@ class Classification(Task):
         extra = save_blend_baseline(self.ctx.out_dir, self.baseline_model, *blend_inputs) if blend_inputs else []
         if not blend_inputs and (self.ctx.out_dir / "baseline").is_dir():  # an earlier blend run's, in this run dir
             shutil.rmtree(self.ctx.out_dir / "baseline")  # zip_parts would ship it beside a model-only export
-        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, summary, self.ctx,
+        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, result, self.ctx,
                            self.serializer, extra_parts=extra)
         e, out_dir = self.cfg.export, self.ctx.out_dir
         model_uri = log_classifier(self.ctx.tracker, out_dir, zip_parts(out_dir, e.zip_parts, e.max_size_mb),
-                                   self.splits.val, code_version(summary["provenance"])["packages"])
-        artifacts += write_reports(out_dir, self.labels, summary, metrics, self.splits.report, self.ctx.tracker)
-        return {"metrics": metrics, "artifacts": artifacts, "model_uri": model_uri}
+                                   self.splits.val, code_version(result.provenance)["packages"])
+        artifacts += write_reports(out_dir, self.labels, result, metrics, self.splits.report, self.ctx.tracker)
+        return Finalized(metrics, artifacts, model_uri)

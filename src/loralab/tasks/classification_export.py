@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from loralab.baseline import predict_proba
 from loralab.calibrate import calibrate, calibration_metrics, probabilities, reliability_diagram
@@ -31,6 +30,8 @@ from loralab.export import export_model, zip_dir
 from loralab.fs import atomic_dir, atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.reporting.provenance import code_version
+from loralab.config.tasks import ClassificationConf
+from loralab.result import RunResult
 from loralab.tasks.base import RunContext
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ log = logging.getLogger(__name__)
 CALIBRATION_KEYS = ("val_nll", "val_ece", "val_brier", "temperature")
 
 
-def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any], ctx: RunContext,
+def best_epoch_report(cfg: ClassificationConf, model, val_loader, result: RunResult, ctx: RunContext,
                       baseline: dict[str, Any] | None, blend_inputs: tuple[np.ndarray, list] | None = None
                       ) -> dict[str, Any]:
     """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``); with ``blend_inputs`` (the
     baseline's val probabilities and the val records, in the loader's order) the ensemble's report too."""
-    labels, best_epoch = list(cfg.data.labels), summary["best_epoch"]
+    labels, best_epoch = list(cfg.data.labels), result.best_epoch
     logits, y = predict_logits(model, val_loader, ctx.device, cfg.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
     gates = evaluate_gates(report["scalars"], cfg.trainer.gates or {})
@@ -54,7 +55,7 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
         curves[f"T = {calib['temperature']:.3f}"] = probabilities(logits, calib["temperature"])
     plot = reliability_diagram(y, curves, ctx.out_dir / "plots" / "reliability_diagram.png", c.n_bins,
                                title=f"Reliability diagram: validation, best epoch {best_epoch}")
-    best = summary["best"]  # the best evaluation: an epoch end or a val check
+    best = result.best  # the best evaluation: an epoch end or a val check
     metrics = {"best_epoch": best_epoch, **report["scalars"], "val_loss": best["val_loss"], **calib.pop("scalars"),
                "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
                "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
@@ -68,7 +69,7 @@ def best_epoch_report(cfg: DictConfig, model, val_loader, summary: dict[str, Any
     return metrics
 
 
-def ensemble_report(cfg: DictConfig, logits: np.ndarray, y: np.ndarray, temperature: float, base_probs: np.ndarray,
+def ensemble_report(cfg: ClassificationConf, logits: np.ndarray, y: np.ndarray, temperature: float, base_probs: np.ndarray,
                     rows: list, ctx: RunContext) -> dict[str, Any]:
     """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
     ``ensemble_val.jsonl``: per val row the model's (calibrated), the baseline's (as it predicts them, before its
@@ -101,7 +102,7 @@ def save_blend_baseline(out_dir: Path, baseline_model, base_probs: np.ndarray, r
     return ["baseline"]
 
 
-def test_report(cfg: DictConfig, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext,
+def test_report(cfg: ClassificationConf, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext,
                 base_probs: np.ndarray | None = None) -> dict[str, Any]:
     """The test split, scored once with the final model (best evaluation's weights, val-fit temperature):
     ``test_*`` beside the ``val_*`` metrics in ``metrics.json`` and MLflow. Runs after every choice is made, so
@@ -147,6 +148,11 @@ def calibration_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def lora_settings(lora) -> dict[str, Any]:
+    """The ``lora`` group as plain values (``loralab.json``): how the adapter was configured."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(lora).items()}
+
+
 def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
     """``auto``: merged + adapter (+ base) when they fit the size gate, else the adapter alone — a real model's
     merged weights (GBs) stay in the run dir instead of failing a finished run at the last step."""
@@ -169,13 +175,13 @@ def serialization(serializer, source) -> dict[str, Any]:
             "max_length": source.max_length, "truncation_side": source.truncation_side}
 
 
-def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[str, Any],
+def export_meta(cfg: ClassificationConf, source, metrics: dict[str, Any], result: RunResult,
                 serializer: Serializer | None = None) -> dict[str, Any]:
     """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from.
     ``serializer``: the run's fitted one (None: the json form of ``data.template``)."""
     serializer = serializer or Json(cfg.data.template)
-    prov = summary["provenance"]
-    data_files = {k: cfg.data[k] for k in ("train_file", "val_file") if cfg.data[k]}
+    prov = result.provenance
+    data_files = {k: p for k, p in cfg.data.files().items() if p and k != "test_file"}
     return {
         "labels": list(cfg.data.labels), "temperature": metrics["temperature"], "calibration": metrics["calibration"],
         "serialization": serialization(serializer, source),
@@ -183,34 +189,34 @@ def export_meta(cfg: DictConfig, source, metrics: dict[str, Any], summary: dict[
         "max_row_bytes": cfg.data.max_row_bytes,
         "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "gates": OmegaConf.to_container(cfg.trainer.gates) if cfg.trainer.gates else {},
+        "gates": dict(cfg.trainer.gates or {}),
         "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
                  for k, p in data_files.items()},
         "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
                   "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
-                  "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora.enabled else None},
+                  "lora": lora_settings(cfg.lora) if cfg.lora.enabled else None},
         "ensemble": {k: metrics["ensemble"][k] for k in ("method", "choice", "weight", "baseline_temperature",
                                                          "baseline_file", "trusted_types")} if metrics.get("ensemble") else None,
         **code_version(prov)}
 
 
-def export(cfg: DictConfig, model, tokenizer, source, val_loader, metrics: dict[str, Any], summary: dict[str, Any],
+def export(cfg: ClassificationConf, model, tokenizer, source, val_loader, metrics: dict[str, Any], result: RunResult,
            ctx: RunContext, serializer: Serializer | None = None, extra_parts: list[str] | None = None) -> list[Path]:
     """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip;
     ``extra_parts``: part dirs already written (``baseline``) for the manifest. Returns the files for MLflow."""
     out_dir, e = ctx.out_dir, cfg.export
     serializer = serializer or Json(cfg.data.template)
     save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
-                    {"epoch": summary["best_epoch"], "labels": list(cfg.data.labels), "template": serializer.template,
+                    {"epoch": result.best_epoch, "labels": list(cfg.data.labels), "template": serializer.template,
                      "serializer": serializer.state(), "max_length": source.max_length,
-                     cfg.trainer.monitor: summary["best"][cfg.trainer.monitor]})
+                     cfg.trainer.monitor: result.best[cfg.trainer.monitor]})
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
     # Export (and its reload check, specified in fp32) from an fp32 copy: a LoRA run on CUDA keeps its base in
     # 16 bits and its adapters/head in fp32, which only mix under autocast.
     model = model.to("cpu", torch.float32)
     export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
-                 meta=export_meta(cfg, source, metrics, summary, serializer), base_location=source.location,
+                 meta=export_meta(cfg, source, metrics, result, serializer), base_location=source.location,
                  save_base=source.local_base, atol=e.verify_atol, trust_remote_code=source.trust_remote_code,
                  extra_parts=extra_parts or [])
     artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json",

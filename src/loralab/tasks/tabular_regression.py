@@ -19,7 +19,8 @@ from loralab.metrics import regression_metrics
 from loralab.models.mlp import save_best
 from loralab.reporting.provenance import code_version
 from loralab.reporting.regression import write_regression_report
-from loralab.tasks.base import Task
+from loralab.result import RunResult
+from loralab.tasks.base import Finalized, Task
 
 CHECKPOINT = Path("checkpoints") / "model_best.pt"
 
@@ -50,14 +51,14 @@ class TabularRegression(Task):
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         return regression_metrics(y, outputs, self.names)
 
-    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+    def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
         """``checkpoints/model_best.pt``, the regression report and the MLflow model (checkpoint + schema)."""
         from loralab.tracking.pyfunc import log_tabular_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
-        ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, summary["best_epoch"], summary["best"]["val_loss"])
-        out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, summary, self.names,
+        ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, result.best_epoch, result.best["val_loss"])
+        out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, result, self.names,
                                       self.data_info)
         model_uri = log_tabular_regressor(self.ctx.tracker, ckpt, Path(self.cfg.data.schema_file),
                                           self.ctx.out_dir / "training_metadata.json", self.val.features.numpy(),
-                                          code_version(summary["provenance"])["packages"])
-        return {**out, "artifacts": [*out["artifacts"], ckpt], "model_uri": model_uri}
+                                          code_version(result.provenance)["packages"])
+        return Finalized(out["metrics"], [*out["artifacts"], ckpt], model_uri)

@@ -27,7 +27,8 @@ from loralab.export import zip_dir
 from loralab.metrics import regression_metrics
 from loralab.reporting.provenance import code_version
 from loralab.reporting.regression import write_regression_report
-from loralab.tasks.base import Task
+from loralab.result import RunResult
+from loralab.tasks.base import Finalized, Task
 from loralab.tasks.text_model import load_text_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,14 +128,14 @@ class TextRegression(Task):
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         return regression_metrics(y, outputs, self.dims)
 
-    def finalize(self, model: nn.Module, val_loader: DataLoader, summary: dict[str, Any]) -> dict[str, Any]:
+    def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
         """``checkpoint_best/`` (weights, tokenizer, dimensions), its zip, the history, metadata, plots and the
         MLflow model (a LoRA run's adapter is merged into ``merged/`` first: the model must load on its own)."""
         from loralab.tracking.pyfunc import log_text_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
         cfg, out_dir = self.cfg, self.ctx.out_dir
-        best = summary["best"]
-        meta = {"epoch": summary["best_epoch"], "task": self.name, "dimension_names": self.dims,
+        best = result.best
+        meta = {"epoch": result.best_epoch, "task": self.name, "dimension_names": self.dims,
                 "template": cfg.data.template, "max_length": self.source.max_length,
                 "truncation_side": self.source.truncation_side, cfg.trainer.monitor: best[cfg.trainer.monitor]}
         ckpt = save_checkpoint(out_dir / "checkpoint_best", model, self.tokenizer, meta)
@@ -142,11 +143,11 @@ class TextRegression(Task):
         if cfg.export.zip:
             artifacts.append(zip_dir(ckpt, out_dir / "model_final.zip", cfg.export.max_size_mb))
         test = self._score_test(model) if self.test_loader is not None else None
-        out = write_regression_report(cfg, out_dir, self.ctx.tracker, summary, self.dims, self.data_info, test)
+        out = write_regression_report(cfg, out_dir, self.ctx.tracker, result, self.dims, self.data_info, test)
         full = ckpt
         if isinstance(model, PeftModel):  # adapter + head only, maybe over a random base saved nowhere
             full = save_checkpoint(out_dir / "merged", model.merge_and_unload(), self.tokenizer, meta)
             artifacts.append(full)
         model_uri = log_text_regressor(self.ctx.tracker, full, self.dims, self.articles["val"],
-                                       code_version(summary["provenance"])["packages"])
-        return {**out, "artifacts": [*out["artifacts"], *artifacts], "model_uri": model_uri}
+                                       code_version(result.provenance)["packages"])
+        return Finalized(out["metrics"], [*out["artifacts"], *artifacts], model_uri)
