@@ -90,7 +90,8 @@ def test_model_is_registered_logged_and_loads_without_pickles(demo):
     assert logged.source_run_id == run.info.run_id and logged.status.to_proto() == 2  # READY
     model_dir = Path(logged.artifact_location.removeprefix("file://"))
     files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
-    assert "classifier.py" in files and not any(f.endswith((".pkl", ".pt", ".bin")) for f in files), files
+    assert "model_code.py" in files and not any(f.endswith((".pkl", ".pt", ".bin")) for f in files), files
+    assert "python_model: loralab.tracking.pyfunc.Classifier" in (model_dir / "MLmodel").read_text()
     assert {"artifacts/loralab.json", "input_example.json", "serving_input_example.json"} <= files
     assert any(f.startswith("artifacts/merged/") and f.endswith(".safetensors") for f in files)
 

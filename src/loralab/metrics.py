@@ -1,9 +1,11 @@
-"""Classification metrics (a thin layer over scikit-learn) and the pass/fail gates read from config."""
+"""Classification and regression metrics (a thin layer over scikit-learn), the names each reports, and the pass/fail
+gates read from config."""
 
 from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -92,7 +94,35 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[s
     return out
 
 
-def metric_names(names: Sequence[str], prefix: str = "val_") -> list[str]:
-    """Every key ``regression_metrics`` returns for these targets (config validation checks monitors against it)."""
-    shorts = ("mse", "mae", "rmse", "r2")
-    return [f"{prefix}{s}" for s in shorts] + [f"{prefix}{s}_{n}" for s in shorts for n in names]
+REGRESSION_SCORES = ("mse", "mae", "rmse", "r2")
+
+
+@dataclass(frozen=True)
+class MetricNames:
+    """The validation metrics a task reports, known before it runs: ``trainer.monitor`` must be one of them.
+    ``prefixes``: names the data decides (regression targets read from the file) pass by their prefix."""
+
+    known: frozenset[str]
+    rule: str  # the one-line text of a monitor that is none of them
+    prefixes: tuple[str, ...] = ()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self.known or name.startswith(self.prefixes))
+
+
+def classification_metric_names(labels: Sequence[str]) -> MetricNames:
+    """The scalars ``classification_metrics`` returns for ``labels``, and the trainer's ``val_loss``."""
+    known = {"val_macro_f1", "val_accuracy", "val_loss",
+             *(f"val_{m}_{label}" for m in ("precision", "recall", "f1") for label in labels)}
+    return MetricNames(frozenset(known), "must be val_macro_f1, val_accuracy, val_loss or "
+                                         "val_<precision|recall|f1>_<label>")
+
+
+def regression_metric_names(names: Sequence[str] | None) -> MetricNames:
+    """The keys ``regression_metrics`` returns for these targets, and ``val_loss``; ``names=None`` (the data names
+    them): per-target keys pass by prefix."""
+    known = {"val_loss", *(f"val_{s}" for s in REGRESSION_SCORES),
+             *(f"val_{s}_{n}" for s in REGRESSION_SCORES for n in names or ())}
+    prefixes = tuple(f"val_{s}_" for s in REGRESSION_SCORES) if names is None else ()
+    return MetricNames(frozenset(known), f"must be one of {sorted(known)[:5]} or "
+                                         f"val_<{'|'.join(REGRESSION_SCORES)}>_<target>", prefixes)

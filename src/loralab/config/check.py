@@ -25,7 +25,7 @@ from omegaconf.errors import (
 from loralab.config.cross import RULES, fail, require
 from loralab.config.rules import rules_of
 from loralab.config.schema import RunConf
-from loralab.config.tasks import ROOTS, TASK_GROUPS
+from loralab.config.tasks import SHIPPED, TASK_GROUPS
 from loralab.errors import ConfigError
 
 HYDRA_KEYS = ("hydra",)  # Hydra's own node (compose(return_hydra_config=True)); never part of the run's config
@@ -38,19 +38,37 @@ def check(cfg: DictConfig) -> DictConfig:
     resolve as usual later, ``${hydra:...}`` inside the Hydra app); closed choices come back as
     ``schema.Choice`` enums, which read as their string values."""
     body = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in HYDRA_KEYS])
-    task = OmegaConf.select(body, "task.name", default=None)
-    require(task in ROOTS, "task.name", task, f"must be one of {', '.join(ROOTS)}")
-    root = ROOTS[task]
-    fit_groups(body, task)
+    task = task_class(body)
+    root = task.conf
+    fit_groups(body, task.name, root)
     try:
         typed = OmegaConf.merge(by_target(root, body), body)
         walk(typed, root, "")
     except OmegaConfBaseException as err:
         raise one_line(err, root, body) from None
+    require(typed.task.name == task.name, "task.name", typed.task.name,
+            f"must be {task.name}, the name of {typed.task._target_}")
     for rule in RULES:
-        rule(typed)
+        rule(typed, task)
+    task.check(typed)
     OmegaConf.set_struct(typed, True)
     return typed
+
+
+def task_class(cfg: DictConfig) -> Any:
+    """The task class ``task._target_`` names (a ``loralab.tasks.base.Task``; its module is imported here). It owns
+    the run's root schema (``conf``), its metric names and its own cross-field rules (``check``)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "task._target_", default=None)
+    try:
+        task = get_class(str(target))
+    except Exception as err:  # hydra wraps the import error; its first line says what is missing
+        fail("task._target_", target, f"cannot import the task class: {str(err).splitlines()[0]}")
+    conf = getattr(task, "conf", None)
+    require(isinstance(conf, type) and issubclass(conf, RunConf), "task._target_", target,
+            "must name a loralab.tasks.base.Task subclass (with its root schema as conf)")
+    return task
 
 
 def typed(cfg: DictConfig) -> RunConf:
@@ -60,8 +78,7 @@ def typed(cfg: DictConfig) -> RunConf:
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # a structured root gives its dataclass
     except OmegaConfBaseException as err:
-        task = OmegaConf.select(cfg, "task.name")
-        raise one_line(err, ROOTS[task], cfg) from None
+        raise one_line(err, task_class(cfg).conf, cfg) from None
 
 
 def by_target(root: type, body: DictConfig) -> DictConfig:
@@ -79,13 +96,13 @@ def by_target(root: type, body: DictConfig) -> DictConfig:
     return typed
 
 
-def fit_groups(body: DictConfig, task: str) -> None:
+def fit_groups(body: DictConfig, task: str, root: type) -> None:
     """``model=mlp`` in a classification run: say it does not fit the task, not which of its keys are unknown."""
     for group in TASK_GROUPS:
         node = body.get(group)
-        if not OmegaConf.is_dict(node) or fits(node, hints(ROOTS[task])[group]):
+        if not OmegaConf.is_dict(node) or fits(node, hints(root)[group]):
             continue
-        others = {t: hints(root)[group] for t, root in ROOTS.items() if t != task}
+        others = {t: hints(other)[group] for t, other in SHIPPED.items() if t != task}
         others = {t: schema for t, schema in others.items() if fits(node, schema)}
         if others:
             option = choice(group) or next(iter(others.values())).OPTION

@@ -48,31 +48,88 @@ class Choice(StrEnum):
         return repr(self.value)
 
 
-def choices(name: str, values: str) -> type[Choice]:
-    return Choice(name, values, module=__name__)  # type: ignore[call-arg]  # StrEnum: each value is its name
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    auto = "auto"
 
 
-TaskName = choices("TaskName", "classification text_regression tabular_regression")
-Precision = choices("Precision", "fp32 bf16 fp16 auto")
-Preflight = choices("Preflight", "error warn off")
-Leakage = choices("Leakage", "warn drop error")
-MonitorMode = choices("MonitorMode", "max min")
-CalibrationMethod = choices("CalibrationMethod", "temperature none")
-BaselineName = choices("BaselineName", "hgb logreg")
-EnsembleMethod = choices("EnsembleMethod", "blend")
-EnsembleSelect = choices("EnsembleSelect", "macro_f1 log_loss")
-TruncationSide = choices("TruncationSide", "left right")
-Backend = choices("Backend", "auto nccl gloo")
-DataFormat = choices("DataFormat", "auto jsonl csv parquet")
-PretrainName = choices("PretrainName", "none clm")
-PretrainTrain = choices("PretrainTrain", "full lora")
-BinCuts = choices("BinCuts", "quantile tree")
+class Preflight(Choice):
+    error = "error"
+    warn = "warn"
+    off = "off"
+
+
+class Leakage(Choice):
+    warn = "warn"
+    drop = "drop"
+    error = "error"
+
+
+class MonitorMode(Choice):
+    max = "max"
+    min = "min"
+
+
+class CalibrationMethod(Choice):
+    temperature = "temperature"
+    none = "none"
+
+
+class BaselineName(Choice):
+    hgb = "hgb"
+    logreg = "logreg"
+
+
+class EnsembleMethod(Choice):
+    blend = "blend"
+
+
+class EnsembleSelect(Choice):
+    macro_f1 = "macro_f1"
+    log_loss = "log_loss"
+
+
+class TruncationSide(Choice):
+    left = "left"
+    right = "right"
+
+
+class Backend(Choice):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class DataFormat(Choice):
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
+    parquet = "parquet"
+
+
+class PretrainName(Choice):
+    none = "none"
+    clm = "clm"
+
+
+class PretrainTrain(Choice):
+    full = "full"
+    lora = "lora"
+
+
+class BinCuts(Choice):
+    quantile = "quantile"
+    tree = "tree"
 
 
 @dataclass
 class TaskConf:
+    """``conf/task``: the task class (``loralab.tasks.base.Task``), which owns its root schema and rules."""
+
     _target_: str = MISSING
-    name: TaskName = MISSING
+    name: str = MISSING  # the class's ``name``: tags, reports and the exported metadata read it
 
 
 @dataclass

@@ -133,7 +133,9 @@ class TabularRegressionConf(RunConf):
         return list(self.data.target_names)
 
 
-ROOTS: dict[str, type[RunConf]] = {
+# The shipped tasks' roots by task name, only to say which task an option fits (``model=mlp`` fits
+# tabular_regression); a task's class names its own root (``Task.conf``).
+SHIPPED: dict[str, type[RunConf]] = {
     "classification": ClassificationConf,
     "text_regression": TextRegressionConf,
     "tabular_regression": TabularRegressionConf,

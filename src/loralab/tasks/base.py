@@ -1,6 +1,9 @@
 """The task protocol: what differs between experiments. Everything else (validation, tracking, resume, signals,
 top-k checkpoints, DDP, sweeps, provenance, the memory preflight) is the lifecycle's, so every task gets it.
 
+A task is one module: a ``Task`` subclass (with its root schema, metric names, rules and how its MLflow model is
+logged) and one YAML naming it (``conf/task/<name>.yaml``, or an experiment that sets ``task``).
+
 The lifecycle calls, in order: ``build_data`` ▸ (the pretrain stage, which may ask for ``pretrain_texts`` and
 replace ``source``) ▸ ``build_model`` ▸ ``loss`` ▸ (the trainer fits, scoring each epoch
 with ``metrics``) ▸ ``finalize``. ``conf/task/<name>.yaml`` names the class (``_target_``).
@@ -11,17 +14,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from loralab.config import RunConf
 from loralab.core.distributed import Dist
 from loralab.core.loaders import TaskData
 from loralab.errors import ConfigError
+from loralab.metrics import MetricNames
 from loralab.result import RunResult
 
 
@@ -46,15 +51,30 @@ class Finalized:
 
 
 class Task(ABC):
-    """One kind of experiment, built from the run's (checked) config."""
+    """One kind of experiment, built from the run's typed config. The class is also what ``config.check`` asks
+    about the task before anything loads: its root schema (``conf``), the names of its metrics, whether it
+    reads text (``pretrain``) or blends with a baseline (``ensemble``), and its own cross-field rules."""
 
-    name: str = "task"
+    name: ClassVar[str]           # conf/task/<name>.yaml: task.name; tags, reports and exports carry it
+    conf: ClassVar[type[RunConf]]  # the root schema: which data, model and loss groups a run of it takes
+    reads_text: ClassVar[bool] = False  # records become text a language model reads: pretrain=clm applies
+    blends: ClassVar[bool] = False      # outputs are class probabilities: ensemble=blend applies
     tokenizer: Any = None  # saved into every checkpoint when set: a resumed run must tokenize identically
     source: Any = None     # loralab.models.build.ModelSource of a text task, set by build_data; the lifecycle's
                            # pretrain stage may replace it (a base it pretrained) before build_model loads it
 
     def __init__(self, cfg: RunConf, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
+
+    @classmethod
+    @abstractmethod
+    def metric_names(cls, cfg: DictConfig) -> MetricNames:
+        """The ``val_*`` names ``metrics`` will report for this config: ``trainer.monitor`` must be one."""
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        """Rules between this task's own keys (``config/cross.py`` holds those of every task); each failure is one
+        ``ConfigError`` line (``config.cross.require``). ``cfg``: the checked config, typed by ``conf``."""
 
     @abstractmethod
     def build_data(self) -> TaskData:

@@ -11,10 +11,12 @@ from typing import Any, Sequence
 
 import numpy as np
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from loralab.config.cross import require
 from loralab.config.tasks import ClassificationConf, RecordsDataConf
 from loralab.baseline import fit_baseline, fit_estimator, predict_proba
 from loralab.core.loaders import TaskData, eval_loader
@@ -27,7 +29,7 @@ from loralab.data.text import TokenizedRecords
 from loralab.errors import DataError
 from loralab.fs import atomic_write_json
 from loralab.losses import class_weights
-from loralab.metrics import classification_metrics
+from loralab.metrics import MetricNames, classification_metric_names, classification_metrics
 from loralab.reporting.provenance import code_version
 from loralab.reporting.report import write_reports
 from loralab.result import RunResult
@@ -50,7 +52,22 @@ def row_format(data: RecordsDataConf) -> RowFormat:
 
 class Classification(Task):
     name = "classification"
+    conf = ClassificationConf
+    reads_text = True
+    blends = True
     cfg: ClassificationConf
+
+    @classmethod
+    def metric_names(cls, cfg: DictConfig) -> MetricNames:
+        return classification_metric_names(list(cfg.data.labels))
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        d, weights = cfg.data, cfg.loss.class_weights
+        require(d.id_column != d.label_column, "data.label_column", d.label_column, "must differ from data.id_column")
+        if OmegaConf.is_list(weights):
+            require(len(weights) == len(d.labels), "loss.class_weights", weights,
+                    f"needs one weight per label ({len(d.labels)})")
 
     @property
     def labels(self) -> list[str]:

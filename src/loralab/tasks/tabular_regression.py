@@ -9,13 +9,15 @@ from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from loralab.config.tasks import TabularRegressionConf
 from loralab.core.loaders import TaskData
 from loralab.data.hdf5 import H5Regression, read_schema
 from loralab.data.regression_demo import write_tabular_demo
-from loralab.metrics import regression_metrics
+from loralab.metrics import MetricNames, regression_metric_names, regression_metrics
 from loralab.models.mlp import save_best
 from loralab.reporting.provenance import code_version
 from loralab.reporting.regression import write_regression_report
@@ -27,6 +29,12 @@ CHECKPOINT = Path("checkpoints") / "model_best.pt"
 
 class TabularRegression(Task):
     name = "tabular_regression"
+    conf = TabularRegressionConf
+    cfg: TabularRegressionConf
+
+    @classmethod
+    def metric_names(cls, cfg: DictConfig) -> MetricNames:
+        return regression_metric_names(list(cfg.data.target_names))
 
     def build_data(self) -> TaskData:
         d = self.cfg.data

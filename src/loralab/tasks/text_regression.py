@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from peft import PeftModel
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from loralab.config.tasks import TextRegressionConf
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.loaders import TaskData, eval_loader
 from loralab.core.trainer import predict_logits
@@ -24,7 +26,7 @@ from loralab.data.regression_demo import write_article_demo
 from loralab.data.splits import score_tiers, stratified_split, test_overlap
 from loralab.errors import DataError
 from loralab.export import zip_dir
-from loralab.metrics import regression_metrics
+from loralab.metrics import MetricNames, regression_metric_names, regression_metrics
 from loralab.reporting.provenance import code_version
 from loralab.reporting.regression import write_regression_report
 from loralab.result import RunResult
@@ -71,6 +73,14 @@ def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str
 
 class TextRegression(Task):
     name = "text_regression"
+    conf = TextRegressionConf
+    reads_text = True
+    cfg: TextRegressionConf
+
+    @classmethod
+    def metric_names(cls, cfg: DictConfig) -> MetricNames:
+        names = cfg.data.dimension_names  # null: the first valid train row names them
+        return regression_metric_names(None if names is None else list(names))
 
     def build_data(self) -> TaskData:
         d, ctx = self.cfg.data, self.ctx

@@ -30,6 +30,7 @@ EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's description
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite database: where its experiments keep their artifacts by default
 MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model
+MODEL_CODE = Path(__file__).with_name("model_code.py")  # builds any logged model from its python_model class
 
 
 def open_store(uri: str) -> MlflowClient:
@@ -186,11 +187,13 @@ class MLflowTracker:
                 if attempt == DATASET_TRIES - 1:  # insert): the loser's next try finds it. Never fails a run.
                     log.warning("MLflow dataset inputs not logged: %s", err)
 
-    def log_model(self, model_code: str | Path, artifacts: Mapping[str, str | Path], signature, input_example,
+    def log_model(self, python_model: type, artifacts: Mapping[str, str | Path], signature, input_example,
                   pip_requirements: list[str]) -> str | None:
-        """Log an MLflow model (pyfunc, models-from-code: ``model_code`` builds it when loaded, so loading unpickles
-        nothing) named ``model`` on this run, and register it as a new version of ``register_as`` when set.
-        Returns its URI (``models:/<name>/<version>`` when registered, else ``runs:/<run id>/model``)."""
+        """Log an MLflow model named ``model`` on this run (pyfunc, models-from-code: ``tracking/model_code.py``
+        builds an instance of the ``python_model`` class when it is loaded, so loading unpickles nothing) and
+        register it as a new version of ``register_as`` when set. ``artifacts`` reach the class as
+        ``context.artifacts``. Returns its URI (``models:/<name>/<version>`` when registered, else
+        ``runs:/<run id>/model``)."""
         if not self.run_id:
             return None
         import mlflow
@@ -203,7 +206,8 @@ class MLflowTracker:
         with using_store(self.uri):  # MLflow logs and registers models through its fluent API only
             info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=self.run_id,
                              model_id=logged.model_id,
-                             python_model=str(model_code), artifacts={k: str(v) for k, v in artifacts.items()},
+                             python_model=str(MODEL_CODE), artifacts={k: str(v) for k, v in artifacts.items()},
+                             model_config={"python_model": f"{python_model.__module__}.{python_model.__qualname__}"},
                              signature=signature, input_example=input_example, pip_requirements=pip_requirements,
                              registered_model_name=self.register_as)  # MLflow checks it serves the example
         version = info.registered_model_version

@@ -1,14 +1,15 @@
 """loralab models as MLflow models (``mlflow.pyfunc``): what a finished run logs so that ``mlflow.pyfunc.load_model``,
 the model registry and ``mlflow models serve`` work on it like on any MLflow model.
 
-Each model is logged *from code* (``model_code/*.py``: MLflow runs that file to build the model when loading it),
-so loading unpickles nothing; the weights travel as the run's own safetensors files (artifacts), and scoring goes
+Each model is logged *from code* (``model_code.py``: MLflow runs that file to build the model when loading it; the
+``PythonModel`` class it builds is named in the model's config), so loading unpickles nothing; the weights travel as the run's own safetensors files (artifacts), and scoring goes
 through the same functions as ``loralab-predict``. The files import ``loralab``: it must be installed where the model
 is loaded or served (``--env-manager local``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -27,7 +28,6 @@ from loralab.export import META_FILE
 
 log = logging.getLogger(__name__)
 
-CODE = Path(__file__).with_name("model_code")
 EXAMPLE_ROWS = 3  # input example rows stored with the model (the UI and `mlflow models serve` docs show them)
 BATCH_SIZE = 64  # as loralab-predict's default: the same batches, so the same padding
 
@@ -40,6 +40,15 @@ def requirements(packages: Mapping[str, str]) -> list[str]:
     except PackageNotFoundError:  # run from a source tree without installing
         own = []
     return [*own, *(f"{p}=={v}" for p, v in packages.items())]
+
+
+def python_model(path: str) -> PythonModel:
+    """An instance of the ``PythonModel`` subclass at ``path`` (``module.Class``), as ``model_code.py`` builds it."""
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PythonModel)):
+        raise TypeError(f"python_model={path!r}: not an mlflow.pyfunc.PythonModel class")
+    return cls()
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
@@ -96,7 +105,7 @@ def log_classifier(tracker, out_dir: Path, parts: Sequence[str], examples: Seque
     chosen = ["merged"] if "merged" in parts else [p for p in parts if p in ("adapter", "base")]
     chosen += [p for p in parts if p == "baseline"]  # ensemble=blend: the skops baseline the blend needs
     example = pd.DataFrame([{"id": r.id, "features": r.features} for r in examples[:EXAMPLE_ROWS]])
-    return tracker.log_model(CODE / "classifier.py", {p: out_dir / p for p in (META_FILE, *chosen)},
+    return tracker.log_model(Classifier, {p: out_dir / p for p in (META_FILE, *chosen)},
                              CLASSIFIER_SIGNATURE, example, requirements(packages))
 
 
@@ -141,7 +150,7 @@ def log_tabular_regressor(tracker, checkpoint: Path, schema_file: Path, metadata
     signature = ModelSignature(inputs=Schema([ColSpec(DataType.double, n) for n in names]),
                                outputs=Schema([ColSpec(DataType.double, t) for t in targets]))
     example = pd.DataFrame(np.asarray(features[:EXAMPLE_ROWS], dtype=np.float64), columns=names)
-    return tracker.log_model(CODE / "tabular_regressor.py",
+    return tracker.log_model(TabularRegressor,
                              {CHECKPOINT: checkpoint, SCHEMA: schema_file, METADATA: metadata_file},
                              signature, example, requirements(packages))
 
@@ -200,5 +209,5 @@ def log_text_regressor(tracker, checkpoint: Path, dims: Sequence[str], examples:
     run's MLflow model; ``examples``: a few articles for the input example."""
     signature = ModelSignature(inputs=TEXT_INPUTS, outputs=Schema([ColSpec(DataType.double, d) for d in dims]))
     example = pd.DataFrame([{"id": a.id, "title": a.title, "content": a.content} for a in examples[:EXAMPLE_ROWS]])
-    return tracker.log_model(CODE / "text_regressor.py", {CHECKPOINT_DIR: checkpoint}, signature, example,
+    return tracker.log_model(TextRegressor, {CHECKPOINT_DIR: checkpoint}, signature, example,
                              requirements(packages))
