@@ -19,6 +19,10 @@ demo: install
 	$(BIN)/python train.py $(ARGS)
 
 test: install
+	# style and types first: seconds, where a test run takes minutes (pyproject.toml: [tool.ruff], [tool.mypy])
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	# one-way imports between layers (.importlinter; docs/architecture.md)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(ARGS)

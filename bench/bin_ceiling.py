@@ -18,35 +18,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from tabular_sets import LABELS  # noqa: E402
+
 from loralab.baseline import build_estimator, feature_dicts  # noqa: E402
 from loralab.data.records import Record, load_records  # noqa: E402
 from loralab.data.serialize import UNKNOWN, Bins, is_number  # noqa: E402
-from tabular_sets import LABELS  # noqa: E402
 
 
 def binned(records: list[Record], bins: Bins) -> list[Record]:
     """Every number replaced by its bin index (an unknown bin by null); booleans and categories as they are."""
+
     def one(k, v):
         if isinstance(v, bool) or not is_number(v) or k not in bins.features:
             return v
         b = bins.value(k, v)
         return None if b == UNKNOWN else int(b)
+
     return [replace(r, features={k: one(k, v) for k, v in r.features.items()}) for r in records]
 
 
 def main() -> None:
     sets, names = Path(sys.argv[1]), sys.argv[2:]
     for name in names:
-        train, val = (load_records(sets / name / f"{split}.jsonl", LABELS[name], allow_null=True)[0]
-                      for split in ("train", "val"))
+        train, val = (
+            load_records(sets / name / f"{split}.jsonl", LABELS[name], allow_null=True)[0] for split in ("train", "val")
+        )
         scores = {}
         for form in ("raw", "quantile", "tree"):
             bins = None if form == "raw" else Bins(cuts=form).fit(train)
             fit_rows, val_rows = (train, val) if bins is None else (binned(train, bins), binned(val, bins))
             model = build_estimator("hgb", 42, {"class_weight": "balanced"})  # the runs' seed
             model.fit(feature_dicts(fit_rows), [r.label for r in fit_rows])
-            scores[form] = round(f1_score([r.label for r in val_rows], model.predict(feature_dicts(val_rows)),
-                                          average="macro"), 3)
+            scores[form] = round(
+                f1_score([r.label for r in val_rows], model.predict(feature_dicts(val_rows)), average="macro"), 3
+            )
         print(name, scores, flush=True)
 
 

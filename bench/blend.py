@@ -26,12 +26,26 @@ def reblend(run_dir: Path, select: str, folds: int, seed: int) -> dict:
     y = np.array([labels.index(r["label"]) for r in rows])
     model, base = (np.array([[r[who][c] for c in labels] for r in rows]) for who in ("model", "baseline"))
     t = metrics["temperature"]
-    report, _ = cross_fit(t * np.log(np.clip(model, 1e-300, 1)), base, y, temperature=t, k=folds, seed=seed,
-                          select=select, calibrate=metrics["calibration"]["method"] != "none")
+    report, _ = cross_fit(
+        t * np.log(np.clip(model, 1e-300, 1)),
+        base,
+        y,
+        temperature=t,
+        k=folds,
+        seed=seed,
+        select=select,
+        calibrate=metrics["calibration"]["method"] != "none",
+    )
     oof = {who: round(s["macro_f1"], 4) for who, s in report["oof"].items()}
-    return {"run_dir": str(run_dir), "select": select, "folds": report["folds"], "oof_macro_f1": oof,
-            "weight": report["weight"], "fold_weights": report["fold_weights"],
-            "goal_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01}
+    return {
+        "run_dir": str(run_dir),
+        "select": select,
+        "folds": report["folds"],
+        "oof_macro_f1": oof,
+        "weight": report["weight"],
+        "fold_weights": report["fold_weights"],
+        "goal_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01,
+    }
 
 
 def main() -> None:

@@ -41,17 +41,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, tokenizer, rows, _ = tiny_model(lora=True)
-        export_model(model, tokenizer, tmp / "export", make_batch(tokenizer, rows[:8]), meta=meta(),
-                     base_location=None, save_base=True)
+        export_model(
+            model,
+            tokenizer,
+            tmp / "export",
+            make_batch(tokenizer, rows[:8]),
+            meta=meta(),
+            base_location=None,
+            save_base=True,
+        )
         lines = [json.dumps({"id": r["id"], "features": r["features"]}) for r in rows]
         (tmp / "plain.jsonl").write_text("\n".join(lines) + "\n")
         lines.insert(len(lines) // 2, json.dumps({"id": "huge", "features": {"text": "ab " * (args.mb * 2**20 // 3)}}))
         (tmp / "huge.jsonl").write_text("\n".join(lines) + "\n")
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         for name in ("plain", "huge"):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "export"), str(tmp / f"{name}.jsonl"),
-                                  str(tmp / f"{name}.out.jsonl")], env=env, capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        CHILD,
+                        str(tmp / "export"),
+                        str(tmp / f"{name}.jsonl"),
+                        str(tmp / f"{name}.out.jsonl"),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             print(f"{name}: {out}")
 
 

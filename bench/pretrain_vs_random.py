@@ -38,22 +38,36 @@ def main() -> None:
         rows = [json.loads(line) for line in train_file.read_text().splitlines()]
         train_file, unlabelled = work / "labelled.jsonl", work / "unlabelled.jsonl"
         train_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:n_labelled]))
-        unlabelled.write_text("".join(json.dumps({"id": r["id"], "features": r["features"]}) + "\n"
-                                      for r in rows[n_labelled:]))
+        unlabelled.write_text(
+            "".join(json.dumps({"id": r["id"], "features": r["features"]}) + "\n" for r in rows[n_labelled:])
+        )
         extra = [f"pretrain.extra_files=[{unlabelled}]", *extra]
     for pretrain in ("clm", "none"):
-        args = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "baseline=none",
-                "export.zip=false", "calibration=none", "hardware.torch_threads=1", "quiet=true",
-                f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"paths.output_dir={work / pretrain}", *extra,
-                f"pretrain={pretrain}"]
+        args = [
+            "data=jsonl",
+            f"data.train_file={train_file}",
+            f"data.val_file={val_file}",
+            "baseline=none",
+            "export.zip=false",
+            "calibration=none",
+            "hardware.torch_threads=1",
+            "quiet=true",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            f"paths.output_dir={work / pretrain}",
+            *extra,
+            f"pretrain={pretrain}",
+        ]
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("train", overrides=args)
         start = time.time()
         train(cfg)
         history = json.loads((work / pretrain / "training_summary.json").read_text())["history"]
-        print(f"pretrain={pretrain}: val macro-F1 by epoch {[round(h['val_macro_f1'], 3) for h in history]}, "
-              f"train samples/s {[round(h['train_samples_per_s']) for h in history]}, {time.time() - start:.0f} s "
-              f"with the stage", flush=True)
+        print(
+            f"pretrain={pretrain}: val macro-F1 by epoch {[round(h['val_macro_f1'], 3) for h in history]}, "
+            f"train samples/s {[round(h['train_samples_per_s']) for h in history]}, {time.time() - start:.0f} s "
+            f"with the stage",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

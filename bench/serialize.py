@@ -25,19 +25,27 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
+from tabular_sets import LABELS, write_set  # noqa: E402
 
 from loralab.lifecycle import run as train  # noqa: E402
 from loralab.paths import conf_dir  # noqa: E402
-from tabular_sets import LABELS, write_set  # noqa: E402
 
 
 def run_one(name: str, serializer: str, data_dir: Path, work: Path, overrides: list[str]) -> dict:
     train_file, val_file = write_set(name, data_dir)
     run_dir = work / f"{name}-{serializer}-{datetime.now(timezone.utc):%H%M%S}"
-    args = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}",
-            f"data.labels=[{','.join(LABELS[name])}]", f"serialize={serializer}", "data.cache_dir=null",
-            f"paths.output_dir={run_dir}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "quiet=true",
-            *overrides]
+    args = [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        f"data.labels=[{','.join(LABELS[name])}]",
+        f"serialize={serializer}",
+        "data.cache_dir=null",
+        f"paths.output_dir={run_dir}",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+        "quiet=true",
+        *overrides,
+    ]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=args)
     train(cfg)
@@ -50,15 +58,29 @@ def collect(run_dir: Path, name: str, serializer: str, overrides: list[str]) -> 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     data = json.loads((run_dir / "data_report.json").read_text())
     base = metrics["baseline"]["scalars"]["val_macro_f1"]
-    return {"set": name, "serialize": serializer, "train_rows": data["train_file"]["rows_kept"],
-            "tokens_per_record": data["serialization"]["tokens_per_train_record"],
-            "train_samples_per_s": summary["train_samples_per_s"], "val_macro_f1": metrics["val_macro_f1"],
-            "hgb_macro_f1": base, "gap": metrics["val_macro_f1"] - base, "best_epoch": summary["best_epoch"],
-            "epochs_run": summary["epochs_run"], "optimizer_steps": summary["optimizer_steps"],
-            "stop_reason": summary["stop_reason"], "wall_time_s": summary["wall_time_s"],
-            **ensemble_result(metrics), "overrides": overrides, "run_dir": str(run_dir), "example": data["serialization"]["example"][:160],
-            "host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "set": name,
+        "serialize": serializer,
+        "train_rows": data["train_file"]["rows_kept"],
+        "tokens_per_record": data["serialization"]["tokens_per_train_record"],
+        "train_samples_per_s": summary["train_samples_per_s"],
+        "val_macro_f1": metrics["val_macro_f1"],
+        "hgb_macro_f1": base,
+        "gap": metrics["val_macro_f1"] - base,
+        "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs_run"],
+        "optimizer_steps": summary["optimizer_steps"],
+        "stop_reason": summary["stop_reason"],
+        "wall_time_s": summary["wall_time_s"],
+        **ensemble_result(metrics),
+        "overrides": overrides,
+        "run_dir": str(run_dir),
+        "example": data["serialization"]["example"][:160],
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def ensemble_result(metrics: dict) -> dict:
@@ -68,9 +90,17 @@ def ensemble_result(metrics: dict) -> dict:
     if not e:
         return {}
     oof = {who: s["macro_f1"] for who, s in e["oof"].items()}
-    return {"ensemble": {"oof_macro_f1": oof, "weight": e["weight"], "choice": e["choice"], "folds": e["folds"],
-                         "fold_weights": e["fold_weights"], "select": e["select"],
-                         "goal_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01}}
+    return {
+        "ensemble": {
+            "oof_macro_f1": oof,
+            "weight": e["weight"],
+            "choice": e["choice"],
+            "folds": e["folds"],
+            "fold_weights": e["fold_weights"],
+            "select": e["select"],
+            "goal_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01,
+        }
+    }
 
 
 def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat: int, seed: int = 42) -> list[dict]:
@@ -109,8 +139,11 @@ def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat:
         torch.manual_seed(seed)
         model = source.load_model(labels, tok).train()
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.01)
-        loader = DataLoader(data, batch_sampler=EpochBatchSampler(data.lengths, 16, seed),
-                            collate_fn=DataCollatorWithPadding(tok, pad_to_multiple_of=8))
+        loader = DataLoader(
+            data,
+            batch_sampler=EpochBatchSampler(data.lengths, 16, seed),
+            collate_fn=DataCollatorWithPadding(tok, pad_to_multiple_of=8),
+        )
         setups[kind] = (model, opt, loader, sum(data.lengths) / len(data))
     rates: dict[str, list[float]] = {k: [] for k in serializers}
     loss_fn = FocalLoss(gamma=1.5)
@@ -130,28 +163,48 @@ def speed(name: str, serializers: list[str], data_dir: Path, steps: int, repeat:
                 opt.zero_grad(set_to_none=True)
                 samples += len(y)
             rates[kind].append(samples / (time.perf_counter() - t0))
-    return [{"set": name, "serialize": kind, "tokens_per_record": setups[kind][3],
-             "train_samples_per_s": statistics.median(rates[kind]), "all_rates": rates[kind], "steps": steps,
-             "threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")} for kind in serializers]
+    return [
+        {
+            "set": name,
+            "serialize": kind,
+            "tokens_per_record": setups[kind][3],
+            "train_samples_per_s": statistics.median(rates[kind]),
+            "all_rates": rates[kind],
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+            "load_avg": os.getloadavg(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        for kind in serializers
+    ]
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| set | train rows | serialize | tokens/record | train samples/s | val macro-F1 | HGB macro-F1 | gap | "
-             "best / run epochs (steps) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | train rows | serialize | tokens/record | train samples/s | val macro-F1 | HGB macro-F1 | gap | "
+        "best / run epochs (steps) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['set']} | {r['train_rows']} | {r['serialize']} | "
-                     f"{r['tokens_per_record']:.1f} | {r['train_samples_per_s']:.1f} | {r['val_macro_f1']:.3f} | "
-                     f"{r['hgb_macro_f1']:.3f} | {r['gap']:+.3f} | {r['best_epoch']} / {r['epochs_run']} "
-                     f"({r['optimizer_steps']}) |")
+        lines.append(
+            f"| {r['set']} | {r['train_rows']} | {r['serialize']} | "
+            f"{r['tokens_per_record']:.1f} | {r['train_samples_per_s']:.1f} | {r['val_macro_f1']:.3f} | "
+            f"{r['hgb_macro_f1']:.3f} | {r['gap']:+.3f} | {r['best_epoch']} / {r['epochs_run']} "
+            f"({r['optimizer_steps']}) |"
+        )
     blends = [r for r in results if r.get("ensemble")]
     if blends:
-        lines += ["", "| set | serialize | OOF macro-F1 model | baseline | blend | weight (choice) | blend >= max - 0.01 |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| set | serialize | OOF macro-F1 model | baseline | blend | weight (choice) | blend >= max - 0.01 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in blends:
             e, oof = r["ensemble"], r["ensemble"]["oof_macro_f1"]
-            lines.append(f"| {r['set']} | {r['serialize']} | {oof['model']:.3f} | {oof['baseline']:.3f} | "
-                         f"{oof['blend']:.3f} | {e['weight']:g} ({e['choice']}) | {'yes' if e['goal_met'] else 'NO'} |")
+            lines.append(
+                f"| {r['set']} | {r['serialize']} | {oof['model']:.3f} | {oof['baseline']:.3f} | "
+                f"{oof['blend']:.3f} | {e['weight']:g} ({e['choice']}) | {'yes' if e['goal_met'] else 'NO'} |"
+            )
     return "\n".join(lines)
 
 
@@ -163,8 +216,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/loralab-bench/runs"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serialize.jsonl")
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
-    p.add_argument("--speed", type=int, metavar="STEPS", help="only tokens/record and samples/s: STEPS steps "
-                   "per serializer per repeat, interleaved (no whole run); results to --out with .speed")
+    p.add_argument(
+        "--speed",
+        type=int,
+        metavar="STEPS",
+        help="only tokens/record and samples/s: STEPS steps "
+        "per serializer per repeat, interleaved (no whole run); results to --out with .speed",
+    )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--collect", type=Path, help="add the result of this finished run dir (one --sets/--serializers)")
     # Hydra overrides (key=value) may stand anywhere; argparse would read them as --serializers values.

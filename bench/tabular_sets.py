@@ -27,9 +27,13 @@ sys.path.insert(0, str(ROOT / "src"))
 from loralab.data.demo import write_demo  # noqa: E402
 from loralab.data.records import write_rows  # noqa: E402
 
-LABELS = {"wine": ["cultivar_a", "cultivar_b", "cultivar_c"], "breast_cancer": ["malignant", "benign"],
-          "iris": ["setosa", "versicolor", "virginica"], "mixed": ["enter", "exit", "hold"],
-          "demo": ["long", "short", "skip"]}
+LABELS = {
+    "wine": ["cultivar_a", "cultivar_b", "cultivar_c"],
+    "breast_cancer": ["malignant", "benign"],
+    "iris": ["setosa", "versicolor", "virginica"],
+    "mixed": ["enter", "exit", "hold"],
+    "demo": ["long", "short", "skip"],
+}
 VAL_SHARE = 0.3  # the sets: 124 of 178 wine rows and 398 of 569 breast-cancer rows in train
 
 
@@ -40,8 +44,10 @@ def feature_name(name: str) -> str:
 def sklearn_rows(loader: Callable, labels: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     bunch = loader()
     names = [feature_name(n) for n in bunch.feature_names]
-    rows = [{"id": f"r{i:05d}", "features": {n: round(float(v), 6) for n, v in zip(names, x)},
-             "label": labels[int(y)]} for i, (x, y) in enumerate(zip(bunch.data, bunch.target))]
+    rows = [
+        {"id": f"r{i:05d}", "features": {n: round(float(v), 6) for n, v in zip(names, x)}, "label": labels[int(y)]}
+        for i, (x, y) in enumerate(zip(bunch.data, bunch.target))
+    ]
     return rows, [r["label"] for r in rows]
 
 
@@ -52,11 +58,18 @@ def mixed_rows(n: int = 4300, seed: int = 0) -> tuple[list[dict[str, Any]], list
     regimes, venues = ["calm", "trending", "volatile", "illiquid"], ["xnas", "xnys", "bats", "arca", "iex"]
     rows, labels = [], []
     for i in range(n):
-        f = {"trend": round(float(rng.normal(0, 1)), 3), "volume_z": round(float(rng.normal(0, 1)), 3),
-             "spread_bps": round(float(rng.lognormal(1.0, 0.6)), 2), "rsi": round(float(rng.uniform(5, 95)), 1),
-             "days_held": int(rng.integers(0, 30)), "position": bool(rng.random() < 0.4),
-             "regime": str(rng.choice(regimes, p=[0.35, 0.3, 0.25, 0.1])), "venue": str(rng.choice(venues)),
-             "gap_pct": round(float(rng.normal(0, 2)), 2), "hour": int(rng.integers(9, 17))}
+        f = {
+            "trend": round(float(rng.normal(0, 1)), 3),
+            "volume_z": round(float(rng.normal(0, 1)), 3),
+            "spread_bps": round(float(rng.lognormal(1.0, 0.6)), 2),
+            "rsi": round(float(rng.uniform(5, 95)), 1),
+            "days_held": int(rng.integers(0, 30)),
+            "position": bool(rng.random() < 0.4),
+            "regime": str(rng.choice(regimes, p=[0.35, 0.3, 0.25, 0.1])),
+            "venue": str(rng.choice(venues)),
+            "gap_pct": round(float(rng.normal(0, 2)), 2),
+            "hour": int(rng.integers(9, 17)),
+        }
         if f["trend"] > 0.5 and f["volume_z"] > -0.5 and f["regime"] != "illiquid" and not f["position"]:
             label = "enter"
         elif f["position"] and (f["trend"] < -0.3 or f["rsi"] > 80):
@@ -77,8 +90,9 @@ def write_set(name: str, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     if name == "mixed":
         rows, strata = mixed_rows(seed=seed)
     else:
-        loader = {"wine": datasets.load_wine, "breast_cancer": datasets.load_breast_cancer,
-                  "iris": datasets.load_iris}[name]
+        loader = {"wine": datasets.load_wine, "breast_cancer": datasets.load_breast_cancer, "iris": datasets.load_iris}[
+            name
+        ]
         rows, strata = sklearn_rows(loader, LABELS[name])
     train, val = train_test_split(rows, test_size=VAL_SHARE, random_state=seed, stratify=strata)
     return write_rows(out / "train.jsonl", train), write_rows(out / "val.jsonl", val)
@@ -87,8 +101,11 @@ def write_set(name: str, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 def describe(path: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     labels = [r["label"] for r in rows]
-    return {"rows": len(rows), "features": len(rows[0]["features"]),
-            "classes": {c: labels.count(c) for c in sorted(set(labels))}}
+    return {
+        "rows": len(rows),
+        "features": len(rows[0]["features"]),
+        "classes": {c: labels.count(c) for c in sorted(set(labels))},
+    }
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 
 
 class NullTracker:
     """The benchmark logs nothing to MLflow."""
+
     run_id = None
 
     def log_metrics(self, *a, **k):
@@ -55,10 +56,19 @@ class NullTracker:
 def compose_cfg(overrides: list[str], data_dir: Path):
     """The run's config as the lifecycle would settle it: typed, checked, ``auto`` resolved."""
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=["data=jsonl", f"data.train_file={data_dir}/train.jsonl",
-                                          f"data.val_file={data_dir}/val.jsonl", "data.cache_dir=null",
-                                          "data.oversample_below=null", "baseline=none", "trainer.max_epochs=1",
-                                          *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=jsonl",
+                f"data.train_file={data_dir}/train.jsonl",
+                f"data.val_file={data_dir}/val.jsonl",
+                "data.cache_dir=null",
+                "data.oversample_below=null",
+                "baseline=none",
+                "trainer.max_epochs=1",
+                *overrides,
+            ],
+        )
     return config.resolve_hardware(config.check(cfg))[0]
 
 
@@ -93,36 +103,64 @@ def fresh(task: Classification):
 def run_loralab(cfg, task, data, device, work):
     """One epoch through loralab's Trainer; its own timers (train time excludes evaluation and checkpoints)."""
     model = fresh(task)
-    train_loader, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
-                                                   trainer=cfg.trainer, seed=cfg.seed)
+    train_loader, val_loader, accum = make_loaders(
+        data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware, trainer=cfg.trainer, seed=cfg.seed
+    )
     trainer = Trainer(cfg.trainer, cfg.optim, precision=cfg.hardware.precision, device=device)
-    trainer.setup(Fit(model, task.loss(), train_loader, val_loader, task.metrics, accum),
-                  Checkpoints(work / "checkpoints", keep=1, mode="max", meta={}))
+    trainer.setup(
+        Fit(model, task.loss(), train_loader, val_loader, task.metrics, accum),
+        Checkpoints(work / "checkpoints", keep=1, mode="max", meta={}),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     epoch = trainer.fit().history[0]
-    return model, {"seconds": epoch["epoch_train_time_s"], "steps": trainer.state.step,
-                   "peak_memory_gib": epoch.get("peak_memory_gib"), "val_macro_f1": epoch["val_macro_f1"],
-                   "eval_samples_per_s": epoch["eval_samples_per_s"]}
+    return model, {
+        "seconds": epoch["epoch_train_time_s"],
+        "steps": trainer.state.step,
+        "peak_memory_gib": epoch.get("peak_memory_gib"),
+        "val_macro_f1": epoch["val_macro_f1"],
+        "eval_samples_per_s": epoch["eval_samples_per_s"],
+    }
 
 
 def run_hf_trainer(cfg, task, data, device, out_dir):
     model = fresh(task)
-    _, val_loader, accum = make_loaders(data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware,
-                                        trainer=cfg.trainer, seed=cfg.seed)
+    _, val_loader, accum = make_loaders(
+        data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware, trainer=cfg.trainer, seed=cfg.seed
+    )
     loss_fn = task.loss()
     hw, o = cfg.hardware, cfg.optim
     steps = -(-len(data.train) // o.batch_size)
     args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=o.batch_size // accum,
-        gradient_accumulation_steps=accum, num_train_epochs=1, learning_rate=o.lr, weight_decay=o.weight_decay,
-        lr_scheduler_type=str(o.scheduler), warmup_steps=int(o.warmup_ratio * steps), max_grad_norm=o.max_grad_norm,
-        bf16=hw.precision == "bf16", fp16=hw.precision == "fp16", use_cpu=device.type == "cpu",
-        train_sampling_strategy="group_by_length", dataloader_num_workers=hw.num_workers,
-        dataloader_pin_memory=bool(hw.pin_memory), report_to="none", save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=cfg.seed, remove_unused_columns=False)
-    trainer = HFTrainer(model=model, args=args, train_dataset=data.train, data_collator=data.collate,
-                        compute_loss_func=lambda outputs, y, num_items_in_batch=None: loss_fn(outputs.logits, y))
+        output_dir=str(out_dir),
+        per_device_train_batch_size=o.batch_size // accum,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=1,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        lr_scheduler_type=str(o.scheduler),
+        warmup_steps=int(o.warmup_ratio * steps),
+        max_grad_norm=o.max_grad_norm,
+        bf16=hw.precision == "bf16",
+        fp16=hw.precision == "fp16",
+        use_cpu=device.type == "cpu",
+        train_sampling_strategy="group_by_length",
+        dataloader_num_workers=hw.num_workers,
+        dataloader_pin_memory=bool(hw.pin_memory),
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        remove_unused_columns=False,
+    )
+    trainer = HFTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=data.collate,
+        compute_loss_func=lambda outputs, y, num_items_in_batch=None: loss_fn(outputs.logits, y),
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -133,8 +171,13 @@ def run_hf_trainer(cfg, task, data, device, out_dir):
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     f1, eval_sps = evaluate(model, val_loader, device, hw.precision, list(cfg.data.labels))
-    return {"seconds": seconds, "steps": result.global_step, "peak_memory_gib": peak, "val_macro_f1": f1,
-            "eval_samples_per_s": eval_sps}
+    return {
+        "seconds": seconds,
+        "steps": result.global_step,
+        "peak_memory_gib": peak,
+        "val_macro_f1": f1,
+        "eval_samples_per_s": eval_sps,
+    }
 
 
 def main() -> None:
@@ -142,8 +185,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1600, help="training rows (one epoch is timed)")
     parser.add_argument("--val-rows", type=int, default=400)
     parser.add_argument("--out", type=Path, default=None, help="JSON result path")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run both N times, alternating which goes first; report each one's fastest run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run both N times, alternating which goes first; report each one's fastest run",
+    )
     args, overrides = parser.parse_known_args()
     work = Path(tempfile.mkdtemp(prefix="loralab-bench-"))
     write_demo(work, n_train=args.rows, n_val=args.val_rows)
@@ -154,7 +201,7 @@ def main() -> None:
 
     hf = ours = None
     for r in range(args.repeat):
-        for name in (("hf", "loralab") if r % 2 == 0 else ("loralab", "hf")):
+        for name in ("hf", "loralab") if r % 2 == 0 else ("loralab", "hf"):
             if name == "hf":
                 res = run_hf_trainer(cfg, task, data, device, work / "hf")
                 hf = res if hf is None or res["seconds"] < hf["seconds"] else hf
@@ -167,13 +214,22 @@ def main() -> None:
         r["samples_per_s"] = samples / r["seconds"]
         r["tokens_per_s"] = tokens / r["seconds"]
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "lora": OmegaConf.to_container(cfg.lora, enum_to_str=True) if cfg.lora.enabled else None,
-        "precision": str(cfg.hardware.precision), "batch_size": cfg.optim.batch_size,
-        "micro_batch_size": cfg.hardware.micro_batch_size, "train_rows": samples, "train_tokens": tokens,
-        "mean_tokens_per_row": tokens / samples, "repeat": args.repeat, "loralab": ours, "hf_trainer_peft": hf,
+        "model": cfg.model.name,
+        "pretrained": cfg.model.pretrained,
+        "lora": OmegaConf.to_container(cfg.lora, enum_to_str=True) if cfg.lora.enabled else None,
+        "precision": str(cfg.hardware.precision),
+        "batch_size": cfg.optim.batch_size,
+        "micro_batch_size": cfg.hardware.micro_batch_size,
+        "train_rows": samples,
+        "train_tokens": tokens,
+        "mean_tokens_per_row": tokens / samples,
+        "repeat": args.repeat,
+        "loralab": ours,
+        "hf_trainer_peft": hf,
         "speedup_samples_per_s": ours["samples_per_s"] / hf["samples_per_s"],
         "eval_over_train_throughput": ours["eval_samples_per_s"] / ours["samples_per_s"],
         "val_macro_f1_diff": ours["val_macro_f1"] - hf["val_macro_f1"],
@@ -186,9 +242,12 @@ def main() -> None:
             r["achieved_tflops"] = fpt * r["tokens_per_s"] / 1e12
             r["mfu"] = r["achieved_tflops"] / peak if peak else None
     print(json.dumps(result, indent=2))
-    print(f"\nloralab {ours['samples_per_s']:.1f} samples/s vs HF Trainer+peft {hf['samples_per_s']:.1f} "
-          f"-> {result['speedup_samples_per_s']:.2f}x; eval/train throughput {result['eval_over_train_throughput']:.1f}x; "
-          f"val macro-F1 {ours['val_macro_f1']:.3f} vs {hf['val_macro_f1']:.3f}")
+    print(
+        f"\nloralab {ours['samples_per_s']:.1f} samples/s vs HF Trainer+peft {hf['samples_per_s']:.1f} "
+        f"-> {result['speedup_samples_per_s']:.2f}x; "
+        f"eval/train throughput {result['eval_over_train_throughput']:.1f}x; "
+        f"val macro-F1 {ours['val_macro_f1']:.3f} vs {hf['val_macro_f1']:.3f}"
+    )
     out = args.out or ROOT / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -47,9 +47,12 @@ class DevTools:
         host, port = host_port.split(":")
         self.sock = socket.create_connection((host, int(port)), timeout=60)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode())
+        self.sock.sendall(
+            (
+                f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.sock.recv(1)
@@ -84,9 +87,13 @@ class DevTools:
         payload = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
         mask = os.urandom(4)
         n = len(payload)
-        header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else
-                                  bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else
-                                  bytes([0x80 | 127]) + struct.pack(">Q", n))
+        header = bytes([0x81]) + (
+            bytes([0x80 | n])
+            if n < 126
+            else bytes([0x80 | 126]) + struct.pack(">H", n)
+            if n < 65536
+            else bytes([0x80 | 127]) + struct.pack(">Q", n)
+        )
         self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         while True:  # events arrive in between; skip them
             message = self._recv_message()
@@ -113,12 +120,14 @@ class DevTools:
         time.sleep(2)  # charts and lazy columns settle
 
     def click_text(self, text: str, selector: str = "button,[role=button],[role=tab],a,span") -> bool:
-        return bool(self.js(f"""(() => {{
+        return bool(
+            self.js(f"""(() => {{
             const el = [...document.querySelectorAll({json.dumps(selector)})]
                 .find(e => e.innerText && e.innerText.trim() === {json.dumps(text)});
             if (el) el.click();
             return Boolean(el);
-        }})()"""))
+        }})()""")
+        )
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
@@ -131,9 +140,19 @@ class DevTools:
 def chromium(tmp: Path, binary: str = "chromium") -> Iterator[DevTools]:
     """Headless Chromium with a fresh profile; yields a DevTools connection to its page; always stopped."""
     profile = tmp / "chromium-profile"
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
-           "--remote-debugging-port=0", f"--window-size={WIDTH},{HEIGHT}", "about:blank"]
+    cmd = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        f"--window-size={WIDTH},{HEIGHT}",
+        "about:blank",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -183,15 +202,15 @@ def take(store: str, experiment: str, out: Path, binary: str) -> list[Path]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r} in {store}")
-    parents = client.search_runs([exp.experiment_id], "tags.`loralab.role` = 'sweep'", max_results=1,
-                                 order_by=["attributes.start_time DESC"])
+    parents = client.search_runs(
+        [exp.experiment_id], "tags.`loralab.role` = 'sweep'", max_results=1, order_by=["attributes.start_time DESC"]
+    )
     if not parents:
         raise SystemExit(f"no sweep in experiment {experiment!r}")
     parent = parents[0]
     out.mkdir(parents=True, exist_ok=True)
     shots = []
-    with tempfile.TemporaryDirectory() as tmp, mlflow_server(store, tmp) as url, \
-            chromium(Path(tmp), binary) as tools:
+    with tempfile.TemporaryDirectory() as tmp, mlflow_server(store, tmp) as url, chromium(Path(tmp), binary) as tools:
         exp_page = f"{url}/#/experiments/{exp.experiment_id}"
         tools.open(f"{exp_page}/runs?{ML}", parent.info.run_name)
         hide_assistant(tools)
@@ -214,10 +233,23 @@ def demo_sweep(tmp: Path) -> str:
     (its store, artifacts and sweep dir stay there) with this checkout as root, so runs carry its commit."""
     write_demo(tmp / "data", n_train=60, n_val=30)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cmd = [sys.executable, str(REPO / "train.py"), "-m", "data=jsonl", f"data.train_file={tmp / 'data/train.jsonl'}",
-           f"data.val_file={tmp / 'data/val.jsonl'}", "model.tokenizer_vocab_size=300", "model.max_length=64",
-           "trainer.max_epochs=4", "export.zip=false", "lora=default", "loss.gamma=1.0,1.5,2.0", "lora.r=8,16",
-           f"tracking.uri={uri}", f"hydra.sweep.dir={tmp / 'multirun'}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "data=jsonl",
+        f"data.train_file={tmp / 'data/train.jsonl'}",
+        f"data.val_file={tmp / 'data/val.jsonl'}",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=64",
+        "trainer.max_epochs=4",
+        "export.zip=false",
+        "lora=default",
+        "loss.gamma=1.0,1.5,2.0",
+        "lora.r=8,16",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp / 'multirun'}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORALAB_ROOT": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
     return uri
@@ -225,8 +257,10 @@ def demo_sweep(tmp: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", help="the sweep's tracking URI, e.g. sqlite:////abs/mlflow.db (default: run a demo "
-                                    "sweep in a temporary dir)")
+    ap.add_argument(
+        "--store",
+        help="the sweep's tracking URI, e.g. sqlite:////abs/mlflow.db (default: run a demo sweep in a temporary dir)",
+    )
     ap.add_argument("--experiment", default="loralab")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "img")
     ap.add_argument("--chromium", default="chromium", help="the browser binary")

@@ -49,9 +49,17 @@ def write_table(path: Path, rows: list[dict[str, Any]], id_column: str = "id", l
     """Flat rows (id, label, features side by side; None = null/empty) in the format of ``path``'s suffix: JSONL
     records, CSV as a pandas export writes it, or Parquet with one arrow type per column."""
     if path.suffix == ".jsonl":
-        return write_jsonl(path, [{"id": r[id_column], "label": r[label_column],
-                                   "features": {k: v for k, v in r.items() if k not in (id_column, label_column)}}
-                                  for r in rows])
+        return write_jsonl(
+            path,
+            [
+                {
+                    "id": r[id_column],
+                    "label": r[label_column],
+                    "features": {k: v for k, v in r.items() if k not in (id_column, label_column)},
+                }
+                for r in rows
+            ],
+        )
     if path.suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -79,51 +87,107 @@ def typed_conf(*overrides: str):
     return config.typed(config.check(compose_train("paths.output_dir=unused", *overrides)))
 
 
-def trainer_conf(max_epochs: int = 1, *, monitor: str = "acc", mode: str = "max", patience: int = 100,
-                 min_delta: float = 0.0, **knobs: Any):
+def trainer_conf(
+    max_epochs: int = 1,
+    *,
+    monitor: str = "acc",
+    mode: str = "max",
+    patience: int = 100,
+    min_delta: float = 0.0,
+    **knobs: Any,
+):
     """A complete ``TrainerConf`` for a loop test: the step-level knobs off unless ``knobs`` set them."""
     from loralab.config.schema import EarlyStoppingConf, TrainerConf
 
-    values = dict(max_epochs=max_epochs, min_steps=1, monitor=monitor, monitor_mode=mode,
-                  early_stopping=EarlyStoppingConf(patience=patience, patience_steps=0, min_delta=min_delta,
-                                                   smoothing=0.0),
-                  save_top_k=3, group_by_length=False, compile=False, eval_batch_size=8, deterministic=False,
-                  gates=None, log_every_n_steps=None, val_check_interval=None, max_steps=None)
+    values = dict(
+        max_epochs=max_epochs,
+        min_steps=1,
+        monitor=monitor,
+        monitor_mode=mode,
+        early_stopping=EarlyStoppingConf(patience=patience, patience_steps=0, min_delta=min_delta, smoothing=0.0),
+        save_top_k=3,
+        group_by_length=False,
+        compile=False,
+        eval_batch_size=8,
+        deterministic=False,
+        gates=None,
+        log_every_n_steps=None,
+        val_check_interval=None,
+        max_steps=None,
+    )
     return TrainerConf(**{**values, **knobs})
 
 
-def optim_conf(optimizer: str = "torch.optim.SGD", *, lr: float = 0.1, weight_decay: float = 0.0,
-               scheduler: str = "constant", warmup_ratio: float = 0.0, max_grad_norm: float | None = None):
+def optim_conf(
+    optimizer: str = "torch.optim.SGD",
+    *,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    scheduler: str = "constant",
+    warmup_ratio: float = 0.0,
+    max_grad_norm: float | None = None,
+):
     """A complete ``OptimConf``: ``optimizer`` by class path, a constant lr and no clipping unless given."""
     from loralab.config.schema import OptimConf, OptimizerConf
 
-    return OptimConf(lr=lr, batch_size=8, weight_decay=weight_decay, warmup_ratio=warmup_ratio, scheduler=scheduler,
-                     max_grad_norm=max_grad_norm,
-                     optimizer=OptimizerConf(_target_=optimizer, _partial_=True, lr=lr, weight_decay=weight_decay))
+    return OptimConf(
+        lr=lr,
+        batch_size=8,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        scheduler=scheduler,
+        max_grad_norm=max_grad_norm,
+        optimizer=OptimizerConf(_target_=optimizer, _partial_=True, lr=lr, weight_decay=weight_decay),
+    )
 
 
 def run_result(**values: Any):
     """A ``RunResult`` of a one-epoch run, with ``values`` in place of the defaults."""
     from loralab.result import RunResult
 
-    base = dict(task="classification", objective_key="val_macro_f1", objective=0.5, best_epoch=1, best_step=1,
-                best={"val_macro_f1": 0.5, "val_loss": 1.0}, stop_reason="max_epochs", epochs_run=1, history=[],
-                val_checks=[], wall_time_s=1.0, fit_time_s=1.0, train_samples_per_s=10.0, optimizer_steps=1,
-                skipped_steps=0, accumulation_steps=1, max_epochs=1, device="cpu", world_size=1, resumed_from=None,
-                provenance={}, run_dir="/r")
+    base = dict(
+        task="classification",
+        objective_key="val_macro_f1",
+        objective=0.5,
+        best_epoch=1,
+        best_step=1,
+        best={"val_macro_f1": 0.5, "val_loss": 1.0},
+        stop_reason="max_epochs",
+        epochs_run=1,
+        history=[],
+        val_checks=[],
+        wall_time_s=1.0,
+        fit_time_s=1.0,
+        train_samples_per_s=10.0,
+        optimizer_steps=1,
+        skipped_steps=0,
+        accumulation_steps=1,
+        max_epochs=1,
+        device="cpu",
+        world_size=1,
+        resumed_from=None,
+        provenance={},
+        run_dir="/r",
+    )
     return RunResult(**{**base, **values})
 
 
 def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
     """``python train.py`` subprocesses on the tiny model, each with its run dir, MLflow store and artifact root
-    (``./mlruns`` of its working dir) under its ``run_dir``; returns (exit code, console output) per run. All start at once and use one thread each, so
-    on a small machine they share the cores instead of oversubscribing them."""
+    (``./mlruns`` of its working dir) under its ``run_dir``; returns (exit code, console output) per run. All start
+    at once and use one thread each, so on a small machine they share the cores instead of oversubscribing them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = []
     for run_dir, overrides in runs:
-        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}",
-               f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "model.tokenizer_vocab_size=300",
-               "trainer.max_epochs=2", *overrides]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"hydra.run.dir={run_dir}",
+            f"tracking.uri=sqlite:///{run_dir}/mlflow.db",
+            "model.tokenizer_vocab_size=300",
+            "trainer.max_epochs=2",
+            *overrides,
+        ]
         with (run_dir / "console.log").open("w") as log:
             procs.append(subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT))
     return [(proc.wait(timeout=600), (run_dir / "console.log").read_text()) for proc, (run_dir, _) in zip(procs, runs)]
@@ -171,8 +235,13 @@ def tiny_data(tmp_path_factory) -> dict[str, Any]:
     clean = [json.loads(line) for line in train.read_text().splitlines()]
     leaked = json.loads(val.read_text().splitlines()[0])
     write_jsonl(train, [*clean, leaked, "", *(line for _, line in BAD_TRAIN_LINES)])
-    return {"train": train, "val": val, "train_rows": [*clean, leaked], "leaked_id": leaked["id"],
-            "val_rows": [json.loads(line) for line in val.read_text().splitlines()]}
+    return {
+        "train": train,
+        "val": val,
+        "train_rows": [*clean, leaked],
+        "leaked_id": leaked["id"],
+        "val_rows": [json.loads(line) for line in val.read_text().splitlines()],
+    }
 
 
 @pytest.fixture
@@ -184,8 +253,9 @@ def fake_cuda(monkeypatch):
     def use(gib: float = 80.0, bf16: bool = True) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda *a: types.SimpleNamespace(total_memory=int(gib * 2**30)))
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=int(gib * 2**30))
+        )
 
     use()
     return use

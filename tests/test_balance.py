@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from conftest import LABELS, row, write_jsonl
+
 from loralab.data.balance import oversample
 from loralab.data.records import Record
 from loralab.data.splits import build_splits
@@ -34,8 +34,11 @@ def test_oversample_is_deterministic_per_seed():
 def write_split_files(tmp_path, train_counts, val_counts):
     def rows(prefix, counts):
         return [row(f"{prefix}{label}{i}", label) for label, n in counts.items() for i in range(n)]
-    return (str(write_jsonl(tmp_path / "train.jsonl", rows("t", train_counts))),
-            str(write_jsonl(tmp_path / "val.jsonl", rows("v", val_counts))))
+
+    return (
+        str(write_jsonl(tmp_path / "train.jsonl", rows("t", train_counts))),
+        str(write_jsonl(tmp_path / "val.jsonl", rows("v", val_counts))),
+    )
 
 
 def test_build_splits_oversamples_train_only(tmp_path):
@@ -44,16 +47,22 @@ def test_build_splits_oversamples_train_only(tmp_path):
     assert Counter(r.label for r in splits.train) == {label: 13 for label in LABELS}
     assert Counter(r.label for r in splits.val) == val_counts
     counts = splits.report["class_counts"]
-    assert counts == {"train_before_oversampling": train_counts, "val": val_counts,
-                      "train_after_oversampling": {label: 13 for label in LABELS}}
+    assert counts == {
+        "train_before_oversampling": train_counts,
+        "val": val_counts,
+        "train_after_oversampling": {label: 13 for label in LABELS},
+    }
     assert splits.report["oversampled"] is True
 
 
-@pytest.mark.parametrize(("train_counts", "oversample_below"), [
-    ({"long": 5, "short": 5, "skip": 10}, 0.25),  # every class holds >= 25%
-    ({"long": 2, "short": 5, "skip": 13}, 0.05),  # the smallest class (10%) is above a 5% threshold
-    ({"long": 2, "short": 5, "skip": 13}, None),  # switched off
-])
+@pytest.mark.parametrize(
+    ("train_counts", "oversample_below"),
+    [
+        ({"long": 5, "short": 5, "skip": 10}, 0.25),  # every class holds >= 25%
+        ({"long": 2, "short": 5, "skip": 13}, 0.05),  # the smallest class (10%) is above a 5% threshold
+        ({"long": 2, "short": 5, "skip": 13}, None),  # switched off
+    ],
+)
 def test_no_oversampling_when_threshold_not_crossed(tmp_path, train_counts, oversample_below):
     files = write_split_files(tmp_path, train_counts, {"long": 1, "short": 1, "skip": 1})
     splits = build_splits(*files, LABELS, oversample_below=oversample_below)

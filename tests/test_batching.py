@@ -43,6 +43,7 @@ def test_length_grouping_cuts_padding():
     def padded_tokens(sampler):
         sampler.set_epoch(1)
         return sum(len(b) * max(LENGTHS[i] for i in b) for b in sampler)
+
     grouped = padded_tokens(EpochBatchSampler(LENGTHS, 16, seed=0, group_by_length=True))
     plain = padded_tokens(EpochBatchSampler(LENGTHS, 16, seed=0, group_by_length=False))
     assert grouped < 0.8 * plain
@@ -57,8 +58,9 @@ def test_ranks_get_disjoint_shards_with_equal_batch_counts(world_size, group):
     for epoch in (1, 2):
         shards = []
         for rank in range(world_size):
-            s = EpochBatchSampler(LENGTHS, 16, seed=1, group_by_length=group, bucket_size=4, rank=rank,
-                                  world_size=world_size)
+            s = EpochBatchSampler(
+                LENGTHS, 16, seed=1, group_by_length=group, bucket_size=4, rank=rank, world_size=world_size
+            )
             s.set_epoch(epoch)
             shards.append(list(s))
             assert len(shards[-1]) == len(s) == 13 // world_size
@@ -66,7 +68,7 @@ def test_ranks_get_disjoint_shards_with_equal_batch_counts(world_size, group):
         assert len(rows) == len(set(rows))  # disjoint
         whole = EpochBatchSampler(LENGTHS, 16, seed=1, group_by_length=group, bucket_size=4)
         whole.set_epoch(epoch)
-        kept = list(whole)[:13 // world_size * world_size]
+        kept = list(whole)[: 13 // world_size * world_size]
         assert sorted(rows) == sorted(i for b in kept for i in b)  # the single-process epoch, minus the leftovers
 
 

@@ -9,16 +9,27 @@ from scipy.special import softmax
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from loralab.calibrate import (bin_stats, brier, calibrate, ece, fit_temperature, nll, probabilities,
-                               reliability_diagram, reliability_figure)
+from loralab.calibrate import (
+    bin_stats,
+    brier,
+    calibrate,
+    ece,
+    fit_temperature,
+    nll,
+    probabilities,
+    reliability_diagram,
+    reliability_figure,
+)
 
 # Four rows, three classes; confidences avoid bin edges (bins are (i/15, (i+1)/15]).
-HAND_PROBS = np.array([
-    [0.90, 0.05, 0.05],  # y=0, right, conf 0.90 -> bin 13 (0.867, 0.933]
-    [0.92, 0.05, 0.03],  # y=1, wrong, conf 0.92 -> bin 13
-    [0.20, 0.50, 0.30],  # y=1, right, conf 0.50 -> bin 7 (0.467, 0.533]
-    [0.42, 0.30, 0.28],  # y=1, wrong, conf 0.42 -> bin 6 (0.400, 0.467]
-])
+HAND_PROBS = np.array(
+    [
+        [0.90, 0.05, 0.05],  # y=0, right, conf 0.90 -> bin 13 (0.867, 0.933]
+        [0.92, 0.05, 0.03],  # y=1, wrong, conf 0.92 -> bin 13
+        [0.20, 0.50, 0.30],  # y=1, right, conf 0.50 -> bin 7 (0.467, 0.533]
+        [0.42, 0.30, 0.28],  # y=1, wrong, conf 0.42 -> bin 6 (0.400, 0.467]
+    ]
+)
 HAND_Y = [0, 1, 1, 1]
 
 
@@ -43,26 +54,35 @@ def test_ece_bin_edges_are_right_closed():
 def test_brier_and_nll_on_hand_example():
     # Brier: squared distance to the one-hot target, summed over classes, averaged over rows.
     per_row = [
-        (0.90 - 1) ** 2 + 0.05 ** 2 + 0.05 ** 2,
-        0.92 ** 2 + (0.05 - 1) ** 2 + 0.03 ** 2,
-        0.20 ** 2 + (0.50 - 1) ** 2 + 0.30 ** 2,
-        0.42 ** 2 + (0.30 - 1) ** 2 + 0.28 ** 2,
+        (0.90 - 1) ** 2 + 0.05**2 + 0.05**2,
+        0.92**2 + (0.05 - 1) ** 2 + 0.03**2,
+        0.20**2 + (0.50 - 1) ** 2 + 0.30**2,
+        0.42**2 + (0.30 - 1) ** 2 + 0.28**2,
     ]
     assert brier(HAND_PROBS, HAND_Y) == pytest.approx(sum(per_row) / 4)
-    assert nll(HAND_PROBS, HAND_Y) == pytest.approx(-(math.log(0.90) + math.log(0.05) + math.log(0.50)
-                                                      + math.log(0.30)) / 4)
+    assert nll(HAND_PROBS, HAND_Y) == pytest.approx(
+        -(math.log(0.90) + math.log(0.05) + math.log(0.50) + math.log(0.30)) / 4
+    )
 
 
 def test_brier_two_classes_uses_the_same_definition():
     probs = np.array([[0.8, 0.2]])
-    assert brier(probs, [0]) == pytest.approx(0.2 ** 2 + 0.2 ** 2)  # not halved for two classes
+    assert brier(probs, [0]) == pytest.approx(0.2**2 + 0.2**2)  # not halved for two classes
 
 
 @pytest.fixture(scope="module")
 def logistic_logits():
     """A reasonable model (logistic regression) and its logits on a calibration split and a test split."""
-    x, y = make_classification(n_samples=6000, n_features=10, n_informative=5, n_classes=3, n_clusters_per_class=1,
-                               class_sep=0.8, flip_y=0.05, random_state=0)
+    x, y = make_classification(
+        n_samples=6000,
+        n_features=10,
+        n_informative=5,
+        n_classes=3,
+        n_clusters_per_class=1,
+        class_sep=0.8,
+        flip_y=0.05,
+        random_state=0,
+    )
     model = LogisticRegression(max_iter=1000).fit(x[:2000], y[:2000])
     return (model.decision_function(x[2000:4000]), y[2000:4000]), (model.decision_function(x[4000:]), y[4000:])
 

@@ -15,11 +15,30 @@ from loralab.paths import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = {  # module -> options its --help must list
-    "predict": ["model", "input", "output", "batch_size", "device", "trust_remote_code", "format", "id_column",
-                "label_column"],
+    "predict": [
+        "model",
+        "input",
+        "output",
+        "batch_size",
+        "device",
+        "trust_remote_code",
+        "format",
+        "id_column",
+        "label_column",
+    ],
     "evaluate": ["model", "input", "output", "prefix", "batch_size", "device", "format", "id_column", "label_column"],
-    "prepare": ["input", "output_dir", "train_ratio", "val_ratio", "test_ratio", "seed", "score_tiers", "format",
-                "id_column", "label_column"],
+    "prepare": [
+        "input",
+        "output_dir",
+        "train_ratio",
+        "val_ratio",
+        "test_ratio",
+        "seed",
+        "score_tiers",
+        "format",
+        "id_column",
+        "label_column",
+    ],
     "compare": ["target", "tracking_uri"],
     "preflight": ["model", "lora", "hardware", "experiment"],
 }
@@ -58,19 +77,22 @@ def test_help_shows_types_defaults_and_required(capsys):
     assert rows["output"] == ["str|null", "null"] and rows["trust_remote_code"] == ["bool", "false"]
 
 
-@pytest.mark.parametrize("name, argv, key", [
-    ("predict", ["model=m.zip", "input=in.jsonl"], "missing output="),
-    ("evaluate", [], "missing model=..., input=..."),
-    ("prepare", ["input=a.jsonl"], "missing output_dir="),
-    ("compare", [], "missing target="),
-    ("predict", ["model=m", "input=i", "output=o", "batch_size=many"], "batch_size: "),
-    ("prepare", ["input=a", "output_dir=b", "seeds=3"], "seeds: unknown option"),
-    ("evaluate", ["model=m", "input=i", "trust_remote_code=maybe"], "trust_remote_code: "),
-    ("predict", ["model.zip"], "'model.zip': expected key=value"),
-    ("compare", ["sweep_a", "sweep_b"], "'sweep_b': expected key=value"),
-    ("preflight", ["model=no_such_model"], "model/no_such_model"),
-    ("preflight", ["hardware"], "hardware"),
-])
+@pytest.mark.parametrize(
+    "name, argv, key",
+    [
+        ("predict", ["model=m.zip", "input=in.jsonl"], "missing output="),
+        ("evaluate", [], "missing model=..., input=..."),
+        ("prepare", ["input=a.jsonl"], "missing output_dir="),
+        ("compare", [], "missing target="),
+        ("predict", ["model=m", "input=i", "output=o", "batch_size=many"], "batch_size: "),
+        ("prepare", ["input=a", "output_dir=b", "seeds=3"], "seeds: unknown option"),
+        ("evaluate", ["model=m", "input=i", "trust_remote_code=maybe"], "trust_remote_code: "),
+        ("predict", ["model.zip"], "'model.zip': expected key=value"),
+        ("compare", ["sweep_a", "sweep_b"], "'sweep_b': expected key=value"),
+        ("preflight", ["model=no_such_model"], "model/no_such_model"),
+        ("preflight", ["hardware"], "hardware"),
+    ],
+)
 def test_bad_or_missing_option_is_one_line_and_exit_2(name, argv, key, capsys):
     assert tool_main(name)(argv) == 2
     line = one_line_error(capsys)
@@ -133,10 +155,16 @@ def test_preflight_turns_lora_on_for_a_lora_key_like_training(capsys):
 
 def test_predict_py_shim_keeps_the_old_spelling():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), "model=m.zip", "input=in.jsonl"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), "model=m.zip", "input=in.jsonl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "loralab-predict: error: missing output=... (required; see loralab-predict --help)")
+        "loralab-predict: error: missing output=... (required; see loralab-predict --help)"
+    )
 
 
 def test_conf_dir_is_the_checkout_conf_here():
@@ -153,7 +181,9 @@ def test_outputs_mlflow_and_demo_data_resolve_against_the_current_directory(tmp_
     assert cfg.paths.root_dir == str(tmp_path)
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert cfg.data.train_file == f"{tmp_path}/data/demo/train.jsonl"
-    assert cfg.hydra.run.dir.startswith(f"{tmp_path}/outputs/") and cfg.hydra.sweep.dir.startswith(f"{tmp_path}/multirun/")
+    assert cfg.hydra.run.dir.startswith(f"{tmp_path}/outputs/") and cfg.hydra.sweep.dir.startswith(
+        f"{tmp_path}/multirun/"
+    )
     monkeypatch.setenv("LORALAB_ROOT", "/shared/loralab")
     assert cfg.tracking.uri == "sqlite:////shared/loralab/mlflow.db"
 

@@ -16,10 +16,15 @@ from peft import LoraConfig
 from loralab.config import ConfigError, check, resolve_hardware
 
 # Options that only fit a regression task, composed inside the experiment that selects it.
-EXPERIMENT_OF = {("task", "text_regression"): "article_regression", ("task", "tabular_regression"): "marketsentinel",
-                 ("data", "articles"): "article_regression", ("data", "marketsentinel"): "marketsentinel",
-                 ("model", "mlp"): "marketsentinel", ("loss", "mse"): "article_regression",
-                 ("loss", "head_mse"): "marketsentinel"}
+EXPERIMENT_OF = {
+    ("task", "text_regression"): "article_regression",
+    ("task", "tabular_regression"): "marketsentinel",
+    ("data", "articles"): "article_regression",
+    ("data", "marketsentinel"): "marketsentinel",
+    ("model", "mlp"): "marketsentinel",
+    ("loss", "mse"): "article_regression",
+    ("loss", "head_mse"): "marketsentinel",
+}
 GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "hydra")
 
 
@@ -33,8 +38,26 @@ def no_hydra_app():
 
 def test_every_group_has_been_found():
     groups = {g for g, _ in GROUP_OPTIONS}
-    assert {"task", "data", "lora", "pretrain", "model", "loss", "optim", "trainer", "hardware", "tracking",
-            "calibration", "export", "distributed", "baseline", "sweep", "experiment", "serialize", "ensemble"} <= groups
+    assert {
+        "task",
+        "data",
+        "lora",
+        "pretrain",
+        "model",
+        "loss",
+        "optim",
+        "trainer",
+        "hardware",
+        "tracking",
+        "calibration",
+        "export",
+        "distributed",
+        "baseline",
+        "sweep",
+        "experiment",
+        "serialize",
+        "ensemble",
+    } <= groups
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -88,11 +111,22 @@ def test_interpolations_and_resolvers_survive_check():
 
 
 USER_KEYS = {
-    "data.train_file": "/data/t.jsonl", "data.val_file": "/data/v.jsonl", "data.labels": ["up", "down"],
-    "lora.r": 4, "lora.lora_alpha": 32, "lora.lora_dropout": 0.1, "lora.target_modules": ["q_proj"],
-    "loss.gamma": 2.5, "loss.class_weights": [1.0, 2.0], "optim.lr": 0.001, "optim.batch_size": 4,
-    "trainer.max_epochs": 3, "trainer.early_stopping.patience": 5, "seed": 7,
-    "tracking.uri": "sqlite:///x.db", "tracking.experiment": "exp",
+    "data.train_file": "/data/t.jsonl",
+    "data.val_file": "/data/v.jsonl",
+    "data.labels": ["up", "down"],
+    "lora.r": 4,
+    "lora.lora_alpha": 32,
+    "lora.lora_dropout": 0.1,
+    "lora.target_modules": ["q_proj"],
+    "loss.gamma": 2.5,
+    "loss.class_weights": [1.0, 2.0],
+    "optim.lr": 0.001,
+    "optim.batch_size": 4,
+    "trainer.max_epochs": 3,
+    "trainer.early_stopping.patience": 5,
+    "seed": 7,
+    "tracking.uri": "sqlite:///x.db",
+    "tracking.experiment": "exp",
 }
 
 
@@ -122,8 +156,12 @@ BAD_VALUES = [
     (["hardware.device=gpu"], "hardware.device", "'gpu'", "cuda:<index>"),
     (["hardware.load_in_4bit=true"], "hardware.load_in_4bit", "True", "needs a CUDA device"),
     (["data=jsonl"], "data.train_file", "'???'", "missing value"),
-    (["data=jsonl", "data.train_file=/nonexistent/train.jsonl"], "data.train_file", "/nonexistent/train.jsonl",
-     "not found"),
+    (
+        ["data=jsonl", "data.train_file=/nonexistent/train.jsonl"],
+        "data.train_file",
+        "/nonexistent/train.jsonl",
+        "not found",
+    ),
     (["data.labels=[]"], "data.labels", "[]", "non-empty"),
     (["data.labels=[long,short,long]"], "data.labels", "['long', 'short', 'long']", "unique"),
     (["data.val_split=1.5"], "data.val_split", "1.5", "(0, 1)"),
@@ -151,8 +189,12 @@ BAD_VALUES = [
     (["lora.r=0"], "lora.r", "0", "> 0"),
     (["lora=default", "lora.r=-4"], "lora.r", "-4", "> 0"),
     (["lora=default", "lora.lora_dropout=1.0"], "lora.lora_dropout", "1.0", "[0, 1)"),
-    (["lora=default", "lora.target_modules=[]"], "lora.target_modules", "[]",
-     "all-linear or a non-empty list of module names"),
+    (
+        ["lora=default", "lora.target_modules=[]"],
+        "lora.target_modules",
+        "[]",
+        "all-linear or a non-empty list of module names",
+    ),
     (["lora.r=null"], "lora.r", "None", "LoRA needs a rank"),
     (["pretrain.epochs=0"], "pretrain.epochs", "0", ">= 1"),
     (["pretrain.min_steps=-1"], "pretrain.min_steps", "-1", ">= 0"),
@@ -160,12 +202,20 @@ BAD_VALUES = [
     (["pretrain.holdout=0"], "pretrain.holdout", "0", "(0, 1)"),
     (["pretrain.splits=[train,test]"], "pretrain.splits.1", "'test'", "must be train or val"),
     (["pretrain.splits=[]"], "pretrain.splits", "[]", "no texts to pretrain on"),
-    (["pretrain.extra_files=[/nonexistent/more.jsonl]"], "pretrain.extra_files.0", "/nonexistent/more.jsonl",
-     "file not found"),
+    (
+        ["pretrain.extra_files=[/nonexistent/more.jsonl]"],
+        "pretrain.extra_files.0",
+        "/nonexistent/more.jsonl",
+        "file not found",
+    ),
     (["pretrain.train=partial"], "pretrain.train", "'partial'", "must be one of full, lora"),
     (["experiment=marketsentinel", "pretrain=clm"], "pretrain", "'clm'", "needs a text model"),
-    (["optim.batch_size=10", "hardware.micro_batch_size=4"], "optim.batch_size", "10",
-     "not divisible by hardware.micro_batch_size=4"),
+    (
+        ["optim.batch_size=10", "hardware.micro_batch_size=4"],
+        "optim.batch_size",
+        "10",
+        "not divisible by hardware.micro_batch_size=4",
+    ),
     (["optim.warmup_ratio=1"], "optim.warmup_ratio", "1.0", "[0, 1)"),
     (["optim.scheduler=cosin"], "optim.scheduler", "'cosin'", "get_scheduler name"),
     (["optim.max_grad_norm=0"], "optim.max_grad_norm", "0.0", "> 0 or null"),
@@ -180,23 +230,38 @@ BAD_VALUES = [
     (["ensemble=blend", "baseline=none"], "ensemble", "'blend'", "needs the in-run baseline"),
     (["ensemble=blend", "ensemble.folds=1"], "ensemble.folds", "1", ">= 2"),
     (["ensemble=blend", "ensemble.select=auc"], "ensemble.select", "'auc'", "macro_f1, log_loss"),
-    (["ensemble=blend", "export.zip_parts=[merged,loralab.json]"], "export.zip_parts", "merged",
-     "the zip needs baseline"),
+    (
+        ["ensemble=blend", "export.zip_parts=[merged,loralab.json]"],
+        "export.zip_parts",
+        "merged",
+        "the zip needs baseline",
+    ),
     (["experiment=marketsentinel", "ensemble=blend"], "ensemble", "'blend'", "task is tabular_regression"),
     (["distributed.backend=mpi"], "distributed.backend", "'mpi'", "auto, nccl, gloo"),
     (["task=text_regression"], "data", "demo|jsonl", "does not fit task text_regression"),
     (["experiment=marketsentinel", "model.hidden_dim=0"], "model.hidden_dim", "0", "must be > 0"),
     (["experiment=marketsentinel", "lora=default"], "lora.enabled", "True", "LoRA applies to Qwen2 models"),
     (["experiment=marketsentinel", "hardware.precision=bf16"], "hardware.precision", "'bf16'", "trains in fp32"),
-    (["experiment=marketsentinel", "trainer.monitor=val_r2_head_9"], "trainer.monitor", "'val_r2_head_9'",
-     "val_<mse|mae|rmse|r2>_<target>"),
-    (["experiment=article_regression", "data.template=no fields"], "data.template", "'no fields'",
-     "must contain {title} and/or {content} and no other {field}"),
-    (["experiment=article_regression", "data.dimension_names=[a,a]"], "data.dimension_names", "['a', 'a']",
-     "unique"),
+    (
+        ["experiment=marketsentinel", "trainer.monitor=val_r2_head_9"],
+        "trainer.monitor",
+        "'val_r2_head_9'",
+        "val_<mse|mae|rmse|r2>_<target>",
+    ),
+    (
+        ["experiment=article_regression", "data.template=no fields"],
+        "data.template",
+        "'no fields'",
+        "must contain {title} and/or {content} and no other {field}",
+    ),
+    (["experiment=article_regression", "data.dimension_names=[a,a]"], "data.dimension_names", "['a', 'a']", "unique"),
     (["experiment=article_regression", "data.score_tiers=0"], "data.score_tiers", "0", ">= 1"),
-    (["experiment=article_regression", "trainer.monitor=val_f1"], "trainer.monitor", "'val_f1'",
-     "val_<mse|mae|rmse|r2>_<target>"),
+    (
+        ["experiment=article_regression", "trainer.monitor=val_f1"],
+        "trainer.monitor",
+        "'val_f1'",
+        "val_<mse|mae|rmse|r2>_<target>",
+    ),
     (["experiment=article_regression", "loss=focal"], "loss", "focal", "does not fit task text_regression"),
     (["optim.lr=${oc.env:LORALAB_TEST_UNSET_LR,abc}"], "optim.lr", "oc.env", "resolves to 'abc', must be a float"),
     (["serialize=bins", "serialize.n_bins=1"], "serialize.n_bins", "1", "[2, 100]"),
@@ -219,16 +284,19 @@ def test_bad_values_fail_in_one_line(overrides, key, value, rule, monkeypatch):
     assert message.startswith(f"{key}=") and value in message and rule in message, message
 
 
-@pytest.mark.parametrize("overrides, r", [
-    (["loss.gamma=1.5", "lora.r=16"], 16),          # the design card's sweep: python train.py -m ... lora.r=8,16,32
-    (["lora.r=32"], 32),
-    ([], 8),                                        # the offline default: tiny_qwen2 + pretrain=clm + LoRA
-    (["lora=none"], None),
-    (["lora=none", "lora.r=4"], None),              # a rank alone switches nothing: lora=none says off
-    (["lora=default", "lora.enabled=false"], None),
-    (["model=qwen2_5_0_5b"], 8),                    # real models default to LoRA r=8
-    (["model=qwen2_5_0_5b", "lora=none"], None),
-])
+@pytest.mark.parametrize(
+    "overrides, r",
+    [
+        (["loss.gamma=1.5", "lora.r=16"], 16),  # the design card's sweep: python train.py -m ... lora.r=8,16,32
+        (["lora.r=32"], 32),
+        ([], 8),  # the offline default: tiny_qwen2 + pretrain=clm + LoRA
+        (["lora=none"], None),
+        (["lora=none", "lora.r=4"], None),  # a rank alone switches nothing: lora=none says off
+        (["lora=default", "lora.enabled=false"], None),
+        (["model=qwen2_5_0_5b"], 8),  # real models default to LoRA r=8
+        (["model=qwen2_5_0_5b", "lora=none"], None),
+    ],
+)
 def test_lora_is_on_unless_a_config_says_off(overrides, r):
     cfg = check(compose_train(*overrides))
     assert cfg.lora.enabled is (r is not None)
@@ -236,18 +304,24 @@ def test_lora_is_on_unless_a_config_says_off(overrides, r):
     assert (built.r if built else None) == r
 
 
-@pytest.mark.parametrize("overrides, stage", [
-    ([], "clm"),                                    # tiny_qwen2 (random init) picks it: LoRA needs a trained base
-    (["pretrain=none"], "none"),
-    (["model=qwen2_5_0_5b"], "none"),               # a real checkpoint: domain-adaptive pretraining is opt-in
-    (["model=qwen2_5_0_5b", "pretrain=clm"], "clm"),
-    (["experiment=article_regression"], "none"),
-    (["experiment=marketsentinel"], "none"),
-])
+@pytest.mark.parametrize(
+    "overrides, stage",
+    [
+        ([], "clm"),  # tiny_qwen2 (random init) picks it: LoRA needs a trained base
+        (["pretrain=none"], "none"),
+        (["model=qwen2_5_0_5b"], "none"),  # a real checkpoint: domain-adaptive pretraining is opt-in
+        (["model=qwen2_5_0_5b", "pretrain=clm"], "clm"),
+        (["experiment=article_regression"], "none"),
+        (["experiment=marketsentinel"], "none"),
+    ],
+)
 def test_which_models_pretrain_by_default(overrides, stage):
     cfg = check(compose_train(*overrides))
-    assert cfg.pretrain.name == stage and type(typed_conf(*overrides).pretrain.stage()).__name__ == {
-        "clm": "CausalLMPretrain", "none": "NoPretrain"}[stage]
+    assert (
+        cfg.pretrain.name == stage
+        and type(typed_conf(*overrides).pretrain.stage()).__name__
+        == {"clm": "CausalLMPretrain", "none": "NoPretrain"}[stage]
+    )
 
 
 def test_cpu_profile_has_nothing_to_resolve():
@@ -263,15 +337,22 @@ def test_auto_profile_on_this_machine():
     assert all(OmegaConf.select(cfg, key) == value for key, value in changed.items())
 
 
-@pytest.mark.parametrize("gib, bf16, expected", [
-    (4.0, False, {"precision": "fp16", "micro_batch_size": 4, "gradient_checkpointing": True}),
-    (80.0, True, {"precision": "bf16", "micro_batch_size": 32, "gradient_checkpointing": False}),
-])
+@pytest.mark.parametrize(
+    "gib, bf16, expected",
+    [
+        (4.0, False, {"precision": "fp16", "micro_batch_size": 4, "gradient_checkpointing": True}),
+        (80.0, True, {"precision": "bf16", "micro_batch_size": 32, "gradient_checkpointing": False}),
+    ],
+)
 def test_auto_profile_on_a_gpu(gib, bf16, expected, fake_cuda):
     fake_cuda(gib, bf16)
     cfg, changed = resolve_hardware(check(compose_train("hardware=auto", "optim.batch_size=32")))
-    assert changed == {"hardware.device": "cuda", "hardware.memory_gib": gib, "hardware.pin_memory": True,
-                       **{f"hardware.{k}": v for k, v in expected.items()}}
+    assert changed == {
+        "hardware.device": "cuda",
+        "hardware.memory_gib": gib,
+        "hardware.pin_memory": True,
+        **{f"hardware.{k}": v for k, v in expected.items()},
+    }
     assert cfg.hardware.precision == expected["precision"]
 
 
@@ -286,8 +367,10 @@ def test_resolved_auto_values_are_checked_again(fake_cuda, monkeypatch):
         resolve_hardware(cfg)
 
 
-@pytest.mark.parametrize(("override", "key"), [("seed=-1", "seed"), ("optim.lr=inf", "optim.lr"),
-                                               ("optim.lr=nan", "optim.lr"), ("loss.gamma=inf", "loss.gamma")])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("seed=-1", "seed"), ("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("loss.gamma=inf", "loss.gamma")],
+)
 def test_values_that_used_to_fail_late_fail_in_the_check(override, key):
     """seed=-1 ended in numpy's traceback after the MLflow run started; lr=inf trained NaN for an epoch."""
     with pytest.raises(ConfigError) as err:

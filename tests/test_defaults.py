@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from conftest import run_result, typed_conf
 from rich.console import Console
 
-from conftest import run_result, typed_conf
 from loralab.core.state import EarlyStopping
 from loralab.reporting.console import baseline_verdict, print_summary, run_line
 from loralab.reporting.report import render_report
-
 
 CONF = typed_conf()  # the shipped trainer group: max_epochs auto, min_steps 1800, patience 3, patience_steps 540
 
@@ -103,8 +102,12 @@ def stopped_at(values, es):
 
 
 def metrics(model_f1, base_f1):
-    return {"val_macro_f1": model_f1, "gates": {}, "best_epoch": 1,
-            "baseline": {"name": "hgb", "train_rows": 10, "fit_time_s": 0.1, "scalars": {"val_macro_f1": base_f1}}}
+    return {
+        "val_macro_f1": model_f1,
+        "gates": {},
+        "best_epoch": 1,
+        "baseline": {"name": "hgb", "train_rows": 10, "fit_time_s": 0.1, "scalars": {"val_macro_f1": base_f1}},
+    }
 
 
 def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
@@ -117,8 +120,16 @@ def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
     print_summary(summary, console)
     assert line in console.export_text()
     assert "model LOSES" in run_line(summary)
-    report = render_report(metrics=summary.metrics, data_report={}, result=summary, plots={}, overrides=None,
-                           run_id=None, tracking_uri=None, run_dir="/r")
+    report = render_report(
+        metrics=summary.metrics,
+        data_report={},
+        result=summary,
+        plots={},
+        overrides=None,
+        run_id=None,
+        tracking_uri=None,
+        run_dir="/r",
+    )
     assert f"**{line}**" in report
     summary.metrics = metrics(0.93, 0.95)
     console = Console(record=True, width=200)

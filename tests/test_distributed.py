@@ -28,11 +28,22 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def run(cmd, tmp_path, name, data, *extra, db=None):
     run_dir = tmp_path / name
-    args = [*extra, "data=jsonl", f"data.train_file={data}/train.jsonl", f"data.val_file={data}/val.jsonl",
-            "trainer.max_epochs=2", "trainer.group_by_length=false", "data.oversample_below=null",
-            "loss.class_weights=none", "model.tokenizer_vocab_size=300", "export.zip=false",
-            "lora.lora_dropout=0.0",  # dropout masks are drawn per rank: equal only without them
-            "baseline=none", f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/{db or name}.db"]
+    args = [
+        *extra,
+        "data=jsonl",
+        f"data.train_file={data}/train.jsonl",
+        f"data.val_file={data}/val.jsonl",
+        "trainer.max_epochs=2",
+        "trainer.group_by_length=false",
+        "data.oversample_below=null",
+        "loss.class_weights=none",
+        "model.tokenizer_vocab_size=300",
+        "export.zip=false",
+        "lora.lora_dropout=0.0",  # dropout masks are drawn per rank: equal only without them
+        "baseline=none",
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{tmp_path}/{db or name}.db",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

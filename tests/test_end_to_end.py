@@ -26,9 +26,17 @@ GAMMA = "2.0"  # set on the command line, so params and the overrides tag have s
 def runs(tmp_path_factory, tiny_data):
     """A normal run; the same run failed by the export size limit (after training, with MLflow started); and
     one stopped by a bad config value. Keyed by name: (exit code, console output, run dir)."""
-    data = ["data=jsonl", f"data.train_file={tiny_data['train']}", f"data.val_file={tiny_data['val']}",
-            f"loss.gamma={GAMMA}"]
-    overrides = {"finished": [*data, "hardware=auto"], "failed": [*data, "export.max_size_mb=0.00001"], "bad_config": ["loss.gamma=-1"]}
+    data = [
+        "data=jsonl",
+        f"data.train_file={tiny_data['train']}",
+        f"data.val_file={tiny_data['val']}",
+        f"loss.gamma={GAMMA}",
+    ]
+    overrides = {
+        "finished": [*data, "hardware=auto"],
+        "failed": [*data, "export.max_size_mb=0.00001"],
+        "bad_config": ["loss.gamma=-1"],
+    }
     dirs = {name: tmp_path_factory.mktemp(name) for name in overrides}
     results = run_trains(*((dirs[name], overrides[name]) for name in overrides))
     return {name: (*result, dirs[name]) for name, result in zip(overrides, results)}
@@ -119,13 +127,25 @@ def test_checkpoint_and_zip(finished):
     the zip carries merged/, adapter/ and the base the adapter belongs to (it exists on no hub)."""
     ckpt = finished / "checkpoint_best"
     files = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "loralab_checkpoint.json"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "loralab_checkpoint.json",
+    } <= files
     with zipfile.ZipFile(finished / "model_final.zip") as zf:  # the deployable export
         names = set(zf.namelist())
-        assert {"loralab.json", "merged/model.safetensors", "merged/config.json", "merged/tokenizer.json",
-                "adapter/adapter_model.safetensors", "base/model.safetensors"} <= names
-        assert json.loads(zf.read("merged/config.json"))["id2label"] == {str(i): l for i, l in enumerate(LABELS)}
+        assert {
+            "loralab.json",
+            "merged/model.safetensors",
+            "merged/config.json",
+            "merged/tokenizer.json",
+            "adapter/adapter_model.safetensors",
+            "base/model.safetensors",
+        } <= names
+        id2label = json.loads(zf.read("merged/config.json"))["id2label"]
+        assert id2label == {str(i): label for i, label in enumerate(LABELS)}
         adapter = safetensors.torch.load(zf.read("adapter/adapter_model.safetensors"))
     best = safetensors.torch.load_file(ckpt / "adapter_model.safetensors")
     assert adapter.keys() == best.keys() and all(torch.equal(adapter[k], best[k]) for k in best)
@@ -140,23 +160,32 @@ def test_mlflow_run_record(finished):
     assert run.data.params["loss.gamma"] == GAMMA
     assert run.data.params["trainer.max_epochs"] == "2"
     assert f"loss.gamma={GAMMA}" in run.data.tags["hydra.overrides"].split()
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert run.data.tags["git_commit"] == head
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert run.data.tags["git_dirty"] == str(bool(dirty.stdout.strip()))
     assert {p: run.data.tags[f"version.{p}"] for p in PACKAGES} == {p: version(p) for p in PACKAGES}
     counts = read_json(finished / "data_report.json")["class_counts"]
-    assert {k: v for k, v in run.data.metrics.items() if k.startswith("class_count.")} == \
-        {f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()}
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("class_count.")} == {
+        f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()
+    }
 
     history = read_json(finished / "training_summary.json")["history"]
     logged = client.get_metric_history(run.info.run_id, "val_macro_f1")
-    assert sorted((m.step, m.value) for m in logged) == [(h["epoch"], pytest.approx(h["val_macro_f1"]))
-                                                         for h in history]
+    assert sorted((m.step, m.value) for m in logged) == [
+        (h["epoch"], pytest.approx(h["val_macro_f1"])) for h in history
+    ]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "data_report.json", "training_summary.json", "model_final.zip",
-            "checkpoint_best", "config.yaml"} <= artifacts
+    assert {
+        "metrics.json",
+        "data_report.json",
+        "training_summary.json",
+        "model_final.zip",
+        "checkpoint_best",
+        "config.yaml",
+    } <= artifacts
 
 
 def test_the_logged_config_is_the_one_the_run_used(finished):
@@ -181,7 +210,11 @@ def test_failure_after_run_start_marks_run_failed(runs):
     _, mlruns = mlflow_runs(run_dir)
     assert [r.info.status for r in mlruns] == ["FAILED"]
     tags = mlruns[0].data.tags
-    assert tags["error_type"] == "ExportError" and tags["error"].startswith("ExportError: ") and "max_size_mb" in tags["error"]
+    assert (
+        tags["error_type"] == "ExportError"
+        and tags["error"].startswith("ExportError: ")
+        and "max_size_mb" in tags["error"]
+    )
 
 
 def test_same_seed_same_losses(runs):

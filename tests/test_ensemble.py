@@ -33,8 +33,9 @@ from loralab.errors import ExportError
 def tabular(seed: int, label_noise: float = 0.0):
     """A 3-class synthetic table, HGB fit on its train part (``label_noise``: share of train labels shuffled,
     which weakens the baseline only), and the val part's labels and HGB probabilities."""
-    x, y = make_classification(n_samples=900, n_features=8, n_informative=5, n_classes=3, class_sep=1.2,
-                               random_state=seed)
+    x, y = make_classification(
+        n_samples=900, n_features=8, n_informative=5, n_classes=3, class_sep=1.2, random_state=seed
+    )
     x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=0.4, stratify=y, random_state=seed)
     rng = np.random.default_rng(seed)
     noisy = rng.random(len(y_tr)) < label_noise
@@ -127,30 +128,50 @@ def test_console_report_and_run_line_show_model_baseline_and_blend_side_by_side(
 
     y, base = tabular(5)
     report, _ = cross_fit(synthetic_model_logits(y, 1.0, seed=6), base, y, temperature=1.0, k=3, seed=0)
-    m = {"val_macro_f1": report["oof"]["model"]["macro_f1"], "gates": {}, "best_epoch": 1, "ensemble": report,
-         "baseline": {"name": "hgb", "train_rows": 540, "fit_time_s": 0.1,
-                      "scalars": {"val_macro_f1": report["oof"]["baseline"]["macro_f1"]}}}
+    m = {
+        "val_macro_f1": report["oof"]["model"]["macro_f1"],
+        "gates": {},
+        "best_epoch": 1,
+        "ensemble": report,
+        "baseline": {
+            "name": "hgb",
+            "train_rows": 540,
+            "fit_time_s": 0.1,
+            "scalars": {"val_macro_f1": report["oof"]["baseline"]["macro_f1"]},
+        },
+    }
     summary = run_result(metrics=m, objective=m["val_macro_f1"])
     oof = {who: f"{s['macro_f1']:.4f}" for who, s in report["oof"].items()}
     console = Console(record=True, width=250)
     print_summary(summary, console)
     text = console.export_text()
-    assert (f"macro-F1 model {oof['model']}, baseline {oof['baseline']}, blend {oof['blend']}; the export serves "
-            f"{report['choice']} (model weight {report['weight']:g})") in text
+    assert (
+        f"macro-F1 model {oof['model']}, baseline {oof['baseline']}, blend {oof['blend']}; the export serves "
+        f"{report['choice']} (model weight {report['weight']:g})"
+    ) in text
     assert f"ensemble {report['choice']} w={report['weight']:g} oof macro-F1 {oof['blend']}" in run_line(summary)
-    md = render_report(metrics=m, data_report={}, result=summary, plots={}, overrides=None, run_id=None,
-                       tracking_uri=None, run_dir="/r")
+    md = render_report(
+        metrics=m,
+        data_report={},
+        result=summary,
+        plots={},
+        overrides=None,
+        run_id=None,
+        tracking_uri=None,
+        run_dir="/r",
+    )
     assert f"| blend | {oof['blend']} |" in md and "fold weights" in md
 
 
 # --- one tiny run with ensemble=blend ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def blend_run(tmp_path_factory) -> dict:
     """A tiny LoRA run on demo-shaped data (no pretrain stage) with ``ensemble=blend``."""
+    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF_DIR
     from loralab.data.demo import make_rows, write_demo
     from loralab.data.records import write_rows
     from loralab.lifecycle import run as train
@@ -158,20 +179,39 @@ def blend_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("blend")
     train_file, val_file = write_demo(tmp / "data", n_train=48, n_val=30)
     test_file = write_rows(tmp / "data" / "test.jsonl", make_rows(20, seed=99, start_id=1000))
-    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "pretrain=none",
-                 f"data.test_file={test_file}",
-                 "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=64",
-                 "optim.batch_size=8", "baseline.threads=1", "baseline.params.max_iter=20", "ensemble=blend",
-                 "ensemble.folds=3", f"paths.output_dir={tmp / 'run'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-                 "data.cache_dir=null", "quiet=true"]
+    overrides = [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        "pretrain=none",
+        f"data.test_file={test_file}",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=64",
+        "optim.batch_size=8",
+        "baseline.threads=1",
+        "baseline.params.max_iter=20",
+        "ensemble=blend",
+        "ensemble.folds=3",
+        f"paths.output_dir={tmp / 'run'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "data.cache_dir=null",
+        "quiet=true",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     train(cfg)
     run_dir = tmp / "run"
     val = {r["id"]: r for r in map(json.loads, (run_dir / "ensemble_val.jsonl").read_text().splitlines())}
-    return {"tmp": tmp, "run_dir": run_dir, "val_file": val_file, "test_file": test_file, "val": val,
-            "labels": list(cfg.data.labels),
-            "metrics": json.loads((run_dir / "metrics.json").read_text())}
+    return {
+        "tmp": tmp,
+        "run_dir": run_dir,
+        "val_file": val_file,
+        "test_file": test_file,
+        "val": val,
+        "labels": list(cfg.data.labels),
+        "metrics": json.loads((run_dir / "metrics.json").read_text()),
+    }
 
 
 def probs_of(rows: list[dict], labels: list[str]) -> np.ndarray:
@@ -188,8 +228,9 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
     run_dir, labels, val = blend_run["run_dir"], blend_run["labels"], blend_run["val"]
     e = blend_run["metrics"]["ensemble"]
     assert set(e["oof"]) == {"model", "baseline", "blend"} and e["choice"] in ("model", "baseline", "blend")
-    assert e["oof"]["baseline"]["macro_f1"] == pytest.approx(blend_run["metrics"]["baseline"]["scalars"]
-                                                             ["val_macro_f1"])
+    assert e["oof"]["baseline"]["macro_f1"] == pytest.approx(
+        blend_run["metrics"]["baseline"]["scalars"]["val_macro_f1"]
+    )
     assert e["oof"]["model"]["macro_f1"] == pytest.approx(blend_run["metrics"]["val_macro_f1"])  # T keeps argmax
     meta = json.loads((run_dir / "loralab.json").read_text())
     assert "baseline" in meta["parts"] and BASELINE_FILE in meta["files"]
@@ -205,14 +246,28 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
     assert "## Ensemble" in report and f"{e['oof']['blend']['macro_f1']:.4f}" in report
     assert "| test macro-F1 |" in report and f"{e['test']['blend']['macro_f1']:.4f} |" in report
 
-    assert loralab_predict([f"model={run_dir / 'model_final.zip'}", f"input={blend_run['val_file']}",
-                            f"output={blend_run['tmp'] / 'pred.jsonl'}", "device=cpu"]) == 0
+    assert (
+        loralab_predict(
+            [
+                f"model={run_dir / 'model_final.zip'}",
+                f"input={blend_run['val_file']}",
+                f"output={blend_run['tmp'] / 'pred.jsonl'}",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     assert f"probs: model + baseline blend, model weight {e['weight']:g}" in capsys.readouterr().out
     rows = [json.loads(line) for line in (blend_run["tmp"] / "pred.jsonl").read_text().splitlines()]
     expected = probs_of([val[r["id"]]["blend"] for r in rows], labels)
     assert np.abs(probs_of([r["probs"] for r in rows], labels) - expected).max() <= 1e-5
-    scored = evaluate_file(run_dir / "model_final.zip", blend_run["val_file"], blend_run["tmp"] / "val.metrics.json",
-                           prefix="val_", device="cpu")
+    scored = evaluate_file(
+        run_dir / "model_final.zip",
+        blend_run["val_file"],
+        blend_run["tmp"] / "val.metrics.json",
+        prefix="val_",
+        device="cpu",
+    )
     assert scored["val_macro_f1"] == pytest.approx(blend_run["metrics"]["val_macro_f1"])  # gates: the model itself
     assert scored["ensemble"]["weight"] == e["weight"]
     y = [labels.index(val[r["id"]]["label"]) for r in rows]

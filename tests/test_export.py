@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from loralab.calibrate import probabilities
+from loralab.cli.predict import main as predict_main
 from loralab.data.demo import make_rows
 from loralab.data.records import DataError
 from loralab.data.text import serialize
-from loralab.cli.predict import main as predict_main
 from loralab.export import ExportError, export_model, safe_extract, verify_export, zip_dir
+from loralab.inference import evaluate_file, load_exported, predict_file
 from loralab.models.build import ModelSource
 from loralab.models.lora import apply_lora
-from loralab.inference import evaluate_file, load_exported, predict_file
 
 LABELS = ["long", "short", "skip"]
 MAX_LENGTH = 48
@@ -33,16 +33,21 @@ def tiny_model(lora: bool, seed: int = 0, save_base_to=None):
     the adapter really changes the logits (LoRA's B starts at zero)."""
     torch.manual_seed(seed)
     rows = make_rows(24, seed=seed)
-    source = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2", max_length=MAX_LENGTH,
-                         tokenizer_vocab_size=300)
+    source = ModelSource(
+        name="tiny_qwen2", pretrained=False, arch="tiny_qwen2", max_length=MAX_LENGTH, tokenizer_vocab_size=300
+    )
     tokenizer = source.load_tokenizer([serialize(r["features"]) for r in rows])
     model = source.load_model(LABELS, tokenizer)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     if save_base_to is not None:
         model.save_pretrained(save_base_to)  # stands in for a hub checkpoint
     if lora:
-        model = apply_lora(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
-                                             target_modules=["q_proj", "v_proj"]))
+        model = apply_lora(
+            model,
+            LoraConfig(
+                task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
+            ),
+        )
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "modules_to_save" in name:
@@ -58,14 +63,26 @@ def make_batch(tokenizer, rows):
 @torch.inference_mode()
 def one_by_one_logits(model, tokenizer, rows):
     """Reference logits: each row alone (no padding), straight from the in-memory model."""
-    return np.stack([model(**tokenizer(serialize(r["features"]), truncation=True, max_length=MAX_LENGTH,
-                                       return_tensors="pt")).logits[0].numpy() for r in rows])
+    return np.stack(
+        [
+            model(**tokenizer(serialize(r["features"]), truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
+            .logits[0]
+            .numpy()
+            for r in rows
+        ]
+    )
 
 
 def meta():
-    return {"labels": LABELS, "temperature": TEMPERATURE, "calibration": {"n_bins": 15},
-            "serialization": {"template": "{features}", "truncation_side": "right"}, "max_length": MAX_LENGTH,
-            "allow_null": False, "gates": {"val_accuracy": ">= 0.0"}}
+    return {
+        "labels": LABELS,
+        "temperature": TEMPERATURE,
+        "calibration": {"n_bins": 15},
+        "serialization": {"template": "{features}", "truncation_side": "right"},
+        "max_length": MAX_LENGTH,
+        "allow_null": False,
+        "gates": {"val_accuracy": ">= 0.0"},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +96,29 @@ def lora_export(tmp_path_factory):
             base_only = model(**batch).logits.clone()
     row_logits = one_by_one_logits(model, tokenizer, rows)
     result = export_model(model, tokenizer, out, batch, meta=meta(), base_location=None, save_base=True)
-    return {"dir": out, "batch": batch, "reference": reference, "base_only": base_only, "rows": rows,
-            "row_logits": row_logits, "meta": result, "base_state": base_state}
+    return {
+        "dir": out,
+        "batch": batch,
+        "reference": reference,
+        "base_only": base_only,
+        "rows": rows,
+        "row_logits": row_logits,
+        "meta": result,
+        "base_state": base_state,
+    }
 
 
 def test_lora_export_layout_and_config(lora_export):
     out = lora_export["dir"]
-    for name in ("merged/model.safetensors", "merged/config.json", "merged/tokenizer.json",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "base/model.safetensors",
-                 "loralab.json"):
+    for name in (
+        "merged/model.safetensors",
+        "merged/config.json",
+        "merged/tokenizer.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "base/model.safetensors",
+        "loralab.json",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "merged/config.json").read_text())
     assert config["num_labels"] == 3 and config["id2label"] == {"0": "long", "1": "short", "2": "skip"}
@@ -98,8 +129,9 @@ def test_lora_export_layout_and_config(lora_export):
     assert any("lora_A" in k for k in keys) and any(k.endswith("score.weight") for k in keys)  # head included
     meta = json.loads((out / "loralab.json").read_text())
     assert meta["parts"] == ["merged", "adapter", "base"] and meta["temperature"] == TEMPERATURE
-    assert set(meta["files"]) == {p.relative_to(out).as_posix() for d in meta["parts"]
-                                  for p in (out / d).rglob("*") if p.is_file()}
+    assert set(meta["files"]) == {
+        p.relative_to(out).as_posix() for d in meta["parts"] for p in (out / d).rglob("*") if p.is_file()
+    }
 
 
 def test_base_dir_is_the_untouched_base(lora_export):
@@ -125,8 +157,17 @@ def test_verification_refuses_a_mismatch(lora_export):
     wrong = lora_export["reference"] + 1e-3
     label_kwargs = lora_export["meta"]["base"]["label_config"]
     with pytest.raises(ExportError, match="merged/ logits differ"):
-        verify_export(out, wrong, batch, atol=1e-4, base_location=out / "base", label_kwargs=label_kwargs,
-                      trust_remote_code=False, device=torch.device("cpu"), adapter=True)
+        verify_export(
+            out,
+            wrong,
+            batch,
+            atol=1e-4,
+            base_location=out / "base",
+            label_kwargs=label_kwargs,
+            trust_remote_code=False,
+            device=torch.device("cpu"),
+            adapter=True,
+        )
 
 
 def test_full_finetune_export_and_pretrained_base_location(tmp_path):
@@ -139,8 +180,9 @@ def test_full_finetune_export_and_pretrained_base_location(tmp_path):
     hub_dir = tmp_path / "hub_base"
     model, tokenizer, rows, _ = tiny_model(lora=True, seed=2, save_base_to=hub_dir)
     batch = make_batch(tokenizer, rows[:4])
-    result = export_model(model, tokenizer, tmp_path / "lora", batch, meta=meta(), base_location=str(hub_dir),
-                          save_base=False)
+    result = export_model(
+        model, tokenizer, tmp_path / "lora", batch, meta=meta(), base_location=str(hub_dir), save_base=False
+    )
     assert result["parts"] == ["merged", "adapter"] and result["base"]["location"] == str(hub_dir)
 
 
@@ -148,19 +190,35 @@ def test_predict_file_with_bad_rows(lora_export, tmp_path, capsys):
     zip_path = zip_dir(lora_export["dir"], tmp_path / "model_final.zip", include=["merged", "loralab.json"])
     rows = lora_export["rows"]
     lines = [json.dumps({"id": r["id"], "features": r["features"]}) for r in rows]
-    bad = ["{not json", json.dumps({"id": "b1"}), json.dumps({"id": "b2", "features": {"x": [1]}}),
-           json.dumps({"features": {"x": 1}}), '{"id": "b3", "features": {"x": NaN}}', json.dumps([1, 2])]
+    bad = [
+        "{not json",
+        json.dumps({"id": "b1"}),
+        json.dumps({"id": "b2", "features": {"x": [1]}}),
+        json.dumps({"features": {"x": 1}}),
+        '{"id": "b3", "features": {"x": NaN}}',
+        json.dumps([1, 2]),
+    ]
     for i, line in enumerate(bad):
         lines.insert(3 * i + 1, line)
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     # through the CLI: batches of 7 mix lengths, so ordering bugs would show
-    assert predict_main([f"model={zip_path}", f"input={src}", f"output={tmp_path / 'out.jsonl'}", "batch_size=7",
-                         "device=cpu"]) == 0
+    assert (
+        predict_main(
+            [f"model={zip_path}", f"input={src}", f"output={tmp_path / 'out.jsonl'}", "batch_size=7", "device=cpu"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"scored {len(rows)} of {len(rows) + len(bad)} rows" in printed and "rows/s" in printed
-    for reason in ("invalid_json", "missing_features", "features_not_flat", "missing_id", "non_finite_value",
-                   "not_object"):
+    for reason in (
+        "invalid_json",
+        "missing_features",
+        "features_not_flat",
+        "missing_id",
+        "non_finite_value",
+        "not_object",
+    ):
         assert f"{reason}=1" in printed
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["id"] for o in out] == [r["id"] for r in rows]  # input order, despite length-sorted batches
@@ -195,8 +253,9 @@ def test_adapter_only_load_and_evaluate(lora_export, tmp_path):
     assert exported.part == "adapter"
     rows = lora_export["rows"]
     src = tmp_path / "test.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({**rows[0], "id": "u",
-                                                                               "label": "flat"}) + "\n")
+    src.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + json.dumps({**rows[0], "id": "u", "label": "flat"}) + "\n"
+    )
     m = evaluate_file(zip_path, src, device="cpu")
     y = [LABELS.index(r["label"]) for r in rows]
     pred = lora_export["row_logits"].argmax(1)
@@ -209,19 +268,28 @@ def test_adapter_only_load_and_evaluate(lora_export, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ zip safety
 
+
 def _zip_with(path, name, data=b"x", symlink=False):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("ok.txt", b"fine")
         info = zipfile.ZipInfo(name)
         if symlink:
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
         zf.writestr(info, data)
     return path
 
 
-@pytest.mark.parametrize("name,symlink", [("../evil.txt", False), ("a/../../evil.txt", False),
-                                          ("/tmp/evil.txt", False), ("..\\evil.txt", False),
-                                          ("C:\\evil.txt", False), ("link", True)])
+@pytest.mark.parametrize(
+    "name,symlink",
+    [
+        ("../evil.txt", False),
+        ("a/../../evil.txt", False),
+        ("/tmp/evil.txt", False),
+        ("..\\evil.txt", False),
+        ("C:\\evil.txt", False),
+        ("link", True),
+    ],
+)
 def test_zip_slip_refused(tmp_path, name, symlink):
     dest = tmp_path / "dest"
     zip_path = _zip_with(tmp_path / "evil.zip", name, b"/etc/passwd" if symlink else b"x", symlink)
@@ -253,9 +321,9 @@ def test_lora_over_a_16_bit_base_exports_from_an_fp32_copy(tmp_path):
     """What a CUDA run holds (frozen base in bf16, adapters + head in fp32) mixes dtypes outside autocast; the run's
     export step (``classification_export.export``) casts to fp32 on CPU first, and the export then verifies."""
     from conftest import run_result, typed_conf
-    from loralab.data.demo import write_demo
     from torch.utils.data import DataLoader
 
+    from loralab.data.demo import write_demo
     from loralab.reporting.provenance import PACKAGES
     from loralab.tasks.base import RunContext
     from loralab.tasks.classification_export import export

@@ -18,9 +18,11 @@ from conftest import LABELS, ROOT, compose_train
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 from safetensors.torch import load_file
-
 from test_export import lora_export, tiny_model  # noqa: F401  (a fixture: a tiny exported LoRA model)
 
+from loralab.cli.evaluate import main as evaluate_main
+from loralab.cli.predict import main as predict_main
+from loralab.config import check
 from loralab.config.changes import changed, describe, refused
 from loralab.core.checkpoint import CHECKSUMS, STATE, WEIGHTS, load_train_state, load_weights, save_train_state
 from loralab.data.demo import write_demo
@@ -28,9 +30,6 @@ from loralab.data.prepare import PrepareConfig, prepare
 from loralab.data.records import MAX_ROW_BYTES, load_records
 from loralab.data.splits import build_splits
 from loralab.data.text import MAX_CHARS_PER_TOKEN, clip, serialize, tokenize
-from loralab.cli.evaluate import main as evaluate_main
-from loralab.cli.predict import main as predict_main
-from loralab.config import check
 from loralab.errors import CheckpointError, ConfigError, DataError
 from loralab.inference import evaluate_file, predict_file
 from loralab.lifecycle import run
@@ -54,11 +53,16 @@ def truncate(path: Path) -> None:
 
 # --- checkpoint checksums (item 5) ----------------------------------------------------------------------------------
 
+
 def linear_parts():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
-    return dict(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                scaler=torch.amp.GradScaler("cpu", enabled=False))
+    return dict(
+        model=model,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+    )
 
 
 def saved(tmp_path: Path) -> Path:
@@ -100,11 +104,22 @@ def test_checksums_are_part_of_the_atomic_checkpoint(tmp_path):
 
 # --- resume with other settings (item 4) ----------------------------------------------------------------------------
 
+
 def test_changed_keys_ignore_how_a_run_is_driven_and_allow_by_key_or_group():
-    saved_cfg = {"optim": {"lr": 1e-3, "batch_size": 8}, "hardware": {"torch_threads": None, "precision": "fp32"},
-                 "resume": None, "paths": {"output_dir": "/a"}, "tracking": {"uri": "sqlite:///a.db"}}
-    used = {"optim": {"lr": 1e-2, "batch_size": 8}, "hardware": {"torch_threads": 2, "precision": "bf16"},
-            "resume": "auto", "paths": {"output_dir": "/b"}, "tracking": {"uri": "sqlite:///b.db"}}
+    saved_cfg = {
+        "optim": {"lr": 1e-3, "batch_size": 8},
+        "hardware": {"torch_threads": None, "precision": "fp32"},
+        "resume": None,
+        "paths": {"output_dir": "/a"},
+        "tracking": {"uri": "sqlite:///a.db"},
+    }
+    used = {
+        "optim": {"lr": 1e-2, "batch_size": 8},
+        "hardware": {"torch_threads": 2, "precision": "bf16"},
+        "resume": "auto",
+        "paths": {"output_dir": "/b"},
+        "tracking": {"uri": "sqlite:///b.db"},
+    }
     changes = changed(saved_cfg, used)
     assert changes == {"optim.lr": (1e-3, 1e-2), "hardware.precision": ("fp32", "bf16")}
     assert refused(changes, False) == ["hardware.precision", "optim.lr"]
@@ -113,9 +128,9 @@ def test_changed_keys_ignore_how_a_run_is_driven_and_allow_by_key_or_group():
     assert describe(changes) == "hardware.precision: 'fp32' -> 'bf16', optim.lr: 0.001 -> 0.01"
 
 
-
-@pytest.mark.parametrize(("value", "ok"), [("true", True), ("false", True), ("[optim.lr,data]", True),
-                                           ("maybe", False), ("[1]", False)])
+@pytest.mark.parametrize(
+    ("value", "ok"), [("true", True), ("false", True), ("[optim.lr,data]", True), ("maybe", False), ("[1]", False)]
+)
 def test_resume_allow_changes_is_true_false_or_keys(value, ok):
     if ok:
         check(compose_train(f"resume_allow_changes={value}"))
@@ -124,6 +139,7 @@ def test_resume_allow_changes_is_true_false_or_keys(value, ok):
         check(compose_train(f"resume_allow_changes={value}"))
     assert one_line(err).startswith("resume_allow_changes=")
     assert "must be true, false or a list of keys" in str(err.value)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -137,10 +153,20 @@ def trained(tmp_path_factory):
 
 
 def tiny_cfg(tmp: Path, run_dir: Path, train: Path, val: Path, *overrides: str):
-    cfg = compose_train("data=jsonl", f"data.train_file={train}", f"data.val_file={val}", "data.cache_dir=null",
-                        "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=48",
-                        "export.zip=false", "baseline=none", "quiet=true", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                        *overrides)
+    cfg = compose_train(
+        "data=jsonl",
+        f"data.train_file={train}",
+        f"data.val_file={val}",
+        "data.cache_dir=null",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=48",
+        "export.zip=false",
+        "baseline=none",
+        "quiet=true",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        *overrides,
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     return cfg
@@ -223,6 +249,7 @@ def test_a_resume_that_succeeds_after_a_failed_one_clears_the_error_tag(copy_of)
     state, tags = status(copy_of)
     assert state == "FINISHED" and "error" not in tags and "error_type" not in tags
 
+
 @pytest.mark.slow
 def test_a_corrupt_ranked_epoch_is_refused_by_name_not_skipped(copy_of):
     """``last`` is fine but the top-k epoch the best model would be reloaded from is not: refused up front, by
@@ -234,18 +261,22 @@ def test_a_corrupt_ranked_epoch_is_refused_by_name_not_skipped(copy_of):
     assert one_line(err).startswith(f"{path}: sha256 does not match")
 
 
-
-@pytest.mark.parametrize(("line", "reason"), [
-    (b"id,features,label", "invalid_json"),                      # a CSV export fed as JSONL: header ...
-    (b"7,x=1,long", "invalid_json"),                             # ... and rows
-    (b"[" * 10_000 + b"]" * 10_000, "invalid_json"),             # nesting past Python's recursion limit
-    (json.dumps({"id": [1], "features": {"x": 1}, "label": "long"}).encode(), "missing_id"),  # a list id
-], ids=["csv-header", "csv-row", "deep-nesting", "list-id"])
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"id,features,label", "invalid_json"),  # a CSV export fed as JSONL: header ...
+        (b"7,x=1,long", "invalid_json"),  # ... and rows
+        (b"[" * 10_000 + b"]" * 10_000, "invalid_json"),  # nesting past Python's recursion limit
+        (json.dumps({"id": [1], "features": {"x": 1}, "label": "long"}).encode(), "missing_id"),  # a list id
+    ],
+    ids=["csv-header", "csv-row", "deep-nesting", "list-id"],
+)
 def test_hostile_lines_are_dropped_and_counted(tmp_path, line, reason):
     good = json.dumps({"id": 1, "features": {"x": 1}, "label": "long"}).encode()
     (tmp_path / "f.jsonl").write_bytes(line + b"\n" + good + b"\n")
     records, report = load_records(tmp_path / "f.jsonl", LABELS)
     assert [r.id for r in records] == [1] and report.dropped == {reason: 1}
+
 
 # --- one huge row (item 2) ------------------------------------------------------------------------------------------
 
@@ -300,7 +331,7 @@ def test_long_texts_are_cut_before_tokenizing_to_the_same_tokens():
         tokenizer.truncation_side = side
         whole = tokenizer(text, truncation=True, max_length=48)["input_ids"]
         assert tokenize([text], tokenizer, 48) == [whole]
-    assert clip(text, 48, "right") == text[:48 * MAX_CHARS_PER_TOKEN]
+    assert clip(text, 48, "right") == text[: 48 * MAX_CHARS_PER_TOKEN]
 
 
 def test_predict_with_one_huge_row_costs_what_predict_without_it_costs(lora_export, tmp_path):  # noqa: F811
@@ -322,17 +353,30 @@ def test_predict_with_one_huge_row_costs_what_predict_without_it_costs(lora_expo
 
 def test_train_predict_evaluate_and_prepare_drop_the_same_rows_for_the_same_reasons(lora_export, tmp_path):  # noqa
     """One reader: a row any of them drops, all of them drop, under the same reason and line number."""
-    good = [{"id": r["id"], "features": r["features"], "label": LABELS[i % 3]}
-            for i, r in enumerate(lora_export["rows"])]
+    good = [
+        {"id": r["id"], "features": r["features"], "label": LABELS[i % 3]} for i, r in enumerate(lora_export["rows"])
+    ]
     lines = [json.dumps(r).encode() for r in good]
-    bad = [huge_line(), b'{"id": "j", "features": ', b'{"id": "u", "features": {"x": "\xff"}, "label": "long"}',
-           json.dumps(good[0]).encode(), b"[1, 2]", json.dumps({"features": {"x": 1}, "label": "long"}).encode()]
+    bad = [
+        huge_line(),
+        b'{"id": "j", "features": ',
+        b'{"id": "u", "features": {"x": "\xff"}, "label": "long"}',
+        json.dumps(good[0]).encode(),
+        b"[1, 2]",
+        json.dumps({"features": {"x": 1}, "label": "long"}).encode(),
+    ]
     for i, line in enumerate(bad):
         lines.insert(2 * i + 1, line)
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    expected = {"row_too_large": 1, "invalid_json": 1, "invalid_utf8": 1, "duplicate_id": 1, "not_object": 1,
-                "missing_id": 1}
+    expected = {
+        "row_too_large": 1,
+        "invalid_json": 1,
+        "invalid_utf8": 1,
+        "duplicate_id": 1,
+        "not_object": 1,
+        "missing_id": 1,
+    }
     reports = {
         "train": build_splits(str(path), str(path), LABELS).report["train_file"],
         "prepare": prepare(PrepareConfig(input=str(path), output_dir=str(tmp_path / "split")))["input"],
@@ -420,8 +464,9 @@ def test_predict_and_evaluate_check_options_and_paths_before_loading_the_model(t
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     assert predict_main([model, f"input={src}", f"output={out_dir}"]) == 2
-    assert capsys.readouterr().err.strip() == (f"loralab-predict: error: ConfigError: output: {out_dir} is a "
-                                               f"directory; give a file path")
+    assert capsys.readouterr().err.strip() == (
+        f"loralab-predict: error: ConfigError: output: {out_dir} is a directory; give a file path"
+    )
     assert evaluate_main([model, f"input={src}", f"output={out_dir}"]) == 2
     assert f"output: {out_dir} is a directory" in capsys.readouterr().err
     assert predict_main([model, f"input={tmp_path / 'data'}", f"output={tmp_path / 'o.jsonl'}"]) == 2
@@ -443,11 +488,24 @@ def test_train_py_with_an_unusable_run_or_sweep_dir_is_one_line_before_hydra_mak
     """Hydra creates the run dir before any loralab code runs; it used to end in Hydra's traceback."""
     (tmp_path / "file").write_text("x")
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    cmd = [sys.executable, str(ROOT / "train.py"), *(["-m", "seed=1,2"] if multirun else []),
-           f"{key}={tmp_path / 'file' / 'out'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *(["-m", "seed=1,2"] if multirun else []),
+        f"{key}={tmp_path / 'file' / 'out'}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"ConfigError: {key}: {tmp_path / 'file' / 'out'} is not a writable directory (Not a " \
-                          "directory)\n"
+    assert (
+        proc.stderr == f"ConfigError: {key}: {tmp_path / 'file' / 'out'} is not a writable directory (Not a "
+        "directory)\n"
+    )
     assert not (tmp_path / "mlflow.db").exists()

@@ -19,8 +19,9 @@ PROFILES = ["cpu", "rtx3050", "a100", "h100", "auto"]
 
 def preflight(cfg):
     """The lifecycle's memory check on a composed config's model, lora and hardware groups."""
-    return check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(cfg.data.labels),
-                        batch_size=cfg.optim.batch_size)
+    return check_memory(
+        cfg.model, cfg.lora, cfg.hardware, num_labels=len(cfg.data.labels), batch_size=cfg.optim.batch_size
+    )
 
 
 def compose_cfg(*overrides):
@@ -62,13 +63,25 @@ def test_preflight_refuses_7b_on_a_4gb_gpu_and_accepts_0_5b_lora():
 
 def test_memory_estimate_moves_the_right_way():
     arch = shipped_config("qwen2_5_0_5b")
-    base = dict(num_labels=3, lora_r=8, target_modules=["q_proj", "v_proj"], precision="fp16",
-                load_in_4bit=False, micro_batch=4, max_length=256, gradient_checkpointing=False, on_cuda=True)
+    base = dict(
+        num_labels=3,
+        lora_r=8,
+        target_modules=["q_proj", "v_proj"],
+        precision="fp16",
+        load_in_4bit=False,
+        micro_batch=4,
+        max_length=256,
+        gradient_checkpointing=False,
+        on_cuda=True,
+    )
     ref = estimate_memory(arch, Workload(**base))
-    assert estimate_memory(arch, Workload(**{**base, "gradient_checkpointing": True})).activations_gib < \
-        ref.activations_gib
-    assert estimate_memory(arch, Workload(**{**base, "micro_batch": 8})).activations_gib == \
-        pytest.approx(2 * ref.activations_gib)
+    assert (
+        estimate_memory(arch, Workload(**{**base, "gradient_checkpointing": True})).activations_gib
+        < ref.activations_gib
+    )
+    assert estimate_memory(arch, Workload(**{**base, "micro_batch": 8})).activations_gib == pytest.approx(
+        2 * ref.activations_gib
+    )
     assert estimate_memory(arch, Workload(**{**base, "lora_r": None})).trainable_params == ref.total_params
     lora_16 = estimate_memory(arch, Workload(**{**base, "lora_r": 16})).trainable_params
     head = arch["hidden_size"] * 3
@@ -85,12 +98,15 @@ def test_pretrained_false_builds_qwen2_5_0_5b_shape_offline():
     assert model.config.hidden_size == 896 and model.config.num_hidden_layers == 24
 
 
-@pytest.mark.parametrize("override, key", [
-    (["hardware.load_in_4bit=true"], "hardware.load_in_4bit"),
-    (["hardware=rtx3050"], "hardware.device"),  # no CUDA on this machine
-    (["hardware.precision=fp8"], "hardware.precision"),
-    (["hardware.preflight=maybe"], "hardware.preflight"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["hardware.load_in_4bit=true"], "hardware.load_in_4bit"),
+        (["hardware=rtx3050"], "hardware.device"),  # no CUDA on this machine
+        (["hardware.precision=fp8"], "hardware.precision"),
+        (["hardware.preflight=maybe"], "hardware.preflight"),
+    ],
+)
 def test_bad_hardware_values_fail_in_one_line(override, key, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError) as err:
@@ -105,7 +121,8 @@ def test_lora_over_a_16_bit_base_trains_fp32_weights_with_a_grad_scaler():
 
     tok = train_tokenizer(['{"a": 1}', '{"b": true}'] * 5, vocab_size=300)
     base = ModelSource(name="tiny_qwen2", pretrained=False, arch="tiny_qwen2").load_model(
-        ["long", "short", "skip"], tok, dtype=torch.float16)
+        ["long", "short", "skip"], tok, dtype=torch.float16
+    )
     model = apply_lora(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}
@@ -125,16 +142,28 @@ def test_the_docs_memory_table_is_what_the_estimator_says(fake_cuda):
     text = (Path(CONF).parent / "docs" / "hardware.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| model (LoRA r=8, max_length 256)"))
     lines = text.splitlines()
-    table = lines[lines.index(header) + 2:]
-    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[:next(
-        (i for i, line in enumerate(table) if not line.startswith("|")), len(table))]]
-    columns = {"rtx3050 (4 GB)": ["hardware=rtx3050"], "rtx3050 + 4-bit": ["hardware=rtx3050",
-               "hardware.load_in_4bit=true"], "a100 (micro 16)": ["hardware=a100"], "h100 (micro 32)": ["hardware=h100"]}
+    table = lines[lines.index(header) + 2 :]
+    table = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table[: next((i for i, line in enumerate(table) if not line.startswith("|")), len(table))]
+    ]
+    columns = {
+        "rtx3050 (4 GB)": ["hardware=rtx3050"],
+        "rtx3050 + 4-bit": ["hardware=rtx3050", "hardware.load_in_4bit=true"],
+        "a100 (micro 16)": ["hardware=a100"],
+        "h100 (micro 32)": ["hardware=h100"],
+    }
     names = [cell.strip() for cell in header.strip("|").split("|")][1:]
     assert names == list(columns) and len(table) == 4
     for model, *cells in table:
         for name, cell in zip(names, cells):
             cfg = compose_cfg(f"model={model}", "lora=default", "lora.r=8", "model.max_length=256", *columns[name])
-            est = check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(cfg.data.labels),
-                               batch_size=cfg.optim.batch_size, mode="off")
+            est = check_memory(
+                cfg.model,
+                cfg.lora,
+                cfg.hardware,
+                num_labels=len(cfg.data.labels),
+                batch_size=cfg.optim.batch_size,
+                mode="off",
+            )
             assert cell == f"{est.total_gib:.1f} GiB", (model, name)

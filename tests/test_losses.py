@@ -74,7 +74,7 @@ def test_negative_gamma_rejected():
 
 def inverse(counts, power=1.0):
     """Inverse frequency (to a power) over the present classes, scaled to mean 1; absent classes get 1."""
-    raw = {i: n ** -power for i, n in enumerate(counts) if n > 0}
+    raw = {i: n**-power for i, n in enumerate(counts) if n > 0}
     mean = sum(raw.values()) / len(raw)
     return [raw[i] / mean if i in raw else 1.0 for i in range(len(counts))]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import LABELS
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from conftest import LABELS
 from loralab.metrics import classification_metrics, evaluate_gates
 
 
@@ -22,9 +22,11 @@ def test_metrics_equal_sklearn(seed):
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2])
     for i, label in enumerate(LABELS):
         assert m["per_class"][label] == pytest.approx(
-            {"precision": p[i], "recall": r[i], "f1": f[i], "support": support[i]})
+            {"precision": p[i], "recall": r[i], "f1": f[i], "support": support[i]}
+        )
         assert (s[f"val_precision_{label}"], s[f"val_recall_{label}"], s[f"val_f1_{label}"]) == pytest.approx(
-            (p[i], r[i], f[i]))
+            (p[i], r[i], f[i])
+        )
 
     counted = [[int(np.sum((y_true == t) & (y_pred == q))) for q in range(3)] for t in range(3)]
     assert m["confusion_matrix"] == {"labels": LABELS, "matrix": counted}  # rows: true label, columns: predicted
@@ -41,17 +43,31 @@ def test_absent_class_is_left_out_of_macro_f1_and_scalars():
 
 def test_gates_pass_fail_and_skip():
     scalars = {"val_macro_f1": 0.6, "val_f1_long": 0.5}
-    gates = evaluate_gates(scalars, {"val_macro_f1": ">= 0.60", "val_f1_long": "> 0.55", "val_f1_skip": "> 0.5",
-                                     "val_accuracy": "< 0.9"})
+    gates = evaluate_gates(
+        scalars, {"val_macro_f1": ">= 0.60", "val_f1_long": "> 0.55", "val_f1_skip": "> 0.5", "val_accuracy": "< 0.9"}
+    )
     assert {k: g["passed"] for k, g in gates.items()} == {
-        "val_macro_f1": True, "val_f1_long": False, "val_f1_skip": None, "val_accuracy": None}
+        "val_macro_f1": True,
+        "val_f1_long": False,
+        "val_f1_skip": None,
+        "val_accuracy": None,
+    }
     assert gates["val_macro_f1"] == {"rule": ">= 0.60", "value": 0.6, "passed": True}
     assert gates["val_f1_skip"]["value"] is None and "skipped" in gates["val_f1_skip"]["note"]
 
 
-@pytest.mark.parametrize(("rule", "passed"), [("> 0.6", False), (">= 0.6", True), ("< 0.6", False),
-                                              ("<= 0.6", True), ("> 0.59", True), (">=0.6", True),
-                                              ("<0.6", False)])
+@pytest.mark.parametrize(
+    ("rule", "passed"),
+    [
+        ("> 0.6", False),
+        (">= 0.6", True),
+        ("< 0.6", False),
+        ("<= 0.6", True),
+        ("> 0.59", True),
+        (">=0.6", True),
+        ("<0.6", False),
+    ],
+)
 def test_gate_operators_at_the_boundary(rule, passed):
     assert evaluate_gates({"m": 0.6}, {"m": rule})["m"]["passed"] is passed
 

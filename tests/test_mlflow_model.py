@@ -43,10 +43,20 @@ def demo(tmp_path_factory) -> dict:
     in a fresh dir on the demo data, registering its model."""
     home = tmp_path_factory.mktemp("home")
     checkout_mlruns = (ROOT / "mlruns").exists()
-    cmd = [sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=1", "pretrain=none",
-           "model.tokenizer_vocab_size=300", "model.max_length=64", f"tracking.register_as={MODEL_NAME}", f"hydra.run.dir={home / 'run'}", "quiet=true"]
-    proc = subprocess.run(cmd, cwd=home, env=clean_env(LORALAB_ROOT=str(home)), capture_output=True, text=True,
-                          timeout=900)
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "trainer.max_epochs=1",
+        "pretrain=none",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=64",
+        f"tracking.register_as={MODEL_NAME}",
+        f"hydra.run.dir={home / 'run'}",
+        "quiet=true",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=home, env=clean_env(LORALAB_ROOT=str(home)), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     uri = f"sqlite:///{home / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -55,8 +65,15 @@ def demo(tmp_path_factory) -> dict:
     (home / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     predict_file(home / "run" / "model_final.zip", home / "rows.jsonl", home / "predicted.jsonl", device="cpu")
     predicted = [json.loads(line) for line in (home / "predicted.jsonl").read_text().splitlines()]
-    return {"home": home, "uri": uri, "client": client, "run": run, "rows": rows, "predicted": predicted,
-            "checkout_mlruns": checkout_mlruns}
+    return {
+        "home": home,
+        "uri": uri,
+        "client": client,
+        "run": run,
+        "rows": rows,
+        "predicted": predicted,
+        "checkout_mlruns": checkout_mlruns,
+    }
 
 
 def probs(rows, labels) -> np.ndarray:
@@ -102,14 +119,24 @@ def test_run_holds_sources_description_and_demo_data_digests(demo):
     tags = run.data.tags
     assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"
     assert tags[NOTE_TAG].startswith("run | val_macro_f1 ") and f"models:/{MODEL_NAME}/1" in tags[NOTE_TAG]
-    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
-              for i in demo["client"].get_run(run.info.run_id).inputs.dataset_inputs}
+    inputs = {
+        {t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
+        for i in demo["client"].get_run(run.info.run_id).inputs.dataset_inputs
+    }
     for split in ("train", "val"):  # the demo files were written by this very run, then hashed
         sha = hashlib.sha256((home / "data" / "demo" / f"{split}.jsonl").read_bytes()).hexdigest()
         assert inputs[split].digest == sha[:36] and tags[f"data.{split}_file.sha256"] == sha
     metrics = run.data.metrics
-    assert {"train_loss", "val_loss", "val_macro_f1", "best.val_macro_f1", "baseline.val_macro_f1",
-            "calibrated.val_nll", "calibrated.temperature", "best.val_nll"} <= set(metrics)
+    assert {
+        "train_loss",
+        "val_loss",
+        "val_macro_f1",
+        "best.val_macro_f1",
+        "baseline.val_macro_f1",
+        "calibrated.val_nll",
+        "calibrated.temperature",
+        "best.val_nll",
+    } <= set(metrics)
     assert not any(k.startswith("baseline_") or k.endswith("_calibrated") for k in metrics)
 
 
@@ -128,30 +155,54 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(demo):
     port = free_port()
     bin_dir = Path(sys.executable).parent  # the venv's uvicorn, which `mlflow models serve` runs, as if activated
     env = clean_env(MLFLOW_TRACKING_URI=demo["uri"], PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}/1", "--env-manager",
-           "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{MODEL_NAME}/1",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with (demo["home"] / "serve.log").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=demo["home"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=demo["home"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             try:
                 wait_for(f"http://127.0.0.1:{port}/ping", timeout_s=300, proc=proc)
             except (RuntimeError, TimeoutError) as err:
                 raise AssertionError((demo["home"] / "serve.log").read_text()[-3000:]) from err
             body = {"dataframe_records": [{"id": r["id"], "features": r["features"]} for r in demo["rows"]]}
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(request, timeout=120) as response:
                 served = json.load(response)["predictions"]
         finally:
             stop(proc)
     labels = sorted(demo["predicted"][0]["probs"])
     assert [s["id"] for s in served] == [p["id"] for p in demo["predicted"]]
-    assert np.abs(probs([s["probs"] for s in served], labels)
-                  - probs([p["probs"] for p in demo["predicted"]], labels)).max() <= 1e-5
+    assert (
+        np.abs(
+            probs([s["probs"] for s in served], labels) - probs([p["probs"] for p in demo["predicted"]], labels)
+        ).max()
+        <= 1e-5
+    )
 
 
 # --- a regression task logs its model the same way ------------------------------------------------------------------
+
 
 def test_tabular_regression_logs_a_model_that_predicts_like_its_checkpoint(tmp_path):
     import h5py
@@ -162,12 +213,21 @@ def test_tabular_regression_logs_a_model_that_predicts_like_its_checkpoint(tmp_p
     from loralab.models.mlp import load_best
     from loralab.tasks.tabular_regression import CHECKPOINT
 
-    train_h5, val_h5, schema = write_tabular_demo(tmp_path / "train.h5", tmp_path / "val.h5",
-                                                  tmp_path / "feature_schema.txt", n_train=64, n_val=16)
+    train_h5, val_h5, schema = write_tabular_demo(
+        tmp_path / "train.h5", tmp_path / "val.h5", tmp_path / "feature_schema.txt", n_train=64, n_val=16
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_train("experiment=marketsentinel", "data.demo=false", f"data.train_file={train_h5}",
-                        f"data.val_file={val_h5}", f"data.schema_file={schema}", f"paths.output_dir={tmp_path / 'run'}",
-                        f"tracking.uri={uri}", "trainer.max_epochs=2", "tracking.register_as=ms")
+    cfg = compose_train(
+        "experiment=marketsentinel",
+        "data.demo=false",
+        f"data.train_file={train_h5}",
+        f"data.val_file={val_h5}",
+        f"data.schema_file={schema}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"tracking.uri={uri}",
+        "trainer.max_epochs=2",
+        "tracking.register_as=ms",
+    )
     train(cfg)
     with h5py.File(val_h5) as fh:
         x = fh["X"][...]
@@ -185,6 +245,7 @@ def test_tabular_regression_logs_a_model_that_predicts_like_its_checkpoint(tmp_p
 
 
 # --- settings --------------------------------------------------------------------------------------------------------
+
 
 def test_mlflow_environment_variables_are_used_and_explicit_overrides_win(tmp_path, monkeypatch):
     monkeypatch.setenv("LORALAB_ROOT", str(tmp_path))

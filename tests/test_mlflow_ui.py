@@ -15,13 +15,12 @@ import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_sweeps import demo_files, run_train, store  # noqa: F401 (module fixtures, reused)
 
 from loralab.reporting import compare
 from loralab.tracking.mlflow import EXPERIMENT_KIND_TAG, TRAINING_KIND, MLflowTracker
 from loralab.tracking.server import mlflow_server
-from loralab.tracking.sweep import NOTE_TAG, job_name, name_uniquely, read_parent, short_keys, sweep_name, \
-    swept_keys
-from test_sweeps import demo_files, run_train, store  # noqa: F401 (module fixtures, reused)
+from loralab.tracking.sweep import NOTE_TAG, job_name, name_uniquely, read_parent, short_keys, sweep_name, swept_keys
 
 NAMES = {"gamma=1.0 r=4", "gamma=1.0 r=8", "gamma=2.0 r=4", "gamma=2.0 r=8"}
 
@@ -34,8 +33,7 @@ def sweep(tmp_path_factory, demo_files, store):  # noqa: F811
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
     commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    proc = run_train(tmp, demo_files, store, "lora=default", "loss.gamma=1.0,2.0", "lora.r=4,8",
-                     "trainer.max_epochs=2")
+    proc = run_train(tmp, demo_files, store, "lora=default", "loss.gamma=1.0,2.0", "lora.r=4,8", "trainer.max_epochs=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp / "multirun", commit
 
@@ -76,6 +74,7 @@ def runs(sweep, server):
 
 # --- the sweep through the REST API --------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_experiment_is_marked_as_model_training(runs):
     experiment, _, _ = runs
@@ -96,7 +95,9 @@ def test_parent_is_named_by_the_sweep_and_describes_the_best_child(runs, server)
     experiment, parent, children = runs
     assert parent["info"]["run_name"] == "gamma×r sweep, 4 jobs"
     top = max(metrics(c)["best.objective"] for c in children)  # a tie goes to the lowest job number
-    best = min((c for c in children if metrics(c)["best.objective"] == top), key=lambda c: int(tags(c)["hydra.job.num"]))
+    best = min(
+        (c for c in children if metrics(c)["best.objective"] == top), key=lambda c: int(tags(c)["hydra.job.num"])
+    )
     assert metrics(parent)["best.objective"] == pytest.approx(metrics(best)["best.objective"])
     assert metrics(parent)["best.val_macro_f1"] == pytest.approx(metrics(best)["best.val_macro_f1"])
     parent_id, exp_id = parent["info"]["run_id"], experiment["experiment_id"]
@@ -108,8 +109,9 @@ def test_parent_is_named_by_the_sweep_and_describes_the_best_child(runs, server)
     assert "| loss.gamma | lora.r |" in note
     listed = rest(server, "artifacts/list", run_id=parent_id, path="summary")["files"]
     assert {f["path"] for f in listed} == {f"summary/sweep_summary{s}" for s in (".csv", ".md", "_heatmap.png")}
-    with urllib.request.urlopen(f"{server}/get-artifact?path=summary%2Fsweep_summary_heatmap.png"
-                                f"&run_uuid={parent_id}", timeout=30) as r:  # the note's image, as the UI loads it
+    with urllib.request.urlopen(
+        f"{server}/get-artifact?path=summary%2Fsweep_summary_heatmap.png&run_uuid={parent_id}", timeout=30
+    ) as r:  # the note's image, as the UI loads it
         assert r.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -123,8 +125,9 @@ def test_source_version_and_dataset_columns_are_filled(runs, sweep, demo_files):
         assert t["mlflow.source.git.commit"] == t["git_commit"] == commit
     for child in children:
         inputs = child["inputs"]["dataset_inputs"]
-        contexts = {next(t["value"] for t in i["tags"] if t["key"] == "mlflow.data.context"): i["dataset"]
-                    for i in inputs}
+        contexts = {
+            next(t["value"] for t in i["tags"] if t["key"] == "mlflow.data.context"): i["dataset"] for i in inputs
+        }
         assert set(contexts) == {"train", "val"}
         for context, dataset in contexts.items():
             path = demo_files / f"{context}.jsonl"
@@ -149,13 +152,23 @@ def test_objective_per_epoch_under_one_key_and_best_on_each_child(runs, server):
 
 # --- naming and the experiment kind (no training) ------------------------------------------------------------------
 
+
 def test_names_from_the_swept_keys():
-    swept = swept_keys(["data=jsonl", "lora=default", "loss.gamma=1.0,1.5", "lora.r=range(8,33,8)",
-                        "optim.lr=tag(log, interval(1e-5, 1e-3))"])
+    swept = swept_keys(
+        [
+            "data=jsonl",
+            "lora=default",
+            "loss.gamma=1.0,1.5",
+            "lora.r=range(8,33,8)",
+            "optim.lr=tag(log, interval(1e-5, 1e-3))",
+        ]
+    )
     assert swept == ["loss.gamma", "lora.r", "optim.lr"]
     assert swept_keys(["a=[unclosed"]) is None
-    assert job_name(["lora=default", "loss.gamma=1.5", "lora.r=16", "optim.lr=0.000123456789"], swept, 3) == \
-        "gamma=1.5 r=16 lr=0.0001235"
+    assert (
+        job_name(["lora=default", "loss.gamma=1.5", "lora.r=16", "optim.lr=0.000123456789"], swept, 3)
+        == "gamma=1.5 r=16 lr=0.0001235"
+    )
     assert job_name(["+a.lr=1", "b.lr=2"], None, 0) == "a.lr=1 b.lr=2"  # same last segment: whole keys
     assert job_name(["data=jsonl"], [], 5) == "job5"
     assert len(job_name([f"k{i}.x{i}=" + "9" * 40 for i in range(20)], None, 0)) <= 250

@@ -39,11 +39,21 @@ def data(tmp_path_factory) -> Path:
 
 
 def toy_cmd(data: Path, run_dir: Path, *extra: str, multirun: bool = False) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *TOY_CONF,
-            f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'val.jsonl'}", "optim.batch_size=8",
-            "trainer.max_epochs=6", "trainer.early_stopping.patience=20", f"hydra.run.dir={run_dir}",
-            f"hydra.sweep.dir={run_dir.parent / 'multirun'}", f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
-            *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *(["-m"] if multirun else []),
+        *TOY_CONF,
+        f"data.train_file={data / 'train.jsonl'}",
+        f"data.val_file={data / 'val.jsonl'}",
+        "optim.batch_size=8",
+        "trainer.max_epochs=6",
+        "trainer.early_stopping.patience=20",
+        f"hydra.run.dir={run_dir}",
+        f"hydra.sweep.dir={run_dir.parent / 'multirun'}",
+        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        *extra,
+    ]
 
 
 def env() -> dict[str, str]:
@@ -91,8 +101,11 @@ def test_a_task_outside_the_package_trains_resumes_sweeps_and_logs_its_model(dat
 
     # A sweep: one FINISHED child run per job under one parent, each with its model.
     sweep = tmp_path / "sweep" / "run"
-    proc = subprocess.run(toy_cmd(data, sweep, "optim.lr=0.01,0.03", "trainer.max_epochs=2", multirun=True),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        toy_cmd(data, sweep, "optim.lr=0.01,0.03", "trainer.max_epochs=2", multirun=True),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{sweep.parent}/mlflow.db")
     runs = client.search_runs(client.search_experiments()[0].experiment_id)

@@ -25,18 +25,44 @@ def installed(tmp_path_factory) -> dict:
     in a .pth, which does not run this venv's own .pth files, so an editable ``src/`` install cannot leak in."""
     tmp = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LORALAB_ROOT", "MLFLOW_TRACKING_URI")}
-    built = sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-               "-w", tmp / "dist", ROOT, cwd=tmp, env=env)
+    built = sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        tmp / "dist",
+        ROOT,
+        cwd=tmp,
+        env=env,
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp / "dist").glob("loralab-*.whl")
     venv = tmp / "venv"
     assert sh(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp, env=env).returncode == 0
     python = venv / "bin" / "python"
-    site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=tmp, env=env)
-                .stdout.strip())
+    site = Path(
+        sh(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=tmp, env=env).stdout.strip()
+    )
     (site / "_project_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    done = sh(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel,
-              cwd=tmp, env=env)
+    done = sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        wheel,
+        cwd=tmp,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     work = tmp / "elsewhere"
     work.mkdir()
@@ -45,8 +71,13 @@ def installed(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_the_wheel_carries_its_configs_and_is_what_runs(installed):
-    probe = sh(installed["python"], "-c", "import loralab, loralab.paths; print(loralab.__file__); "
-               "print(loralab.paths.conf_dir())", cwd=installed["cwd"], env=installed["env"])
+    probe = sh(
+        installed["python"],
+        "-c",
+        "import loralab, loralab.paths; print(loralab.__file__); print(loralab.paths.conf_dir())",
+        cwd=installed["cwd"],
+        env=installed["env"],
+    )
     assert probe.returncode == 0, probe.stderr
     module, conf = (Path(line) for line in probe.stdout.split())
     assert module == installed["site"] / "loralab" / "__init__.py"  # not src/ of a checkout

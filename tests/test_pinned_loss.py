@@ -43,14 +43,24 @@ def test_first_three_steps_match_the_pinned_losses(tmp_path):
     # serialize=json explicitly (a template string is the json form), whatever conf/train.yaml's default is.
     data = TokenizedRecords(records, tokenizer, {label: i for i, label in enumerate(LABELS)}, "{features}", 256)
     model = source.load_model(LABELS, tokenizer)
-    loader = DataLoader(data, batch_sampler=EpochBatchSampler(data.lengths, 16, 0),
-                        collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+    loader = DataLoader(
+        data,
+        batch_sampler=EpochBatchSampler(data.lengths, 16, 0),
+        collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+    )
     loss = RecordingLoss(gamma=1.5)
-    trainer = Trainer(trainer_conf(1, monitor="val_loss", mode="min", patience=1),
-                      optim_conf("torch.optim.AdamW", lr=2e-4, weight_decay=0.01, scheduler="cosine",
-                                 warmup_ratio=0.06, max_grad_norm=1.0),
-                      precision="fp32", device=torch.device("cpu"), progress=False)
-    trainer.setup(Fit(model, loss, loader, loader, metric_fn=lambda y, p: {}),
-                  Checkpoints(tmp_path / "checkpoints", keep=1, mode="min", meta={}))
+    trainer = Trainer(
+        trainer_conf(1, monitor="val_loss", mode="min", patience=1),
+        optim_conf(
+            "torch.optim.AdamW", lr=2e-4, weight_decay=0.01, scheduler="cosine", warmup_ratio=0.06, max_grad_norm=1.0
+        ),
+        precision="fp32",
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    trainer.setup(
+        Fit(model, loss, loader, loader, metric_fn=lambda y, p: {}),
+        Checkpoints(tmp_path / "checkpoints", keep=1, mode="min", meta={}),
+    )
     trainer.fit()
     torch.testing.assert_close(torch.tensor(loss.values[:3]), torch.tensor(PINNED), rtol=1e-5, atol=1e-6)

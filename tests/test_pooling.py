@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LABELS, compose_train
 from peft import LoraConfig
 from tokenizers import Tokenizer
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from conftest import LABELS, compose_train
 from loralab.data.demo import make_rows
 from loralab.data.text import serialize
 from loralab.errors import ConfigError
@@ -20,10 +20,13 @@ from loralab.models.lora import apply_lora
 from loralab.models.memory import check_memory
 
 TEXTS = [serialize(r["features"]) for r in make_rows(40, seed=1)]
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             initializer_range=0.3)  # larger than the default 0.02, so random rows get clearly different logits
-CONFIGS = {"llama": LlamaConfig(**SMALL, num_key_value_heads=1, max_position_embeddings=512),
-           "bert": BertConfig(**SMALL, max_position_embeddings=128)}
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.3
+)  # larger than the default 0.02, so random rows get clearly different logits
+CONFIGS = {
+    "llama": LlamaConfig(**SMALL, num_key_value_heads=1, max_position_embeddings=512),
+    "bert": BertConfig(**SMALL, max_position_embeddings=128),
+}
 DEFAULT_TARGETS = {"qwen2": {"q_proj", "v_proj"}, "llama": {"q_proj", "v_proj"}, "bert": {"query", "value"}}
 
 
@@ -53,8 +56,9 @@ def model_dirs(tmp_path_factory, arch_dirs):
         tokenizer = source.load_tokenizer(TEXTS)
         model = source.load_model(LABELS, tokenizer)
         if arch == "llama":
-            tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(
-                tokenizer.backend_tokenizer.to_str()), eos_token=PAD)
+            tokenizer = PreTrainedTokenizerFast(
+                tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), eos_token=PAD
+            )
             assert tokenizer.pad_token is None
         dirs[arch] = tmp_path_factory.mktemp(f"{arch}_model")
         model.save_pretrained(dirs[arch])
@@ -103,8 +107,16 @@ def test_lora_defaults_per_architecture_and_the_preflight_counts_what_peft_train
     assert adapted == DEFAULT_TARGETS[arch]
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     where = "tiny_qwen2" if arch == "qwen2" else str(arch_dirs[arch])
-    cfg = compose_train("model=hf", "model.pretrained=false", f"model.arch={where}", "model.max_length=64",
-                        "model.tokenizer_vocab_size=300", "lora=default", "lora.r=4", "hardware=cpu")
+    cfg = compose_train(
+        "model=hf",
+        "model.pretrained=false",
+        f"model.arch={where}",
+        "model.max_length=64",
+        "model.tokenizer_vocab_size=300",
+        "lora=default",
+        "lora.r=4",
+        "hardware=cpu",
+    )
     est = check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=len(LABELS), batch_size=4)
     assert est.trainable_params == trainable  # adapters + head: independent of the vocabulary size
 
@@ -112,13 +124,26 @@ def test_lora_defaults_per_architecture_and_the_preflight_counts_what_peft_train
 def test_preflight_reads_a_local_model_dir_config(model_dirs, capsys):
     from loralab.cli.preflight import main
 
-    real = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(
-        model_dirs["bert"], num_labels=3).parameters())
-    cfg = compose_train("model=hf", f"model.path={model_dirs['bert']}", "model.max_length=64", "lora=none",
-                        "hardware=cpu")
+    real = sum(
+        p.numel()
+        for p in AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"], num_labels=3).parameters()
+    )
+    cfg = compose_train(
+        "model=hf", f"model.path={model_dirs['bert']}", "model.max_length=64", "lora=none", "hardware=cpu"
+    )
     assert check_memory(cfg.model, cfg.lora, cfg.hardware, num_labels=3, batch_size=4).total_params == real
-    assert main(["model=hf", f"model.path={model_dirs['bert']}", "model.max_length=64", "hardware=cpu",
-                 "hardware.memory_gib=1"]) == 0
+    assert (
+        main(
+            [
+                "model=hf",
+                f"model.path={model_dirs['bert']}",
+                "model.max_length=64",
+                "hardware=cpu",
+                "hardware.memory_gib=1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("fits: hf (lora=r=8) on hardware=cpu")
     assert main(["model=hf", f"model.path={model_dirs['bert']}", "model.max_length=512"]) == 1
     err = capsys.readouterr().err.strip()

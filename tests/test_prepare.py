@@ -34,8 +34,11 @@ def read_split(out: Path, name: str) -> list[dict]:
 
 
 def run_prepare(src: Path, out: Path, seed: int = 42, **kw) -> dict:
-    return prepare(PrepareConfig(input=str(src), output_dir=str(out), seed=seed,
-                                 **{f"{k}_ratio": v for k, v in RATIOS.items()}, **kw))
+    return prepare(
+        PrepareConfig(
+            input=str(src), output_dir=str(out), seed=seed, **{f"{k}_ratio": v for k, v in RATIOS.items()}, **kw
+        )
+    )
 
 
 def test_classification_split_keeps_label_shares_and_ids_disjoint(tmp_path):
@@ -83,20 +86,37 @@ def test_regression_records_are_stratified_by_score_tier(tmp_path):
 
 def test_cli_reports_proportions_and_rejects_bad_ratios(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", classification_rows(100))
-    assert main([f"input={src}", f"output_dir={tmp_path / 'out'}", "train_ratio=0.7", "val_ratio=0.2",
-                 "test_ratio=0.1"]) == 0
+    assert (
+        main([f"input={src}", f"output_dir={tmp_path / 'out'}", "train_ratio=0.7", "val_ratio=0.2", "test_ratio=0.1"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "100 of 100 rows kept" in printed and "train" in printed and "test" in printed
     assert len(read_split(tmp_path / "out", "val")) == 20
-    assert main([f"input={src}", f"output_dir={tmp_path / 'bad'}", "train_ratio=0.7", "val_ratio=0.2",
-                 "test_ratio=0.2"]) == 2
+    assert (
+        main([f"input={src}", f"output_dir={tmp_path / 'bad'}", "train_ratio=0.7", "val_ratio=0.2", "test_ratio=0.2"])
+        == 2
+    )
     assert not (tmp_path / "bad").exists()
 
 
 def test_python_m_entry_point(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", classification_rows(60))
-    proc = subprocess.run([sys.executable, "-m", "loralab.cli.prepare", f"input={src}", f"output_dir={tmp_path / 'o'}",
-                           "train_ratio=0.8", "val_ratio=0.1", "test_ratio=0.1"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loralab.cli.prepare",
+            f"input={src}",
+            f"output_dir={tmp_path / 'o'}",
+            "train_ratio=0.8",
+            "val_ratio=0.1",
+            "test_ratio=0.1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sum(len(read_split(tmp_path / "o", n)) for n in RATIOS) == 60

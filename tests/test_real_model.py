@@ -16,9 +16,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR
 from loralab.export import safe_extract
 from loralab.inference import predict_file
 from loralab.lifecycle import run as train
@@ -27,10 +27,14 @@ pytestmark = pytest.mark.slow
 
 NOUNS = ["meal", "service", "room", "movie", "trip", "product", "concert", "book"]
 ADJECTIVES = {  # train and val use different words: only the pretrained weights know they carry sentiment
-    "train": {"pos": ["great", "excellent", "wonderful", "lovely", "superb", "fantastic"],
-              "neg": ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing"]},
-    "val": {"pos": ["delightful", "amazing", "pleasant", "brilliant"],
-            "neg": ["bad", "unpleasant", "miserable", "disgusting"]},
+    "train": {
+        "pos": ["great", "excellent", "wonderful", "lovely", "superb", "fantastic"],
+        "neg": ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing"],
+    },
+    "val": {
+        "pos": ["delightful", "amazing", "pleasant", "brilliant"],
+        "neg": ["bad", "unpleasant", "miserable", "disgusting"],
+    },
 }
 
 
@@ -48,19 +52,36 @@ def reviews(path: Path, split: str, n: int, seed: int) -> Path:
     lines = ["id,label,review,noise"]
     for i in range(n):
         label = rng.choice(["pos", "neg"])
-        lines.append(f"{split}{i},{label},the {rng.choice(NOUNS)} was {rng.choice(ADJECTIVES[split][label])},"
-                     f"{rng.randint(1, 9)}")
+        lines.append(
+            f"{split}{i},{label},the {rng.choice(NOUNS)} was {rng.choice(ADJECTIVES[split][label])},{rng.randint(1, 9)}"
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def test_lora_on_minilm_beats_the_majority_class_on_unseen_words(minilm, tmp_path):
     train_file, val_file = reviews(tmp_path / "train.csv", "train", 160, 0), reviews(tmp_path / "val.csv", "val", 80, 1)
-    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "data.labels=[pos,neg]",
-                 "model=hf", f"model.path={minilm}", "model.name=minilm", "model.max_length=32", "lora=default",
-                 "optim.lr=2e-3", "optim.batch_size=16", "trainer.max_epochs=3", "trainer.gates=null",
-                 "baseline=none", "calibration=none", "export.zip=false", "hardware=cpu",
-                 f"paths.output_dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    overrides = [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        "data.labels=[pos,neg]",
+        "model=hf",
+        f"model.path={minilm}",
+        "model.name=minilm",
+        "model.max_length=32",
+        "lora=default",
+        "optim.lr=2e-3",
+        "optim.batch_size=16",
+        "trainer.max_epochs=3",
+        "trainer.gates=null",
+        "baseline=none",
+        "calibration=none",
+        "export.zip=false",
+        "hardware=cpu",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         train(compose("train", overrides=overrides))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

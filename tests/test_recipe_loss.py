@@ -9,29 +9,45 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_train
 from mlflow import MlflowClient
 from omegaconf import open_dict
 
-from conftest import compose_train
 from loralab.data.demo import write_demo
 from loralab.lifecycle import run
 
-PINNED = [0.67412156, 0.61682987, 0.53211308]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.5, seed 42)
+PINNED = [
+    0.67412156,
+    0.61682987,
+    0.53211308,
+]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.5, seed 42)
 
 
 @pytest.mark.slow
 def test_the_first_steps_of_the_shipped_recipe_keep_their_losses(tmp_path):
     train, val = write_demo(tmp_path / "data", n_train=96, n_val=32)
-    cfg = compose_train("pretrain=none", f"data.train_file={train}", f"data.val_file={val}", "data.cache_dir=null",
-                        "baseline=none", "export.zip=false", "quiet=true", "trainer.max_steps=3",
-                        "trainer.log_every_n_steps=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    cfg = compose_train(
+        "pretrain=none",
+        f"data.train_file={train}",
+        f"data.val_file={val}",
+        "data.cache_dir=null",
+        "baseline=none",
+        "export.zip=false",
+        "quiet=true",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    )
     assert (cfg.serialize._target_.endswith("Bins"), list(cfg.lora.target_modules)) == (
-        True, ["q_proj", "k_proj", "v_proj", "o_proj"])  # the shipped default is what this pins
+        True,
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )  # the shipped default is what this pins
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    losses = [m.value for m in sorted(client.get_metric_history(found.info.run_id, "step.train_loss"),
-                                      key=lambda m: m.step)]
+    losses = [
+        m.value for m in sorted(client.get_metric_history(found.info.run_id, "step.train_loss"), key=lambda m: m.step)
+    ]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED), rtol=1e-5, atol=1e-6)

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 
 import pytest
-
 from conftest import LABELS, row, write_jsonl
+
 from loralab.data.records import DataError, load_records
 from loralab.data.splits import build_splits
 
@@ -60,7 +60,10 @@ def test_report_counts_every_reason_bom_and_blank_lines(tmp_path):
     records, report = load_records(path, LABELS)
     assert [r.id for r in records] == ["ok"]
     assert report.as_dict() == {
-        "path": str(path), "rows_read": len(BAD) + 1, "rows_kept": 1, "rows_dropped": len(BAD),
+        "path": str(path),
+        "rows_read": len(BAD) + 1,
+        "rows_kept": 1,
+        "rows_dropped": len(BAD),
         "dropped_by_reason": dict(sorted(Counter(r for r, _ in BAD).items())),
         "first_line_by_reason": dict(sorted(first_line.items())),
     }
@@ -157,5 +160,6 @@ def test_leakage_drop_that_empties_train_is_a_clear_error(tmp_path):
     for name in ("train", "val"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="leakage=drop removed every training row"):
-        build_splits(str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), ["long", "short", "skip"],
-                     leakage="drop")
+        build_splits(
+            str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), ["long", "short", "skip"], leakage="drop"
+        )

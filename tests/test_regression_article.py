@@ -18,11 +18,11 @@ from sklearn.metrics import mean_absolute_error
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from loralab.config import ConfigError
-from loralab.tasks.text_model import load_text_model
-from loralab.tasks.text_regression import load_splits
 from loralab.data.articles import article_text, load_articles
 from loralab.data.regression_demo import DIMENSIONS, make_articles
 from loralab.lifecycle import run as train
+from loralab.tasks.text_model import load_text_model
+from loralab.tasks.text_regression import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,16 +30,31 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD_LINES = [
     ("invalid_json", '{"id": "bad-1", "title": '),
     ("missing_labels", json.dumps({"id": "bad-2", "title": "t", "content": "c", "dimension_names": DIMENSIONS})),
-    ("label_not_number", json.dumps({"id": "bad-3", "title": "t", "content": "c", "labels": ["high", 1, 2],
-                                     "dimension_names": DIMENSIONS})),
-    ("non_finite_value", '{"id": "bad-4", "title": "t", "content": "c", "labels": [NaN, 1, 2], '
-                         '"dimension_names": ["relevance", "sentiment", "urgency"]}'),
-    ("labels_length_mismatch", json.dumps({"id": "bad-5", "title": "t", "content": "c", "labels": [1, 2],
-                                           "dimension_names": DIMENSIONS})),
-    ("dimension_names_mismatch", json.dumps({"id": "bad-6", "title": "t", "content": "c", "labels": [1, 2, 3],
-                                             "dimension_names": ["a", "b", "c"]})),
-    ("missing_text", json.dumps({"id": "bad-7", "title": " ", "content": "", "labels": [1, 2, 3],
-                                 "dimension_names": DIMENSIONS})),
+    (
+        "label_not_number",
+        json.dumps(
+            {"id": "bad-3", "title": "t", "content": "c", "labels": ["high", 1, 2], "dimension_names": DIMENSIONS}
+        ),
+    ),
+    (
+        "non_finite_value",
+        '{"id": "bad-4", "title": "t", "content": "c", "labels": [NaN, 1, 2], '
+        '"dimension_names": ["relevance", "sentiment", "urgency"]}',
+    ),
+    (
+        "labels_length_mismatch",
+        json.dumps({"id": "bad-5", "title": "t", "content": "c", "labels": [1, 2], "dimension_names": DIMENSIONS}),
+    ),
+    (
+        "dimension_names_mismatch",
+        json.dumps(
+            {"id": "bad-6", "title": "t", "content": "c", "labels": [1, 2, 3], "dimension_names": ["a", "b", "c"]}
+        ),
+    ),
+    (
+        "missing_text",
+        json.dumps({"id": "bad-7", "title": " ", "content": "", "labels": [1, 2, 3], "dimension_names": DIMENSIONS}),
+    ),
     ("missing_id", json.dumps({"title": "t", "content": "c", "labels": [1, 2, 3], "dimension_names": DIMENSIONS})),
 ]
 
@@ -54,17 +69,30 @@ def articles(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("articles")
     train_rows, val_rows = make_articles(40, seed=1), make_articles(16, seed=2, start_id=1000)
     train = write_jsonl(out / "train.jsonl", [*train_rows, train_rows[0], *(line for _, line in BAD_LINES)])
-    return {"train": train, "val": write_jsonl(out / "val.jsonl", val_rows), "train_rows": train_rows,
-            "val_rows": val_rows}
+    return {
+        "train": train,
+        "val": write_jsonl(out / "val.jsonl", val_rows),
+        "train_rows": train_rows,
+        "val_rows": val_rows,
+    }
 
 
 def compose_article(data: dict, out_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=article_regression", "data.demo=false", f"data.train_file={data['train']}",
-            f"data.val_file={data['val']}", f"paths.output_dir={out_dir}", "model.tokenizer_vocab_size=300",
-            "hardware.torch_threads=1",
-            f"tracking.uri=sqlite:///{out_dir}/mlflow.db", *overrides])
+        return compose(
+            "train",
+            overrides=[
+                "experiment=article_regression",
+                "data.demo=false",
+                f"data.train_file={data['train']}",
+                f"data.val_file={data['val']}",
+                f"paths.output_dir={out_dir}",
+                "model.tokenizer_vocab_size=300",
+                "hardware.torch_threads=1",
+                f"tracking.uri=sqlite:///{out_dir}/mlflow.db",
+                *overrides,
+            ],
+        )
 
 
 def test_bad_rows_are_dropped_and_counted_by_reason(articles):
@@ -79,8 +107,17 @@ def test_bad_rows_are_dropped_and_counted_by_reason(articles):
 def test_val_carved_from_train_is_stratified_deterministic_and_disjoint(tmp_path):
     rows = make_articles(90, seed=3)
     path = write_jsonl(tmp_path / "all.jsonl", rows)
-    data = OmegaConf.create({"train_file": str(path), "val_file": None, "dimension_names": None, "val_split": 0.2,
-                             "score_tiers": 3, "leakage": "error", "max_row_bytes": 2**20})
+    data = OmegaConf.create(
+        {
+            "train_file": str(path),
+            "val_file": None,
+            "dimension_names": None,
+            "val_split": 0.2,
+            "score_tiers": 3,
+            "leakage": "error",
+            "max_row_bytes": 2**20,
+        }
+    )
     train_a, val_a, _, report = load_splits(data, seed=7)
     train_b, val_b, _, _ = load_splits(data, seed=7)
     assert [a.id for a in val_a] == [a.id for a in val_b] and len(val_a) == round(0.2 * len(rows))
@@ -102,8 +139,15 @@ def test_lora_wraps_the_regression_head(articles, tmp_path):
     train_rows, _, dims = load_articles(articles["train"], None)
     source = instantiate(cfg.model)
     tokenizer = source.load_tokenizer([article_text(a, cfg.data.template) for a in train_rows[:8]])
-    model = load_text_model(source, dims, tokenizer, hardware=cfg.hardware, lora=cfg.lora,
-                            device=torch.device("cpu"), problem_type="regression")
+    model = load_text_model(
+        source,
+        dims,
+        tokenizer,
+        hardware=cfg.hardware,
+        lora=cfg.lora,
+        device=torch.device("cpu"),
+        problem_type="regression",
+    )
     assert isinstance(model, PeftModel) and model.config.problem_type == "regression"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
@@ -149,8 +193,9 @@ def test_article_run_end_to_end(articles, tmp_path):
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name("article_regression").experiment_id])[0]
     assert run.info.status == "FINISHED"
-    keys = ["val_mae", "val_rmse", "train_loss", "val_loss"] + [f"val_{m}_{d}" for m in ("mae", "rmse")
-                                                                 for d in DIMENSIONS]
+    keys = ["val_mae", "val_rmse", "train_loss", "val_loss"] + [
+        f"val_{m}_{d}" for m in ("mae", "rmse") for d in DIMENSIONS
+    ]
     for key in keys:
         logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [m.value for m in logged] == pytest.approx([h[key] for h in history]), key

@@ -13,24 +13,24 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from sklearn.metrics import mean_squared_error
 from torch.utils.data import SequentialSampler
 
 from loralab.config import ConfigError
-from loralab.data.records import DataError
-from loralab.models import mlp as mlp_module
-from loralab.data.regression_demo import write_tabular_demo
-from loralab.data.hdf5 import H5Regression, read_schema
-from loralab.losses import SummedHeadMSE
 from loralab.core import loaders
 from loralab.core.loaders import TaskData
-from loralab.tasks.tabular_regression import CHECKPOINT
-from loralab.metrics import regression_metrics
-from loralab.models.mlp import MLPRegressor, load_best, save_best
+from loralab.data.hdf5 import H5Regression, read_schema
+from loralab.data.records import DataError
+from loralab.data.regression_demo import write_tabular_demo
 from loralab.lifecycle import run as train
+from loralab.losses import SummedHeadMSE
+from loralab.metrics import regression_metrics
+from loralab.models import mlp as mlp_module
+from loralab.models.mlp import MLPRegressor, load_best, save_best
+from loralab.tasks.tabular_regression import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT_KEYS = {"model_state_dict", "input_dim", "hidden_dim", "epoch", "val_loss"}
@@ -45,19 +45,31 @@ def mlflow_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tabular(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("tabular")
-    train_h5, val_h5, schema = write_tabular_demo(out / "train.h5", out / "val.h5", out / "feature_schema.txt",
-                                                  n_train=200, n_val=64)
+    train_h5, val_h5, schema = write_tabular_demo(
+        out / "train.h5", out / "val.h5", out / "feature_schema.txt", n_train=200, n_val=64
+    )
     return {"train": train_h5, "val": val_h5, "schema": schema, "dir": out}
 
 
-def compose_ms(data: dict[str, Path], out_dir: Path, *overrides: str, uri: str | None = None,
-               experiment: str = "marketsentinel"):
+def compose_ms(
+    data: dict[str, Path], out_dir: Path, *overrides: str, uri: str | None = None, experiment: str = "marketsentinel"
+):
     uri = uri or f"sqlite:///{out_dir}/mlflow.db"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=marketsentinel", "data.demo=false", f"data.train_file={data['train']}",
-            f"data.val_file={data['val']}", f"data.schema_file={data['schema']}", f"paths.output_dir={out_dir}",
-            f"tracking.uri={uri}", f"tracking.experiment={experiment}", *overrides])
+        return compose(
+            "train",
+            overrides=[
+                "experiment=marketsentinel",
+                "data.demo=false",
+                f"data.train_file={data['train']}",
+                f"data.val_file={data['val']}",
+                f"data.schema_file={data['schema']}",
+                f"paths.output_dir={out_dir}",
+                f"tracking.uri={uri}",
+                f"tracking.experiment={experiment}",
+                *overrides,
+            ],
+        )
 
 
 def make_loaders(train, val, schema, device="cpu"):
@@ -83,7 +95,11 @@ def test_experiment_composes_the_frozen_loop(tabular, tmp_path):
     assert cfg.model._target_.endswith("MLPRegressor") and cfg.model.hidden_dim == 128
     assert cfg.loss._target_.endswith("SummedHeadMSE")
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size) == (1e-3, 1e-4, 16)
-    assert (cfg.trainer.monitor, cfg.trainer.monitor_mode, cfg.trainer.early_stopping.patience) == ("val_loss", "min", 5)
+    assert (cfg.trainer.monitor, cfg.trainer.monitor_mode, cfg.trainer.early_stopping.patience) == (
+        "val_loss",
+        "min",
+        5,
+    )
     assert cfg.objective == "val_loss" and cfg.hardware.num_workers == 0
     # The command line still wins over the experiment; without an experiment the task stays classification.
     assert compose_ms(tabular, tmp_path, "optim.lr=5e-4").optim.lr == 5e-4
@@ -148,8 +164,8 @@ def test_metrics_per_head_agree_with_their_definitions():
     for i, name in enumerate("ab"):
         err = p[:, i] - y[:, i]
         assert m[f"val_mae_{name}"] == pytest.approx(np.abs(err).mean())
-        assert m[f"val_rmse_{name}"] == pytest.approx(np.sqrt((err ** 2).mean()))
-        assert m[f"val_r2_{name}"] == pytest.approx(1 - (err ** 2).sum() / ((y[:, i] - y[:, i].mean()) ** 2).sum())
+        assert m[f"val_rmse_{name}"] == pytest.approx(np.sqrt((err**2).mean()))
+        assert m[f"val_r2_{name}"] == pytest.approx(1 - (err**2).sum() / ((y[:, i] - y[:, i].mean()) ** 2).sum())
     assert m["val_mae"] == pytest.approx((m["val_mae_a"] + m["val_mae_b"]) / 2)
 
 
@@ -177,8 +193,15 @@ def test_best_checkpoint_is_weights_only_and_survives_a_failed_write(tmp_path, m
 def test_marketsentinel_run_end_to_end(tabular, tmp_path, mlflow_uri):
     out = tmp_path / "run"
     # min_delta larger than any change: epochs 2 and 3 cannot improve, so early stopping ends the run after epoch 3
-    cfg = compose_ms(tabular, out, "trainer.max_epochs=4", "trainer.early_stopping.patience=2",
-                     "trainer.early_stopping.min_delta=1e9", uri=mlflow_uri, experiment="ms-e2e")
+    cfg = compose_ms(
+        tabular,
+        out,
+        "trainer.max_epochs=4",
+        "trainer.early_stopping.patience=2",
+        "trainer.early_stopping.min_delta=1e9",
+        uri=mlflow_uri,
+        experiment="ms-e2e",
+    )
     objective = train(cfg)
 
     history = json.loads((out / "training_history.json").read_text())
@@ -241,9 +264,18 @@ def test_demo_files_are_deterministic(tmp_path):
 def test_train_py_cli(tabular, tmp_path):
     """The user's command: python train.py experiment=marketsentinel …, a real process with Hydra's run dir."""
     run_dir = tmp_path / "cli"
-    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=marketsentinel", f"hydra.run.dir={run_dir}",
-           f"tracking.uri=sqlite:///{run_dir}/mlflow.db", "data.demo=false", f"data.train_file={tabular['train']}",
-           f"data.val_file={tabular['val']}", f"data.schema_file={tabular['schema']}", "trainer.max_epochs=2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=marketsentinel",
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{run_dir}/mlflow.db",
+        "data.demo=false",
+        f"data.train_file={tabular['train']}",
+        f"data.val_file={tabular['val']}",
+        f"data.schema_file={tabular['schema']}",
+        "trainer.max_epochs=2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,18 +23,22 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from loralab.reporting import console, plots
 from loralab.baseline import build_estimator, feature_dicts, fit_baseline
 from loralab.data.demo import write_demo
 from loralab.data.splits import build_splits
 from loralab.metrics import classification_metrics, evaluate_gates
+from loralab.reporting import console, plots
 from loralab.reporting.report import render_report, write_reports
 from loralab.tracking.mlflow import MLflowTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["long", "short", "skip"]
-GATES = {"val_macro_f1": ">= 0.60", "val_f1_long": "> 0.99", "val_recall_short": ">= 0.0",
-         "val_f1_absent": "> 0.5"}  # pass, FAIL, pass, skipped
+GATES = {
+    "val_macro_f1": ">= 0.60",
+    "val_f1_long": "> 0.99",
+    "val_recall_short": ">= 0.0",
+    "val_f1_absent": "> 0.5",
+}  # pass, FAIL, pass, skipped
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +56,33 @@ def run_data(demo):
     history = []
     for epoch in (1, 2, 3):
         pred = np.where(rng.random(len(y)) < 0.3 * epoch, y, rng.integers(0, 3, len(y)))
-        history.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch + 0.05,
-                        **classification_metrics(y, pred, LABELS)["scalars"]})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0 / epoch,
+                "val_loss": 1.1 / epoch + 0.05,
+                **classification_metrics(y, pred, LABELS)["scalars"],
+            }
+        )
     report = classification_metrics(y, pred, LABELS)
     baseline = fit_baseline("logreg", demo.train_original, demo.val, LABELS, seed=0, threads=1)
-    metrics = {"best_epoch": 3, **report["scalars"], "val_loss": history[-1]["val_loss"],
-               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
-               "gates": evaluate_gates(report["scalars"], GATES), "baseline": baseline}
-    summary = run_result(objective=history[-1]["val_macro_f1"], best_epoch=3, epochs_run=3, history=history,
-                         wall_time_s=12.0, train_samples_per_s=100.0)
+    metrics = {
+        "best_epoch": 3,
+        **report["scalars"],
+        "val_loss": history[-1]["val_loss"],
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "gates": evaluate_gates(report["scalars"], GATES),
+        "baseline": baseline,
+    }
+    summary = run_result(
+        objective=history[-1]["val_macro_f1"],
+        best_epoch=3,
+        epochs_run=3,
+        history=history,
+        wall_time_s=12.0,
+        train_samples_per_s=100.0,
+    )
     return history, metrics, summary
 
 
@@ -73,8 +95,13 @@ def assert_png(path: Path) -> None:
 def test_each_plot_is_written_and_readable(tmp_path, run_data, demo):
     history, metrics, _ = run_data
     paths = plots.make_plots(tmp_path / "plots", history, metrics, demo.report["class_counts"], LABELS)
-    assert set(paths) == {"loss_curves", "f1_curves", "confusion_matrix", "class_distribution",
-                          "baseline_confusion_matrix"}
+    assert set(paths) == {
+        "loss_curves",
+        "f1_curves",
+        "confusion_matrix",
+        "class_distribution",
+        "baseline_confusion_matrix",
+    }
     for path in paths.values():
         assert path.parent == tmp_path / "plots"
         assert_png(path)
@@ -91,20 +118,25 @@ def test_baseline_equals_sklearn_fit_directly(demo):
     y_train = [LABELS.index(r.label) for r in demo.train_original]
     y_val = [LABELS.index(r.label) for r in demo.val]
     direct = {
-        "hgb": make_pipeline(DictVectorizer(sparse=False),
-                             HistGradientBoostingClassifier(class_weight="balanced", random_state=5)),
-        "logreg": make_pipeline(DictVectorizer(), StandardScaler(with_mean=False),
-                                LogisticRegression(class_weight="balanced", random_state=5)),
+        "hgb": make_pipeline(
+            DictVectorizer(sparse=False), HistGradientBoostingClassifier(class_weight="balanced", random_state=5)
+        ),
+        "logreg": make_pipeline(
+            DictVectorizer(),
+            StandardScaler(with_mean=False),
+            LogisticRegression(class_weight="balanced", random_state=5),
+        ),
     }
     for name, model in direct.items():
         with threadpool_limits(1):  # OpenMP spin-waiting on a busy host turns a 0.5 s fit into 15 s
-            pred = model.fit([r.features for r in demo.train_original], y_train).predict(
-                [r.features for r in demo.val])
-        result = fit_baseline(name, demo.train_original, demo.val, LABELS, seed=5,
-                              params={"class_weight": "balanced"}, threads=1)
+            pred = model.fit([r.features for r in demo.train_original], y_train).predict([r.features for r in demo.val])
+        result = fit_baseline(
+            name, demo.train_original, demo.val, LABELS, seed=5, params={"class_weight": "balanced"}, threads=1
+        )
         assert result["scalars"]["val_macro_f1"] == pytest.approx(f1_score(y_val, pred, average="macro"))
         assert [result["per_class"][lb]["f1"] for lb in LABELS] == pytest.approx(
-            f1_score(y_val, pred, average=None, labels=[0, 1, 2]).tolist())
+            f1_score(y_val, pred, average=None, labels=[0, 1, 2]).tolist()
+        )
         assert result["train_rows"] == len(demo.train_original)
 
 
@@ -161,8 +193,16 @@ def test_report_data_section_counts_dropped_rows(tmp_path, run_data):
     rows = [json.dumps({"id": i, "features": {"x": i}, "label": "long" if i % 2 else "skip"}) for i in range(8)]
     bad.write_text("\n".join(rows + ["{not json", json.dumps({"id": 99, "features": {"x": 1}, "label": "up"})]))
     splits = build_splits(str(bad), None, LABELS, val_split=0.25, seed=0)
-    text = render_report(metrics=metrics, data_report=splits.report, result=summary, plots={}, overrides=[],
-                         run_id=None, tracking_uri=None, run_dir=str(tmp_path))
+    text = render_report(
+        metrics=metrics,
+        data_report=splits.report,
+        result=summary,
+        plots={},
+        overrides=[],
+        run_id=None,
+        tracking_uri=None,
+        run_dir=str(tmp_path),
+    )
     assert f"| train_file | `{bad}` | 10 | 8 | 2 |" in text
     assert "| train_file | invalid_json | 1 | 9 |" in text and "| train_file | unknown_label | 1 | 10 |" in text
     assert "(none: defaults only)" in text
@@ -170,8 +210,14 @@ def test_report_data_section_counts_dropped_rows(tmp_path, run_data):
 
 def test_summary_table_shows_baseline_gates_and_mlflow(run_data):
     _, metrics, summary = run_data
-    full = dataclasses.replace(summary, metrics=metrics, run_dir="/runs/x", run_id="abc123",
-                               tracking_uri="sqlite:///m.db", artifacts=["/runs/x/report.md"])
+    full = dataclasses.replace(
+        summary,
+        metrics=metrics,
+        run_dir="/runs/x",
+        run_id="abc123",
+        tracking_uri="sqlite:///m.db",
+        artifacts=["/runs/x/report.md"],
+    )
     out = Console(record=True, width=200)
     console.print_summary(full, out)
     text = out.export_text()
@@ -200,9 +246,19 @@ def test_config_tree_marks_overrides():
 def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
     train, val = write_demo(tmp_path / "data", n_train=60, n_val=30)
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    cmd = [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={train}", f"data.val_file={val}",
-           "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", f"hydra.run.dir={run_dir}",
-           f"tracking.uri=sqlite:///{db}", "quiet=true", "baseline.threads=1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=jsonl",
+        f"data.train_file={train}",
+        f"data.val_file={val}",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{db}",
+        "quiet=true",
+        "baseline.threads=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -211,8 +267,9 @@ def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
     assert "](plots/confusion_matrix.png)" in (run_dir / "report.md").read_text()
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    run = MlflowClient(f"sqlite:///{db}").search_runs([MlflowClient(f"sqlite:///{db}")
-                                                       .get_experiment_by_name("loralab").experiment_id])[0]
+    run = MlflowClient(f"sqlite:///{db}").search_runs(
+        [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("loralab").experiment_id]
+    )[0]
     assert run.data.metrics["baseline.val_macro_f1"] == pytest.approx(metrics["baseline"]["scalars"]["val_macro_f1"])
     # Quiet: no config tree, no INFO logs; warnings may appear, the run itself is one line.
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and "[WARNING]" not in ln]

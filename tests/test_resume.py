@@ -14,12 +14,12 @@ import torch
 from conftest import optim_conf, trainer_conf
 from safetensors.torch import load_file
 
-from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, read_meta, save_train_state
-from loralab.fs import atomic_dir, recover
+from loralab.core.checkpoint import CheckpointError, Checkpoints, load_weights, read_meta, save_train_state
+from loralab.core.trainer import Fit, Trainer
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo, write_tabular_demo
-from loralab.core.trainer import Fit, Trainer
 from loralab.errors import NonFiniteLossError
+from loralab.fs import atomic_dir, recover
 from loralab.lifecycle import stop_on_signals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,12 @@ def test_sigkill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path):
     final = tmp_path / "ckpt"
     versions = set()
     for delay in (0.0, 0.05, 0.1, 0.2):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(final)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
         assert proc.stdout.readline() == "saved\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
@@ -82,8 +86,15 @@ def test_checkpoint_refuses_nan_weights_and_wrong_shapes(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    parts = dict(model=model, tokenizer=Tok(), optimizer=opt, scheduler=sched,
-                 scaler=torch.amp.GradScaler("cpu", enabled=False), loop_state={}, meta={})
+    parts = dict(
+        model=model,
+        tokenizer=Tok(),
+        optimizer=opt,
+        scheduler=sched,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loop_state={},
+        meta={},
+    )
     save_train_state(tmp_path / "ok", **parts)
     with pytest.raises(CheckpointError, match="shape|does not fit"):
         load_weights(tmp_path / "ok", torch.nn.Linear(4, 2))
@@ -95,8 +106,9 @@ def test_checkpoint_refuses_nan_weights_and_wrong_shapes(tmp_path):
 
 
 def tiny_trainer(max_epochs: int = 1, lr: float = 0.1) -> Trainer:
-    return Trainer(trainer_conf(max_epochs, patience=1), optim_conf(lr=lr), precision="fp32",
-                   device=torch.device("cpu"))
+    return Trainer(
+        trainer_conf(max_epochs, patience=1), optim_conf(lr=lr), precision="fp32", device=torch.device("cpu")
+    )
 
 
 def test_fit_stops_on_non_finite_loss(tmp_path):
@@ -115,13 +127,16 @@ def test_fit_stops_on_non_finite_loss(tmp_path):
     data = [{"x": torch.randn(2), "labels": torch.tensor(i % 2)} for i in range(40)]
     loader = DataLoader(data, batch_sampler=EpochBatchSampler([1] * 40, 4, 0, group_by_length=False))
     trainer = tiny_trainer()
-    trainer.setup(Fit(Model(), torch.nn.CrossEntropyLoss(), loader, loader, metric_fn=lambda y, p: {"acc": 0.0}),
-                  Checkpoints(tmp_path, keep=1, mode="max", meta={}))
+    trainer.setup(
+        Fit(Model(), torch.nn.CrossEntropyLoss(), loader, loader, metric_fn=lambda y, p: {"acc": 0.0}),
+        Checkpoints(tmp_path, keep=1, mode="max", meta={}),
+    )
     with pytest.raises(NonFiniteLossError):
         trainer.fit()
 
 
 # --- end to end through train.py ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -131,10 +146,19 @@ def data_dir(tmp_path_factory):
 
 
 def train_cmd(data_dir, run_dir, *extra):
-    return [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={data_dir}/train.jsonl",
-            f"data.val_file={data_dir}/val.jsonl", "trainer.max_epochs=3", "model.tokenizer_vocab_size=300",
-            "export.zip=false", f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
-            *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=jsonl",
+        f"data.train_file={data_dir}/train.jsonl",
+        f"data.val_file={data_dir}/val.jsonl",
+        "trainer.max_epochs=3",
+        "model.tokenizer_vocab_size=300",
+        "export.zip=false",
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        *extra,
+    ]
 
 
 def start_and_signal(cmd, run_dir, sig):
@@ -152,8 +176,10 @@ TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
 
 
 def history(run_dir):
-    return [{k: v for k, v in h.items() if k not in TIMINGS}
-            for h in json.loads((run_dir / "training_summary.json").read_text())["history"]]
+    return [
+        {k: v for k, v in h.items() if k not in TIMINGS}
+        for h in json.loads((run_dir / "training_summary.json").read_text())["history"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +193,9 @@ def assert_same_run(a, b):
     """Val metrics and weights identical. The logged train loss of an epoch interrupted mid-way is summed in a
     different grouping (the running sum is flushed at the interrupt), so it matches to float rounding only."""
     ha, hb = history(a), history(b)
-    assert [{k: v for k, v in h.items() if k != "train_loss"} for h in ha] == \
-        [{k: v for k, v in h.items() if k != "train_loss"} for h in hb]
+    assert [{k: v for k, v in h.items() if k != "train_loss"} for h in ha] == [
+        {k: v for k, v in h.items() if k != "train_loss"} for h in hb
+    ]
     assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-6)
     wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -176,17 +203,37 @@ def assert_same_run(a, b):
 
 def regression_cmd(task: str, data_dir: Path, run_dir: Path) -> list[str]:
     """``python train.py experiment=...`` for the two regression tasks, on small demo files in ``data_dir``."""
-    common = [f"hydra.run.dir={run_dir}", f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db", "data.demo=false",
-              "export.zip=false"]
+    common = [
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        "data.demo=false",
+        "export.zip=false",
+    ]
     if task == "tabular_regression":
         train, val, schema = write_tabular_demo(data_dir / "t.h5", data_dir / "v.h5", data_dir / "s.txt", 6000, 600)
-        return [sys.executable, str(ROOT / "train.py"), "experiment=marketsentinel", f"data.train_file={train}",
-                f"data.val_file={val}", f"data.schema_file={schema}", "trainer.max_epochs=12",
-                "trainer.early_stopping.patience=20", *common]
+        return [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=marketsentinel",
+            f"data.train_file={train}",
+            f"data.val_file={val}",
+            f"data.schema_file={schema}",
+            "trainer.max_epochs=12",
+            "trainer.early_stopping.patience=20",
+            *common,
+        ]
     train, val, _ = write_article_demo(data_dir, n_train=120, n_val=30)
-    return [sys.executable, str(ROOT / "train.py"), "experiment=article_regression", f"data.train_file={train}",
-            f"data.val_file={val}", "trainer.max_epochs=3", "model.tokenizer_vocab_size=300", "model.max_length=96",
-            *common]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=article_regression",
+        f"data.train_file={train}",
+        f"data.val_file={val}",
+        "trainer.max_epochs=3",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=96",
+        *common,
+    ]
 
 
 @pytest.mark.slow
@@ -265,8 +312,11 @@ def test_a_signal_asks_to_stop_and_a_second_ctrl_c_aborts_at_once(sig):
 
 def test_non_finite_training_fails_the_run_with_reason(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(train_cmd(data_dir, run_dir, "optim.lr=1e30", "optim.max_grad_norm=null",
-                                    "trainer.max_epochs=1"), capture_output=True, text=True)
+    proc = subprocess.run(
+        train_cmd(data_dir, run_dir, "optim.lr=1e30", "optim.max_grad_norm=null", "trainer.max_epochs=1"),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
@@ -278,8 +328,9 @@ def test_resume_from_another_runs_checkpoint_replays_it_exactly(data_dir, refere
     """resume=<path>: the other run's ranked epochs come along (the best one is reloaded at the end), and a
     checkpoint whose MLflow run is not in this store starts a new run instead of failing."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run(train_cmd(data_dir, run_dir, f"resume={reference}/checkpoints/epoch_001"),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        train_cmd(data_dir, run_dir, f"resume={reference}/checkpoints/epoch_001"), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_run(reference, run_dir)
     assert (run_dir / "checkpoints" / "epoch_001").is_dir()

@@ -21,10 +21,19 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def compose_run(tmp_path, name, *extra):
     train_file, val_file = write_demo(tmp_path / "data", n_train=32, n_val=16)
-    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "lora=default",
-                 "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=48",
-                 "optim.batch_size=8", f"paths.output_dir={tmp_path / name}",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+    overrides = [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        "lora=default",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=48",
+        "optim.batch_size=8",
+        f"paths.output_dir={tmp_path / name}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -40,10 +49,12 @@ def test_calibration_and_export_config(tmp_path):
     cfg = compose_run(tmp_path, "run", "calibration=none")
     assert cfg.calibration.method == "none" and cfg.calibration.n_bins == 15
     check(cfg)
-    for override, key in (("export.zip_parts=[merged]", "export.zip_parts"),
-                          ("export.zip_parts=[merged,loralab.json,weights]", "export.zip_parts"),
-                          ("calibration.method=platt", "calibration.method"),
-                          ("calibration.t_bounds=[2,5]", "calibration.t_bounds")):
+    for override, key in (
+        ("export.zip_parts=[merged]", "export.zip_parts"),
+        ("export.zip_parts=[merged,loralab.json,weights]", "export.zip_parts"),
+        ("calibration.method=platt", "calibration.method"),
+        ("calibration.t_bounds=[2,5]", "calibration.t_bounds"),
+    ):
         with pytest.raises(ConfigError, match=key):
             check(compose_run(tmp_path, "run", override))
 
@@ -54,8 +65,15 @@ def test_lora_run_calibrates_exports_and_tracks(tmp_path):
     train(cfg)
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("temperature", "val_nll", "val_ece", "val_brier", "val_nll_calibrated", "val_ece_calibrated",
-                "val_brier_calibrated"):
+    for key in (
+        "temperature",
+        "val_nll",
+        "val_ece",
+        "val_brier",
+        "val_nll_calibrated",
+        "val_ece_calibrated",
+        "val_brier_calibrated",
+    ):
         assert isinstance(metrics[key], float), key
     assert metrics["val_nll_calibrated"] <= metrics["val_nll"]  # T=1 is inside the search range
     assert (run_dir / "plots/reliability_diagram.png").is_file()

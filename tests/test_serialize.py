@@ -9,16 +9,16 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR
 from loralab.data.demo import write_demo
 from loralab.data.records import Record, load_records
 from loralab.data.serialize import (
     UNKNOWN,
+    Bins,
     Json,
     KeyValue,
-    Bins,
     load_serializer,
     serialize,
     serialize_records,
@@ -50,8 +50,12 @@ def test_kv_form():
 
 
 def fitted_bins(n_bins: int = 4) -> Bins:
-    train = records(*({"x": float(i), "dir": d, "ok": i % 2 == 0, "venue": v}
-                      for i, d, v in zip(range(100), [-1, 1] * 50, ["a", "b", "c", "d"] * 25)))
+    train = records(
+        *(
+            {"x": float(i), "dir": d, "ok": i % 2 == 0, "venue": v}
+            for i, d, v in zip(range(100), [-1, 1] * 50, ["a", "b", "c", "d"] * 25)
+        )
+    )
     return Bins(n_bins=n_bins).fit(train)
 
 
@@ -70,8 +74,10 @@ def test_tree_cuts_put_a_rules_threshold_on_a_bin_edge_fitted_on_the_labels_give
     feature unrelated to the label still gets ordered bins of at least a quantile bin's rows; the edges depend
     on the training labels."""
     xs = [float(i) for i in range(100)]
-    train = [Record(id=str(i), features={"x": x, "noise": float((i * 37) % 100)}, label="long" if x < 37 else "skip")
-             for i, x in enumerate(xs)]
+    train = [
+        Record(id=str(i), features={"x": x, "noise": float((i * 37) % 100)}, label="long" if x < 37 else "skip")
+        for i, x in enumerate(xs)
+    ]
     tree, quantile = (Bins(n_bins=4, cuts=c).fit(train) for c in ("tree", "quantile"))
     assert 36.5 in tree.features["x"]["edges"] and 36.5 not in quantile.features["x"]["edges"]
     assert len(tree.features["x"]["edges"]) <= 3  # at most n_bins bins
@@ -90,7 +96,9 @@ def test_bins_defined_meanings_for_missing_unseen_mistyped_and_out_of_range():
     # null and an absent key: unknown; a category never seen in training: unknown too
     assert bins({"x": None, "ok": True, "venue": "zz"}) == f"dir={UNKNOWN} ok=1 venue={UNKNOWN} x={UNKNOWN}"
     # another type than in training (a string number, a bool for a number, a number for a bool): unknown
-    assert bins({"x": "5", "dir": True, "ok": 1, "venue": 3}) == f"dir={UNKNOWN} ok={UNKNOWN} venue={UNKNOWN} x={UNKNOWN}"
+    assert (
+        bins({"x": "5", "dir": True, "ok": 1, "venue": 3}) == f"dir={UNKNOWN} ok={UNKNOWN} venue={UNKNOWN} x={UNKNOWN}"
+    )
     # beyond the training range: the end bins; a key not seen in training: left out
     assert bins({"x": -1e9, "dir": 5, "ok": False, "venue": "a", "new": 1}) == "dir=1 ok=0 venue=a x=0"
     assert bins({"x": 1e9, "dir": -5, "ok": False, "venue": "a"}) == "dir=0 ok=0 venue=a x=3"
@@ -110,10 +118,21 @@ def test_fitted_state_is_json_and_rebuilds_the_same_serializer():
 
 def compose_run(tmp_path, name, *extra):
     train_file, val_file = write_demo(tmp_path / "data", n_train=48, n_val=24)
-    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={val_file}", "trainer.max_epochs=1",
-                 "model.tokenizer_vocab_size=300", "model.max_length=96", "optim.batch_size=8", "baseline.threads=1",
-                 f"paths.output_dir={tmp_path / name}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 "data.cache_dir=null", "quiet=true", *extra]
+    overrides = [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=96",
+        "optim.batch_size=8",
+        "baseline.threads=1",
+        f"paths.output_dir={tmp_path / name}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "data.cache_dir=null",
+        "quiet=true",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -142,15 +161,20 @@ def test_each_serializer_round_trips_through_export_and_predict(tmp_path, kind):
     assert report["kind"] == kind
     # Predict/evaluate read the val file through the export: the same texts, so the same scores as in training.
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    scored = evaluate_file(run_dir / "model_final.zip", cfg.data.val_file, tmp_path / "val.metrics.json",
-                           prefix="val_", device="cpu")
+    scored = evaluate_file(
+        run_dir / "model_final.zip", cfg.data.val_file, tmp_path / "val.metrics.json", prefix="val_", device="cpu"
+    )
     assert scored["val_macro_f1"] == pytest.approx(metrics["val_macro_f1"])
     assert scored["val_nll"] == pytest.approx(metrics["val_nll"], rel=1e-4)
     # Rows with an unseen category and a missing feature are scored, not refused.
     odd = tmp_path / "odd.jsonl"
     first = val_rows[0].features
-    odd.write_text(json.dumps({"id": "unseen", "features": {**first, "session": "tokyo"}}) + "\n"
-                   + json.dumps({"id": "missing", "features": {k: v for k, v in first.items() if k != "atr"}}) + "\n")
+    odd.write_text(
+        json.dumps({"id": "unseen", "features": {**first, "session": "tokyo"}})
+        + "\n"
+        + json.dumps({"id": "missing", "features": {k: v for k, v in first.items() if k != "atr"}})
+        + "\n"
+    )
     stats = predict_file(run_dir / "model_final.zip", odd, tmp_path / "odd.pred.jsonl", device="cpu")
     assert stats["rows_kept"] == 2
     if kind == "bins":
@@ -160,12 +184,27 @@ def test_each_serializer_round_trips_through_export_and_predict(tmp_path, kind):
 
 @pytest.mark.slow
 def test_a_hundred_row_run_reaches_the_minimum_number_of_steps(tmp_path):
-    cfg = compose_run(tmp_path, "small", "trainer.max_epochs=auto", "trainer.min_steps=40", "optim.batch_size=16",
-                      "model.max_length=64", "serialize=bins", "trainer.early_stopping.patience_steps=1000",
-                      f"data.train_file={write_demo(tmp_path / 'd100', n_train=100, n_val=24)[0]}", "data.val_file=null")
+    cfg = compose_run(
+        tmp_path,
+        "small",
+        "trainer.max_epochs=auto",
+        "trainer.min_steps=40",
+        "optim.batch_size=16",
+        "model.max_length=64",
+        "serialize=bins",
+        "trainer.early_stopping.patience_steps=1000",
+        f"data.train_file={write_demo(tmp_path / 'd100', n_train=100, n_val=24)[0]}",
+        "data.val_file=null",
+    )
     train(cfg)
     summary = json.loads((tmp_path / "small" / "training_summary.json").read_text())
-    steps_per_epoch = -(-sum(json.loads((tmp_path / "small" / "data_report.json").read_text())
-                             ["class_counts"]["train_after_oversampling"].values()) // 16)
+    steps_per_epoch = -(
+        -sum(
+            json.loads((tmp_path / "small" / "data_report.json").read_text())["class_counts"][
+                "train_after_oversampling"
+            ].values()
+        )
+        // 16
+    )
     assert summary["max_epochs"] == -(-40 // steps_per_epoch) > 1  # epochs derived from the minimum steps
     assert summary["optimizer_steps"] >= 40 and summary["stop_reason"] == "max_epochs"

@@ -17,18 +17,18 @@ import pytest
 import torch
 from conftest import LABELS, ROOT, compose_train, optim_conf, run_result, trainer_conf, write_jsonl
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from loralab.config import check
 from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.sampler import EpochBatchSampler
 from loralab.core.trainer import Fit, Trainer
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo
-from loralab.config import check
 from loralab.errors import ConfigError
 from loralab.lifecycle import run
 from loralab.reporting.console import print_summary, run_line
@@ -70,16 +70,30 @@ class KilledAfterCheck(Checkpoints):
             raise Killed
 
 
-def fit(ckpt_dir, *, metric_fn=None, checkpoints=Checkpoints, resume=None, max_epochs=2, patience=100,
-        monitor=("val_loss", "min"), max_grad_norm=None, **knobs):
+def fit(
+    ckpt_dir,
+    *,
+    metric_fn=None,
+    checkpoints=Checkpoints,
+    resume=None,
+    max_epochs=2,
+    patience=100,
+    monitor=("val_loss", "min"),
+    max_grad_norm=None,
+    **knobs,
+):
     """Set up and fit a ``Trainer`` the way the lifecycle does; returns (trainer, state, on_step calls)."""
     torch.manual_seed(0)
     rows = data()
     loader = DataLoader(rows, batch_sampler=EpochBatchSampler([1] * ROWS, BATCH, 0, group_by_length=False))
     val = DataLoader(rows[:30], batch_size=8)
-    trainer = Trainer(trainer_conf(max_epochs, monitor=monitor[0], mode=monitor[1], patience=patience, **knobs),
-                      optim_conf("torch.optim.AdamW", lr=0.05, scheduler="linear", max_grad_norm=max_grad_norm),
-                      precision="fp32", device=torch.device("cpu"), progress=False)
+    trainer = Trainer(
+        trainer_conf(max_epochs, monitor=monitor[0], mode=monitor[1], patience=patience, **knobs),
+        optim_conf("torch.optim.AdamW", lr=0.05, scheduler="linear", max_grad_norm=max_grad_norm),
+        precision="fp32",
+        device=torch.device("cpu"),
+        progress=False,
+    )
     ckpts = checkpoints(ckpt_dir, keep=2, mode=monitor[1], meta={}, resume_from=resume)
     trainer.setup(Fit(Net(), nn.CrossEntropyLoss(), loader, val, metric_fn or (lambda y, p: {})), ckpts)
     calls: list[tuple[int, dict[str, float]]] = []
@@ -135,7 +149,10 @@ def test_val_checks_change_nothing_that_is_trained(tmp_path):
     assert [c["step"] for c in checked_state.checks] == [4, 8, 12, 16, 20, 24, 28]
     a, b = weights(plain.core), weights(checked.core)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda hs: [{k: v for k, v in h.items() if k != "train_loss"} for h in untimed(hs)]
+
+    def strip(hs):
+        return [{k: v for k, v in h.items() if k != "train_loss"} for h in untimed(hs)]
+
     assert strip(plain_state.history) == strip(checked_state.history)
 
 
@@ -143,8 +160,14 @@ def test_early_stopping_and_ranking_at_val_checks(tmp_path):
     """Patience counts evaluations; the best evaluation is a val check, ranked, checkpointed and reloaded."""
     scores = iter([0.5, 0.6, 0.55, 0.58, 0.9])
 
-    trainer, state, _ = fit(tmp_path, metric_fn=lambda y, p: {"score": next(scores)}, monitor=("score", "max"),
-                            patience=2, val_check_interval=5, max_epochs=3)
+    trainer, state, _ = fit(
+        tmp_path,
+        metric_fn=lambda y, p: {"score": next(scores)},
+        monitor=("score", "max"),
+        patience=2,
+        val_check_interval=5,
+        max_epochs=3,
+    )
     # evaluations: step 5 (0.5), 10 (0.6, best), 15 = epoch 1 end (0.55), 20 (0.58: second miss, stop)
     assert state.step == 20 and state.stop_reason == "early_stopping: no score improvement for 2 evaluations"
     assert state.best_step == 10 and state.best_epoch == 1 and state.best["score"] == 0.6
@@ -161,12 +184,15 @@ def test_resume_after_a_kill_that_follows_a_val_check_equals_the_uninterrupted_r
     `last`: same evaluations, same best, bit-identical weights — with dropout drawing from the RNG."""
     ref, ref_state, _ = fit(tmp_path / "ref", val_check_interval=4, max_epochs=3)
     with pytest.raises(Killed):
-        fit(tmp_path / "run", val_check_interval=4, max_epochs=3, 
-            checkpoints=functools.partial(KilledAfterCheck, kill_at=20))
+        fit(
+            tmp_path / "run",
+            val_check_interval=4,
+            max_epochs=3,
+            checkpoints=functools.partial(KilledAfterCheck, kill_at=20),
+        )
     assert read_meta(tmp_path / "run" / "last")["loop"]["step"] == 20
     torch.manual_seed(123)  # whatever the RNG is now, resume restores the checkpoint's
-    resumed, state, calls = fit(tmp_path / "run", val_check_interval=4, max_epochs=3,
-                                resume=tmp_path / "run" / "last")
+    resumed, state, calls = fit(tmp_path / "run", val_check_interval=4, max_epochs=3, resume=tmp_path / "run" / "last")
     assert calls[0][0] == 24  # the check at step 20 is not repeated
     assert untimed(state.history) == untimed(ref_state.history)
     assert untimed(state.checks) == untimed(ref_state.checks)
@@ -178,6 +204,7 @@ def test_resume_after_a_kill_that_follows_a_val_check_equals_the_uninterrupted_r
 
 # --- through the lifecycle, into a real MLflow store --------------------------------------------------------------
 
+
 def adversarial_test_file(path, tiny_data):
     """Val rows with every label rotated, a few train rows with theirs rotated (ids shared with train) and a broken
     line: whatever leaked from it into training, calibration or model choice would move the numbers."""
@@ -188,11 +215,21 @@ def adversarial_test_file(path, tiny_data):
 
 
 def run_in_process(run_dir, *overrides):
-    cfg = compose_train("data=jsonl", "data.cache_dir=null", "model.tokenizer_vocab_size=300", "export.zip=false",
-                        "baseline=none", "quiet=true", "trainer.max_epochs=2", "trainer.log_every_n_steps=3",
-                        "trainer.val_check_interval=4", "trainer.max_steps=12",
-                        "trainer.early_stopping.patience=100",  # these runs end at max_steps, whatever they learn
-                        f"tracking.uri=sqlite:///{run_dir}/mlflow.db", *overrides)
+    cfg = compose_train(
+        "data=jsonl",
+        "data.cache_dir=null",
+        "model.tokenizer_vocab_size=300",
+        "export.zip=false",
+        "baseline=none",
+        "quiet=true",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=3",
+        "trainer.val_check_interval=4",
+        "trainer.max_steps=12",
+        "trainer.early_stopping.patience=100",  # these runs end at max_steps, whatever they learn
+        f"tracking.uri=sqlite:///{run_dir}/mlflow.db",
+        *overrides,
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     run(cfg)
@@ -214,8 +251,12 @@ def with_test(tmp_path_factory, data_args, test_file):
     """A run with step logging, val checks, max_steps, an adversarial test file and MLflow system metrics."""
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"  # MLflow's own knob; the default is 10 s
     try:
-        return run_in_process(tmp_path_factory.mktemp("with_test"), *data_args, f"data.test_file={test_file}",
-                              "tracking.system_metrics=true")
+        return run_in_process(
+            tmp_path_factory.mktemp("with_test"),
+            *data_args,
+            f"data.test_file={test_file}",
+            "tracking.system_metrics=true",
+        )
     finally:
         del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
 
@@ -234,7 +275,10 @@ def test_step_metrics_reach_mlflow_at_optimizer_steps(with_test):
     run_dir = with_test
     client, mlrun = only_run(run_dir)
     summary = read_json(run_dir / "training_summary.json")
-    steps = lambda key: [m.step for m in client.get_metric_history(mlrun.info.run_id, key)]
+
+    def steps(key):
+        return [m.step for m in client.get_metric_history(mlrun.info.run_id, key)]
+
     assert summary["optimizer_steps"] == 12 and mlrun.data.tags["stop_reason"] == "max_steps: 12 optimizer steps"
     for key in ("step.train_loss", "step.lr", "step.grad_norm", "step.samples_per_s"):
         assert steps(key) == [3, 6, 9, 12], key
@@ -251,7 +295,8 @@ def test_the_test_split_is_scored_once_and_reported_everywhere(with_test, test_f
     metrics, data_report = read_json(run_dir / "metrics.json"), read_json(run_dir / "data_report.json")
     rows = len(test_file.read_text().splitlines()) - 1  # one broken line dropped, by the training reader
     assert data_report["test_file"]["rows_kept"] == rows and data_report["test_file"]["dropped_by_reason"] == {
-        "invalid_json": 1}
+        "invalid_json": 1
+    }
     assert data_report["test_file"]["ids_in_train"] == 5 and data_report["test_file"]["ids_in_val"] == 0
     assert metrics["test"]["rows"] == rows and metrics["test"]["temperature"] == metrics["temperature"]
     assert sum(map(sum, metrics["test"]["confusion_matrix"]["matrix"])) == rows
@@ -259,9 +304,13 @@ def test_the_test_split_is_scored_once_and_reported_everywhere(with_test, test_f
         assert 0 <= metrics[key] < 10, key
     _, mlrun = only_run(run_dir)
     logged = {k: v for k, v in mlrun.data.metrics.items() if k.startswith(("test_", "calibrated.test_"))}
-    assert logged == pytest.approx({  # MLflow names: the calibrated ones under calibrated.* (docs/mlflow.md)
-        f"calibrated.{k.removesuffix('_calibrated')}" if k.endswith("_calibrated") else k: v
-        for k, v in metrics.items() if k.startswith("test_")})
+    assert logged == pytest.approx(
+        {  # MLflow names: the calibrated ones under calibrated.* (docs/mlflow.md)
+            f"calibrated.{k.removesuffix('_calibrated')}" if k.endswith("_calibrated") else k: v
+            for k, v in metrics.items()
+            if k.startswith("test_")
+        }
+    )
     contexts = {tag.value for d in mlrun.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"}
     assert contexts == {"train", "val", "test"}
     report = (run_dir / "report.md").read_text()
@@ -279,7 +328,9 @@ def test_the_test_split_never_influences_training_calibration_or_choice(with_tes
     assert (a["best_epoch"], a["best_step"], a["objective"]) == (b["best_epoch"], b["best_step"], b["objective"])
     ma, mb = (read_json(d / "metrics.json") for d in (with_test, without))
     assert ma["temperature"] == mb["temperature"]
-    assert {k: v for k, v in ma.items() if k.startswith("val_")} == {k: v for k, v in mb.items() if k.startswith("val_")}
+    assert {k: v for k, v in ma.items() if k.startswith("val_")} == {
+        k: v for k, v in mb.items() if k.startswith("val_")
+    }
     assert not any(k.startswith("test") for k in mb)
     files = sorted(p.relative_to(with_test) for p in (with_test / "checkpoint_best").rglob("*.safetensors"))
     assert files  # the adapter (LoRA) or the whole model (full fine-tuning)
@@ -289,9 +340,16 @@ def test_the_test_split_never_influences_training_calibration_or_choice(with_tes
 
 
 def test_console_summary_shows_the_test_column_and_where_the_best_evaluation_was():
-    summary = run_result(best_epoch=2, best_step=20, epochs_run=1, stop_reason="max_steps: 25 optimizer steps",
-                         history=[{"epoch": 1, "step": 15}], objective_key="val_macro_f1", objective=0.5,
-                         metrics={"val_macro_f1": 0.5, "test_macro_f1": 0.25, "test": {"rows": 7}, "gates": {}})
+    summary = run_result(
+        best_epoch=2,
+        best_step=20,
+        epochs_run=1,
+        stop_reason="max_steps: 25 optimizer steps",
+        history=[{"epoch": 1, "step": 15}],
+        objective_key="val_macro_f1",
+        objective=0.5,
+        metrics={"val_macro_f1": 0.5, "test_macro_f1": 0.25, "test": {"rows": 7}, "gates": {}},
+    )
     console = Console(width=200, record=True)
     print_summary(summary, console)
     text = " ".join(console.export_text().split())  # the title wraps at the table's width
@@ -302,12 +360,25 @@ def test_console_summary_shows_the_test_column_and_where_the_best_evaluation_was
 
 def train_py(data_dir, run_dir, *extra):
     """``python train.py`` with LoRA (its dropout draws from the RNG) and a val check every 6 steps."""
-    return [sys.executable, str(ROOT / "train.py"), "data=jsonl", f"data.train_file={data_dir}/train.jsonl",
-            f"data.val_file={data_dir}/val.jsonl", "data.cache_dir=null", "model.tokenizer_vocab_size=300",
-            "lora=default", "trainer.max_epochs=2", "trainer.val_check_interval=6", "trainer.max_steps=22",
-            "trainer.early_stopping.patience=100",  # it ends at max_steps, whatever it learns
-            "baseline=none", "export.zip=false", f"hydra.run.dir={run_dir}",
-            f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=jsonl",
+        f"data.train_file={data_dir}/train.jsonl",
+        f"data.val_file={data_dir}/val.jsonl",
+        "data.cache_dir=null",
+        "model.tokenizer_vocab_size=300",
+        "lora=default",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=6",
+        "trainer.max_steps=22",
+        "trainer.early_stopping.patience=100",  # it ends at max_steps, whatever it learns
+        "baseline=none",
+        "export.zip=false",
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -316,8 +387,9 @@ def test_sigkill_after_a_val_check_then_resume_auto_equals_the_uninterrupted_run
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORALAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     reference, run_dir = tmp_path / "ref" / "run", tmp_path / "killed" / "run"
     subprocess.run(train_py(tmp_path / "data", reference), check=True, capture_output=True, env=env)
-    proc = subprocess.Popen(train_py(tmp_path / "data", run_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        train_py(tmp_path / "data", run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     last = run_dir / "checkpoints" / "last" / "trainer_state.pt"
     while not last.exists() and proc.poll() is None:  # the first `last` is the first val check's (step 6)
         time.sleep(0.05)
@@ -340,12 +412,24 @@ def test_sigkill_after_a_val_check_then_resume_auto_equals_the_uninterrupted_run
 def test_article_regression_scores_its_test_split_once(tmp_path):
     """The text regression task takes ``data.test_file`` too: ``test_*`` next to ``best.val_*``."""
     train, val, _ = write_article_demo(tmp_path / "data", n_train=48, n_val=16)
-    test = write_jsonl(tmp_path / "test.jsonl", [{**json.loads(line), "id": f"t-{i}"}
-                                                  for i, line in enumerate(val.read_text().splitlines())])
-    cfg = compose_train("experiment=article_regression", "data.demo=false", f"data.train_file={train}",
-                        f"data.val_file={val}", f"data.test_file={test}", "model.tokenizer_vocab_size=300",
-                        "model.max_length=64", "trainer.max_epochs=1", "trainer.max_steps=2", "export.zip=false",
-                        "quiet=true", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    test = write_jsonl(
+        tmp_path / "test.jsonl",
+        [{**json.loads(line), "id": f"t-{i}"} for i, line in enumerate(val.read_text().splitlines())],
+    )
+    cfg = compose_train(
+        "experiment=article_regression",
+        "data.demo=false",
+        f"data.train_file={train}",
+        f"data.val_file={val}",
+        f"data.test_file={test}",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=64",
+        "trainer.max_epochs=1",
+        "trainer.max_steps=2",
+        "export.zip=false",
+        "quiet=true",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     run(cfg)
@@ -360,12 +444,15 @@ def test_article_regression_scores_its_test_split_once(tmp_path):
     assert read_json(tmp_path / "run" / "training_metadata.json")["data"]["test_file"]["ids_in_val"] == 0
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be >= 1 or null"),
-    ("trainer.max_steps=-5", "trainer.max_steps=-5: must be >= 1 or null"),
-    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: must be >= 1 or null"),
-    ("data.test_file=/no/such/test.jsonl", "data.test_file='/no/such/test.jsonl': file not found"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be >= 1 or null"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5: must be >= 1 or null"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: must be >= 1 or null"),
+        ("data.test_file=/no/such/test.jsonl", "data.test_file='/no/such/test.jsonl': file not found"),
+    ],
+)
 def test_bad_step_and_test_split_values_fail_in_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         check(compose_train(override))

@@ -26,10 +26,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from loralab.cli.compare import main as compare_main
-from loralab.reporting import compare
 from loralab.data.demo import write_demo
-from loralab.tracking.sweep import close_orphans, get_or_create_parent, read_parent
+from loralab.reporting import compare
 from loralab.tracking.mlflow import MLflowTracker
+from loralab.tracking.sweep import close_orphans, get_or_create_parent, read_parent
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -51,10 +51,19 @@ def store(tmp_path_factory) -> str:
 
 
 def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool = True) -> subprocess.CompletedProcess:
-    base = ["data=jsonl", f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'val.jsonl'}",
-            "trainer.max_epochs=1", "model.tokenizer_vocab_size=300", "model.max_length=64", "export.zip=false",
-            f"hydra.sweep.dir={tmp / 'multirun'}", f"hydra.run.dir={tmp / 'run'}",
-            f"tracking.uri={uri}", f"tracking.experiment={tmp.name}"]
+    base = [
+        "data=jsonl",
+        f"data.train_file={data / 'train.jsonl'}",
+        f"data.val_file={data / 'val.jsonl'}",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=64",
+        "export.zip=false",
+        f"hydra.sweep.dir={tmp / 'multirun'}",
+        f"hydra.run.dir={tmp / 'run'}",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={tmp.name}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, str(REPO / "train.py"), *(["-m"] if multirun else []), *base, *overrides]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
@@ -75,10 +84,19 @@ def summary_csv(client: MlflowClient, parent_id: str, tmp: Path) -> list[dict[st
 
 # --- the sweeps (subprocess, tiny model) ---------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, demo_files, store):
-    proc = run_train(tmp_path, demo_files, store, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
-                     "lora=default", "loss.gamma=1.0,2.0", "lora.r=4,8")
+    proc = run_train(
+        tmp_path,
+        demo_files,
+        store,
+        "hydra/launcher=local_parallel",
+        "hydra.launcher.n_jobs=2",
+        "lora=default",
+        "loss.gamma=1.0,2.0",
+        "lora.r=4,8",
+    )
     client, parent_id, children = sweep_result(tmp_path, proc)
     assert "database is locked" not in proc.stdout + proc.stderr
 
@@ -86,8 +104,9 @@ def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, dem
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["hydra.launcher"].endswith("JoblibLauncher")
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
-    assert sorted((c.data.params["loss.gamma"], c.data.params["lora.r"]) for c in children) == \
-        sorted(product(["1.0", "2.0"], ["4", "8"]))
+    assert sorted((c.data.params["loss.gamma"], c.data.params["lora.r"]) for c in children) == sorted(
+        product(["1.0", "2.0"], ["4", "8"])
+    )
     assert sorted(c.data.tags["hydra.job.num"] for c in children) == ["0", "1", "2", "3"]
     assert {c.info.run_name for c in children} == {f"gamma={g} r={r}" for g, r in product(["1.0", "2.0"], [4, 8])}
     assert parent.info.run_name == "gamma×r sweep, 4 jobs"
@@ -99,8 +118,9 @@ def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, dem
     assert launched._target_.endswith("JoblibLauncher") and launched.n_jobs == 2
 
     artifacts = {a.path for a in client.list_artifacts(parent_id, "summary")}
-    assert artifacts == {f"summary/sweep_summary.{ext}" for ext in ("csv", "md")} | \
-        {"summary/sweep_summary_heatmap.png"}
+    assert artifacts == {f"summary/sweep_summary.{ext}" for ext in ("csv", "md")} | {
+        "summary/sweep_summary_heatmap.png"
+    }
     rows = summary_csv(client, parent_id, tmp_path)
     best = {c.info.run_id: c.data.metrics["best.val_macro_f1"] for c in children}
     assert {r["run_id"]: float(r["objective"]) for r in rows} == pytest.approx(best)
@@ -170,6 +190,7 @@ def test_single_run_with_a_bad_value_still_exits_non_zero(tmp_path, demo_files, 
 
 # --- parent-run plumbing and the summary (real SQLite MLflow, no training) -----------------------------------------
 
+
 def _parent_id(args):
     return get_or_create_parent(*args)
 
@@ -183,12 +204,22 @@ def test_parallel_processes_create_one_parent(tmp_path, store):
     assert [r.info.run_id for r in runs] == ids[:1]
 
 
-def _child(uri: str, exp: str, parent: str, job: int, overrides: list[str], objective: float | None,
-           status: str, **beside: float) -> str:
+def _child(
+    uri: str,
+    exp: str,
+    parent: str,
+    job: int,
+    overrides: list[str],
+    objective: float | None,
+    status: str,
+    **beside: float,
+) -> str:
     tracker = MLflowTracker(uri, exp)
-    tracker.start({"objective": "val_macro_f1", "trainer": {"monitor_mode": "max"}},
-                  tags={"hydra.job.num": str(job), compare.OVERRIDES_TAG: json.dumps(overrides)},
-                  parent_run_id=parent)
+    tracker.start(
+        {"objective": "val_macro_f1", "trainer": {"monitor_mode": "max"}},
+        tags={"hydra.job.num": str(job), compare.OVERRIDES_TAG: json.dumps(overrides)},
+        parent_run_id=parent,
+    )
     if objective is not None:
         tracker.log_metrics({"best.val_macro_f1": objective, "best.val_f1_long": objective / 2, **beside})
     if status != "RUNNING":
@@ -202,8 +233,16 @@ def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path
     values = {(1.0, 4): 0.5, (1.0, 8): 0.7, (2.0, 4): 0.6}
     for job, ((gamma, r), f1) in enumerate(values.items()):
         blended = {"ensemble.blend.oof_macro_f1": 0.8, "ensemble.weight": 0.3} if job == 1 else {}
-        _child(store, exp, parent, job, ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"], f1, "FINISHED",
-               **{"baseline.val_macro_f1": 0.65, **blended})
+        _child(
+            store,
+            exp,
+            parent,
+            job,
+            ["lora=default", f"loss.gamma={gamma}", f"lora.r={r}"],
+            f1,
+            "FINISHED",
+            **{"baseline.val_macro_f1": 0.65, **blended},
+        )
     orphan = _child(store, exp, parent, 3, ["lora=default", "loss.gamma=2.0", "lora.r=8"], None, "RUNNING")
     client = MlflowClient(store)
 
@@ -225,6 +264,7 @@ def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path
 
 
 # --- configs compose (compose API) ---------------------------------------------------------------------------------
+
 
 def _compose(*overrides: str):
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -255,13 +295,15 @@ def test_optuna_sweep_config():
     assert set(s.params) == {"loss.gamma", "optim.lr"}
 
 
-@pytest.mark.parametrize("launcher, keys, target", [
-    ("local_parallel", {"n_jobs": 3}, "JoblibLauncher"),
-    ("slurm", {"partition": "gpu", "gpus_per_node": 2, "timeout_min": 30}, "SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    "launcher, keys, target",
+    [
+        ("local_parallel", {"n_jobs": 3}, "JoblibLauncher"),
+        ("slurm", {"partition": "gpu", "gpus_per_node": 2, "timeout_min": 30}, "SlurmLauncher"),
+    ],
+)
 def test_launcher_configs_compose_with_sweeps(launcher, keys, target):
-    cfg = _compose(f"hydra/launcher={launcher}", "sweep=optuna",
-                   *(f"hydra.launcher.{k}={v}" for k, v in keys.items()))
+    cfg = _compose(f"hydra/launcher={launcher}", "sweep=optuna", *(f"hydra.launcher.{k}={v}" for k, v in keys.items()))
     assert cfg.hydra.launcher._target_.endswith(target)
     assert {k: cfg.hydra.launcher[k] for k in keys} == keys
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, write_table
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR, write_table
 from loralab.cli.evaluate import main as evaluate_main
 from loralab.cli.predict import main as predict_main
 from loralab.data.demo import make_rows
@@ -45,11 +45,23 @@ def table_run(tmp_path_factory):
     write_table(tmp / "val.parquet", val_rows)
     write_table(tmp / "test.csv", test_rows, "row_id", "target")
     write_table(tmp / "test.parquet", [{k: v for k, v in r.items() if k != "target"} for r in test_rows])
-    overrides = ["data=jsonl", f"data.train_file={train_file}", f"data.val_file={tmp / 'val.parquet'}",
-                 "data.id_column=row_id", "data.label_column=target", "data.labels=[up,down,flat]",
-                 "data.allow_null=true", "trainer.max_epochs=1", "model.tokenizer_vocab_size=300",
-                 "model.max_length=128", "optim.batch_size=8", f"paths.output_dir={tmp / 'run'}",
-                 f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "export.zip=false", "hardware=cpu"]
+    overrides = [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={tmp / 'val.parquet'}",
+        "data.id_column=row_id",
+        "data.label_column=target",
+        "data.labels=[up,down,flat]",
+        "data.allow_null=true",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=128",
+        "optim.batch_size=8",
+        f"paths.output_dir={tmp / 'run'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "export.zip=false",
+        "hardware=cpu",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     train(cfg)
@@ -59,8 +71,12 @@ def table_run(tmp_path_factory):
 def test_training_reads_both_formats_and_counts_bad_rows(table_run):
     tmp, _ = table_run
     report = json.loads((tmp / "run" / "data_report.json").read_text())
-    assert report["train_file"]["dropped_by_reason"] == {"missing_id": 1, "non_finite_value": 1,
-                                                         "unknown_label": 1, "wrong_column_count": 1}
+    assert report["train_file"]["dropped_by_reason"] == {
+        "missing_id": 1,
+        "non_finite_value": 1,
+        "unknown_label": 1,
+        "wrong_column_count": 1,
+    }
     assert report["train_file"]["rows_kept"] == 48 and report["val_file"]["rows_kept"] == 24
     assert report["labels"] == ["up", "down", "flat"]
     meta = json.loads((tmp / "run" / "loralab.json").read_text())
@@ -77,12 +93,25 @@ def test_predict_on_parquet_and_evaluate_on_csv(table_run, capsys):
     assert metrics["input"]["rows_kept"] == 20 and Path(metrics["output"]) == tmp / "test.metrics.json"
     # the same file as CSV scores the same: one reader, one serialization
     predict_file(tmp / "run", tmp / "test.csv", tmp / "pred_csv.jsonl", device="cpu")
-    assert [json.loads(line)["probs"] for line in (tmp / "pred_csv.jsonl").read_text().splitlines()] == \
-        [s["probs"] for s in scored]
+    assert [json.loads(line)["probs"] for line in (tmp / "pred_csv.jsonl").read_text().splitlines()] == [
+        s["probs"] for s in scored
+    ]
     # the command lines: columns named explicitly, and a format that is not the extension's
     (tmp / "test_csv.txt").write_bytes((tmp / "test.csv").read_bytes())
-    assert predict_main([f"model={tmp / 'run'}", f"input={tmp / 'test_csv.txt'}", f"output={tmp / 'p.jsonl'}",
-                         "format=csv", "id_column=row_id", "label_column=target", "device=cpu"]) == 0
+    assert (
+        predict_main(
+            [
+                f"model={tmp / 'run'}",
+                f"input={tmp / 'test_csv.txt'}",
+                f"output={tmp / 'p.jsonl'}",
+                "format=csv",
+                "id_column=row_id",
+                "label_column=target",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     assert "scored 20 of 20 rows" in capsys.readouterr().out
     assert evaluate_main([f"model={tmp / 'run'}", f"input={tmp / 'test.csv'}", "id_column=nope", "device=cpu"]) == 2
     assert "no id column 'nope'" in capsys.readouterr().err

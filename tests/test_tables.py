@@ -10,8 +10,8 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import LABELS, write_table
+
 from loralab.data.prepare import PrepareConfig, prepare
 from loralab.data.records import DataError, RowFormat, load_records
 from loralab.data.splits import build_splits
@@ -51,7 +51,9 @@ def test_nulls_allowed_string_features_and_custom_columns(tmp_path, fmt):
     path = write_table(tmp_path / f"d.{fmt}", rows, id_column="key", label_column="y")
     records, report = load_records(path, ["0", "1"], allow_null=True, fmt=RowFormat("auto", "key", "y"))
     assert [(r.id, r.label, r.features) for r in records] == [
-        ("r1", "1", {"x": None, "city": "Oslo"}), ("r2", "0", {"x": 2, "city": "NA"})]
+        ("r1", "1", {"x": None, "city": "Oslo"}),
+        ("r2", "0", {"x": 2, "city": "NA"}),
+    ]
     assert not report.dropped
 
 
@@ -72,8 +74,9 @@ def test_non_ascii_column_name_drops_every_row_as_in_jsonl(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_leakage_and_split_assembly_work_on_tables(tmp_path, fmt):
     train = write_table(tmp_path / f"train.{fmt}", [{"id": f"t{i}", "label": LABELS[i % 3], "x": i} for i in range(9)])
-    val = write_table(tmp_path / f"val.{fmt}", [{"id": "t4", "label": "short", "x": 0}, {"id": "v", "label": "skip",
-                                                                                        "x": 1}])
+    val = write_table(
+        tmp_path / f"val.{fmt}", [{"id": "t4", "label": "short", "x": 0}, {"id": "v", "label": "skip", "x": 1}]
+    )
     splits = build_splits(str(train), str(val), LABELS, leakage="drop", oversample_below=None)
     assert splits.report["leakage"] == {"ids_in_both": 1, "examples": ["t4"], "policy": "drop"}
     assert len(splits.train) == 8 and splits.report["train_file"]["rows_kept"] == 9
@@ -82,21 +85,44 @@ def test_leakage_and_split_assembly_work_on_tables(tmp_path, fmt):
 def test_csv_cells_keep_their_spelling_unless_they_are_json_numbers():
     cells = ["", "12", "-1.5", "2e3", "007", "1.", "NA", "null", "True", "false", "t", "Nan", " 1"]
     assert [cell_value(c) for c in cells] == [
-        None, 12, -1.5, 2000.0, "007", "1.", "NA", "null", True, False, "t", "Nan", " 1"]
+        None,
+        12,
+        -1.5,
+        2000.0,
+        "007",
+        "1.",
+        "NA",
+        "null",
+        True,
+        False,
+        "t",
+        "Nan",
+        " 1",
+    ]
     assert all(not math.isfinite(cell_value(c)) for c in ["inf", "-inf", "nan", "NaN", "Infinity", "1e999"])
 
 
 def test_a_pandas_frame_reads_the_same_from_csv_parquet_and_jsonl(tmp_path):
     pd = pytest.importorskip("pandas")
-    frame = pd.DataFrame({"id": ["a", "b", "c"], "label": ["long", "short", "skip"], "n": [1, 2, 3],
-                          "x": [0.5, None, 2.0], "flag": [True, False, True], "s": ["Oslo", None, "007"]})
+    frame = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "label": ["long", "short", "skip"],
+            "n": [1, 2, 3],
+            "x": [0.5, None, 2.0],
+            "flag": [True, False, True],
+            "s": ["Oslo", None, "007"],
+        }
+    )
     frame.to_csv(tmp_path / "d.csv", index=False)
     frame.to_parquet(tmp_path / "d.parquet")
     frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)  # flat rows: made into records below
     flat = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     write_table(tmp_path / "d.jsonl", flat)
-    read = {fmt: [(r.id, r.label, r.features) for r in load_records(tmp_path / f"d.{fmt}", LABELS, allow_null=True)[0]]
-            for fmt in FORMATS}
+    read = {
+        fmt: [(r.id, r.label, r.features) for r in load_records(tmp_path / f"d.{fmt}", LABELS, allow_null=True)[0]]
+        for fmt in FORMATS
+    }
     assert read["csv"] == read["parquet"] == read["jsonl"]
     assert read["csv"][1] == ("b", "short", {"n": 2, "x": None, "flag": False, "s": None})
 
@@ -110,26 +136,34 @@ def test_csv_ids_and_labels_are_never_parsed(tmp_path):
 
 def test_csv_structural_faults_are_dropped_and_counted(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_bytes(b"\xef\xbb\xbfid,label,x\n"  # a BOM, as Excel writes
-                     b"a,long,1\n"
-                     b"\n"  # blank lines are formatting
-                     b"b,long\n"  # a cell short
-                     b"c,long,1,2\n"  # a cell too many
-                     b"d,long,\xff\n"  # not UTF-8
-                     b"e,long," + b"9" * 200_000 + b"\n"  # over the csv module's field limit
-                     b'f,short,"two\nlines"\n')  # a quoted newline is one row
+    path.write_bytes(
+        b"\xef\xbb\xbfid,label,x\n"  # a BOM, as Excel writes
+        b"a,long,1\n"
+        b"\n"  # blank lines are formatting
+        b"b,long\n"  # a cell short
+        b"c,long,1,2\n"  # a cell too many
+        b"d,long,\xff\n"  # not UTF-8
+        b"e,long," + b"9" * 200_000 + b"\n"  # over the csv module's field limit
+        b'f,short,"two\nlines"\n'
+    )  # a quoted newline is one row
     records, report = load_records(path, LABELS)
     assert [(r.id, r.features) for r in records] == [("a", {"x": 1}), ("f", {"x": "two\nlines"})]
-    assert report.as_dict()["first_line_by_reason"] == {"invalid_csv": 7, "invalid_utf8": 6,
-                                                        "wrong_column_count": 4}
+    assert report.as_dict()["first_line_by_reason"] == {"invalid_csv": 7, "invalid_utf8": 6, "wrong_column_count": 4}
     assert dict(report.dropped) == {"wrong_column_count": 2, "invalid_utf8": 1, "invalid_csv": 1}
 
 
 def test_parquet_types_nested_cells_and_pandas_index(tmp_path):
     pd = pytest.importorskip("pandas")
-    frame = pd.DataFrame({"id": [1, 2, 3], "label": ["long", "short", "skip"], "when": pd.to_datetime(
-        ["2024-01-02", "2024-01-03", "2024-01-04"]), "flag": [True, False, True], "tags": [[1], [2], [3]]},
-        index=[10, 11, 12])
+    frame = pd.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "label": ["long", "short", "skip"],
+            "when": pd.to_datetime(["2024-01-02", "2024-01-03", "2024-01-04"]),
+            "flag": [True, False, True],
+            "tags": [[1], [2], [3]],
+        },
+        index=[10, 11, 12],
+    )
     frame.to_parquet(tmp_path / "nested.parquet")  # a non-range index is stored as a column
     _, report = load_records(tmp_path / "nested.parquet", LABELS)
     assert dict(report.dropped) == {"features_not_flat": 3}

@@ -29,10 +29,20 @@ def run_articles(tmp_path, *overrides: str):
     val_rows = make_articles(16, seed=2, start_id=1000)
     val_file = write_jsonl(tmp_path / "val.jsonl", val_rows)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_train("experiment=article_regression", "data.demo=false", f"data.train_file={train_file}",
-                        f"data.val_file={val_file}", f"paths.output_dir={tmp_path / 'run'}", f"tracking.uri={uri}",
-                        "model.tokenizer_vocab_size=300", "hardware.torch_threads=1", "trainer.max_epochs=2",
-                        "optim.lr=1e-3", "tracking.register_as=articles", *overrides)
+    cfg = compose_train(
+        "experiment=article_regression",
+        "data.demo=false",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"tracking.uri={uri}",
+        "model.tokenizer_vocab_size=300",
+        "hardware.torch_threads=1",
+        "trainer.max_epochs=2",
+        "optim.lr=1e-3",
+        "tracking.register_as=articles",
+        *overrides,
+    )
     train(cfg)
     with using_store(uri):
         model = mlflow.pyfunc.load_model("models:/articles/1")
@@ -56,8 +66,13 @@ def test_article_model_predicts_the_runs_own_val_scores(tmp_path):
     reference = AutoModelForSequenceClassification.from_pretrained(out_dir / "checkpoint_best").eval()
     tokenizer = AutoTokenizer.from_pretrained(out_dir / "checkpoint_best")
     ds = TokenizedArticles(articles, tokenizer, cfg.data.template, cfg.model.max_length)
-    loader = eval_loader(ds, ds.lengths, DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
-                         batch_size=cfg.trainer.eval_batch_size, hardware=cfg.hardware)
+    loader = eval_loader(
+        ds,
+        ds.lengths,
+        DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+        batch_size=cfg.trainer.eval_batch_size,
+        hardware=cfg.hardware,
+    )
     expected, y = predict_logits(reference, loader, reference.device)
     order = list(loader.sampler)
     expected_in_order = np.empty_like(expected)
@@ -76,8 +91,9 @@ def test_article_model_predicts_the_runs_own_val_scores(tmp_path):
     run = client.get_run(client.get_model_version("articles", "1").run_id)
     assert run.data.tags["loralab.model_uri"] == "models:/articles/1"
     assert (tmp_path / ARTIFACTS_DIR).is_dir() and not (tmp_path / "mlruns").exists()
-    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/articles/1", dst_path=str(tmp_path / "dl"),
-                                                tracking_uri=cfg.tracking.uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/articles/1", dst_path=str(tmp_path / "dl"), tracking_uri=cfg.tracking.uri
+    )
     files = [p.name for p in Path(local).rglob("*") if p.is_file()]
     assert "model.safetensors" in files and not [f for f in files if f.endswith((".pkl", ".pt", ".bin"))]
     with pytest.raises(Exception, match="row 1 .*missing_text"):

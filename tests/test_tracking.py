@@ -29,8 +29,16 @@ def test_processes_starting_runs_on_a_new_store_at_once_all_finish(tmp_path):
     (``Online migration expected to match one row``, ``duplicate column name``)."""
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    procs = [subprocess.Popen([sys.executable, "-c", START_A_RUN, uri, str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_A_RUN, uri, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(4)
+    ]
     results = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
     assert all(rc == 0 for rc, _ in results), [out[-800:] for rc, out in results if rc]
     client = MlflowClient(uri)

@@ -14,20 +14,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import optim_conf, trainer_conf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from conftest import optim_conf, trainer_conf
-
-from loralab.core.checkpoint import Checkpoints, CheckpointError, load_weights, read_meta
+from loralab.core.checkpoint import CheckpointError, Checkpoints, load_weights, read_meta
 from loralab.core.distributed import Dist
 from loralab.core.sampler import EpochBatchSampler
 from loralab.core.state import EarlyStopping
 from loralab.core.trainer import MAX_SKIPPED_IN_A_ROW, Fit, Trainer
 from loralab.errors import NonFiniteLossError, TrainingInterrupted
-
 
 TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
 
@@ -56,8 +54,9 @@ def rows(n: int, huge_every: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def loader(data, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    sampler = EpochBatchSampler([1] * len(data), batch_size, seed=0, group_by_length=False, rank=rank,
-                                world_size=world_size)
+    sampler = EpochBatchSampler(
+        [1] * len(data), batch_size, seed=0, group_by_length=False, rank=rank, world_size=world_size
+    )
     return DataLoader(data, batch_sampler=sampler)
 
 
@@ -67,22 +66,47 @@ def scripted(values):
     return lambda y, logits: {"acc": next(it)}
 
 
-def make_trainer(max_epochs: int, *, patience: int = 100, min_delta: float = 0.0, mode: str = "max",
-                 precision: str = "fp32", lr: float = 0.1, ddp: Dist = Dist()) -> Trainer:
-    return Trainer(trainer_conf(max_epochs, mode=mode, patience=patience, min_delta=min_delta), optim_conf(lr=lr),
-                   precision=precision, device=torch.device("cpu"), ddp=ddp, progress=False)
+def make_trainer(
+    max_epochs: int,
+    *,
+    patience: int = 100,
+    min_delta: float = 0.0,
+    mode: str = "max",
+    precision: str = "fp32",
+    lr: float = 0.1,
+    ddp: Dist = Dist(),
+) -> Trainer:
+    return Trainer(
+        trainer_conf(max_epochs, mode=mode, patience=patience, min_delta=min_delta),
+        optim_conf(lr=lr),
+        precision=precision,
+        device=torch.device("cpu"),
+        ddp=ddp,
+        progress=False,
+    )
 
 
-def fit(tmp_path: Path, *, model=None, data=None, batch_size: int = 4, accum: int = 1, metric=None, keep: int = 3,
-        resume_from: Path | None = None, **trainer_kw) -> Trainer:
+def fit(
+    tmp_path: Path,
+    *,
+    model=None,
+    data=None,
+    batch_size: int = 4,
+    accum: int = 1,
+    metric=None,
+    keep: int = 3,
+    resume_from: Path | None = None,
+    **trainer_kw,
+) -> Trainer:
     """Set up a trainer on ``data`` (train and val) with checkpoints in ``tmp_path``; not yet fitted."""
     data = data if data is not None else rows(40)
     model = model or Tiny()
     trainer = make_trainer(**trainer_kw)
     metric = metric or (lambda y, logits: {"acc": float((logits.argmax(1) == y).mean())})
-    trainer.setup(Fit(model, nn.CrossEntropyLoss(), loader(data, batch_size), DataLoader(data, batch_size=16),
-                      metric, accum),
-                  Checkpoints(tmp_path, keep=keep, mode=trainer.cfg.monitor_mode, meta={}, resume_from=resume_from))
+    trainer.setup(
+        Fit(model, nn.CrossEntropyLoss(), loader(data, batch_size), DataLoader(data, batch_size=16), metric, accum),
+        Checkpoints(tmp_path, keep=keep, mode=trainer.cfg.monitor_mode, meta={}, resume_from=resume_from),
+    )
     return trainer
 
 
@@ -101,8 +125,9 @@ def test_accumulated_micro_batches_equal_the_full_batch(tmp_path):
     assert full.state.step == accum.state.step == 10
     for key, value in weights(full.core).items():
         torch.testing.assert_close(weights(accum.core)[key], value, rtol=0, atol=1e-6)
-    assert [h["train_loss"] for h in accum.state.history] == \
-        pytest.approx([h["train_loss"] for h in full.state.history], rel=1e-6)
+    assert [h["train_loss"] for h in accum.state.history] == pytest.approx(
+        [h["train_loss"] for h in full.state.history], rel=1e-6
+    )
 
 
 def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
@@ -171,10 +196,13 @@ def test_the_best_epoch_is_reloaded_when_it_is_not_the_last(tmp_path):
     assert not all(torch.equal(now[k], last[k]) for k in best)  # the last epoch's weights were replaced
 
 
-@pytest.mark.parametrize("mode, values, kept", [
-    ("max", [0.5, 0.7, 0.6, 0.8], ["epoch_004", "epoch_002"]),
-    ("min", [0.5, 0.7, 0.4, 0.8], ["epoch_003", "epoch_001"]),
-])
+@pytest.mark.parametrize(
+    "mode, values, kept",
+    [
+        ("max", [0.5, 0.7, 0.6, 0.8], ["epoch_004", "epoch_002"]),
+        ("min", [0.5, 0.7, 0.4, 0.8], ["epoch_003", "epoch_001"]),
+    ],
+)
 def test_top_k_checkpoints_rotate(tmp_path, mode, values, kept):
     trainer = fit(tmp_path, max_epochs=4, keep=2, mode=mode, metric=scripted(values))
     trainer.fit()
@@ -183,15 +211,18 @@ def test_top_k_checkpoints_rotate(tmp_path, mode, values, kept):
     assert read_meta(tmp_path / "last")["meta"]["top_k"][:2] == trainer.checkpoints.ranked  # (before the rotation)
 
 
-@pytest.mark.parametrize("patience, min_delta, mode, values, stops_after", [
-    (0, 0.0, "max", [0.5, 0.6, 0.55], 3),   # patience 0: stop at the first epoch without improvement
-    (2, 0.0, "max", [0.5, 0.4, 0.6, 0.5, 0.5], 5),
-    (1, 0.0, "max", [0.5, 0.6, 0.7], None),
-    (1, 0.1, "max", [0.5, 0.55, 0.9], 2),   # +0.05 is not an improvement of more than min_delta
-    (1, 0.1, "max", [0.5, 0.65, 0.7], 3),   # +0.15 is; +0.05 then is not
-    (1, 0.1, "min", [1.0, 0.95, 0.5], 2),
-    (1, 0.1, "min", [1.0, 0.85, 0.5], None),
-])
+@pytest.mark.parametrize(
+    "patience, min_delta, mode, values, stops_after",
+    [
+        (0, 0.0, "max", [0.5, 0.6, 0.55], 3),  # patience 0: stop at the first epoch without improvement
+        (2, 0.0, "max", [0.5, 0.4, 0.6, 0.5, 0.5], 5),
+        (1, 0.0, "max", [0.5, 0.6, 0.7], None),
+        (1, 0.1, "max", [0.5, 0.55, 0.9], 2),  # +0.05 is not an improvement of more than min_delta
+        (1, 0.1, "max", [0.5, 0.65, 0.7], 3),  # +0.15 is; +0.05 then is not
+        (1, 0.1, "min", [1.0, 0.95, 0.5], 2),
+        (1, 0.1, "min", [1.0, 0.85, 0.5], None),
+    ],
+)
 def test_early_stopping_patience_and_min_delta(patience, min_delta, mode, values, stops_after):
     es = EarlyStopping(patience=patience, min_delta=min_delta, mode=mode)
     stopped = None
@@ -209,8 +240,9 @@ def test_early_stopping_ends_a_fit_with_its_reason(tmp_path):
     state = trainer.fit()
     assert len(state.history) == 2 and state.best_epoch == 2
     assert state.stop_reason == "early_stopping: no acc improvement for 1 epochs"
-    resumed = fit(tmp_path / "again", max_epochs=5, patience=1, min_delta=0.1, resume_from=tmp_path / "last",
-                  metric=scripted([]))
+    resumed = fit(
+        tmp_path / "again", max_epochs=5, patience=1, min_delta=0.1, resume_from=tmp_path / "last", metric=scripted([])
+    )
     assert resumed.fit().history == state.history  # a resumed run that had stopped stays stopped
 
 
@@ -228,13 +260,15 @@ def test_mid_epoch_resume_equals_the_uninterrupted_fit(tmp_path):
     resumed.fit()
     strip = lambda h: [{k: v for k, v in e.items() if k not in TIMINGS + ("train_loss",)} for e in h]  # noqa: E731
     assert strip(resumed.state.history) == strip(reference.state.history)
-    assert [h["train_loss"] for h in resumed.state.history] == \
-        pytest.approx([h["train_loss"] for h in reference.state.history], rel=1e-6)
+    assert [h["train_loss"] for h in resumed.state.history] == pytest.approx(
+        [h["train_loss"] for h in reference.state.history], rel=1e-6
+    )
     a, b = weights(resumed.core), weights(reference.core)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- DDP: two gloo processes ---------------------------------------------------------------------------------------
+
 
 def _ddp_fit(rank: int, world: int, out: Path, stop_rank: int | None) -> dict:
     """42 rows in per-rank batches of 4 make 11 batches (the last one 2 rows) for 2 ranks; early stopping from the
@@ -245,9 +279,16 @@ def _ddp_fit(rank: int, world: int, out: Path, stop_rank: int | None) -> dict:
     trainer = make_trainer(4, patience=1, ddp=ddp)
     values = iter([0.5, 0.4, 0.9, 0.9])
     train = loader(data, 4, rank, world)
-    trainer.setup(Fit(model, nn.CrossEntropyLoss(), train, DataLoader(data[rank::world], batch_size=16),
-                      lambda y, p: {"acc": next(values), "rows": float(len(y))}),
-                  Checkpoints(out, keep=1, mode="max", meta={}, ddp=ddp))
+    trainer.setup(
+        Fit(
+            model,
+            nn.CrossEntropyLoss(),
+            train,
+            DataLoader(data[rank::world], batch_size=16),
+            lambda y, p: {"acc": next(values), "rows": float(len(y))},
+        ),
+        Checkpoints(out, keep=1, mode="max", meta={}, ddp=ddp),
+    )
     result = {"batches": len(train.batch_sampler), "rows": [i for b in train for i in b["x"][:, 0].tolist()]}
     steps = iter(range(1000))
     try:
@@ -255,9 +296,13 @@ def _ddp_fit(rank: int, world: int, out: Path, stop_rank: int | None) -> dict:
         result["ended"] = trainer.state.stop_reason
     except TrainingInterrupted as err:
         result["ended"] = str(err)
-    return {**result, "step": trainer.state.step, "epochs": len(trainer.state.history),
-            "val_rows": [h["rows"] for h in trainer.state.history],
-            "weights": {k: v.flatten().tolist() for k, v in trainer.core.state_dict().items()}}
+    return {
+        **result,
+        "step": trainer.state.step,
+        "epochs": len(trainer.state.history),
+        "val_rows": [h["rows"] for h in trainer.state.history],
+        "weights": {k: v.flatten().tolist() for k, v in trainer.core.state_dict().items()},
+    }
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -266,8 +311,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {name: _ddp_fit(rank, world, Path(out) / name, stop_rank)
-                   for name, stop_rank in (("early", None), ("stop", 1))}
+        results = {
+            name: _ddp_fit(rank, world, Path(out) / name, stop_rank)
+            for name, stop_rank in (("early", None), ("stop", 1))
+        }
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()

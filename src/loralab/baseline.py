@@ -30,11 +30,20 @@ def build_estimator(name: str, seed: int, params: Mapping[str, Any] | None = Non
     """DictVectorizer (strings one-hot, bools and numbers as numbers) followed by the named classifier."""
     params = dict(params or {})
     if name == "hgb":  # HistGradientBoosting needs dense input; tabular features are few, so dense is cheap
-        return Pipeline([("vectorize", DictVectorizer(sparse=False)),
-                         ("classify", HistGradientBoostingClassifier(random_state=seed, **params))])
+        return Pipeline(
+            [
+                ("vectorize", DictVectorizer(sparse=False)),
+                ("classify", HistGradientBoostingClassifier(random_state=seed, **params)),
+            ]
+        )
     if name == "logreg":  # with_mean=False keeps the one-hot columns sparse
-        return Pipeline([("vectorize", DictVectorizer()), ("scale", StandardScaler(with_mean=False)),
-                         ("classify", LogisticRegression(random_state=seed, **params))])
+        return Pipeline(
+            [
+                ("vectorize", DictVectorizer()),
+                ("scale", StandardScaler(with_mean=False)),
+                ("classify", LogisticRegression(random_state=seed, **params)),
+            ]
+        )
     raise ValueError(f"baseline {name!r}: unknown, expected one of {BASELINES}")
 
 
@@ -43,8 +52,14 @@ def feature_dicts(records: Sequence[Record]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.features.items() if v is not None} for r in records]
 
 
-def fit_estimator(name: str, train: Sequence[Record], labels: Sequence[str], seed: int,
-                  params: Mapping[str, Any] | None = None, threads: int | None = None) -> tuple[Pipeline, float] | None:
+def fit_estimator(
+    name: str,
+    train: Sequence[Record],
+    labels: Sequence[str],
+    seed: int,
+    params: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> tuple[Pipeline, float] | None:
     """The fitted pipeline and its fit time in seconds on ``train`` (labels as their index in ``labels``), or None
     (with a warning) when scikit-learn cannot fit the data, e.g. a single class: a baseline must never cost the run.
     ``threads`` caps OpenMP/BLAS threads: on a host busy with other jobs, spinning OpenMP workers can make a
@@ -61,8 +76,7 @@ def fit_estimator(name: str, train: Sequence[Record], labels: Sequence[str], see
     return model, time.perf_counter() - t0
 
 
-def predict_proba(model: Pipeline, records: Sequence[Record], n_labels: int, threads: int | None = None
-                  ) -> np.ndarray:
+def predict_proba(model: Pipeline, records: Sequence[Record], n_labels: int, threads: int | None = None) -> np.ndarray:
     """Class probabilities (float64, one column per label in label order): a label the train split lacked gets a
     column of zeros, so the matrix lines up with the learned model's."""
     with threadpool_limits(threads):
@@ -72,9 +86,16 @@ def predict_proba(model: Pipeline, records: Sequence[Record], n_labels: int, thr
     return out
 
 
-def fit_baseline(name: str, train: Sequence[Record], val: Sequence[Record], labels: Sequence[str], seed: int,
-                 params: Mapping[str, Any] | None = None, threads: int | None = None,
-                 fitted: tuple[Pipeline, float] | None = None) -> dict[str, Any] | None:
+def fit_baseline(
+    name: str,
+    train: Sequence[Record],
+    val: Sequence[Record],
+    labels: Sequence[str],
+    seed: int,
+    params: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    fitted: tuple[Pipeline, float] | None = None,
+) -> dict[str, Any] | None:
     """Fit on ``train`` (or take ``fit_estimator``'s ``fitted``), score on ``val``; the result has the shape of
     ``classification_metrics`` plus fit info, or is None when the fit failed."""
     fitted = fitted or fit_estimator(name, train, labels, seed, params, threads)
@@ -85,6 +106,11 @@ def fit_baseline(name: str, train: Sequence[Record], val: Sequence[Record], labe
         pred = model.predict(feature_dicts(val))
     label2id = {label: i for i, label in enumerate(labels)}
     report = classification_metrics([label2id[r.label] for r in val], pred, labels)
-    log.info("baseline %s: val_macro_f1 %.4f (fit on %d rows in %.2f s)", name, report["scalars"]["val_macro_f1"],
-             len(train), fit_time)
+    log.info(
+        "baseline %s: val_macro_f1 %.4f (fit on %d rows in %.2f s)",
+        name,
+        report["scalars"]["val_macro_f1"],
+        len(train),
+        fit_time,
+    )
     return {"name": name, "params": dict(params or {}), "train_rows": len(train), "fit_time_s": fit_time, **report}

@@ -77,13 +77,19 @@ def fit_temperature(logits: np.ndarray, y: Sequence[int], bounds: Sequence[float
     res = minimize_scalar(mean_nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     temperature = math.exp(res.x)
     if min(res.x - lo, hi - res.x) < 1e-3:
-        log.warning("temperature %.4g is at the edge of calibration.t_bounds=%s; widen the bounds", temperature,
-                    list(bounds))
+        log.warning(
+            "temperature %.4g is at the edge of calibration.t_bounds=%s; widen the bounds", temperature, list(bounds)
+        )
     return temperature
 
 
-def calibrate(logits: np.ndarray, y: Sequence[int], method: str = "temperature", n_bins: int = 15,
-              t_bounds: Sequence[float] = (0.05, 20.0)) -> dict:
+def calibrate(
+    logits: np.ndarray,
+    y: Sequence[int],
+    method: str = "temperature",
+    n_bins: int = 15,
+    t_bounds: Sequence[float] = (0.05, 20.0),
+) -> dict:
     """Fit (or skip) temperature scaling; return T and NLL/ECE/Brier before and after as flat ``val_*`` scalars."""
     if method not in METHODS:
         raise ValueError(f"calibration.method={method!r}: must be one of {list(METHODS)}")
@@ -93,13 +99,23 @@ def calibrate(logits: np.ndarray, y: Sequence[int], method: str = "temperature",
     scalars = {"temperature": temperature, **{f"val_{k}": v for k, v in before.items()}}
     if method != "none":
         scalars.update({f"val_{k}_calibrated": v for k, v in after.items()})
-    log.info("calibration (%s, T=%.4f): NLL %.4f -> %.4f, ECE %.4f -> %.4f, Brier %.4f -> %.4f", method,
-             temperature, before["nll"], after["nll"], before["ece"], after["ece"], before["brier"], after["brier"])
+    log.info(
+        "calibration (%s, T=%.4f): NLL %.4f -> %.4f, ECE %.4f -> %.4f, Brier %.4f -> %.4f",
+        method,
+        temperature,
+        before["nll"],
+        after["nll"],
+        before["ece"],
+        after["ece"],
+        before["brier"],
+        after["brier"],
+    )
     return {"method": method, "temperature": temperature, "n_bins": n_bins, "scalars": scalars}
 
 
-def reliability_figure(y: Sequence[int], curves: dict[str, np.ndarray], n_bins: int = 15,
-                       title: str = "Reliability diagram"):
+def reliability_figure(
+    y: Sequence[int], curves: dict[str, np.ndarray], n_bins: int = 15, title: str = "Reliability diagram"
+):
     """Accuracy against confidence per bin for each named probability matrix, with the diagonal of perfect
     calibration; ECE in the legend, rows per bin underneath. A bare ``Figure`` on the Agg canvas: no pyplot state,
     no display needed."""
@@ -125,8 +141,13 @@ def reliability_figure(y: Sequence[int], curves: dict[str, np.ndarray], n_bins: 
     return fig
 
 
-def reliability_diagram(y: Sequence[int], curves: dict[str, np.ndarray], path: str | Path, n_bins: int = 15,
-                        title: str = "Reliability diagram") -> Path:
+def reliability_diagram(
+    y: Sequence[int],
+    curves: dict[str, np.ndarray],
+    path: str | Path,
+    n_bins: int = 15,
+    title: str = "Reliability diagram",
+) -> Path:
     """Save ``reliability_figure`` as a PNG."""
     with atomic_path(path) as tmp:  # the temp name has no .png for matplotlib to read the format from
         reliability_figure(y, curves, n_bins, title).savefig(tmp, format="png", dpi=120)

@@ -2,8 +2,9 @@
 
 The blend is a weighted geometric mean of the two calibrated probability vectors (a temperature per side, the
 baseline's on the log of its probabilities), ``softmax(w * log p_model + (1 - w) * log p_baseline)``, with ``w``
-from a grid over [0, 1] (1: the model alone, 0: the baseline alone). Fine-tuned LMs tend to lose to gradient-boosted trees on numeric tables and fusing the two
-beats both (LLM-Boost, arXiv 2502.02672); one weight is all a few hundred val rows can choose without overfitting.
+from a grid over [0, 1] (1: the model alone, 0: the baseline alone). Fine-tuned LMs tend to lose to
+gradient-boosted trees on numeric tables and fusing the two beats both (LLM-Boost, arXiv 2502.02672); one weight
+is all a few hundred val rows can choose without overfitting.
 
 The only labelled rows neither model trained on are the val split's, so the weight is chosen there and its worth
 is reported by cross-fitting: the val split is cut into k stratified folds; for each fold both temperatures and
@@ -51,7 +52,7 @@ def blend(model_probs: np.ndarray, base_probs: np.ndarray, weight: float) -> np.
         return np.asarray(model_probs, dtype=np.float64)
     if weight == 0.0:
         return np.asarray(base_probs, dtype=np.float64)
-    z = (weight * np.log(np.clip(model_probs, EPS, 1.0)) + (1.0 - weight) * np.log(np.clip(base_probs, EPS, 1.0)))
+    z = weight * np.log(np.clip(model_probs, EPS, 1.0)) + (1.0 - weight) * np.log(np.clip(base_probs, EPS, 1.0))
     return softmax(z, axis=1)
 
 
@@ -70,8 +71,13 @@ def scores(probs: np.ndarray, y: Sequence[int]) -> dict[str, float]:
     return {"macro_f1": s["macro_f1"], "accuracy": s["accuracy"], "log_loss": nll(probs, y)}
 
 
-def choose_weight(model_probs: np.ndarray, base_probs: np.ndarray, y: Sequence[int], weights: Sequence[float],
-                  select: str = "macro_f1") -> float:
+def choose_weight(
+    model_probs: np.ndarray,
+    base_probs: np.ndarray,
+    y: Sequence[int],
+    weights: Sequence[float],
+    select: str = "macro_f1",
+) -> float:
     """The grid weight that scores best on these rows: highest macro-F1, ties to the lower log-loss
     (``select="macro_f1"``), or the lowest log-loss (``"log_loss"``). Equal on both: the first in grid order."""
     if select not in SELECT:
@@ -94,10 +100,20 @@ def folds(y: Sequence[int], k: int, seed: int) -> list[np.ndarray]:
     return [test for _, test in splitter.split(np.zeros(len(y)), y)]
 
 
-def cross_fit(model_logits: np.ndarray, base_probs: np.ndarray, y: Sequence[int], *, temperature: float,
-              k: int = 5, seed: int = 0, grid: int = 11, select: str = "macro_f1", calibrate: bool = True,
-              t_bounds: Sequence[float] = (0.05, 20.0), fold_rows: Sequence[np.ndarray] | None = None
-              ) -> tuple[dict[str, Any], np.ndarray]:
+def cross_fit(
+    model_logits: np.ndarray,
+    base_probs: np.ndarray,
+    y: Sequence[int],
+    *,
+    temperature: float,
+    k: int = 5,
+    seed: int = 0,
+    grid: int = 11,
+    select: str = "macro_f1",
+    calibrate: bool = True,
+    t_bounds: Sequence[float] = (0.05, 20.0),
+    fold_rows: Sequence[np.ndarray] | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Out-of-fold metrics of model, baseline and blend, and the weight to export; returns that report (JSON) and
     the exported blend's val probabilities.
 
@@ -115,8 +131,9 @@ def cross_fit(model_logits: np.ndarray, base_probs: np.ndarray, y: Sequence[int]
     fold_weights, fold_temps = [], []
     for held_out in fold_rows:
         fit = np.setdiff1d(np.arange(len(y)), held_out)
-        t_model, t_base = ((fit_temperature(z[fit], y[fit], t_bounds) if calibrate else 1.0)
-                           for z in (logits, base_logs))
+        t_model, t_base = (
+            (fit_temperature(z[fit], y[fit], t_bounds) if calibrate else 1.0) for z in (logits, base_logs)
+        )
         probs, base = probabilities(logits, t_model), calibrated_baseline(base_probs, t_base)
         w = choose_weight(probs[fit], base[fit], y[fit], weights, select)
         oof["model"][held_out], oof["baseline"][held_out] = probs[held_out], base[held_out]
@@ -128,13 +145,32 @@ def cross_fit(model_logits: np.ndarray, base_probs: np.ndarray, y: Sequence[int]
     weight = choose_weight(model_probs, base, y, weights, select)
     choice = "model" if weight == 1.0 else "baseline" if weight == 0.0 else "blend"
     oof = {who: scores(p, y) for who, p in oof.items()}
-    report = {"method": "blend", "choice": choice, "weight": weight, "baseline_temperature": t_base,
-              "select": select, "grid": weights, "folds": len(fold_rows), "rows": len(y),
-              "fold_weights": fold_weights, "fold_temperatures": fold_temps, "oof": oof,
-              "baseline_file": BASELINE_FILE, "trusted_types": list(TRUSTED_TYPES)}
-    log.info("ensemble: out-of-fold macro-F1 model %.4f, baseline %.4f, blend %.4f (%d folds of %d val rows); "
-             "exported weight %.2f -> %s", oof["model"]["macro_f1"], oof["baseline"]["macro_f1"],
-             oof["blend"]["macro_f1"], len(fold_rows), len(y), weight, choice)
+    report = {
+        "method": "blend",
+        "choice": choice,
+        "weight": weight,
+        "baseline_temperature": t_base,
+        "select": select,
+        "grid": weights,
+        "folds": len(fold_rows),
+        "rows": len(y),
+        "fold_weights": fold_weights,
+        "fold_temperatures": fold_temps,
+        "oof": oof,
+        "baseline_file": BASELINE_FILE,
+        "trusted_types": list(TRUSTED_TYPES),
+    }
+    log.info(
+        "ensemble: out-of-fold macro-F1 model %.4f, baseline %.4f, blend %.4f (%d folds of %d val rows); "
+        "exported weight %.2f -> %s",
+        oof["model"]["macro_f1"],
+        oof["baseline"]["macro_f1"],
+        oof["blend"]["macro_f1"],
+        len(fold_rows),
+        len(y),
+        weight,
+        choice,
+    )
     return report, blend(model_probs, base, weight)
 
 
@@ -152,6 +188,8 @@ def load_baseline(path: str | Path) -> Any:
     except Exception as err:  # not a skops zip: corrupt or replaced
         raise ExportError(f"{path}: not a readable skops file ({err})") from err
     if unexpected := sorted(set(untrusted) - set(TRUSTED_TYPES)):
-        raise ExportError(f"{path}: refusing to load untrusted types {unexpected[:5]} (trusted beyond skops' "
-                          f"defaults: {list(TRUSTED_TYPES)})")
+        raise ExportError(
+            f"{path}: refusing to load untrusted types {unexpected[:5]} (trusted beyond skops' "
+            f"defaults: {list(TRUSTED_TYPES)})"
+        )
     return skops.io.load(path, trusted=untrusted)

@@ -36,6 +36,7 @@ LABEL_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "pad_
 
 # ----------------------------------------------------------------------------------------------- files and zips
 
+
 def manifest(root: str | Path, parts: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{relative/posix/path: {sha256, bytes}}`` for every file under the given part directories of ``root``."""
     root = Path(root)
@@ -64,8 +65,7 @@ def check_manifest(root: str | Path, files: dict[str, dict[str, Any]], parts: It
             raise ExportError(f"{root}: {name} does not match its sha256 in {META_FILE} (corrupt or altered)")
 
 
-def zip_dir(src: str | Path, zip_path: str | Path, max_mb: float = 500.0,
-            include: Sequence[str] | None = None) -> Path:
+def zip_dir(src: str | Path, zip_path: str | Path, max_mb: float = 500.0, include: Sequence[str] | None = None) -> Path:
     """Zip ``src`` (or only its top-level entries named in ``include``) into ``zip_path``; refuse, and leave
     nothing behind, when the zip exceeds ``max_mb``."""
     src, zip_path = Path(src), Path(zip_path)
@@ -78,8 +78,10 @@ def zip_dir(src: str | Path, zip_path: str | Path, max_mb: float = 500.0,
                         zf.write(path, path.relative_to(src).as_posix())
         size_mb = tmp.stat().st_size / 2**20
         if size_mb > max_mb:
-            raise ExportError(f"{zip_path.name} would be {size_mb:.1f} MB, over the export.max_size_mb="
-                              f"{max_mb:g} limit; raise the limit or zip fewer parts (export.zip_parts)")
+            raise ExportError(
+                f"{zip_path.name} would be {size_mb:.1f} MB, over the export.max_size_mb="
+                f"{max_mb:g} limit; raise the limit or zip fewer parts (export.zip_parts)"
+            )
     return zip_path
 
 
@@ -120,6 +122,7 @@ def safe_extract(zip_path: str | Path, dest: str | Path, max_mb: float | None = 
 
 # ---------------------------------------------------------------------------------------------- export + verify
 
+
 @torch.inference_mode()
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """fp32 logits, no autocast: the reference every exported form must reproduce."""
@@ -145,21 +148,35 @@ def label_config(model) -> dict[str, Any]:
     return {k: getattr(model.config, k) for k in LABEL_CONFIG_KEYS}
 
 
-def load_base(location: str | Path, label_kwargs: dict[str, Any], trust_remote_code: bool = False,
-              device: torch.device | str = "cpu"):
+def load_base(
+    location: str | Path,
+    label_kwargs: dict[str, Any],
+    trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+):
     """The base an adapter belongs to (``base/`` or a hub id/path), with the classifier's label config."""
     return AutoModelForSequenceClassification.from_pretrained(
-        location, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
-        **label_kwargs).to(device)
+        location, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code, **label_kwargs
+    ).to(device)
 
 
-def verify_export(out_dir: Path, reference: torch.Tensor, batch: dict[str, torch.Tensor], *, atol: float,
-                  base_location: str | Path | None, label_kwargs: dict[str, Any], trust_remote_code: bool,
-                  device: torch.device, adapter: bool) -> dict[str, float]:
+def verify_export(
+    out_dir: Path,
+    reference: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    *,
+    atol: float,
+    base_location: str | Path | None,
+    label_kwargs: dict[str, Any],
+    trust_remote_code: bool,
+    device: torch.device,
+    adapter: bool,
+) -> dict[str, float]:
     """Reload each exported form with stock transformers/peft and compare logits; raise on a mismatch."""
     diffs = {}
     merged = AutoModelForSequenceClassification.from_pretrained(
-        out_dir / "merged", dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        out_dir / "merged", dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     diffs["merged"] = (_logits(merged.to(device), batch) - reference).abs().max().item()
     del merged
     if adapter:
@@ -170,14 +187,26 @@ def verify_export(out_dir: Path, reference: torch.Tensor, batch: dict[str, torch
     for part, diff in diffs.items():
         log.info("export check: %s/ reproduces the in-memory logits, max abs diff %.2e", part, diff)
         if not diff <= atol:  # NaN fails too
-            raise ExportError(f"export verification failed: {part}/ logits differ from the in-memory model by "
-                              f"{diff:.3e} (> export.verify_atol={atol:g})")
+            raise ExportError(
+                f"export verification failed: {part}/ logits differ from the in-memory model by "
+                f"{diff:.3e} (> export.verify_atol={atol:g})"
+            )
     return diffs
 
 
-def export_model(model, tokenizer, out_dir: str | Path, batch: dict[str, torch.Tensor], *, meta: dict[str, Any],
-                 base_location: str | None, save_base: bool, atol: float = 1e-4,
-                 trust_remote_code: bool = False, extra_parts: Sequence[str] = ()) -> dict[str, Any]:
+def export_model(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    batch: dict[str, torch.Tensor],
+    *,
+    meta: dict[str, Any],
+    base_location: str | None,
+    save_base: bool,
+    atol: float = 1e-4,
+    trust_remote_code: bool = False,
+    extra_parts: Sequence[str] = (),
+) -> dict[str, Any]:
     """Write merged/, adapter/ and base/ (as applicable) and ``loralab.json`` into ``out_dir``, then verify.
 
     ``model`` is the trained model (a ``PeftModel`` for LoRA runs) and is consumed: its adapter is unloaded.
@@ -207,16 +236,30 @@ def export_model(model, tokenizer, out_dir: str | Path, batch: dict[str, torch.T
     _save(out_dir / "merged", merged, tokenizer)
     written.insert(0, "merged")
     labels_cfg = label_config(merged)
-    diffs = verify_export(out_dir, reference, batch, atol=atol, base_location=base_location,
-                          label_kwargs=labels_cfg, trust_remote_code=trust_remote_code, device=device,
-                          adapter="adapter" in written)
+    diffs = verify_export(
+        out_dir,
+        reference,
+        batch,
+        atol=atol,
+        base_location=base_location,
+        label_kwargs=labels_cfg,
+        trust_remote_code=trust_remote_code,
+        device=device,
+        adapter="adapter" in written,
+    )
     written += list(extra_parts)
-    meta = {"format": FORMAT, **meta, "parts": written,
-            "base": {"saved_as": "base" if "base" in written else None,
-                     "location": None if save_base else (str(base_location) if base_location else None),
-                     "label_config": labels_cfg},
-            "verification": {"max_abs_diff": diffs, "atol": atol, "rows": int(batch["input_ids"].shape[0])},
-            "files": manifest(out_dir, written)}
+    meta = {
+        "format": FORMAT,
+        **meta,
+        "parts": written,
+        "base": {
+            "saved_as": "base" if "base" in written else None,
+            "location": None if save_base else (str(base_location) if base_location else None),
+            "label_config": labels_cfg,
+        },
+        "verification": {"max_abs_diff": diffs, "atol": atol, "rows": int(batch["input_ids"].shape[0])},
+        "files": manifest(out_dir, written),
+    }
     atomic_write_json(out_dir / META_FILE, meta)
     log.info("exported %s to %s", ", ".join(written), out_dir)
     return meta

@@ -32,6 +32,7 @@ from transformers import (
 from loralab.baseline import predict_proba
 from loralab.calibrate import calibration_metrics, probabilities
 from loralab.core.device import resolve_device
+from loralab.core.trainer import predict_logits
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
 from loralab.data.serialize import Json, Serializer, load_serializer
 from loralab.data.text import TokenizedRecords, TokenizedTexts, length_sorted_order
@@ -43,7 +44,6 @@ from loralab.export import (
     load_base,
     safe_extract,
 )
-from loralab.core.trainer import predict_logits
 from loralab.fs import atomic_write_json, writable_file
 from loralab.metrics import classification_metrics, evaluate_gates
 
@@ -92,13 +92,16 @@ def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Expo
     if "merged" in parts:
         part = "merged"
         model = AutoModelForSequenceClassification.from_pretrained(
-            root / "merged", dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+            root / "merged", dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     elif "adapter" in parts:
         part, base_info = "adapter", meta["base"]
         location = root / "base" if "base" in parts else base_info.get("location")
         if not location:
-            raise ExportError(f"{root}: adapter only, and its random base was not exported (add base to "
-                              f"export.zip_parts or use the run dir)")
+            raise ExportError(
+                f"{root}: adapter only, and its random base was not exported (add base to "
+                f"export.zip_parts or use the run dir)"
+            )
         base = load_base(location, base_info["label_config"], trust_remote_code)
         model = PeftModel.from_pretrained(base, root / "adapter")
     else:
@@ -106,8 +109,10 @@ def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Expo
     baseline = None
     if ensemble := meta.get("ensemble"):
         if "baseline" not in parts:
-            raise ExportError(f"{root}: {META_FILE} says ensemble={ensemble['method']} but baseline/ is missing (add "
-                              f"baseline to export.zip_parts or use the run dir)")
+            raise ExportError(
+                f"{root}: {META_FILE} says ensemble={ensemble['method']} but baseline/ is missing (add "
+                f"baseline to export.zip_parts or use the run dir)"
+            )
         baseline = load_baseline(root / ensemble["baseline_file"])  # manifest-checked above; trusted types only
     tokenizer = AutoTokenizer.from_pretrained(root / part, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"  # the classifier pools the last non-pad token
@@ -136,8 +141,9 @@ def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -
     return score_texts(exported.model, exported.tokenizer, ds, meta["max_length"], batch_size)
 
 
-def predict_probs(exported: Exported, records: Sequence[Record], batch_size: int = 64,
-                  logits: np.ndarray | None = None) -> np.ndarray:
+def predict_probs(
+    exported: Exported, records: Sequence[Record], batch_size: int = 64, logits: np.ndarray | None = None
+) -> np.ndarray:
     """What an export serves per record: the calibrated probabilities, blended with the baseline's on the
     features (the in-run baseline's feature table) when it was exported with ``ensemble=blend``. ``logits``:
     ``score``'s output when the caller already has it."""
@@ -145,8 +151,10 @@ def predict_probs(exported: Exported, records: Sequence[Record], batch_size: int
     probs = probabilities(logits, exported.temperature)
     if exported.baseline is None:
         return probs
-    base = calibrated_baseline(predict_proba(exported.baseline, records, len(exported.labels)),
-                               float(exported.meta["ensemble"]["baseline_temperature"]))
+    base = calibrated_baseline(
+        predict_proba(exported.baseline, records, len(exported.labels)),
+        float(exported.meta["ensemble"]["baseline_temperature"]),
+    )
     return blend(probs, base, exported.blend_weight)
 
 
@@ -155,16 +163,18 @@ def score_texts(model, tokenizer, ds: TokenizedTexts, max_length: int, batch_siz
     if ds.truncated:
         log.warning("%d texts truncated at max_length=%d", ds.truncated, max_length)
     order = length_sorted_order(ds)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=order,
-                        collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+    loader = DataLoader(
+        ds, batch_size=batch_size, sampler=order, collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    )
     sorted_logits, _ = predict_logits(model, loader, next(model.parameters()).device)
     logits = np.empty_like(sorted_logits)
     logits[order] = sorted_logits
     return logits
 
 
-def row_format(meta: dict[str, Any], format: str = "auto", id_column: str | None = None,
-               label_column: str | None = None) -> RowFormat:
+def row_format(
+    meta: dict[str, Any], format: str = "auto", id_column: str | None = None, label_column: str | None = None
+) -> RowFormat:
     """How to read an input file: the given format and column names, else those the model was trained with."""
     columns = meta.get("columns", {})
     return RowFormat(format, id_column or columns.get("id", "id"), label_column or columns.get("label", "label"))
@@ -175,43 +185,77 @@ def row_cap(meta: dict[str, Any], max_row_bytes: int | None) -> int:
     return max_row_bytes or meta.get("max_row_bytes", MAX_ROW_BYTES)
 
 
-def predict_file(model: str | Path, input: str | Path, output: str | Path, batch_size: int = 64,
-                 device: str = "auto", trust_remote_code: bool = False, columns: dict[str, Any] | None = None,
-                 max_row_bytes: int | None = None) -> dict[str, Any]:
+def predict_file(
+    model: str | Path,
+    input: str | Path,
+    output: str | Path,
+    batch_size: int = 64,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    columns: dict[str, Any] | None = None,
+    max_row_bytes: int | None = None,
+) -> dict[str, Any]:
     """Score ``input`` into ``output`` (``{"id", "label", "probs": {label: p}}`` per valid row, input order).
     ``columns``: ``row_format``'s format, id_column, label_column (default: by extension, as in training). The
     input and output paths are checked before the model loads."""
     check_readable(input)
     writable_file(output, "output")
     exported = load_exported(model, resolve_device(device), trust_remote_code)
-    records, report = load_records(input, labels=None, allow_null=exported.meta.get("allow_null", False),
-                                   fmt=row_format(exported.meta, **(columns or {})),
-                                   max_row_bytes=row_cap(exported.meta, max_row_bytes))
+    records, report = load_records(
+        input,
+        labels=None,
+        allow_null=exported.meta.get("allow_null", False),
+        fmt=row_format(exported.meta, **(columns or {})),
+        max_row_bytes=row_cap(exported.meta, max_row_bytes),
+    )
     if not records:
         raise DataError(f"{input}: no valid rows to score (dropped by reason: {dict(report.dropped)})")
     t0 = time.perf_counter()
     probs = predict_probs(exported, records, batch_size)
     seconds = time.perf_counter() - t0
     labels = exported.labels
-    write_rows(output, ({"id": r.id, "label": labels[int(p.argmax())], "probs": dict(zip(labels, p.tolist()))}
-                        for r, p in zip(records, probs)))
-    return {**report.as_dict(), "output": str(output), "model_part": exported.part,
-            "temperature": exported.temperature, "blend_weight": exported.blend_weight, "score_seconds": seconds,
-            "rows_per_s": len(records) / seconds}
+    write_rows(
+        output,
+        (
+            {"id": r.id, "label": labels[int(p.argmax())], "probs": dict(zip(labels, p.tolist()))}
+            for r, p in zip(records, probs)
+        ),
+    )
+    return {
+        **report.as_dict(),
+        "output": str(output),
+        "model_part": exported.part,
+        "temperature": exported.temperature,
+        "blend_weight": exported.blend_weight,
+        "score_seconds": seconds,
+        "rows_per_s": len(records) / seconds,
+    }
 
 
-def evaluate_file(model: str | Path, input: str | Path, output: str | Path | None = None, prefix: str = "test_",
-                  batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False,
-                  columns: dict[str, Any] | None = None, max_row_bytes: int | None = None) -> dict[str, Any]:
+def evaluate_file(
+    model: str | Path,
+    input: str | Path,
+    output: str | Path | None = None,
+    prefix: str = "test_",
+    batch_size: int = 64,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    columns: dict[str, Any] | None = None,
+    max_row_bytes: int | None = None,
+) -> dict[str, Any]:
     """Score a labelled file; write and return scalars (``<prefix>macro_f1``…, NLL/ECE/Brier raw and with the
     exported temperature), per-class table, confusion matrix and the training gates applied to this file."""
     output = writable_file(Path(output) if output else Path(input).with_suffix(".metrics.json"), "output")
     check_readable(input)
     exported = load_exported(model, resolve_device(device), trust_remote_code)
     labels, meta = exported.labels, exported.meta
-    records, report = load_records(input, labels=labels, allow_null=meta.get("allow_null", False),
-                                   fmt=row_format(meta, **(columns or {})),
-                                   max_row_bytes=row_cap(meta, max_row_bytes))
+    records, report = load_records(
+        input,
+        labels=labels,
+        allow_null=meta.get("allow_null", False),
+        fmt=row_format(meta, **(columns or {})),
+        max_row_bytes=row_cap(meta, max_row_bytes),
+    )
     if not records:
         raise DataError(f"{input}: no valid labelled rows (dropped by reason: {dict(report.dropped)})")
     y = [labels.index(r.label) for r in records]
@@ -220,16 +264,28 @@ def evaluate_file(model: str | Path, input: str | Path, output: str | Path | Non
     n_bins = meta.get("calibration", {}).get("n_bins", 15)
     raw = calibration_metrics(probabilities(logits), y, n_bins)
     calibrated = calibration_metrics(probabilities(logits, exported.temperature), y, n_bins)
-    scalars = {**cls["scalars"], **{f"{prefix}{k}": v for k, v in raw.items()},
-               **{f"{prefix}{k}_calibrated": v for k, v in calibrated.items()}}
+    scalars = {
+        **cls["scalars"],
+        **{f"{prefix}{k}": v for k, v in raw.items()},
+        **{f"{prefix}{k}_calibrated": v for k, v in calibrated.items()},
+    }
     # Training's gates are written for val_* keys; the same thresholds apply to this file's keys.
     gates = {prefix + k.removeprefix("val_"): rule for k, rule in meta.get("gates", {}).items()}
-    metrics = {"temperature": exported.temperature, **scalars, "per_class": cls["per_class"],
-               "confusion_matrix": cls["confusion_matrix"], "gates": evaluate_gates(scalars, gates),
-               "input": report.as_dict(), "model_part": exported.part}
+    metrics = {
+        "temperature": exported.temperature,
+        **scalars,
+        "per_class": cls["per_class"],
+        "confusion_matrix": cls["confusion_matrix"],
+        "gates": evaluate_gates(scalars, gates),
+        "input": report.as_dict(),
+        "model_part": exported.part,
+    }
     if exported.baseline is not None:  # what predict serves; the gates above judge the learned model itself
         blended = predict_probs(exported, records, logits=logits)
-        metrics["ensemble"] = {"weight": exported.blend_weight, "choice": exported.meta["ensemble"]["choice"],
-                               **{prefix + k: v for k, v in scores(blended, y).items()}}
+        metrics["ensemble"] = {
+            "weight": exported.blend_weight,
+            "choice": exported.meta["ensemble"]["choice"],
+            **{prefix + k: v for k, v in scores(blended, y).items()},
+        }
     atomic_write_json(output, metrics)
     return {**metrics, "output": str(output)}

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from filelock import FileLock, Timeout
@@ -57,8 +57,9 @@ def settle(cfg: DictConfig) -> RunConf:
         log.info("hardware auto values resolved: %s", ", ".join(f"{k}={v}" for k, v in resolved.items()))
     conf = config.typed(checked)
     if isinstance(conf.model, QwenModelConf):  # a transformer, not the MLP
-        check_memory(conf.model, conf.lora, conf.hardware, num_labels=len(conf.output_names()),
-                     batch_size=conf.optim.batch_size)
+        check_memory(
+            conf.model, conf.lora, conf.hardware, num_labels=len(conf.output_names()), batch_size=conf.optim.batch_size
+        )
     return conf
 
 
@@ -118,13 +119,19 @@ def hydra_tags() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    return {"hydra.overrides": " ".join(hc.overrides.task) or "(none)", "hydra.job.num": str(hc.job.get("num", 0))}
+    return {
+        "hydra.overrides": " ".join(hc.overrides.task) or "(none)",
+        "hydra.job.num": str(cast(DictConfig, hc.job).get("num", 0)),
+    }
 
 
 def dataset_inputs(data_files: dict[str, Any], prov: dict[str, str]) -> dict[str, tuple[str, str]]:
     """``{"train"|"val"|"test": (path, sha256)}`` for the data files that exist (provenance hashed them)."""
-    return {key.removesuffix("_file"): (path, prov[f"data.{key}.sha256"]) for key, path in data_files.items()
-            if f"data.{key}.sha256" in prov}
+    return {
+        key.removesuffix("_file"): (path, prov[f"data.{key}.sha256"])
+        for key, path in data_files.items()
+        if f"data.{key}.sha256" in prov
+    }
 
 
 def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -135,16 +142,20 @@ def epoch_curves(metrics: dict[str, Any]) -> dict[str, Any]:
 def step_logger(tracker) -> Callable[[int, dict[str, float]], None]:
     """The trainer's ``on_step``: ``step.<name>`` curves at step = optimizer step. Train numbers are queued in the
     background (the loop never waits on the store); an evaluation's are stored before its checkpoints exist."""
-    return lambda step, metrics: tracker.log_metrics({f"step.{k}": v for k, v in metrics.items()}, step=step,
-                                                     background="train_loss" in metrics)
+    return lambda step, metrics: tracker.log_metrics(
+        {f"step.{k}": v for k, v in metrics.items()}, step=step, background="train_loss" in metrics
+    )
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     """Trainable and total parameters: shows at a glance whether a run trained LoRA adapters or every weight."""
     params = list(model.parameters())
     trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    return {"model.trainable_params": trainable, "model.total_params": total,
-            "model.trainable_share": trainable / max(total, 1)}
+    return {
+        "model.trainable_params": trainable,
+        "model.total_params": total,
+        "model.trainable_share": trainable / max(total, 1),
+    }
 
 
 def with_objective(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -178,15 +189,24 @@ def run(cfg: DictConfig) -> float:
         changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if conf and resume_dir else {}
         tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
         parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
-        tracker.start({}, tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name}, parent_run_id=parent_run_id,
-                      resume_run_id=checkpoint_run_id(resume_dir))
+        tracker.start(
+            {},
+            tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
+            parent_run_id=parent_run_id,
+            resume_run_id=checkpoint_run_id(resume_dir),
+        )
         try:
             with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
                 if conf is None:
                     conf = settle_job(cfg, tracker)
                     changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if resume_dir else {}
-                ctx = RunContext(out_dir=out_dir, device=rank_device(conf.hardware.device, ddp), tracker=tracker,
-                                 ddp=ddp, resume_dir=resume_dir)
+                ctx = RunContext(
+                    out_dir=out_dir,
+                    device=rank_device(conf.hardware.device, ddp),
+                    tracker=tracker,
+                    ddp=ddp,
+                    resume_dir=resume_dir,
+                )
                 recipe = Run(conf, ctx, progress=not quiet)
                 recipe.prepare(changes, show_config=not quiet)
                 with stop_on_signals() as stop_requested, torch_threads(conf.hardware.torch_threads):
@@ -213,8 +233,9 @@ def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ConfigError(f"hydra.run.dir={out_dir}: in use by another run; wait for it to end or pick another "
-                          f"run dir") from None
+        raise ConfigError(
+            f"hydra.run.dir={out_dir}: in use by another run; wait for it to end or pick another run dir"
+        ) from None
     try:
         yield
     finally:
@@ -242,7 +263,9 @@ class Run:
         used = conf.as_dict()
         if ctx.ddp.is_main:
             OmegaConf.save(used, ctx.out_dir / CONFIG_FILE)
-            if ctx.tracker.run_id != checkpoint_run_id(ctx.resume_dir):  # params are write-once; a reopened run has them
+            if ctx.tracker.run_id != checkpoint_run_id(
+                ctx.resume_dir
+            ):  # params are write-once; a reopened run has them
                 ctx.tracker.log_params(used)
             ctx.tracker.log_artifact(ctx.out_dir / CONFIG_FILE)
         if show_config:
@@ -275,10 +298,17 @@ class Run:
         conf, ctx, ddp = self.conf, self.ctx, self.ctx.ddp
         if not ddp.is_main:
             ddp.barrier()
-        self.task.source = self.pretrain.base(self.task.source, self.task.tokenizer, self.task.pretrain_texts,
-                                              seed=conf.seed, device=ctx.device, hardware=conf.hardware,
-                                              tracker=ctx.tracker, stop_requested=stop_requested,
-                                              progress=self.progress)
+        self.task.source = self.pretrain.base(
+            self.task.source,
+            self.task.tokenizer,
+            self.task.pretrain_texts,
+            seed=conf.seed,
+            device=ctx.device,
+            hardware=conf.hardware,
+            tracker=ctx.tracker,
+            stop_requested=stop_requested,
+            progress=self.progress,
+        )
         if ddp.is_main:
             ddp.barrier()
 
@@ -295,26 +325,53 @@ class Run:
     def _setup_loaders(self) -> None:
         conf, ddp = self.conf, self.ctx.ddp
         self.train_loader, self.val_loader, self.accum = make_loaders(
-            self.data, batch_size=conf.optim.batch_size, hardware=conf.hardware, trainer=conf.trainer, seed=conf.seed,
-            ddp=ddp)
+            self.data,
+            batch_size=conf.optim.batch_size,
+            hardware=conf.hardware,
+            trainer=conf.trainer,
+            seed=conf.seed,
+            ddp=ddp,
+        )
 
     def _setup_trainer(self) -> None:
         conf, ctx = self.conf, self.ctx
         self.trainer_conf, length = conf.trainer.for_epoch_length(-(-len(self.train_loader) // self.accum))
         if length:
-            log.info("trainer.max_epochs=auto: %(steps_per_epoch)d optimizer steps an epoch -> %(max_epochs)d epochs, "
-                     "early-stopping patience %(patience)d evaluations", length)
+            log.info(
+                "trainer.max_epochs=auto: %(steps_per_epoch)d optimizer steps an epoch -> %(max_epochs)d epochs, "
+                "early-stopping patience %(patience)d evaluations",
+                length,
+            )
             ctx.tracker.set_tags({f"resolved.{k}": v for k, v in length.items()})
-        self.trainer = Trainer(self.trainer_conf, conf.optim, precision=conf.hardware.precision, device=ctx.device,
-                               ddp=ctx.ddp, progress=self.progress)
+        self.trainer = Trainer(
+            self.trainer_conf,
+            conf.optim,
+            precision=conf.hardware.precision,
+            device=ctx.device,
+            ddp=ctx.ddp,
+            progress=self.progress,
+        )
         data_sha256 = {k: v for k, v in self.provenance.items() if k.startswith("data.")}
-        checkpoints = Checkpoints(ctx.out_dir / "checkpoints", keep=conf.trainer.save_top_k,
-                                  mode=conf.trainer.monitor_mode, tokenizer=self.task.tokenizer,
-                                  meta={"mlflow_run_id": ctx.tracker.run_id, "monitor": conf.trainer.monitor,
-                                        "data_sha256": data_sha256},
-                                  resume_from=ctx.resume_dir, ddp=ctx.ddp)
-        self.trainer.setup(Fit(self.model, self.task.loss(), self.train_loader, shard(self.val_loader, ctx.ddp),
-                               self.task.metrics, self.accum), checkpoints)
+        checkpoints = Checkpoints(
+            ctx.out_dir / "checkpoints",
+            keep=conf.trainer.save_top_k,
+            mode=conf.trainer.monitor_mode,
+            tokenizer=self.task.tokenizer,
+            meta={"mlflow_run_id": ctx.tracker.run_id, "monitor": conf.trainer.monitor, "data_sha256": data_sha256},
+            resume_from=ctx.resume_dir,
+            ddp=ctx.ddp,
+        )
+        self.trainer.setup(
+            Fit(
+                self.model,
+                self.task.loss(),
+                self.train_loader,
+                shard(self.val_loader, ctx.ddp),
+                self.task.metrics,
+                self.accum,
+            ),
+            checkpoints,
+        )
         if ctx.resume_dir is not None:
             ctx.tracker.set_tags({"resumed_from": str(ctx.resume_dir)})
 
@@ -322,9 +379,12 @@ class Run:
         """Fit to the end (max_epochs, max_steps, early stopping), the best evaluation's weights back in the model."""
         tracker, objective = self.ctx.tracker, self.conf.objective
         self.state = self.trainer.fit(
-            on_epoch_end=lambda st, metrics: tracker.log_metrics(with_objective(epoch_curves(metrics), objective),
-                                                                 step=st.epoch),
-            on_step=step_logger(tracker), stop_requested=stop_requested)
+            on_epoch_end=lambda st, metrics: tracker.log_metrics(
+                with_objective(epoch_curves(metrics), objective), step=st.epoch
+            ),
+            on_step=step_logger(tracker),
+            stop_requested=stop_requested,
+        )
         self.trainer.finish()
         if self.state.best_epoch is None:
             raise RuntimeError(f"no epoch produced a usable {self.conf.trainer.monitor}; nothing to report")
@@ -332,16 +392,33 @@ class Run:
     def finalize(self) -> RunResult:
         """The result; on rank 0 also the task's reports and export, the artifacts and the run's note."""
         conf, ctx, st = self.conf, self.ctx, self.state
+        assert st.best_epoch is not None and st.best_step is not None  # train() raised otherwise
         result = RunResult(
-            task=str(conf.task.name), objective_key=conf.objective, objective=st.best[conf.objective],
-            best_epoch=st.best_epoch, best_step=st.best_step, best=st.best, stop_reason=st.stop_reason,
-            epochs_run=len(st.history), history=st.history, val_checks=st.checks,
-            wall_time_s=time.time() - self.t_start, fit_time_s=st.fit_time_s,
-            train_samples_per_s=st.train_samples_per_s, optimizer_steps=st.step, skipped_steps=st.skipped_steps,
-            accumulation_steps=self.accum, max_epochs=self.trainer_conf.max_epochs, device=str(ctx.device),
-            world_size=ctx.ddp.world_size, resumed_from=str(ctx.resume_dir) if ctx.resume_dir else None,
-            provenance=self.provenance, run_dir=str(ctx.out_dir), run_id=ctx.tracker.run_id,
-            tracking_uri=ctx.tracker.uri)
+            task=str(conf.task.name),
+            objective_key=conf.objective,
+            objective=st.best[conf.objective],
+            best_epoch=st.best_epoch,
+            best_step=st.best_step,
+            best=st.best,
+            stop_reason=st.stop_reason,
+            epochs_run=len(st.history),
+            history=st.history,
+            val_checks=st.checks,
+            wall_time_s=time.time() - self.t_start,
+            fit_time_s=st.fit_time_s,
+            train_samples_per_s=st.train_samples_per_s,
+            optimizer_steps=st.step,
+            skipped_steps=st.skipped_steps,
+            accumulation_steps=self.accum,
+            max_epochs=self.trainer_conf.max_epochs,
+            device=str(ctx.device),
+            world_size=ctx.ddp.world_size,
+            resumed_from=str(ctx.resume_dir) if ctx.resume_dir else None,
+            provenance=self.provenance,
+            run_dir=str(ctx.out_dir),
+            run_id=ctx.tracker.run_id,
+            tracking_uri=ctx.tracker.uri,
+        )
         if not ctx.ddp.is_main:  # rank 0 reports and exports
             return result
         summary_file = ctx.out_dir / "training_summary.json"
@@ -357,6 +434,7 @@ class Run:
             ctx.tracker.log_artifact(ctx.out_dir / ".hydra", "hydra")
         result.metrics, result.model_uri, result.artifacts = out.metrics, out.model_uri, [str(p) for p in artifacts]
         result.wall_time_s = time.time() - self.t_start
-        ctx.tracker.set_note(console.run_line(result) + (f"\n\nModel: `{result.model_uri}`" if result.model_uri
-                                                         else ""))
+        ctx.tracker.set_note(
+            console.run_line(result) + (f"\n\nModel: `{result.model_uri}`" if result.model_uri else "")
+        )
         return result

@@ -94,20 +94,32 @@ class CausalLMPretrain(PretrainStage):
         digest = hashlib.sha256()
         for text in texts:
             digest.update(text.encode() + b"\0")
-        parts = {"format": FORMAT, "stage": self.name, "texts": digest.hexdigest(), "n_texts": len(texts),
-                 "tokenizer": tokenizer_fingerprint(tokenizer), "base": source.identity(),
-                 "max_length": source.max_length, "settings": self.settings(), "seed": seed, "precision": precision}
+        parts = {
+            "format": FORMAT,
+            "stage": self.name,
+            "texts": digest.hexdigest(),
+            "n_texts": len(texts),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "base": source.identity(),
+            "max_length": source.max_length,
+            "settings": self.settings(),
+            "seed": seed,
+            "precision": precision,
+        }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def base(self, source: ModelSource | None, tokenizer, texts: Texts, **run: Any) -> ModelSource | None:
         c = self.conf
         corpus = texts(list(c.splits), list(c.extra_files))
         if "val" in c.splits:
-            log.warning("pretrain.splits includes val: the base has read the val texts, so val metrics are "
-                        "optimistic (transductive)")
+            log.warning(
+                "pretrain.splits includes val: the base has read the val texts, so val metrics are "
+                "optimistic (transductive)"
+            )
         if len(corpus) < 2:
-            raise DataError(f"pretrain={self.name}: {len(corpus)} text(s) to pretrain on; it needs at least 2 "
-                            f"(one is held out)")
+            raise DataError(
+                f"pretrain={self.name}: {len(corpus)} text(s) to pretrain on; it needs at least 2 (one is held out)"
+            )
         hw = run["hardware"]
         key = self.key(source, tokenizer, corpus, run["seed"], str(hw.precision))
         cache = Path(c.cache_dir)
@@ -121,21 +133,43 @@ class CausalLMPretrain(PretrainStage):
                 info = json.loads((final / INFO_FILE).read_text())
                 log.info("pretrain=%s: cache hit %s (%s)", self.name, key, final)
             else:
-                log.info("pretrain=%s: cache miss %s: %d epochs of causal-LM training on %d texts -> %s", self.name,
-                         key, c.epochs, len(corpus), final)
+                log.info(
+                    "pretrain=%s: cache miss %s: %d epochs of causal-LM training on %d texts -> %s",
+                    self.name,
+                    key,
+                    c.epochs,
+                    len(corpus),
+                    final,
+                )
                 info = self._pretrain(source, tokenizer, corpus, final, key, **run)
         tracker = run["tracker"]
         tracker.set_tags({"pretrain.cache_key": key, "pretrain.cache_hit": hit, "pretrain.base_dir": str(final)})
         for epoch in info["history"] if hit else []:  # a miss logged them as they came
             tracker.log_metrics(lm_metrics(epoch), step=epoch["epoch"])
-        log.info("pretrain=%s: base %s, LM loss by epoch %s (held out %s)", self.name, key,
-                 [round(h["train_loss"], 4) for h in info["history"]],
-                 [round(h["val_loss"], 4) for h in info["history"]])
+        log.info(
+            "pretrain=%s: base %s, LM loss by epoch %s (held out %s)",
+            self.name,
+            key,
+            [round(h["train_loss"], 4) for h in info["history"]],
+            [round(h["val_loss"], 4) for h in info["history"]],
+        )
         return replace(source, path=str(final), pretrained=True, pretrain_key=key)
 
-    def _pretrain(self, source: ModelSource, tokenizer, texts: list[str], final: Path, key: str, *, seed: int,
-                  device: torch.device, hardware, tracker, stop_requested: Callable[[], bool],
-                  progress: bool) -> dict[str, Any]:
+    def _pretrain(
+        self,
+        source: ModelSource,
+        tokenizer,
+        texts: list[str],
+        final: Path,
+        key: str,
+        *,
+        seed: int,
+        device: torch.device,
+        hardware,
+        tracker,
+        stop_requested: Callable[[], bool],
+        progress: bool,
+    ) -> dict[str, Any]:
         """Train, save ``final`` atomically, drop the work dir. Leaves the global RNG as it found it, so a run that
         hits the cache fine-tunes exactly like the run that filled it."""
         c, work = self.conf, final.with_name(final.name + ".partial")
@@ -149,33 +183,53 @@ class CausalLMPretrain(PretrainStage):
                 lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", **vars(c.lora)))
             model = TokenNLL(lm).to(device)
             train_texts, held_out = holdout_split(texts, c.holdout, seed)
-            data = TaskData(*(lm_dataset(t, tokenizer, source.max_length) for t in (train_texts, held_out)),
-                            collate=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+            data = TaskData(
+                *(lm_dataset(t, tokenizer, source.max_length) for t in (train_texts, held_out)),
+                collate=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+            )
             data.train_lengths, data.val_lengths = data.train.lengths, data.val.lengths
-            train_loader, val_loader, accum = make_loaders(data, batch_size=c.batch_size, hardware=hardware,
-                                                           trainer=c.trainer(1), seed=seed)
+            train_loader, val_loader, accum = make_loaders(
+                data, batch_size=c.batch_size, hardware=hardware, trainer=c.trainer(1), seed=seed
+            )
             trainer_conf = c.trainer(-(-len(train_loader) // accum))
             if trainer_conf.max_epochs != c.epochs:
-                log.info("pretrain=%s: %d epochs to reach pretrain.min_steps=%d", self.name, trainer_conf.max_epochs,
-                         c.min_steps)
+                log.info(
+                    "pretrain=%s: %d epochs to reach pretrain.min_steps=%d",
+                    self.name,
+                    trainer_conf.max_epochs,
+                    c.min_steps,
+                )
             last = work / "checkpoints" / "last"
             recover(last)
             resume = last if last.is_dir() else None
             if resume is not None:
                 log.info("pretrain=%s: resuming the interrupted pretraining from %s", self.name, resume)
-            trainer = Trainer(trainer_conf, c.optim(), precision=str(hardware.precision), device=device,
-                              progress=progress)
-            trainer.setup(Fit(model, MeanTokenNLL(), train_loader, val_loader, perplexity, accum),
-                          Checkpoints(work / "checkpoints", keep=1, mode="min", meta={"pretrain_key": key},
-                                      resume_from=resume))
-            state = trainer.fit(on_epoch_end=lambda st, m: tracker.log_metrics(lm_metrics(m), step=st.epoch),
-                                stop_requested=stop_requested)
+            trainer = Trainer(
+                trainer_conf, c.optim(), precision=str(hardware.precision), device=device, progress=progress
+            )
+            trainer.setup(
+                Fit(model, MeanTokenNLL(), train_loader, val_loader, perplexity, accum),
+                Checkpoints(work / "checkpoints", keep=1, mode="min", meta={"pretrain_key": key}, resume_from=resume),
+            )
+            state = trainer.fit(
+                on_epoch_end=lambda st, m: tracker.log_metrics(lm_metrics(m), step=st.epoch),
+                stop_requested=stop_requested,
+            )
             trainer.finish()  # the epoch with the lowest held-out LM loss
             lm = model.lm.merge_and_unload() if c.train == "lora" else model.lm
-            info = {"key": key, "stage": self.name, "settings": self.settings(), "seed": seed,
-                    "texts": len(texts), "held_out": len(held_out), "best_epoch": state.best_epoch,
-                    "history": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_perplexity", "epoch_train_time_s")}
-                                for h in state.history]}
+            info = {
+                "key": key,
+                "stage": self.name,
+                "settings": self.settings(),
+                "seed": seed,
+                "texts": len(texts),
+                "held_out": len(held_out),
+                "best_epoch": state.best_epoch,
+                "history": [
+                    {k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_perplexity", "epoch_train_time_s")}
+                    for h in state.history
+                ],
+            }
             with atomic_dir(final) as tmp:
                 lm.to("cpu").save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
@@ -193,8 +247,11 @@ def perplexity(y, outputs) -> dict[str, float]:
 
 def lm_metrics(epoch: dict[str, float]) -> dict[str, float]:
     """An epoch of pretraining as MLflow metrics: LM loss on the trained texts and on the held-out ones."""
-    return {"pretrain.lm_loss": epoch["train_loss"], "pretrain.val_lm_loss": epoch["val_loss"],
-            "pretrain.val_perplexity": epoch["val_perplexity"]}
+    return {
+        "pretrain.lm_loss": epoch["train_loss"],
+        "pretrain.val_lm_loss": epoch["val_loss"],
+        "pretrain.val_perplexity": epoch["val_perplexity"],
+    }
 
 
 def holdout_split(texts: Sequence[str], share: float, seed: int) -> tuple[list[str], list[str]]:

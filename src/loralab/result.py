@@ -12,14 +12,14 @@ from typing import Any
 @dataclass
 class RunResult:
     task: str
-    objective_key: str           # the monitored metric (``objective``), e.g. val_macro_f1
-    objective: float             # its value at the best evaluation
-    best_epoch: int              # the epoch of the best evaluation (an epoch end or a val check inside it)
-    best_step: int               # the optimizer step it was taken at
-    best: dict[str, Any]         # every metric of the best evaluation
+    objective_key: str  # the monitored metric (``objective``), e.g. val_macro_f1
+    objective: float  # its value at the best evaluation
+    best_epoch: int  # the epoch of the best evaluation (an epoch end or a val check inside it)
+    best_step: int  # the optimizer step it was taken at
+    best: dict[str, Any]  # every metric of the best evaluation
     stop_reason: str
     epochs_run: int
-    history: list[dict[str, Any]]     # one evaluation per finished epoch
+    history: list[dict[str, Any]]  # one evaluation per finished epoch
     val_checks: list[dict[str, Any]]  # evaluations inside epochs (trainer.val_check_interval)
     wall_time_s: float
     fit_time_s: float
@@ -31,7 +31,7 @@ class RunResult:
     device: str
     world_size: int
     resumed_from: str | None
-    provenance: dict[str, str]   # code version, packages, data file hashes
+    provenance: dict[str, str]  # code version, packages, data file hashes
     # Set once the task has finalized the run (rank 0):
     metrics: dict[str, Any] = field(default_factory=dict)  # the final report: per class, calibration, baseline...
     artifacts: list[str] = field(default_factory=list)

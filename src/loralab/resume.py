@@ -37,8 +37,9 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
 
 def data_hashes(data_files: dict[str, Any]) -> dict[str, str]:
     """``{"data.train_file.sha256": hex, ...}`` for the data files that exist (the keys provenance tags use)."""
-    return {f"data.{key}.sha256": sha256_file(path) for key, path in data_files.items()
-            if path and Path(path).is_file()}
+    return {
+        f"data.{key}.sha256": sha256_file(path) for key, path in data_files.items() if path and Path(path).is_file()
+    }
 
 
 def checkpoint_run_id(resume_dir: Path | None) -> str | None:
@@ -55,8 +56,9 @@ def interpolated_keys(cfg: DictConfig) -> list[str]:
     """Keys of the composed config whose value is written as ``${...}``: they follow their source
     (optim.optimizer.lr: ${..lr}), which is compared itself, or name a data file, whose content is compared by
     hash; counting them would name one change twice."""
-    return [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items()
-            if isinstance(v, str) and "${" in v]
+    return [
+        k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if isinstance(v, str) and "${" in v
+    ]
 
 
 def resume_changes(conf: RunConf, derived: list[str], resume_dir: Path) -> dict[str, tuple[Any, Any]]:
@@ -77,9 +79,11 @@ def resume_changes(conf: RunConf, derived: list[str], resume_dir: Path) -> dict[
         changes.update({k: (v, now.get(k, "<missing>")) for k, v in saved_hashes.items() if now.get(k) != v})
     bad = refused(changes, conf.resume_allow_changes)
     if bad:
-        raise ConfigError(f"resume={conf.resume}: {len(bad)} setting(s) differ from the checkpoint's run "
-                          f"({describe({k: changes[k] for k in bad})}); resume with the settings it was trained "
-                          f"with, or accept them with resume_allow_changes=[{','.join(bad)}] (or true)")
+        raise ConfigError(
+            f"resume={conf.resume}: {len(bad)} setting(s) differ from the checkpoint's run "
+            f"({describe({k: changes[k] for k in bad})}); resume with the settings it was trained "
+            f"with, or accept them with resume_allow_changes=[{','.join(bad)}] (or true)"
+        )
     if changes:
         log.warning("resume: accepted changes since the checkpoint: %s", describe(changes))
     return changes

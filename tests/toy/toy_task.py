@@ -63,8 +63,15 @@ class ToyClassifier(Task):
 
     def build_data(self) -> TaskData:
         d, labels = self.cfg.data, self.cfg.output_names()
-        splits = build_splits(d.train_file, d.val_file, labels, val_split=d.val_split, seed=self.cfg.seed,
-                              oversample_below=None, leakage=str(d.leakage))
+        splits = build_splits(
+            d.train_file,
+            d.val_file,
+            labels,
+            val_split=d.val_split,
+            seed=self.cfg.seed,
+            oversample_below=None,
+            leakage=str(d.leakage),
+        )
         self.vectorizer = DictVectorizer(sparse=False).fit([r.features for r in splits.train])
         self.val_rows = splits.val
         return TaskData(*(self.dataset(rows, labels) for rows in (splits.train, splits.val)))
@@ -74,8 +81,9 @@ class ToyClassifier(Task):
         return [{"features": x[i], "labels": torch.tensor(labels.index(r.label))} for i, r in enumerate(rows)]
 
     def build_model(self) -> nn.Module:
-        return instantiate(self.cfg.model, input_dim=len(self.vectorizer.feature_names_),
-                           output_dim=len(self.cfg.output_names())).to(self.ctx.device)
+        return instantiate(
+            self.cfg.model, input_dim=len(self.vectorizer.feature_names_), output_dim=len(self.cfg.output_names())
+        ).to(self.ctx.device)
 
     def loss(self) -> nn.Module:
         return instantiate(self.cfg.loss)
@@ -86,8 +94,15 @@ class ToyClassifier(Task):
     def finalize(self, model: nn.Module, val_loader, result) -> Finalized:
         out = self.ctx.out_dir
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
-        (out / META).write_text(json.dumps({"features": list(self.vectorizer.feature_names_),
-                                            "labels": self.cfg.output_names(), "hidden_dim": model.hidden_dim}))
+        (out / META).write_text(
+            json.dumps(
+                {
+                    "features": list(self.vectorizer.feature_names_),
+                    "labels": self.cfg.output_names(),
+                    "hidden_dim": model.hidden_dim,
+                }
+            )
+        )
         example = pd.DataFrame([r.features for r in self.val_rows[:3]])  # the records' own columns
         signature = infer_signature(example, pd.DataFrame({"label": self.cfg.output_names()[:1] * len(example)}))
         uri = self.ctx.tracker.log_model(ToyModel, {WEIGHTS: out / WEIGHTS, META: out / META}, signature, example, [])

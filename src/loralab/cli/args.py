@@ -39,9 +39,9 @@ def option(default: Any = MISSING, help: str = "") -> Any:
 class Tool:
     """A command: what --help says about it and the dataclass its arguments fill."""
 
-    prog: str          # the console script, e.g. loralab-predict
-    description: str   # one paragraph for --help
-    schema: type       # the options dataclass
+    prog: str  # the console script, e.g. loralab-predict
+    description: str  # one paragraph for --help
+    schema: type  # the options dataclass
     positional: str | None = None  # a bare argument (no '=') is this option's value
 
 
@@ -64,8 +64,10 @@ def _default(value: Any) -> str:
 def schema_rows(schema: type) -> list[tuple[str, str, str, str]]:
     """(name, type, default, help) per option of a dataclass, required ones first."""
     hints = typing.get_type_hints(schema)
-    rows = [(f.name, _type_name(hints[f.name]), _default(f.default), f.metadata.get("help", ""))
-            for f in dataclasses.fields(schema)]
+    rows = [
+        (f.name, _type_name(hints[f.name]), _default(f.default), f.metadata.get("help", ""))
+        for f in dataclasses.fields(schema)
+    ]
     return sorted(rows, key=lambda row: row[2] != "required")
 
 
@@ -129,8 +131,12 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def run(tool: Tool, fn: Callable[[Any], int | None], argv: Sequence[str] | None = None,
-        errors: tuple[type[BaseException], ...] = RUN_ERRORS) -> int:
+def run(
+    tool: Tool,
+    fn: Callable[[Any], int | None],
+    argv: Sequence[str] | None = None,
+    errors: tuple[type[BaseException], ...] = RUN_ERRORS,
+) -> int:
     """A tool's main: --help, parse, run ``fn(options)``; returns the exit status (``fn``'s, or 0, or 2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if wants_help(argv):

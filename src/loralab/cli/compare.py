@@ -10,17 +10,22 @@ from typing import Any, Sequence
 
 from loralab.cli.args import RUN_ERRORS, Tool, option, run
 
-DESCRIPTION = ("Show the runs of one sweep (a multirun dir, or a job dir inside it) or of a whole MLflow experiment "
-               "as one table, best objective first: each job's swept values, status, objective, per-class F1 and "
-               "error. The same rows as the summary a sweep logs on its MLflow parent run. The target may also be "
-               "given bare: loralab-compare multirun/2026-11-21/07-00-00.")
+DESCRIPTION = (
+    "Show the runs of one sweep (a multirun dir, or a job dir inside it) or of a whole MLflow experiment "
+    "as one table, best objective first: each job's swept values, status, objective, per-class F1 and "
+    "error. The same rows as the summary a sweep logs on its MLflow parent run. The target may also be "
+    "given bare: loralab-compare multirun/2026-11-21/07-00-00."
+)
 
 
 @dataclass
 class CompareArgs:
     target: str = option(help="a multirun sweep dir (or a job dir inside it) or an MLflow experiment name")
-    tracking_uri: str | None = option(None, "MLflow store; null: a sweep's own store, else $MLFLOW_TRACKING_URI, "
-                                            "else sqlite:///<$LORALAB_ROOT or cwd>/mlflow.db")
+    tracking_uri: str | None = option(
+        None,
+        "MLflow store; null: a sweep's own store, else $MLFLOW_TRACKING_URI, "
+        "else sqlite:///<$LORALAB_ROOT or cwd>/mlflow.db",
+    )
 
 
 TOOL = Tool("loralab-compare", DESCRIPTION, CompareArgs, positional="target")
@@ -35,9 +40,11 @@ def default_store() -> str:
 
 def check_store(uri: str) -> None:
     """A SQLite store must exist: opening a missing one would create it, empty, and report no runs."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise LookupError(f"no MLflow store at {uri} (no such file); give tracking_uri=sqlite:///<path to mlflow.db>, "
-                          f"set MLFLOW_TRACKING_URI, or run from the directory holding mlflow.db")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise LookupError(
+            f"no MLflow store at {uri} (no such file); give tracking_uri=sqlite:///<path to mlflow.db>, "
+            f"set MLFLOW_TRACKING_URI, or run from the directory holding mlflow.db"
+        )
 
 
 def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], str]:

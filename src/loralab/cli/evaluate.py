@@ -10,10 +10,12 @@ from typing import Sequence
 from loralab.cli.args import Tool, option, run
 from loralab.cli.predict import ExportedModelArgs
 
-DESCRIPTION = ("Evaluate an exported model on a labelled JSONL, CSV or Parquet file and write a metrics report "
-               "shaped like training's "
-               "metrics.json: macro-F1, accuracy, per-class table, confusion matrix, NLL/ECE/Brier raw and at the "
-               "exported temperature, and the training gates applied to this file's metrics.")
+DESCRIPTION = (
+    "Evaluate an exported model on a labelled JSONL, CSV or Parquet file and write a metrics report "
+    "shaped like training's "
+    "metrics.json: macro-F1, accuracy, per-class table, confusion matrix, NLL/ECE/Brier raw and at the "
+    "exported temperature, and the training gates applied to this file's metrics."
+)
 
 
 @dataclass
@@ -29,15 +31,28 @@ TOOL = Tool("loralab-evaluate", DESCRIPTION, EvaluateArgs)
 def evaluate(args: EvaluateArgs) -> None:
     from loralab.inference import evaluate_file  # torch and transformers load only when there is work to do
 
-    m = evaluate_file(args.model, args.input, args.output, args.prefix, args.batch_size, args.device,
-                      args.trust_remote_code, args.columns, args.max_row_bytes)
+    m = evaluate_file(
+        args.model,
+        args.input,
+        args.output,
+        args.prefix,
+        args.batch_size,
+        args.device,
+        args.trust_remote_code,
+        args.columns,
+        args.max_row_bytes,
+    )
     p = args.prefix
-    print(f"{m['input']['rows_kept']} rows ({m['input']['rows_dropped']} dropped): macro-F1 {m[p + 'macro_f1']:.4f}, "
-          f"accuracy {m[p + 'accuracy']:.4f}, NLL {m[p + 'nll']:.4f} -> {m[p + 'nll_calibrated']:.4f} at "
-          f"T={m['temperature']:.3f}; ECE {m[p + 'ece']:.4f} -> {m[p + 'ece_calibrated']:.4f} -> {m['output']}")
+    print(
+        f"{m['input']['rows_kept']} rows ({m['input']['rows_dropped']} dropped): macro-F1 {m[p + 'macro_f1']:.4f}, "
+        f"accuracy {m[p + 'accuracy']:.4f}, NLL {m[p + 'nll']:.4f} -> {m[p + 'nll_calibrated']:.4f} at "
+        f"T={m['temperature']:.3f}; ECE {m[p + 'ece']:.4f} -> {m[p + 'ece_calibrated']:.4f} -> {m['output']}"
+    )
     if e := m.get("ensemble"):  # what predict serves for this export: the model blended with its baseline
-        print(f"served blend (model weight {e['weight']:g}): macro-F1 {e[p + 'macro_f1']:.4f}, accuracy "
-              f"{e[p + 'accuracy']:.4f}, log-loss {e[p + 'log_loss']:.4f}")
+        print(
+            f"served blend (model weight {e['weight']:g}): macro-F1 {e[p + 'macro_f1']:.4f}, accuracy "
+            f"{e[p + 'accuracy']:.4f}, log-loss {e[p + 'log_loss']:.4f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

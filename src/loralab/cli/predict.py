@@ -10,10 +10,12 @@ from typing import Optional, Sequence
 from loralab.cli.args import Tool, option, run
 from loralab.config.schema import DataFormat
 
-DESCRIPTION = ("Score a JSONL file of {id, features} records (or a CSV/Parquet table: an id column, every other "
-               "column but the label a feature) with an exported model (model_final.zip or a run dir "
-               "with loralab.json). Rows are validated as in training: bad ones are counted by reason and left "
-               "out, never fatal. Writes id, label and the calibrated probability of every label, in input order.")
+DESCRIPTION = (
+    "Score a JSONL file of {id, features} records (or a CSV/Parquet table: an id column, every other "
+    "column but the label a feature) with an exported model (model_final.zip or a run dir "
+    "with loralab.json). Rows are validated as in training: bad ones are counted by reason and left "
+    "out, never fatal. Writes id, label and the calibrated probability of every label, in input order."
+)
 
 
 @dataclass
@@ -27,8 +29,9 @@ class ExportedModelArgs:
     format: DataFormat = option(DataFormat.auto, "input format: auto (by extension) | jsonl | csv | parquet")
     id_column: str | None = option(None, "CSV/Parquet id column; null: the one the model was trained with")
     label_column: str | None = option(None, "CSV/Parquet label column (never a feature); null: as in training")
-    max_row_bytes: Optional[int] = option(None, "longer JSONL lines are dropped unread (row_too_large); null: the "
-                                                "model's training value")
+    max_row_bytes: Optional[int] = option(
+        None, "longer JSONL lines are dropped unread (row_too_large); null: the model's training value"
+    )
 
     def __post_init__(self) -> None:  # checked before the model loads (a UsageError: one line, exit 2)
         if self.batch_size <= 0:
@@ -53,16 +56,33 @@ TOOL = Tool("loralab-predict", DESCRIPTION, PredictArgs)
 def predict(args: PredictArgs) -> None:
     from loralab.inference import predict_file  # torch and transformers load only when there is work to do
 
-    stats = predict_file(args.model, args.input, args.output, args.batch_size, args.device, args.trust_remote_code,
-                         args.columns, args.max_row_bytes)
-    print(f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
-          f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}"
-          + (f"; probs: model + baseline blend, model weight {stats['blend_weight']:g}"
-             if stats["blend_weight"] is not None else ""))
+    stats = predict_file(
+        args.model,
+        args.input,
+        args.output,
+        args.batch_size,
+        args.device,
+        args.trust_remote_code,
+        args.columns,
+        args.max_row_bytes,
+    )
+    print(
+        f"scored {stats['rows_kept']} of {stats['rows_read']} rows in {stats['score_seconds']:.2f} s "
+        f"({stats['rows_per_s']:.1f} rows/s) -> {stats['output']}"
+        + (
+            f"; probs: model + baseline blend, model weight {stats['blend_weight']:g}"
+            if stats["blend_weight"] is not None
+            else ""
+        )
+    )
     if stats["rows_dropped"]:
-        print(f"dropped {stats['rows_dropped']} rows: " + ", ".join(
-            f"{reason}={n} (first at line {stats['first_line_by_reason'][reason]})"
-            for reason, n in stats["dropped_by_reason"].items()))
+        print(
+            f"dropped {stats['rows_dropped']} rows: "
+            + ", ".join(
+                f"{reason}={n} (first at line {stats['first_line_by_reason'][reason]})"
+                for reason, n in stats["dropped_by_reason"].items()
+            )
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

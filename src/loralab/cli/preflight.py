@@ -16,10 +16,12 @@ from loralab.errors import ConfigError
 from loralab.paths import conf_dir
 
 PROG = "loralab-preflight"
-DESCRIPTION = ("Compose the training config exactly as loralab-train would (same groups, same overrides) and "
-               "estimate its peak training memory (weights, trainable state, activations, CUDA context) without "
-               "loading or downloading any weights. Exit 0 when it fits hardware.memory_gib (or the device memory "
-               "is unknown), 1 with one line naming what to cut when it clearly does not, 2 for a bad override.")
+DESCRIPTION = (
+    "Compose the training config exactly as loralab-train would (same groups, same overrides) and "
+    "estimate its peak training memory (weights, trainable state, activations, CUDA context) without "
+    "loading or downloading any weights. Exit 0 when it fits hardware.memory_gib (or the device memory "
+    "is unknown), 1 with one line naming what to cut when it clearly does not, 2 for a bad override."
+)
 GROUPS = {  # the config groups that decide the estimate, with what each contributes
     "model": "architecture whose parameters are counted (max_length sets activations)",
     "lora": "LoRA rank and targets; none trains every weight (optimizer state for all)",
@@ -67,8 +69,9 @@ def check(cfg: DictConfig) -> str:
     hw = cfg.hardware
     if hw.precision not in BYTES:
         raise ConfigError(f"hardware.precision={hw.precision!r}: must be one of {', '.join(BYTES)}")
-    est = check_memory(cfg.model, cfg.lora, hw, num_labels=len(output_names(cfg.data)), batch_size=cfg.optim.batch_size,
-                       mode="error")
+    est = check_memory(
+        cfg.model, cfg.lora, hw, num_labels=len(output_names(cfg.data)), batch_size=cfg.optim.batch_size, mode="error"
+    )
     label = run_label(cfg.model.name, cfg.lora.r if cfg.lora.enabled else None, hw.name)
     if hw.memory_gib is None:
         return f"{label}: {est.describe()}; device memory unknown (set hardware.memory_gib to compare)"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-
 from typing import Any
 
 import hydra
@@ -48,15 +47,23 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except TrainingInterrupted as err:  # stops a sweep too: Ctrl-C means stop
-        log.error("interrupted: %s. Resume with: python train.py %s resume=auto hydra.run.dir=%s", err,
-                  " ".join(HydraConfig.get().overrides.task), HydraConfig.get().runtime.output_dir)
+        log.error(
+            "interrupted: %s. Resume with: python train.py %s resume=auto hydra.run.dir=%s",
+            err,
+            " ".join(HydraConfig.get().overrides.task),
+            HydraConfig.get().runtime.output_dir,
+        )
         sys.exit(130)
     except Exception as err:
         if is_multirun():
             # Hydra's sweepers abort the whole sweep on a raising job; this job's MLflow run is already FAILED
             # with the error, so hand the sweeper a NaN objective and let the other jobs go on.
-            log.error("job failed, sweep continues: %s: %s", type(err).__name__, err,
-                      exc_info=not isinstance(err, (ConfigError, DataError, CheckpointError)))
+            log.error(
+                "job failed, sweep continues: %s: %s",
+                type(err).__name__,
+                err,
+                exc_info=not isinstance(err, (ConfigError, DataError, CheckpointError)),
+            )
             return float("nan")
         if isinstance(err, (ConfigError, DataError, CheckpointError)):
             log.error("%s: %s", type(err).__name__, err)

@@ -11,9 +11,21 @@ from typing import Any, Mapping, Sequence
 
 # Keys that may differ on resume: they say how and where a run is driven and recorded, not what it computes
 # (hardware.name is only the profile's label; the values it sets are compared one by one).
-RESUME_IGNORED = ("resume", "resume_allow_changes", "quiet", "paths", "tracking", "hardware.name",
-                  "hardware.num_workers", "hardware.pin_memory", "hardware.torch_threads", "hardware.preflight",
-                  "hardware.memory_gib", "distributed.timeout_min", "data.cache_dir")
+RESUME_IGNORED = (
+    "resume",
+    "resume_allow_changes",
+    "quiet",
+    "paths",
+    "tracking",
+    "hardware.name",
+    "hardware.num_workers",
+    "hardware.pin_memory",
+    "hardware.torch_threads",
+    "hardware.preflight",
+    "hardware.memory_gib",
+    "distributed.timeout_min",
+    "data.cache_dir",
+)
 ABSENT = "<absent>"
 
 
@@ -34,12 +46,16 @@ def covers(patterns: Sequence[str], key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
 
-def changed(saved: Mapping[str, Any], used: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED
-            ) -> dict[str, tuple[Any, Any]]:
+def changed(
+    saved: Mapping[str, Any], used: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED
+) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved value, used value)}`` for every flat key that differs and is not ignored."""
     old, new = flatten(saved), flatten(used)
-    return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(old.keys() | new.keys())
-            if old.get(k, ABSENT) != new.get(k, ABSENT) and not covers(ignore, k)}
+    return {
+        k: (old.get(k, ABSENT), new.get(k, ABSENT))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, ABSENT) != new.get(k, ABSENT) and not covers(ignore, k)
+    }
 
 
 def refused(changes: Mapping[str, Any], allow: bool | Sequence[str]) -> list[str]:
@@ -51,7 +67,9 @@ def refused(changes: Mapping[str, Any], allow: bool | Sequence[str]) -> list[str
 
 def describe(changes: Mapping[str, tuple[Any, Any]], width: int = 60) -> str:
     """``optim.lr: 0.001 -> 0.01, ...`` on one line, each value cut to ``width`` characters."""
+
     def short(v: Any) -> str:
         text = v if v is ABSENT else repr(v)
-        return text if len(text) <= width else text[:width - 3] + "..."
+        return text if len(text) <= width else text[: width - 3] + "..."
+
     return ", ".join(f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in changes.items())

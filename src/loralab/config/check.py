@@ -11,7 +11,7 @@ import math
 import re
 import typing
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -37,17 +37,21 @@ def check(cfg: DictConfig) -> DictConfig:
     broken rule. Call it right after composition, before anything loads. Interpolations stay unresolved (they
     resolve as usual later, ``${hydra:...}`` inside the Hydra app); closed choices come back as
     ``schema.Choice`` enums, which read as their string values."""
-    body = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in HYDRA_KEYS])
+    body = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k not in HYDRA_KEYS])
     task = task_class(body)
     root = task.conf
     fit_groups(body, task.name, root)
     try:
-        typed = OmegaConf.merge(by_target(root, body), body)
+        typed = cast(DictConfig, OmegaConf.merge(by_target(root, body), body))
         walk(typed, root, "")
     except OmegaConfBaseException as err:
         raise one_line(err, root, body) from None
-    require(typed.task.name == task.name, "task.name", typed.task.name,
-            f"must be {task.name}, the name of {typed.task._target_}")
+    require(
+        typed.task.name == task.name,
+        "task.name",
+        typed.task.name,
+        f"must be {task.name}, the name of {typed.task._target_}",
+    )
     for rule in RULES:
         rule(typed, task)
     task.check(typed)
@@ -66,8 +70,12 @@ def task_class(cfg: DictConfig) -> Any:
     except Exception as err:  # hydra wraps the import error; its first line says what is missing
         fail("task._target_", target, f"cannot import the task class: {str(err).splitlines()[0]}")
     conf = getattr(task, "conf", None)
-    require(isinstance(conf, type) and issubclass(conf, RunConf), "task._target_", target,
-            "must name a loralab.tasks.base.Task subclass (with its root schema as conf)")
+    require(
+        isinstance(conf, type) and issubclass(conf, RunConf),
+        "task._target_",
+        target,
+        "must name a loralab.tasks.base.Task subclass (with its root schema as conf)",
+    )
     return task
 
 
@@ -112,14 +120,14 @@ def fit_groups(body: DictConfig, task: str, root: type) -> None:
 def fits(node: DictConfig, schema: type) -> bool:
     """Merges onto ``schema`` and leaves no value unset that the option itself had set."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        merged = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException:
         return False
     return missing(merged) <= missing(node)
 
 
 def missing(node: DictConfig) -> set[str]:
-    return {k for k in node.keys() if OmegaConf.is_missing(node, k)}
+    return {str(k) for k in node.keys() if OmegaConf.is_missing(node, k)}
 
 
 def choice(group: str) -> str | None:
@@ -127,7 +135,7 @@ def choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
-def walk(node: DictConfig, schema: type, prefix: str) -> None:
+def walk(node: DictConfig, schema: Any, prefix: str) -> None:
     """Every field of ``schema`` in ``node``: set, resolvable to its type, and within its rules."""
     types = hints(schema)
     for f in dataclasses.fields(schema):
@@ -148,7 +156,7 @@ def walk(node: DictConfig, schema: type, prefix: str) -> None:
         for rule in rules:
             require(rule.holds(value), key, value, rule.text + (" or null" if optional else ""))
         if each is not None:
-            for sub, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            for sub, item in value.items() if isinstance(value, dict) else enumerate(value):
                 require(item is SKIP or each.holds(item), f"{key}.{sub}", item, each.text)
 
 
@@ -174,8 +182,11 @@ def one_line(err: OmegaConfBaseException, root: type, body: DictConfig) -> Confi
     value = raw(body, parts)
     if isinstance(err, ConfigKeyError):
         parent, _ = unwrap(type_at(root, parts[:-1]))
-        known = [f.name for f in dataclasses.fields(parent) if not f.name.startswith("_")] \
-            if dataclasses.is_dataclass(parent) else []
+        known = (
+            [f.name for f in dataclasses.fields(parent) if not f.name.startswith("_")]
+            if dataclasses.is_dataclass(parent)
+            else []
+        )
         return ConfigError(f"{key}={value!r}: unknown key (known: {', '.join(known)})")
     want = expected(*unwrap(type_at(root, parts)))
     if isinstance(err, InterpolationValidationError):
@@ -198,7 +209,7 @@ def raw(cfg: DictConfig, parts: list[str]) -> Any:
     return node
 
 
-def hints(schema: type) -> dict[str, Any]:
+def hints(schema: Any) -> dict[str, Any]:
     return typing.get_type_hints(schema)
 
 

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.core.loaders import accumulation_steps  # the one rule the trainer applies too
 from loralab.config.tasks import QwenModelConf
+from loralab.core.loaders import accumulation_steps  # the one rule the trainer applies too
 from loralab.data.records import unreadable
 from loralab.errors import ConfigError
 
@@ -42,20 +42,33 @@ def is_qwen(cfg: DictConfig) -> bool:
 
 def lora(cfg: DictConfig, task: Any) -> None:
     lo = cfg.lora
-    require(not lo.enabled or lo.r is not None, "lora.r", lo.r, "LoRA needs a rank (e.g. lora.r=8); lora=none "
-            "trains every weight instead")
-    require(not lo.enabled or is_qwen(cfg), "lora.enabled", lo.enabled,
-            "the MLP trains fully; LoRA applies to Qwen2 models")
+    require(
+        not lo.enabled or lo.r is not None,
+        "lora.r",
+        lo.r,
+        "LoRA needs a rank (e.g. lora.r=8); lora=none trains every weight instead",
+    )
+    require(
+        not lo.enabled or is_qwen(cfg), "lora.enabled", lo.enabled, "the MLP trains fully; LoRA applies to Qwen2 models"
+    )
 
 
 def pretrain(cfg: DictConfig, task: Any) -> None:
     p = cfg.pretrain
     if p.name == "none":
         return
-    require(task.reads_text and is_qwen(cfg), "pretrain", p.name,
-            "continued pretraining needs a text model; the MLP has no texts (pretrain=none)")
-    require(bool(p.splits) or bool(p.extra_files), "pretrain.splits", list(p.splits),
-            "no texts to pretrain on: name a split (train) or pretrain.extra_files")
+    require(
+        task.reads_text and is_qwen(cfg),
+        "pretrain",
+        p.name,
+        "continued pretraining needs a text model; the MLP has no texts (pretrain=none)",
+    )
+    require(
+        bool(p.splits) or bool(p.extra_files),
+        "pretrain.splits",
+        list(p.splits),
+        "no texts to pretrain on: name a split (train) or pretrain.extra_files",
+    )
     for i, path in enumerate(p.extra_files):
         problem = unreadable(path)
         require(problem is None, f"pretrain.extra_files.{i}", path, problem or "")
@@ -65,10 +78,18 @@ def model(cfg: DictConfig, task: Any) -> None:
     if not is_qwen(cfg):
         return
     m = cfg.model
-    require(m.pretrained or bool(m.arch), "model.arch", m.arch,
-            "pretrained=false needs a shipped architecture name or a local config.json / model dir")
-    require(not m.pretrained or bool(m.hub_id or m.path), "model.hub_id", m.hub_id,
-            "pretrained=true needs model.hub_id or model.path")
+    require(
+        m.pretrained or bool(m.arch),
+        "model.arch",
+        m.arch,
+        "pretrained=false needs a shipped architecture name or a local config.json / model dir",
+    )
+    require(
+        not m.pretrained or bool(m.hub_id or m.path),
+        "model.hub_id",
+        m.hub_id,
+        "pretrained=true needs model.hub_id or model.path",
+    )
 
 
 def monitor(cfg: DictConfig, task: Any) -> None:
@@ -78,8 +99,12 @@ def monitor(cfg: DictConfig, task: Any) -> None:
         require(name in names, key, name, names.rule)
     name, mode = cfg.trainer.monitor, cfg.trainer.monitor_mode
     lower_is_better = name == "val_loss" or any(name.startswith(f"val_{s}") for s in ("mse", "mae", "rmse"))
-    require(mode == ("min" if lower_is_better else "max"), "trainer.monitor_mode", mode,
-            f"{name} is {'an error' if lower_is_better else 'a score'}: must be {'min' if lower_is_better else 'max'}")
+    require(
+        mode == ("min" if lower_is_better else "max"),
+        "trainer.monitor_mode",
+        mode,
+        f"{name} is {'an error' if lower_is_better else 'a score'}: must be {'min' if lower_is_better else 'max'}",
+    )
 
 
 def batch(cfg: DictConfig, task: Any) -> None:
@@ -93,33 +118,65 @@ def hardware(cfg: DictConfig, task: Any) -> None:
     h = cfg.hardware
     on_cuda = str(h.device).startswith("cuda")
     if h.load_in_4bit:
-        require(on_cuda or h.device == "auto", "hardware.load_in_4bit", True,
-                f"4-bit (bitsandbytes) needs a CUDA device, hardware.device is {h.device}")
+        require(
+            on_cuda or h.device == "auto",
+            "hardware.load_in_4bit",
+            True,
+            f"4-bit (bitsandbytes) needs a CUDA device, hardware.device is {h.device}",
+        )
         require(cfg.lora.enabled, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)")
         require(is_qwen(cfg) and cfg.model.pretrained, "hardware.load_in_4bit", True, "needs model.pretrained=true")
     if on_cuda:
         import torch
 
-        require(torch.cuda.is_available(), "hardware.device", h.device,
-                "CUDA is not available here; use hardware=cpu or hardware=auto")
+        require(
+            torch.cuda.is_available(),
+            "hardware.device",
+            h.device,
+            "CUDA is not available here; use hardware=cpu or hardware=auto",
+        )
     if not is_qwen(cfg):
-        require(h.precision in ("fp32", "auto"), "hardware.precision", h.precision,
-                "the MLP trains in fp32 (mixed precision buys nothing at this size)")
+        require(
+            h.precision in ("fp32", "auto"),
+            "hardware.precision",
+            h.precision,
+            "the MLP trains in fp32 (mixed precision buys nothing at this size)",
+        )
 
 
 def ensemble(cfg: DictConfig, task: Any) -> None:
     if cfg.ensemble is None:
         return
-    require(task.blends, "ensemble", "blend", f"blends a classifier's probabilities; this run's task is "
-            f"{cfg.task.name} (use ensemble=none)")
-    require(cfg.baseline is not None, "ensemble", "blend", "needs the in-run baseline to blend with "
-            "(baseline=hgb or logreg, not none)")
+    require(
+        task.blends,
+        "ensemble",
+        "blend",
+        f"blends a classifier's probabilities; this run's task is {cfg.task.name} (use ensemble=none)",
+    )
+    require(
+        cfg.baseline is not None,
+        "ensemble",
+        "blend",
+        "needs the in-run baseline to blend with (baseline=hgb or logreg, not none)",
+    )
     parts = cfg.export.zip_parts
-    require(parts == "auto" or "baseline" in parts, "export.zip_parts", parts,
-            "ensemble=blend serves the blend: the zip needs baseline (its skops file)")
+    require(
+        parts == "auto" or "baseline" in parts,
+        "export.zip_parts",
+        parts,
+        "ensemble=blend serves the blend: the zip needs baseline (its skops file)",
+    )
 
 
 # Each rule takes the typed config and the run's task class (``task._target_``: its ``metric_names``, whether it
 # ``reads_text`` or ``blends``); the task's own rules (``Task.check``) run after these.
-RULES: tuple[Callable[[DictConfig, Any], None], ...] = (data_files, lora, pretrain, model, monitor, batch, hardware,
-                                                        ensemble)
+RULES: tuple[Callable[[DictConfig, Any], None], ...] = (
+    data_files,
+    lora,
+    pretrain,
+    model,
+    monitor,
+    batch,
+    hardware,
+    ensemble,
+)

@@ -69,12 +69,14 @@ def interval(spec: str) -> Rule:
 def template_of(*fields: str) -> Rule:
     """A ``str.format`` template that uses at least one of ``fields`` and nothing else (``{oops}`` would be a
     KeyError on the first record, after the run started)."""
+
     def holds(v: str) -> bool:
         try:
             used = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
         except ValueError:  # unbalanced braces
             return False
         return bool(used & set(fields)) and used <= set(fields)
+
     return Rule(holds, "must contain " + " and/or ".join(f"{{{f}}}" for f in fields) + " and no other {field}")
 
 
@@ -92,24 +94,40 @@ def _either(choices: Iterable[str]) -> str:
     return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
-NAMES = Rule(lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
-             "must be a non-empty list of unique, non-empty strings")
+NAMES = Rule(
+    lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
+    "must be a non-empty list of unique, non-empty strings",
+)
 NOT_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty")
-LORA_TARGETS = Rule(lambda v: v is None or v == "all-linear" or (
-    isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) and x for x in v)),
-    "must be null (peft's default for the architecture), all-linear or a non-empty list of module names")
+LORA_TARGETS = Rule(
+    lambda v: (
+        v is None
+        or v == "all-linear"
+        or (isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) and x for x in v))
+    ),
+    "must be null (peft's default for the architecture), all-linear or a non-empty list of module names",
+)
 DEVICE = Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "must be auto, cpu, cuda or cuda:<index>")
-CLASS_WEIGHTS = Rule(lambda v: v in ("auto", "sqrt_inverse", "none", None)
-                     or (isinstance(v, list) and all(is_number(w) and w >= 0 for w in v)),
-                     "must be auto, sqrt_inverse, none or a list of numbers >= 0")
-RESUME_ALLOW = Rule(lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
-                    "must be true, false or a list of keys (e.g. [optim.lr, data.train_file])")
+CLASS_WEIGHTS = Rule(
+    lambda v: (
+        v in ("auto", "sqrt_inverse", "none", None) or (isinstance(v, list) and all(is_number(w) and w >= 0 for w in v))
+    ),
+    "must be auto, sqrt_inverse, none or a list of numbers >= 0",
+)
+RESUME_ALLOW = Rule(
+    lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
+    "must be true, false or a list of keys (e.g. [optim.lr, data.train_file])",
+)
 T_BOUNDS = Rule(lambda v: len(v) == 2 and 0 < v[0] < 1 < v[1], "must be [lo, hi] with 0 < lo < 1 < hi")
 ZIP_PARTS = ("merged", "adapter", "base", "baseline", "loralab.json")
-ZIP_PARTS_KNOWN = Rule(lambda v: v == "auto" or (isinstance(v, list) and set(v) <= set(ZIP_PARTS)),
-                       f"allowed parts: auto, or a list of {', '.join(ZIP_PARTS)}")
-ZIP_PARTS_LOADABLE = Rule(lambda v: v == "auto" or ("loralab.json" in v and bool({"merged", "adapter"} & set(v))),
-                          "needs loralab.json and merged or adapter (or the zip cannot be loaded)")
+ZIP_PARTS_KNOWN = Rule(
+    lambda v: v == "auto" or (isinstance(v, list) and set(v) <= set(ZIP_PARTS)),
+    f"allowed parts: auto, or a list of {', '.join(ZIP_PARTS)}",
+)
+ZIP_PARTS_LOADABLE = Rule(
+    lambda v: v == "auto" or ("loralab.json" in v and bool({"merged", "adapter"} & set(v))),
+    "needs loralab.json and merged or adapter (or the zip cannot be loaded)",
+)
 
 
 def _gate(v: Any) -> bool:

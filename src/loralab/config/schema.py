@@ -14,18 +14,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING
-
-from loralab.core.loaders import accumulation_steps
 
 from loralab.config.rules import (
     DEVICE,
     GATE,
     LORA_TARGETS,
-    RESUME_ALLOW,
     NOT_EMPTY,
+    RESUME_ALLOW,
     SCHEDULER,
     T_BOUNDS,
     ZIP_PARTS_KNOWN,
@@ -39,6 +37,7 @@ from loralab.config.rules import (
     knob,
     one_of,
 )
+from loralab.core.loaders import accumulation_steps
 
 
 class Choice(StrEnum):
@@ -187,20 +186,36 @@ class PretrainConf:
 
     def optim(self) -> "OptimConf":
         """The stage's optimizer settings, as the run's ``optim`` group spells them."""
-        return OptimConf(lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-                         warmup_ratio=self.warmup_ratio, scheduler=self.scheduler, max_grad_norm=self.max_grad_norm,
-                         optimizer=self.optimizer)
+        return OptimConf(
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            warmup_ratio=self.warmup_ratio,
+            scheduler=self.scheduler,
+            max_grad_norm=self.max_grad_norm,
+            optimizer=self.optimizer,
+        )
 
     def trainer(self, steps_per_epoch: int) -> "TrainerConf":
         """The stage's loop: every epoch runs (``epochs``, or more where a small corpus needs them to reach
         ``min_steps`` optimizer steps) and the epoch with the lowest held-out perplexity is kept."""
         epochs = max(self.epochs, math.ceil(self.min_steps / max(steps_per_epoch, 1)))
-        return TrainerConf(max_epochs=epochs, min_steps=1, monitor="val_perplexity", monitor_mode=MonitorMode.min,
-                           early_stopping=EarlyStoppingConf(patience=epochs, patience_steps=0, min_delta=0.0,
-                                                            smoothing=0.0),
-                           save_top_k=1, group_by_length=True, compile=False, eval_batch_size=4 * self.batch_size,
-                           deterministic=False, gates=None, log_every_n_steps=None, val_check_interval=None,
-                           max_steps=None)
+        return TrainerConf(
+            max_epochs=epochs,
+            min_steps=1,
+            monitor="val_perplexity",
+            monitor_mode=MonitorMode.min,
+            early_stopping=EarlyStoppingConf(patience=epochs, patience_steps=0, min_delta=0.0, smoothing=0.0),
+            save_top_k=1,
+            group_by_length=True,
+            compile=False,
+            eval_batch_size=4 * self.batch_size,
+            deterministic=False,
+            gates=None,
+            log_every_n_steps=None,
+            val_check_interval=None,
+            max_steps=None,
+        )
 
 
 @dataclass
@@ -249,9 +264,9 @@ class TrainerConf:
     eval_batch_size: int = knob(gt(0))
     deterministic: bool = MISSING
     gates: Optional[Dict[str, str]] = knob(each=GATE)
-    log_every_n_steps: Optional[int] = knob(ge(1))   # null: no step-level train metrics
+    log_every_n_steps: Optional[int] = knob(ge(1))  # null: no step-level train metrics
     val_check_interval: Optional[int] = knob(ge(1))  # null: evaluate at epoch ends only
-    max_steps: Optional[int] = knob(ge(1))           # null: max_epochs alone ends training
+    max_steps: Optional[int] = knob(ge(1))  # null: max_epochs alone ends training
 
     def for_epoch_length(self, steps_per_epoch: int) -> tuple["TrainerConf", dict[str, int]]:
         """``max_epochs=auto``: as many epochs as ``min_steps`` optimizer steps need, and a patience (in
@@ -264,8 +279,9 @@ class TrainerConf:
         epochs = max(1, math.ceil(self.min_steps / steps_per_epoch))
         between_evals = min(self.val_check_interval or steps_per_epoch, steps_per_epoch)
         patience = max(es.patience, math.ceil(es.patience_steps / between_evals))
-        resolved = dataclasses.replace(self, max_epochs=epochs,
-                                       early_stopping=dataclasses.replace(es, patience=patience))
+        resolved = dataclasses.replace(
+            self, max_epochs=epochs, early_stopping=dataclasses.replace(es, patience=patience)
+        )
         return resolved, {"max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
 
 
@@ -343,6 +359,7 @@ SERIALIZE_TARGET = "loralab.data.serialize."
 class SerializeConf:
     """``conf/serialize``: the option's ``_target_`` picks its schema (``BY_TARGET``), so each option has its keys."""
 
+    BY_TARGET: ClassVar[dict[str, type]] = {}  # _target_ -> schema; filled below, once the options exist
     _target_: str = MISSING  # checked against BY_TARGET before the merge
     template: str = MISSING  # ${data.template}: its rule is there
 
@@ -358,8 +375,12 @@ class BinsConf(SerializeConf):
     cuts: BinCuts = MISSING
 
 
-SerializeConf.BY_TARGET = {SERIALIZE_TARGET + name: schema for name, schema in (  # type: ignore[attr-defined]
-    ("Json", SerializeConf), ("KeyValue", KeyValueConf), ("Bins", BinsConf))}
+SerializeConf.BY_TARGET.update(
+    {
+        SERIALIZE_TARGET + name: schema
+        for name, schema in (("Json", SerializeConf), ("KeyValue", KeyValueConf), ("Bins", BinsConf))
+    }
+)
 
 
 @dataclass
@@ -367,6 +388,9 @@ class RunConf:
     """Keys every task has; a task's root adds its data, model and loss schema."""
 
     task: TaskConf = MISSING
+    data: Any = MISSING  # each task's root schema types data, model and loss (config/tasks.py)
+    model: Any = MISSING
+    loss: Any = MISSING
     lora: LoraConf = MISSING
     pretrain: PretrainConf = MISSING
     optim: OptimConf = MISSING

@@ -7,7 +7,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 import torch
@@ -80,8 +80,10 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any] | None:
         except OSError as err:
             raise CheckpointError(f"{path}: unreadable ({err.strerror or _first_line(err)})") from None
         if actual != digest:
-            raise CheckpointError(f"{path}: sha256 does not match {CHECKSUMS} (the file is corrupt or was changed "
-                                  f"after it was saved); refusing to load it")
+            raise CheckpointError(
+                f"{path}: sha256 does not match {CHECKSUMS} (the file is corrupt or was changed "
+                f"after it was saved); refusing to load it"
+            )
     return manifest
 
 
@@ -110,10 +112,13 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # (name, keys, pos, has_gauss, cached_gaussian)
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -130,13 +135,28 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k in names}
 
 
-def save_train_state(directory: str | Path, *, model, optimizer, scheduler, scaler, loop_state: dict[str, Any],
-                     meta: dict[str, Any], tokenizer=None) -> Path:
+def save_train_state(
+    directory: str | Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    loop_state: dict[str, Any],
+    meta: dict[str, Any],
+    tokenizer=None,
+) -> Path:
     """Everything needed to continue training bit-for-bit (on CPU), written atomically."""
     weights = trainable_tensors(model)
     _check_finite(weights, f"saving {directory}")
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng": rng_state(), "loop": loop_state, "meta": meta}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "loop": loop_state,
+        "meta": meta,
+    }
     with atomic_dir(directory) as tmp:
         save_file(weights, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
@@ -155,8 +175,10 @@ def load_weights(directory: str | Path, model) -> None:
     current = model.state_dict()
     for name, t in weights.items():
         if name not in current or current[name].shape != t.shape:
-            raise CheckpointError(f"{directory}: tensor {name} {tuple(t.shape)} does not fit this model "
-                                  f"({tuple(current[name].shape) if name in current else 'missing'})")
+            raise CheckpointError(
+                f"{directory}: tensor {name} {tuple(t.shape)} does not fit this model "
+                f"({tuple(current[name].shape) if name in current else 'missing'})"
+            )
     model.load_state_dict(weights, strict=False)
 
 
@@ -205,10 +227,20 @@ def rotate_top_k(checkpoint_dir: Path, ranked: list[dict[str, Any]], keep: int) 
 
 class Checkpoints:
     """The resumable checkpoints of one run dir: ``last`` after every evaluation (and on a stop), and the top
-    ``keep`` evaluations (epochs, val checks) by the monitored value, ``ranked`` best first. Only rank 0 writes; every rank can resume from them."""
+    ``keep`` evaluations (epochs, val checks) by the monitored value, ``ranked`` best first. Only rank 0 writes;
+    every rank can resume from them."""
 
-    def __init__(self, directory: Path, *, keep: int, mode: str, meta: dict[str, Any], tokenizer=None,
-                 resume_from: Path | None = None, ddp: Dist = Dist()):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        keep: int,
+        mode: str,
+        meta: dict[str, Any],
+        tokenizer=None,
+        resume_from: Path | None = None,
+        ddp: Dist = Dist(),
+    ):
         self.dir, self.keep, self.mode, self.meta = Path(directory), keep, mode, meta
         self.tokenizer, self.resume_from, self.ddp = tokenizer, resume_from, ddp
         self.ranked: list[dict[str, Any]] = []
@@ -218,8 +250,7 @@ class Checkpoints:
         """Load ``resume_from`` into the parts; returns its loop state (None for a fresh run)."""
         if self.resume_from is None:
             return None
-        saved = load_train_state(self.resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 scaler=scaler)
+        saved = load_train_state(self.resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         self.ranked = self._adopt(self.resume_from.parent, saved["meta"]["top_k"])
         return saved["loop"]
 
@@ -229,8 +260,13 @@ class Checkpoints:
 
     def save(self, name: str, loop_state: dict[str, Any]) -> None:
         if self.ddp.is_main:
-            save_train_state(self.dir / name, **self.parts, loop_state=loop_state, tokenizer=self.tokenizer,
-                             meta={**self.meta, "top_k": self.ranked})
+            save_train_state(
+                self.dir / name,
+                **self.parts,
+                loop_state=loop_state,
+                tokenizer=self.tokenizer,
+                meta={**self.meta, "top_k": self.ranked},
+            )
 
     def save_last(self, loop_state: dict[str, Any]) -> None:
         self.save("last", loop_state)
@@ -246,13 +282,13 @@ class Checkpoints:
 
     def _rank(self, loop_state: dict[str, Any], entry: dict[str, Any]) -> None:
         self.ranked = sorted([*self.ranked, entry], key=lambda e: e["value"], reverse=self.mode == "max")
-        if entry in self.ranked[:self.keep]:
+        if entry in self.ranked[: self.keep]:
             self.save(entry["name"], loop_state)
         self.save_last(loop_state)  # after the top-k entry, so `last` never points at a missing one
         if self.ddp.is_main:
             self.ranked = rotate_top_k(self.dir, self.ranked, self.keep)
         else:
-            self.ranked = self.ranked[:self.keep]
+            self.ranked = self.ranked[: self.keep]
 
     def load_best(self, model) -> None:
         if self.ranked:
@@ -270,6 +306,9 @@ class Checkpoints:
         self.ddp.barrier()
         kept = [e for e in ranked if (self.dir / e["name"]).is_dir()]
         if len(kept) < len(ranked):
-            log.warning("resume: %d ranked checkpoint(s) of %s not found; the best epoch is chosen among the rest",
-                        len(ranked) - len(kept), source)
+            log.warning(
+                "resume: %d ranked checkpoint(s) of %s not found; the best epoch is chosen among the rest",
+                len(ranked) - len(kept),
+                source,
+            )
         return kept

@@ -19,8 +19,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"device={name}: CUDA is not available here (torch {torch.__version__}, CUDA build "
-                              f"{torch.version.cuda}); use cpu or auto")
+            raise ConfigError(
+                f"device={name}: CUDA is not available here (torch {torch.__version__}, CUDA build "
+                f"{torch.version.cuda}); use cpu or auto"
+            )
         if device.index is not None and device.index >= count:
             raise ConfigError(f"device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device

@@ -23,9 +23,9 @@ class TaskData:
     train: Dataset
     val: Dataset
     train_lengths: Sequence[int] | None = None  # tokens per train row: batches of similar length pad less
-    val_lengths: Sequence[int] | None = None    # tokens per val row: evaluated longest first
+    val_lengths: Sequence[int] | None = None  # tokens per val row: evaluated longest first
     collate: Callable | None = None
-    shuffle: bool = True                        # False keeps file (time) order, e.g. for time series
+    shuffle: bool = True  # False keeps file (time) order, e.g. for time series
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
@@ -33,42 +33,63 @@ def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
     if micro_batch_size is None or micro_batch_size >= batch_size:
         return 1
     if batch_size % micro_batch_size:
-        raise ConfigError(f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
-                          f"{micro_batch_size}; pick a batch size that is a multiple of it")
+        raise ConfigError(
+            f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
+            f"{micro_batch_size}; pick a batch size that is a multiple of it"
+        )
     return batch_size // micro_batch_size
 
 
-def make_loaders(data: TaskData, *, batch_size: int, hardware: HardwareConf, trainer: TrainerConf, seed: int,
-                 ddp: Dist = Dist()
-                 ) -> tuple[DataLoader, DataLoader, int]:
+def make_loaders(
+    data: TaskData, *, batch_size: int, hardware: HardwareConf, trainer: TrainerConf, seed: int, ddp: Dist = Dist()
+) -> tuple[DataLoader, DataLoader, int]:
     """(train loader, val loader, accumulation steps) for a global batch of ``batch_size`` rows."""
     if batch_size % ddp.world_size:
-        raise ConfigError(f"optim.batch_size={batch_size}: the global batch must be divisible by the "
-                          f"{ddp.world_size} processes")
+        raise ConfigError(
+            f"optim.batch_size={batch_size}: the global batch must be divisible by the {ddp.world_size} processes"
+        )
     per_rank = batch_size // ddp.world_size
     accum = accumulation_steps(per_rank, hardware.micro_batch_size)
-    lengths = data.train_lengths or [1] * len(data.train)
-    sampler = EpochBatchSampler(lengths, per_rank // accum, seed, shuffle=data.shuffle,
-                                group_by_length=trainer.group_by_length and data.train_lengths is not None,
-                                rank=ddp.rank, world_size=ddp.world_size)
+    n_train = len(data.train)  # type: ignore[arg-type]  # map-style datasets are sized; the stubs do not say so
+    lengths = data.train_lengths or [1] * n_train
+    sampler = EpochBatchSampler(
+        lengths,
+        per_rank // accum,
+        seed,
+        shuffle=data.shuffle,
+        group_by_length=trainer.group_by_length and data.train_lengths is not None,
+        rank=ddp.rank,
+        world_size=ddp.world_size,
+    )
     if ddp.enabled and len(sampler) == 0:
-        raise ConfigError(f"optim.batch_size={batch_size}: {len(data.train)} training rows make fewer batches than "
-                          f"the {ddp.world_size} processes; use a smaller batch or fewer processes")
+        raise ConfigError(
+            f"optim.batch_size={batch_size}: {n_train} training rows make fewer batches than "
+            f"the {ddp.world_size} processes; use a smaller batch or fewer processes"
+        )
     train = DataLoader(data.train, batch_sampler=sampler, **loader_args(data.collate, hardware))
     val = eval_loader(data.val, data.val_lengths, data.collate, batch_size=trainer.eval_batch_size, hardware=hardware)
     return train, val, accum
 
 
 def loader_args(collate: Callable | None, hardware: HardwareConf) -> dict:
-    return dict(collate_fn=collate, num_workers=hardware.num_workers,
-                pin_memory=bool(hardware.pin_memory) and str(hardware.device).startswith("cuda"))
+    return dict(
+        collate_fn=collate,
+        num_workers=hardware.num_workers,
+        pin_memory=bool(hardware.pin_memory) and str(hardware.device).startswith("cuda"),
+    )
 
 
-def eval_loader(dataset: Dataset, lengths: Sequence[int] | None, collate: Callable | None, *, batch_size: int,
-                hardware: HardwareConf) -> DataLoader:
+def eval_loader(
+    dataset: Dataset,
+    lengths: Sequence[int] | None,
+    collate: Callable | None,
+    *,
+    batch_size: int,
+    hardware: HardwareConf,
+) -> DataLoader:
     """A scoring loader (validation, test): longest first when lengths are known (the first batch shows peak
     memory; batches pad little), else file order."""
-    order = None if lengths is None else sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    order = None if lengths is None else sorted(range(len(dataset)), key=lambda i: -lengths[i])  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=order, **loader_args(collate, hardware))
 
 
@@ -76,6 +97,12 @@ def shard(loader: DataLoader, ddp: Dist) -> DataLoader:
     """This rank's every ``world_size``-th row of an ordered evaluation loader; the trainer gathers the shards."""
     if not ddp.enabled:
         return loader
-    indices = list(loader.sampler)[ddp.rank::ddp.world_size]
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, collate_fn=loader.collate_fn,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    indices = list(loader.sampler)[ddp.rank :: ddp.world_size]
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=indices,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )

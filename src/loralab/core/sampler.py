@@ -23,8 +23,18 @@ class EpochBatchSampler(Sampler[list[int]]):
     batches are dropped, a different few each epoch when shuffled, as ``DistributedSampler(drop_last=True)`` does.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, shuffle: bool = True,
-                 group_by_length: bool = True, bucket_size: int = 50, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        *,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        bucket_size: int = 50,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.lengths = list(lengths)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_by_length, self.bucket_size = group_by_length, bucket_size
@@ -41,17 +51,16 @@ class EpochBatchSampler(Sampler[list[int]]):
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
         if self.group_by_length:
             mega = self.batch_size * self.bucket_size
-            order = [i for s in range(0, n, mega)
-                     for i in sorted(order[s:s + mega], key=lambda i: -self.lengths[i])]
-        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+            order = [i for s in range(0, n, mega) for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])]
+        batches = [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         if self.world_size > 1:
-            batches = batches[:len(batches) // self.world_size * self.world_size][self.rank::self.world_size]
+            batches = batches[: len(batches) // self.world_size * self.world_size][self.rank :: self.world_size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.start_batch:]
+        yield from self._all_batches()[self.start_batch :]
 
     def __len__(self) -> int:
         """Batches in a full epoch for this rank (independent of ``start_batch``)."""

@@ -22,7 +22,7 @@ class EarlyStopping:
     mode: str = "max"
     smoothing: float = 0.0
     best: float = -math.inf
-    bad_epochs: int = 0            # evaluations without improvement (the name predates val checks)
+    bad_epochs: int = 0  # evaluations without improvement (the name predates val checks)
     smoothed: float | None = None
 
     def update(self, value: float) -> bool:
@@ -50,19 +50,19 @@ class EarlyStopping:
 class TrainState:
     """Where training stands; plain numbers only, so it round-trips through a checkpoint."""
 
-    epoch: int = 0                 # completed epochs
-    batches_done: int = 0          # micro-batches already run in epoch ``epoch + 1`` (mid-epoch resume)
-    step: int = 0                  # optimizer steps so far
-    loss_sum: float = 0.0          # train loss x samples so far in the unfinished epoch
+    epoch: int = 0  # completed epochs
+    batches_done: int = 0  # micro-batches already run in epoch ``epoch + 1`` (mid-epoch resume)
+    step: int = 0  # optimizer steps so far
+    loss_sum: float = 0.0  # train loss x samples so far in the unfinished epoch
     samples: int = 0
-    train_time_s: float = 0.0      # in the unfinished epoch
-    skipped_steps: int = 0         # fp16 overflow steps skipped by the GradScaler
+    train_time_s: float = 0.0  # in the unfinished epoch
+    skipped_steps: int = 0  # fp16 overflow steps skipped by the GradScaler
     best_epoch: int | None = None  # the epoch the best evaluation fell in (it may be a val check inside it)
-    best_step: int | None = None   # optimizer step of the best evaluation
+    best_step: int | None = None  # optimizer step of the best evaluation
     stop_reason: str = "max_epochs"
     early_stopping: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch-end evaluations, one per finished epoch
-    checks: list[dict[str, Any]] = field(default_factory=list)   # evaluations inside an epoch (val checks, max_steps)
+    checks: list[dict[str, Any]] = field(default_factory=list)  # evaluations inside an epoch (val checks, max_steps)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +73,8 @@ class TrainState:
         for h in (*self.history, *self.checks):
             if self.best_step is not None and h.get("step") == self.best_step:
                 return h
+        if self.best_epoch is None:
+            raise RuntimeError("no evaluation yet")
         return self.history[self.best_epoch - 1]
 
     @property

@@ -14,18 +14,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from loralab.core.checkpoint import Checkpoints
 from loralab.core.distributed import Dist
+from loralab.core.sampler import EpochBatchSampler
 from loralab.core.state import EarlyStopping, TrainState
 from loralab.errors import NonFiniteLossError, TrainingInterrupted
 
@@ -51,8 +52,9 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32"
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32"
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Outputs (float32) and labels in loader order."""
     model.eval()
     logits, labels = [], []
@@ -79,8 +81,8 @@ class Fit:
 
     model: nn.Module
     loss_fn: nn.Module
-    train_loader: DataLoader          # batch_sampler: an EpochBatchSampler (resumable order)
-    val_loader: DataLoader            # this rank's shard under DDP
+    train_loader: DataLoader  # batch_sampler: an EpochBatchSampler (resumable order)
+    val_loader: DataLoader  # this rank's shard under DDP
     metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]]
     accum_steps: int = 1
 
@@ -91,8 +93,16 @@ class Trainer:
     number: ``TrainerConf.for_epoch_length``); null step-level knobs (``log_every_n_steps``,
     ``val_check_interval``, ``max_steps``) switch them off."""
 
-    def __init__(self, trainer: TrainerConf, optim: OptimConf, *, precision: str, device: torch.device,
-                 ddp: Dist = Dist(), progress: bool = True):
+    def __init__(
+        self,
+        trainer: TrainerConf,
+        optim: OptimConf,
+        *,
+        precision: str,
+        device: torch.device,
+        ddp: Dist = Dist(),
+        progress: bool = True,
+    ):
         self.cfg, self.optim_cfg = trainer, optim
         self.precision, self.device, self.ddp, self.progress = precision, device, ddp, progress
         self.log_every = trainer.log_every_n_steps
@@ -105,7 +115,7 @@ class Trainer:
     def core(self) -> nn.Module:
         """The model without its DDP wrapper (what checkpoints hold)."""
         m = self.fit_.model
-        return m.module if isinstance(m, DistributedDataParallel) else m
+        return m.module if isinstance(m, DDP) else m
 
     def setup(self, fit: Fit, checkpoints: Checkpoints) -> None:
         """Build the optimizer, schedule and grad scaler; restore them (and the loop state) when resuming."""
@@ -115,11 +125,19 @@ class Trainer:
         total_steps = self.cfg.max_epochs * -(-len(fit.train_loader) // fit.accum_steps)
         if self.max_steps:  # the schedule ends where training does
             total_steps = min(total_steps, self.max_steps)
-        self.scheduler = get_scheduler(self.optim_cfg.scheduler, self.optimizer, num_training_steps=total_steps,
-                                       num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps))
+        self.scheduler = get_scheduler(
+            self.optim_cfg.scheduler,
+            self.optimizer,
+            num_training_steps=total_steps,
+            num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps),
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.early_stopping = EarlyStopping(self.cfg.early_stopping.patience, self.cfg.early_stopping.min_delta,
-                                            self.cfg.monitor_mode, self.cfg.early_stopping.smoothing)
+        self.early_stopping = EarlyStopping(
+            self.cfg.early_stopping.patience,
+            self.cfg.early_stopping.min_delta,
+            self.cfg.monitor_mode,
+            self.cfg.early_stopping.smoothing,
+        )
         parts = dict(model=self.core, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         loop = checkpoints.restore(**parts)
         if loop is not None:
@@ -129,9 +147,12 @@ class Trainer:
             log.info("resumed at epoch %d, step %d", self.state.epoch, self.state.step)
         checkpoints.bind(**parts)
 
-    def fit(self, on_epoch_end: Callable[[TrainState, dict[str, float]], None] = lambda s, m: None,
-            stop_requested: Callable[[], bool] = lambda: False,
-            on_step: Callable[[int, dict[str, float]], None] = lambda step, m: None) -> TrainState:
+    def fit(
+        self,
+        on_epoch_end: Callable[[TrainState, dict[str, float]], None] = lambda s, m: None,
+        stop_requested: Callable[[], bool] = lambda: False,
+        on_step: Callable[[int, dict[str, float]], None] = lambda step, m: None,
+    ) -> TrainState:
         """Train from ``self.state`` up to ``trainer.max_epochs`` (or ``max_steps``); the evaluation with the best
         ``trainer.monitor`` wins. ``on_epoch_end`` gets each epoch's metrics; ``on_step(step, metrics)`` gets
         step-level ones at optimizer step ``step`` (train numbers every ``log_every_n_steps``, the val metrics of every
@@ -147,8 +168,15 @@ class Trainer:
             st = self.state
             st.epoch, st.batches_done, st.loss_sum, st.samples, st.train_time_s = epoch, 0, 0.0, 0, 0.0
             st.history.append(metrics)
-            log.info("epoch %d: train_loss %.4f  val_loss %.4f  %s %.4f%s", epoch, metrics["train_loss"],
-                     metrics["val_loss"], self.cfg.monitor, metrics[self.cfg.monitor], "  (best)" if improved else "")
+            log.info(
+                "epoch %d: train_loss %.4f  val_loss %.4f  %s %.4f%s",
+                epoch,
+                metrics["train_loss"],
+                metrics["val_loss"],
+                self.cfg.monitor,
+                metrics[self.cfg.monitor],
+                "  (best)" if improved else "",
+            )
             # Report before checkpointing: a crash in between re-runs this epoch on resume (and reports it again),
             # whereas the other order would resume past an epoch whose metrics were never reported.
             on_step(st.step, val_metrics(metrics))
@@ -160,7 +188,7 @@ class Trainer:
 
     @property
     def _max_steps_reached(self) -> bool:
-        return bool(self.max_steps) and self.state.step >= self.max_steps
+        return self.max_steps is not None and self.state.step >= self.max_steps
 
     def _judge(self, metrics: dict[str, float], epoch: int) -> tuple[bool, bool]:
         """Weigh an evaluation (of epoch ``epoch``, finished or not): best so far? early stopping? ``max_steps``?
@@ -198,9 +226,10 @@ class Trainer:
         """
         f, st, dev = self.fit_, self.state, self.device
         loader = f.train_loader
-        loader.batch_sampler.set_epoch(epoch, start_batch=st.batches_done)
+        sampler = cast(EpochBatchSampler, loader.batch_sampler)
+        sampler.set_epoch(epoch, start_batch=st.batches_done)
         f.model.train()
-        n_micro, accum = len(loader.batch_sampler), f.accum_steps
+        n_micro, accum = len(sampler), f.accum_steps
         loss_sum = torch.zeros((), device=dev)  # summed on device: no host sync per step
         self._samples, self._t0, self._skipped_in_a_row = 0, time.perf_counter(), 0
         self._window = (st.loss_sum, st.samples, st.train_time_s)  # where the step-log window starts
@@ -209,8 +238,16 @@ class Trainer:
         # mid-epoch one draw ahead of the uninterrupted one (dropout masks differ); forked, no run draws at all.
         with torch.random.fork_rng(devices=[]):
             batches = iter(loader)
-        bar = tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, initial=st.batches_done,
-                   total=n_micro, disable=None if self.progress else True)  # None: off when not a TTY
+        bar = tqdm(
+            batches,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            initial=st.batches_done,
+            total=n_micro,
+            disable=None if self.progress else True,
+        )  # None: off when not a TTY
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=st.batches_done):
             batch = batch_to(batch, dev)
@@ -219,7 +256,7 @@ class Trainer:
             group_size = min(accum, n_micro - group_start)  # the last group may be short
             last_in_group = i - group_start + 1 == group_size
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs.
-            sync = contextlib.nullcontext() if last_in_group or not self.ddp.enabled else f.model.no_sync()
+            sync = contextlib.nullcontext() if last_in_group or not self.ddp.enabled else cast(DDP, f.model).no_sync()
             with sync:
                 with autocast(dev, self.precision):
                     logits = f.model(**batch).logits
@@ -229,12 +266,13 @@ class Trainer:
             self._samples += y.shape[0]
             if not last_in_group:
                 continue  # keep accumulating
-            log_now = bool(self.log_every) and (st.step + 1) % self.log_every == 0
+            log_now = self.log_every is not None and (st.step + 1) % self.log_every == 0
             grad_norm = self._optimizer_step(measure=log_now)
             st.batches_done = i + 1
             epoch_done = st.batches_done == n_micro
-            check = not epoch_done and (bool(self.val_every) and st.step % self.val_every == 0
-                                        or self._max_steps_reached)  # an epoch's last step: the epoch end evaluates
+            check = not epoch_done and (
+                self.val_every is not None and st.step % self.val_every == 0 or self._max_steps_reached
+            )  # an epoch's last step: the epoch end evaluates
             at_sync_point = st.step % SYNC_EVERY == 0 or epoch_done or log_now or check
             if at_sync_point:  # the only host syncs: one per SYNC_EVERY steps, plus logs and checks
                 self._sync(loss_sum, bar, desc)
@@ -250,8 +288,9 @@ class Trainer:
                 if not at_sync_point:
                     self._sync(loss_sum, bar, desc)
                 self.checkpoints.save_last(st.as_dict())
-                raise TrainingInterrupted(f"stopped at step {st.step} (epoch {st.epoch + 1}, "
-                                          f"batch {st.batches_done}/{n_micro})")
+                raise TrainingInterrupted(
+                    f"stopped at step {st.step} (epoch {st.epoch + 1}, batch {st.batches_done}/{n_micro})"
+                )
         return True
 
     def _check(self, epoch: int, n_micro: int) -> bool:
@@ -265,8 +304,15 @@ class Trainer:
         self.fit_.model.train()
         improved, stop = self._judge(metrics, epoch)
         st.checks.append(metrics)
-        log.info("step %d (epoch %.2f): val_loss %.4f  %s %.4f%s", st.step, metrics["epoch"], metrics["val_loss"],
-                 self.cfg.monitor, metrics[self.cfg.monitor], "  (best)" if improved else "")
+        log.info(
+            "step %d (epoch %.2f): val_loss %.4f  %s %.4f%s",
+            st.step,
+            metrics["epoch"],
+            metrics["val_loss"],
+            self.cfg.monitor,
+            metrics[self.cfg.monitor],
+            "  (best)" if improved else "",
+        )
         self.on_step(st.step, val_metrics(metrics))  # reported before checkpointing, as at an epoch end
         self.checkpoints.check(st.as_dict(), st.step, epoch, metrics[self.cfg.monitor])
         self._t0 = time.perf_counter()  # evaluation is not training time
@@ -279,8 +325,11 @@ class Trainer:
         st = self.state
         loss0, samples0, time0 = self._window
         loss_sum, samples = self.ddp.sum(st.loss_sum - loss0, st.samples - samples0)
-        metrics = {"train_loss": loss_sum / max(samples, 1), "lr": self._lr,
-                   "samples_per_s": samples / max(st.train_time_s - time0, 1e-9)}
+        metrics = {
+            "train_loss": loss_sum / max(samples, 1),
+            "lr": self._lr,
+            "samples_per_s": samples / max(st.train_time_s - time0, 1e-9),
+        }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.item()
         self._window = (st.loss_sum, st.samples, st.train_time_s)
@@ -295,8 +344,9 @@ class Trainer:
         if self.optim_cfg.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.fit_.model.parameters(), self.optim_cfg.max_grad_norm)
         elif measure:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fit_.model.parameters()
-                                                       if p.grad is not None])
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.fit_.model.parameters() if p.grad is not None]
+            )
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -304,8 +354,10 @@ class Trainer:
             self.state.skipped_steps += 1
             self._skipped_in_a_row += 1
             if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise NonFiniteLossError(f"{self._skipped_in_a_row} fp16 steps in a row overflowed (loss/gradients "
-                                         f"non-finite); try precision=bf16 or fp32, or a lower optim.lr")
+                raise NonFiniteLossError(
+                    f"{self._skipped_in_a_row} fp16 steps in a row overflowed (loss/gradients "
+                    f"non-finite); try precision=bf16 or fp32, or a lower optim.lr"
+                )
         else:
             self._skipped_in_a_row = 0
         self.scheduler.step()
@@ -324,8 +376,11 @@ class Trainer:
         mean_loss = st.loss_sum / max(st.samples, 1)
         if not math.isfinite(mean_loss) and not self.scaler.is_enabled():
             raise NonFiniteLossError(f"training loss became {mean_loss} by step {st.step} ({desc})")
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                        samples_s=f"{st.samples / max(st.train_time_s, 1e-9):.0f}")
+        bar.set_postfix(
+            loss=f"{mean_loss:.4f}",
+            lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+            samples_s=f"{st.samples / max(st.train_time_s, 1e-9):.0f}",
+        )
 
     def _evaluate(self, epoch: float) -> dict[str, float]:
         """Metrics on the whole validation set (every rank's shard gathered); train numbers are of the epoch so
@@ -335,11 +390,17 @@ class Trainer:
         logits, y = self.ddp.gather_predictions(*predict_logits(f.model, f.val_loader, self.device, self.precision))
         val_loss = f.loss_fn(torch.from_numpy(logits).to(self.device), torch.from_numpy(y).to(self.device)).item()
         loss_sum, samples = self.ddp.sum(st.loss_sum, st.samples)  # every rank's share of the epoch
-        metrics = {"epoch": epoch, "step": st.step, "train_loss": loss_sum / max(samples, 1), "val_loss": val_loss,
-                   "train_samples_per_s": samples / max(st.train_time_s, 1e-9),
-                   "epoch_train_time_s": st.train_time_s,
-                   "eval_samples_per_s": len(logits) / (time.perf_counter() - t_eval),
-                   "skipped_steps": st.skipped_steps, **f.metric_fn(y, logits)}
+        metrics = {
+            "epoch": epoch,
+            "step": st.step,
+            "train_loss": loss_sum / max(samples, 1),
+            "val_loss": val_loss,
+            "train_samples_per_s": samples / max(st.train_time_s, 1e-9),
+            "epoch_train_time_s": st.train_time_s,
+            "eval_samples_per_s": len(logits) / (time.perf_counter() - t_eval),
+            "skipped_steps": st.skipped_steps,
+            **f.metric_fn(y, logits),
+        }
         if self.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)

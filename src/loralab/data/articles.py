@@ -63,12 +63,12 @@ def article_from_row(row: dict[str, Any]) -> Article | str:
         return "missing_dimension_names"
     if len(dims) != len(labels):
         return "labels_length_mismatch"
-    return Article(id=row["id"], title=title, content=content, labels=[float(v) for v in labels],
-                   dimension_names=dims)
+    return Article(id=row["id"], title=title, content=content, labels=[float(v) for v in labels], dimension_names=dims)
 
 
-def load_articles(path: str | Path, dimension_names: Sequence[str] | None, max_row_bytes: int = MAX_ROW_BYTES
-                  ) -> tuple[list[Article], LoadReport, list[str]]:
+def load_articles(
+    path: str | Path, dimension_names: Sequence[str] | None, max_row_bytes: int = MAX_ROW_BYTES
+) -> tuple[list[Article], LoadReport, list[str]]:
     """Valid rows (first occurrence of an id wins), the per-reason drop report and the dimensions in force."""
     dims: list[str] | None = list(dimension_names) if dimension_names is not None else None
 
@@ -100,5 +100,10 @@ class TokenizedArticles(TokenizedTexts):
     """Each article's text and its score vector."""
 
     def __init__(self, articles: Sequence[Article], tokenizer, template: str, max_length: int):
-        super().__init__([article_text(a, template) for a in articles], [a.id for a in articles],
-                         [a.labels for a in articles], tokenizer, max_length)
+        super().__init__(
+            [article_text(a, template) for a in articles],
+            [a.id for a in articles],
+            [a.labels for a in articles],
+            tokenizer,
+            max_length,
+        )

@@ -34,7 +34,7 @@ def oversample(records: Sequence[Record], labels: Sequence[str], seed: int) -> l
         by_label[record.label].append(record)
     target = max(len(rows) for rows in by_label.values())
     out = list(records)
-    for label, rows in by_label.items():
+    for rows in by_label.values():
         if rows and len(rows) < target:
             out.extend(rng.choices(rows, k=target - len(rows)))
     rng.shuffle(out)

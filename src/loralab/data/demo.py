@@ -55,8 +55,10 @@ def make_rows(n: int, seed: int, noise: float = 0.08, start_id: int = 0) -> list
 def write_demo(out_dir: str | Path, n_train: int = 2400, n_val: int = 600, seed: int = 7) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``val.jsonl`` (disjoint ids); rewriting gives byte-identical files."""
     out = Path(out_dir)
-    return (write_rows(out / "train.jsonl", make_rows(n_train, seed, start_id=0)),
-            write_rows(out / "val.jsonl", make_rows(n_val, seed + n_train, start_id=n_train)))
+    return (
+        write_rows(out / "train.jsonl", make_rows(n_train, seed, start_id=0)),
+        write_rows(out / "val.jsonl", make_rows(n_val, seed + n_train, start_id=n_train)),
+    )
 
 
 if __name__ == "__main__":

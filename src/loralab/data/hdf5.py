@@ -46,8 +46,10 @@ class H5Regression(Dataset):
                 raise DataError(f"{path}: missing dataset(s) {missing}; expected 'X' (N x F) and 'y' (N x 2)")
             x, y = np.asarray(fh["X"], dtype=np.float32), np.asarray(fh["y"], dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != input_dim:
-            raise DataError(f"{path}: X has shape {x.shape}, but the feature schema lists {input_dim} features; "
-                            f"the file and the schema disagree")
+            raise DataError(
+                f"{path}: X has shape {x.shape}, but the feature schema lists {input_dim} features; "
+                f"the file and the schema disagree"
+            )
         if y.ndim != 2 or y.shape[1] != n_targets:
             raise DataError(f"{path}: y has shape {y.shape}, expected (N, {n_targets})")
         if len(x) != len(y) or len(x) == 0:
@@ -55,8 +57,10 @@ class H5Regression(Dataset):
         for name, arr in (("X", x), ("y", y)):
             bad = int((~np.isfinite(arr)).any(axis=1).sum())
             if bad:
-                raise DataError(f"{path}: {bad} rows of {name} hold NaN/Inf (first at row "
-                                f"{int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])})")
+                raise DataError(
+                    f"{path}: {bad} rows of {name} hold NaN/Inf (first at row "
+                    f"{int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])})"
+                )
         self.path = str(path)
         self.features, self.targets = torch.from_numpy(x), torch.from_numpy(y)
         log.info("%s: %d rows x %d features", path.name, len(x), input_dim)

@@ -64,8 +64,9 @@ def record_kind(row: dict) -> str | None:
     return None
 
 
-def read_labelled(path: str | Path, fmt: RowFormat = RowFormat(), max_row_bytes: int = MAX_ROW_BYTES
-                  ) -> tuple[list[Any], list[dict], str, LoadReport]:
+def read_labelled(
+    path: str | Path, fmt: RowFormat = RowFormat(), max_row_bytes: int = MAX_ROW_BYTES
+) -> tuple[list[Any], list[dict], str, LoadReport]:
     """Row sources (line texts, CSV cells, Parquet row indices: written out verbatim) and parsed rows of one kind
     (the first valid row decides), with every dropped row counted by ``read_rows``, the reader training uses."""
     kind = None
@@ -103,8 +104,12 @@ def split_report(strat: Sequence[str], parts: dict[str, list[int]]) -> dict[str,
         shares = {s: counts[s] / len(rows) if rows else 0.0 for s in names}
         if rows:
             drift = max(drift, *(abs(shares[s] - report["overall"][s]) for s in names))
-        report["splits"][split] = {"rows": len(rows), "share_of_rows": len(rows) / total,
-                                   "strata_counts": {s: counts[s] for s in names}, "strata_shares": shares}
+        report["splits"][split] = {
+            "rows": len(rows),
+            "share_of_rows": len(rows) / total,
+            "strata_counts": {s: counts[s] for s in names},
+            "strata_shares": shares,
+        }
     report["max_stratum_share_drift"] = drift
     return report
 
@@ -132,9 +137,17 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             atomic_write_text(out / f"{split}.jsonl", "".join(line + "\n" for line in chosen))
         else:
             write_table_subset(Path(cfg.input), kind_of_file, chosen, out / f"{split}.{kind_of_file}")
-    report = {"input": load.as_dict(), "kind": kind, "stratified_by": "label" if kind == "classification"
-              else f"score tier ({cfg.score_tiers} quantile bins of the mean score)", "tier_edges": edges,
-              "stratified": stratified, "seed": cfg.seed, "ratios_requested": ratios,
-              **split_report(strat, parts)}
+    report = {
+        "input": load.as_dict(),
+        "kind": kind,
+        "stratified_by": "label"
+        if kind == "classification"
+        else f"score tier ({cfg.score_tiers} quantile bins of the mean score)",
+        "tier_edges": edges,
+        "stratified": stratified,
+        "seed": cfg.seed,
+        "ratios_requested": ratios,
+        **split_report(strat, parts),
+    }
     atomic_write_json(out / "split_report.json", report)
     return report

@@ -199,9 +199,14 @@ def check_readable(path: str | Path) -> Path:
     return Path(path)
 
 
-def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with_text: bool = False,
-              fmt: RowFormat = JSONL, labelled: bool = True, max_row_bytes: int = MAX_ROW_BYTES
-              ) -> tuple[list[T] | list[tuple[Any, T]], LoadReport]:
+def read_rows(
+    path: str | Path,
+    parse: Callable[[dict[str, Any]], T | str],
+    with_text: bool = False,
+    fmt: RowFormat = JSONL,
+    labelled: bool = True,
+    max_row_bytes: int = MAX_ROW_BYTES,
+) -> tuple[list[T] | list[tuple[Any, T]], LoadReport]:
     """Parse every row of a file in ``fmt`` with ``parse``; keep valid rows (the first occurrence of an id wins) and
     count the rest by reason. Shared by every record format, so all of them treat bad input the same way.
     ``with_text`` keeps ``(source, row)`` pairs, for writers that copy rows verbatim (``data.prepare``): the line
@@ -212,8 +217,10 @@ def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with
     if kind == "jsonl":
         source_rows = jsonl_rows(path, max_row_bytes)
     else:
-        source_rows = ((n, src, with_id(row) if isinstance(row, dict) else row)
-                       for n, src, row in table_rows(path, kind, fmt.id_column, fmt.label_column, labelled))
+        source_rows = (
+            (n, src, with_id(row) if isinstance(row, dict) else row)
+            for n, src, row in table_rows(path, kind, fmt.id_column, fmt.label_column, labelled)
+        )
     report = LoadReport(path=str(path))
     rows = []
     seen: set[str] = set()
@@ -231,13 +238,19 @@ def read_rows(path: str | Path, parse: Callable[[dict[str, Any]], T | str], with
         rows.append((text, parsed) if with_text else parsed)
     report.rows_kept = len(rows)
     if report.dropped:
-        log.warning("%s: dropped %d of %d rows: %s", path.name, sum(report.dropped.values()),
-                    report.rows_read, dict(report.dropped))
+        log.warning(
+            "%s: dropped %d of %d rows: %s",
+            path.name,
+            sum(report.dropped.values()),
+            report.rows_read,
+            dict(report.dropped),
+        )
     return rows, report
 
 
-def jsonl_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES
-               ) -> Iterator[tuple[int, str | None, dict[str, Any] | str]]:
+def jsonl_rows(
+    path: Path, max_row_bytes: int = MAX_ROW_BYTES
+) -> Iterator[tuple[int, str | None, dict[str, Any] | str]]:
     """(line number, line text, JSON object or drop reason) for every non-blank line."""
     with path.open("rb") as fh:
         for line_no, raw in enumerate(lines(fh, max_row_bytes), start=1):
@@ -264,13 +277,21 @@ def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 
 def load_records(
-    path: str | Path, labels: Sequence[str] | None, allow_null: bool = False, fmt: RowFormat = RowFormat(),
+    path: str | Path,
+    labels: Sequence[str] | None,
+    allow_null: bool = False,
+    fmt: RowFormat = RowFormat(),
     max_row_bytes: int = MAX_ROW_BYTES,
 ) -> tuple[list[Record], LoadReport]:
     """Feature records of a JSONL, CSV or Parquet file (``fmt``: auto by extension), with the per-reason report of
     what was dropped. ``labels=None``: unlabelled input (predict), a table's label column is optional."""
-    return read_rows(path, lambda row: record_from_row(row, labels, allow_null), fmt=fmt, labelled=labels is not None,
-                     max_row_bytes=max_row_bytes)
+    return read_rows(
+        path,
+        lambda row: record_from_row(row, labels, allow_null),
+        fmt=fmt,
+        labelled=labels is not None,
+        max_row_bytes=max_row_bytes,
+    )
 
 
 def leaked_ids(train: Sequence[Record], val: Sequence[Record]) -> list[str]:

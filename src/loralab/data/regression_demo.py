@@ -20,8 +20,20 @@ import numpy as np
 from loralab.data.records import write_rows
 from loralab.fs import atomic_path, atomic_write_text
 
-FEATURES = ["ret_1d", "ret_5d", "ret_20d", "vol_5d", "vol_20d", "rsi_14", "macd", "volume_z", "spread_bp",
-            "skew_20d", "kurt_20d", "gap_open"]
+FEATURES = [
+    "ret_1d",
+    "ret_5d",
+    "ret_20d",
+    "vol_5d",
+    "vol_20d",
+    "rsi_14",
+    "macd",
+    "volume_z",
+    "spread_bp",
+    "skew_20d",
+    "kurt_20d",
+    "gap_open",
+]
 DIMENSIONS = ["relevance", "sentiment", "urgency"]
 
 
@@ -43,8 +55,14 @@ def tabular_arrays(n: int, seed: int, n_features: int = len(FEATURES)) -> tuple[
     return x.astype(np.float32), np.stack([head0, head1], axis=1).astype(np.float32)
 
 
-def write_tabular_demo(train_file: str | Path, val_file: str | Path, schema_file: str | Path,
-                       n_train: int = 3000, n_val: int = 750, seed: int = 11) -> tuple[Path, Path, Path]:
+def write_tabular_demo(
+    train_file: str | Path,
+    val_file: str | Path,
+    schema_file: str | Path,
+    n_train: int = 3000,
+    n_val: int = 750,
+    seed: int = 11,
+) -> tuple[Path, Path, Path]:
     """One series of ``n_train + n_val`` steps: the first part is train, the rest val (no look-ahead)."""
     paths = [Path(p) for p in (train_file, val_file, schema_file)]
     x, y = tabular_arrays(n_train + n_val, seed)
@@ -58,8 +76,18 @@ TOPIC = ["earnings", "revenue", "guidance", "merger", "dividend", "buyback", "ac
 POSITIVE = ["beats", "surges", "record", "strong", "upgrade", "growth", "rally", "gains"]
 NEGATIVE = ["misses", "plunges", "weak", "downgrade", "loss", "lawsuit", "slump", "cuts"]
 ALARM = ["breaking", "halted", "urgent", "emergency", "recall", "default"]
-FILLER = ["the company said", "analysts noted", "in a statement on tuesday", "according to people familiar",
-          "shares of the firm", "the market", "investors", "a spokesperson", "the board", "later this week"]
+FILLER = [
+    "the company said",
+    "analysts noted",
+    "in a statement on tuesday",
+    "according to people familiar",
+    "shares of the firm",
+    "the market",
+    "investors",
+    "a spokesperson",
+    "the board",
+    "later this week",
+]
 COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Hooli", "Soylent", "Tyrell", "Cyberdyne"]
 
 
@@ -67,10 +95,18 @@ def make_articles(n: int, seed: int, start_id: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        n_topic, n_pos, n_neg, n_alarm = rng.randint(0, 3), rng.randint(0, 3), rng.randint(0, 3), rng.choice(
-            [0, 0, 0, 1, 2])
-        words = (rng.choices(TOPIC, k=n_topic) + rng.choices(POSITIVE, k=n_pos) + rng.choices(NEGATIVE, k=n_neg)
-                 + rng.choices(ALARM, k=n_alarm))
+        n_topic, n_pos, n_neg, n_alarm = (
+            rng.randint(0, 3),
+            rng.randint(0, 3),
+            rng.randint(0, 3),
+            rng.choice([0, 0, 0, 1, 2]),
+        )
+        words = (
+            rng.choices(TOPIC, k=n_topic)
+            + rng.choices(POSITIVE, k=n_pos)
+            + rng.choices(NEGATIVE, k=n_neg)
+            + rng.choices(ALARM, k=n_alarm)
+        )
         rng.shuffle(words)
         company = rng.choice(COMPANIES)
         sentences = []
@@ -84,19 +120,29 @@ def make_articles(n: int, seed: int, start_id: int = 0) -> list[dict]:
             max(-5.0, min(5.0, 1.5 * (n_pos - n_neg) + rng.gauss(0, 0.5))),
             min(10.0, 1.0 + 4.0 * n_alarm + rng.gauss(0, 0.5)),
         ]
-        rows.append({"id": f"art-{start_id + i:06d}", "title": f"{company} {' '.join(title_words)}",
-                     "content": " ".join(s[0].upper() + s[1:] for s in sentences),
-                     "labels": [round(s, 2) for s in scores], "dimension_names": list(DIMENSIONS)})
+        rows.append(
+            {
+                "id": f"art-{start_id + i:06d}",
+                "title": f"{company} {' '.join(title_words)}",
+                "content": " ".join(s[0].upper() + s[1:] for s in sentences),
+                "labels": [round(s, 2) for s in scores],
+                "dimension_names": list(DIMENSIONS),
+            }
+        )
     return rows
 
 
-def write_article_demo(out_dir: str | Path, n_train: int = 480, n_val: int = 120, seed: int = 5
-                       ) -> tuple[Path, Path, Path]:
+def write_article_demo(
+    out_dir: str | Path, n_train: int = 480, n_val: int = 120, seed: int = 5
+) -> tuple[Path, Path, Path]:
     """``train.jsonl`` and ``val.jsonl`` (disjoint ids) plus ``labeled.jsonl`` (both, for ``loralab.data.prepare``)."""
     out = Path(out_dir)
     train, val = make_articles(n_train, seed), make_articles(n_val, seed + 1, start_id=n_train)
-    return (write_rows(out / "train.jsonl", train), write_rows(out / "val.jsonl", val),
-            write_rows(out / "labeled.jsonl", train + val))
+    return (
+        write_rows(out / "train.jsonl", train),
+        write_rows(out / "val.jsonl", val),
+        write_rows(out / "labeled.jsonl", train + val),
+    )
 
 
 if __name__ == "__main__":

@@ -228,8 +228,9 @@ def load_serializer(state: Mapping[str, Any]) -> Serializer:
     return serializer
 
 
-def serialize_records(records: Sequence[Record], serializer: Callable[[Mapping[str, Any]], str] | str = "{features}"
-                      ) -> list[str]:
+def serialize_records(
+    records: Sequence[Record], serializer: Callable[[Mapping[str, Any]], str] | str = "{features}"
+) -> list[str]:
     """The text of each record: what a tokenizer is trained on, what continued pretraining reads, what the
     classifier sees. ``serializer`` is a fitted serializer, or a template for the ``json`` form."""
     if isinstance(serializer, str):

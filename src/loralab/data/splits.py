@@ -37,14 +37,19 @@ def split_off(strata: Sequence[Hashable], n_held: int, seed: int) -> tuple[list[
     counts = Counter(strata)
     stratify = min(counts.values()) >= 2 and min(n_held, len(idx) - n_held) >= len(counts)
     if not stratify:
-        log.warning("too few rows to give each stratum a place on both sides of a %d/%d split; splitting without "
-                    "stratification", len(idx) - n_held, n_held)
+        log.warning(
+            "too few rows to give each stratum a place on both sides of a %d/%d split; splitting without "
+            "stratification",
+            len(idx) - n_held,
+            n_held,
+        )
     kept, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=list(strata) if stratify else None)
     return kept.tolist(), held.tolist(), stratify
 
 
-def stratified_split(strat: Sequence[Hashable], ratios: dict[str, float], seed: int
-                     ) -> tuple[dict[str, list[int]], bool]:
+def stratified_split(
+    strat: Sequence[Hashable], ratios: dict[str, float], seed: int
+) -> tuple[dict[str, list[int]], bool]:
     """Row indices per split (``train``, ``val``, optionally ``test``), each list in file order, and whether both
     cuts were stratified. Held-out sizes are rounded from the whole file (not from what is left), so 0.7/0.2/0.1
     of 100 rows is exactly 70/20/10."""
@@ -114,8 +119,10 @@ def build_splits(
         report["val_from_train"] = {"val_split": val_split, "seed": seed, "val_ids": [str(r.id) for r in val]}
     for name, rows, path in (("train", train, train_file), ("val", val, val_file or train_file)):
         if not rows:
-            raise DataError(f"{name} split from {path}: no valid rows left after validation "
-                            f"(see dropped_by_reason in data_report.json)")
+            raise DataError(
+                f"{name} split from {path}: no valid rows left after validation "
+                f"(see dropped_by_reason in data_report.json)"
+            )
 
     leaks = leaked_ids(train, val)
     report["leakage"] = {"ids_in_both": len(leaks), "examples": leaks[:20], "policy": leakage}
@@ -136,8 +143,12 @@ def build_splits(
     report["class_counts"] = {"train_before_oversampling": before, "val": class_counts(val, labels)}
     if oversample_below is not None and needs_oversampling(before, oversample_below):
         train = oversample(train, labels, seed)
-        log.info("oversampled train (a class was under %.0f%%): %s -> %s", 100 * oversample_below,
-                 before, class_counts(train, labels))
+        log.info(
+            "oversampled train (a class was under %.0f%%): %s -> %s",
+            100 * oversample_below,
+            before,
+            class_counts(train, labels),
+        )
     report["oversampled"] = len(train) != sum(before.values())
     report["class_counts"]["train_after_oversampling"] = class_counts(train, labels)
     return Splits(train=train, val=val, report=report, train_original=original)

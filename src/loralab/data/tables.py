@@ -35,8 +35,7 @@ from loralab.fs import atomic_path
 
 # JSON's number grammar: what a JSONL writer would have written unquoted.
 JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
-NON_FINITE = {s: float(s) for s in ("inf", "+inf", "-inf", "nan", "-nan", "NaN", "Infinity", "+Infinity",
-                                    "-Infinity")}
+NON_FINITE = {s: float(s) for s in ("inf", "+inf", "-inf", "nan", "-nan", "NaN", "Infinity", "+Infinity", "-Infinity")}
 WORDS = {**NON_FINITE, **{s: True for s in ("true", "True", "TRUE")}, **{s: False for s in ("false", "False", "FALSE")}}
 PARQUET_BATCH_ROWS = 4096  # rows converted to Python at a time: memory stays flat in the file's length
 
@@ -59,8 +58,9 @@ def check_header(path: Path, names: list[str], id_column: str, label_column: str
     if len(set(names)) != len(names):
         raise DataError(f"{where}: repeated column names {sorted({n for n in names if names.count(n) > 1})}")
     if "" in names:
-        raise DataError(f"{where}: column {names.index('') + 1} has no name (a pandas index? write with "
-                        f"index=False, or name it)")
+        raise DataError(
+            f"{where}: column {names.index('') + 1} has no name (a pandas index? write with index=False, or name it)"
+        )
     if id_column not in names:
         raise DataError(f"{where}: no id column {id_column!r} (set data.id_column)")
     if labelled and label_column not in names:
@@ -104,8 +104,18 @@ def csv_rows(path: Path, id_column: str, label_column: str, labelled: bool) -> I
             elif len(cells) != len(names):
                 yield start, cells, "wrong_column_count"
             else:
-                yield start, cells, as_record({n: (c or None) if n in (id_column, label_column) else cell_value(c)
-                                              for n, c in zip(names, cells)}, id_column, label_column)
+                yield (
+                    start,
+                    cells,
+                    as_record(
+                        {
+                            n: (c or None) if n in (id_column, label_column) else cell_value(c)
+                            for n, c in zip(names, cells)
+                        },
+                        id_column,
+                        label_column,
+                    ),
+                )
 
 
 def _has_surrogates(cells: list[str]) -> bool:
@@ -143,8 +153,7 @@ def parquet_rows(path: Path, id_column: str, label_column: str, labelled: bool) 
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=names):
         for cells in batch.to_pylist():
             row_no += 1
-            yield row_no, row_no - 1, as_record({k: python_value(v) for k, v in cells.items()},
-                                                id_column, label_column)
+            yield row_no, row_no - 1, as_record({k: python_value(v) for k, v in cells.items()}, id_column, label_column)
 
 
 READERS = {"csv": csv_rows, "parquet": parquet_rows}

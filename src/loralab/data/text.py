@@ -62,8 +62,9 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | 
         if path is not None:
             offsets = torch.tensor([0, *torch.tensor([len(x) for x in ids]).cumsum(0).tolist()], dtype=torch.int64)
             with atomic_path(path) as tmp:  # DDP ranks may write the same cache file at once
-                save_file({"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets},
-                          tmp)
+                save_file(
+                    {"ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64), "offsets": offsets}, tmp
+                )
     by_text = dict(zip(unique, ids))
     return [by_text[t] for t in texts]
 
@@ -72,8 +73,15 @@ class TokenizedTexts(Dataset):
     """Token ids of each text, tokenized once up front (not per epoch), and its target: a class id, a score vector,
     or none (inference). Every text model's dataset, whatever its record format."""
 
-    def __init__(self, texts: Sequence[str], ids: Sequence[str | int], labels: Sequence[Any] | None, tokenizer,
-                 max_length: int, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        ids: Sequence[str | int],
+        labels: Sequence[Any] | None,
+        tokenizer,
+        max_length: int,
+        cache_dir: str | Path | None = None,
+    ):
         self.input_ids: list[list[int]] = tokenize(texts, tokenizer, max_length, cache_dir)
         self.ids = list(ids)
         self.labels = list(labels) if labels is not None else None
@@ -97,12 +105,23 @@ class TokenizedRecords(TokenizedTexts):
     """Feature records: the serialized features, and the label's id (``label2id=None``: unlabelled).
     ``serializer``: a fitted ``loralab.data.serialize`` serializer, or a template for the ``json`` form."""
 
-    def __init__(self, records: Sequence[Record], tokenizer, label2id: dict[str, int] | None,
-                 serializer: Callable[[Mapping[str, Any]], str] | str, max_length: int,
-                 cache_dir: str | Path | None = None):
-        super().__init__(serialize_records(records, serializer), [r.id for r in records],
-                         [label2id[r.label] for r in records] if label2id is not None else None,
-                         tokenizer, max_length, cache_dir)
+    def __init__(
+        self,
+        records: Sequence[Record],
+        tokenizer,
+        label2id: dict[str, int] | None,
+        serializer: Callable[[Mapping[str, Any]], str] | str,
+        max_length: int,
+        cache_dir: str | Path | None = None,
+    ):
+        super().__init__(
+            serialize_records(records, serializer),
+            [r.id for r in records],
+            [label2id[r.label] for r in records] if label2id is not None else None,
+            tokenizer,
+            max_length,
+            cache_dir,
+        )
 
 
 def length_sorted_order(dataset: TokenizedTexts) -> list[int]:

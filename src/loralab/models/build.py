@@ -64,13 +64,19 @@ def read_config(location: str | Path, key: str, trust_remote_code: bool, local_o
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE with every digit its own token, so numbers are read digit by digit, not memorised."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return wrap_tokenizer(tok)
 
@@ -84,12 +90,17 @@ def quantization_4bit(compute_dtype: torch.dtype | None):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ImportError("hardware.load_in_4bit=true needs bitsandbytes on a CUDA machine: "
-                          "pip install bitsandbytes") from err
+        raise ImportError(
+            "hardware.load_in_4bit=true needs bitsandbytes on a CUDA machine: pip install bitsandbytes"
+        ) from err
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+    )
 
 
 @dataclass
@@ -125,8 +136,10 @@ class ModelSource:
                 try:
                     arch = shipped_config(name)
                 except FileNotFoundError as err:
-                    raise ConfigError(f"model.arch={name!r}: not a shipped architecture name nor a local "
-                                      f"config.json or model dir ({err})") from None
+                    raise ConfigError(
+                        f"model.arch={name!r}: not a shipped architecture name nor a local "
+                        f"config.json or model dir ({err})"
+                    ) from None
                 arch["vocab_size"] = arch.get("vocab_size") or vocab_size or self.tokenizer_vocab_size
                 config = AutoConfig.for_model(**arch)
             return config
@@ -164,8 +177,12 @@ class ModelSource:
     def load_causal_lm(self, tokenizer, attn_implementation: str = "sdpa") -> PreTrainedModel:
         """The base as a causal LM (fp32), for continued pretraining on unlabelled texts."""
         if self.pretrained:
-            model = AutoModelForCausalLM.from_pretrained(self.location, attn_implementation=attn_implementation,
-                                                         dtype=torch.float32, trust_remote_code=self.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.location,
+                attn_implementation=attn_implementation,
+                dtype=torch.float32,
+                trust_remote_code=self.trust_remote_code,
+            )
         else:
             config = self.random_config(tokenizer, pad_token_id=tokenizer.pad_token_id)
             config._attn_implementation = attn_implementation
@@ -179,8 +196,9 @@ class ModelSource:
             if tok.pad_token is None:  # decoder tokenizers (Llama, Mistral) often have none; eos is the convention
                 if tok.eos_token is None:
                     key = "model.path" if self.path else "model.hub_id"
-                    raise ConfigError(f"{key}={self.location!r}: the tokenizer has neither a pad nor an eos token "
-                                      f"to pad batches with")
+                    raise ConfigError(
+                        f"{key}={self.location!r}: the tokenizer has neither a pad nor an eos token to pad batches with"
+                    )
                 tok.pad_token = tok.eos_token
         else:
             tok = train_tokenizer(texts, self.tokenizer_vocab_size)
@@ -198,20 +216,38 @@ class ModelSource:
         tok.truncation_side = self.truncation_side
         return tok
 
-    def load_model(self, labels: Sequence[str], tokenizer, attn_implementation: str = "sdpa",
-                   dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
-                   compute_dtype: torch.dtype | None = None) -> PreTrainedModel:
-        label_map = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                         label2id={label: i for i, label in enumerate(labels)},
-                         problem_type="single_label_classification", pad_token_id=tokenizer.pad_token_id)
+    def load_model(
+        self,
+        labels: Sequence[str],
+        tokenizer,
+        attn_implementation: str = "sdpa",
+        dtype: torch.dtype = torch.float32,
+        load_in_4bit: bool = False,
+        compute_dtype: torch.dtype | None = None,
+    ) -> PreTrainedModel:
+        label_map = dict(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            problem_type="single_label_classification",
+            pad_token_id=tokenizer.pad_token_id,
+        )
         kwargs = {"quantization_config": quantization_4bit(compute_dtype)} if load_in_4bit else {}
         if load_in_4bit and not self.pretrained:
-            raise ValueError("hardware.load_in_4bit=true needs model.pretrained=true (random weights are not quantized)")
+            raise ValueError(
+                "hardware.load_in_4bit=true needs model.pretrained=true (random weights are not quantized)"
+            )
         if self.pretrained:
             with _quiet_load_report():
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    self.location, attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True,
-                    trust_remote_code=self.trust_remote_code, **label_map, **kwargs)
+                    self.location,
+                    attn_implementation=attn_implementation,
+                    dtype=dtype,
+                    output_loading_info=True,
+                    trust_remote_code=self.trust_remote_code,
+                    **label_map,
+                    **kwargs,
+                )
             _log_loading_info(info, self.location)
             if load_in_4bit:
                 from peft import prepare_model_for_kbit_training
@@ -245,11 +281,20 @@ def _log_loading_info(info: dict, location: str) -> None:
     missing = list(info.get("missing_keys", ()))
     body = [key for key in missing if key.split(".")[0] not in HEAD_MODULES]
     if len(body) < len(missing):
-        log.info("classifier head %s is new (initialized for this label set)",
-                 sorted({key.split(".")[0] for key in missing if key not in body}))
+        log.info(
+            "classifier head %s is new (initialized for this label set)",
+            sorted({key.split(".")[0] for key in missing if key not in body}),
+        )
     if body:
-        log.warning("%d weights missing from %s were initialized at random: %s", len(body), location,
-                    ", ".join(sorted(body)[:8]) + (" ..." if len(body) > 8 else ""))
+        log.warning(
+            "%d weights missing from %s were initialized at random: %s",
+            len(body),
+            location,
+            ", ".join(sorted(body)[:8]) + (" ..." if len(body) > 8 else ""),
+        )
     if info.get("unexpected_keys"):
-        log.info("%d weights of %s are not used by the classifier (e.g. a language-model head)",
-                 len(info["unexpected_keys"]), location)
+        log.info(
+            "%d weights of %s are not used by the classifier (e.g. a language-model head)",
+            len(info["unexpected_keys"]),
+            location,
+        )

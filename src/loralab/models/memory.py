@@ -34,7 +34,7 @@ class MemoryEstimate:
     weights_gib: float
     trainable_params: int
     total_params: int
-    trainable_gib: float      # trainable weights (fp32 master copies) + their gradients + AdamW's two moments
+    trainable_gib: float  # trainable weights (fp32 master copies) + their gradients + AdamW's two moments
     activations_gib: float
     overhead_gib: float
 
@@ -43,9 +43,11 @@ class MemoryEstimate:
         return self.weights_gib + self.trainable_gib + self.activations_gib + self.overhead_gib
 
     def describe(self) -> str:
-        return (f"~{self.total_gib:.1f} GiB = weights {self.weights_gib:.2f} + trainable state "
-                f"{self.trainable_gib:.2f} ({self.trainable_params:,} params) + activations "
-                f"{self.activations_gib:.2f} + overhead {self.overhead_gib:.2f}")
+        return (
+            f"~{self.total_gib:.1f} GiB = weights {self.weights_gib:.2f} + trainable state "
+            f"{self.trainable_gib:.2f} ({self.trainable_params:,} params) + activations "
+            f"{self.activations_gib:.2f} + overhead {self.overhead_gib:.2f}"
+        )
 
 
 def meta_model(arch: dict[str, Any] | PretrainedConfig, num_labels: int):
@@ -64,8 +66,9 @@ def lora_trainable(model, r: int, target_modules: Sequence[str] | str | None) ->
     try:
         wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, target_modules=target_modules))
     except ValueError as err:
-        raise ConfigError(f"lora.target_modules={target_modules!r}: {str(err).splitlines()[0]} (model type "
-                          f"{model.config.model_type})") from None
+        raise ConfigError(
+            f"lora.target_modules={target_modules!r}: {str(err).splitlines()[0]} (model type {model.config.model_type})"
+        ) from None
     return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
 
 
@@ -74,9 +77,9 @@ class Workload:
     """What one training step holds in memory besides the architecture."""
 
     num_labels: int
-    lora_r: int | None             # None: full fine-tuning
+    lora_r: int | None  # None: full fine-tuning
     target_modules: Sequence[str] | str | None  # as lora.target_modules: None = peft's default per architecture
-    precision: str                 # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16 | fp16
     load_in_4bit: bool
     micro_batch: int
     max_length: int
@@ -110,23 +113,31 @@ def estimate_memory(arch: dict[str, Any] | PretrainedConfig, w: Workload) -> Mem
         activations = layers * tokens * d * act_bytes + per_layer
     else:
         activations = layers * per_layer
-    return MemoryEstimate(weights_gib=weights / GIB, trainable_params=trainable, total_params=total,
-                          trainable_gib=trainable_bytes / GIB, activations_gib=activations / GIB,
-                          overhead_gib=CUDA_CONTEXT_GIB if w.on_cuda else 0.0)
+    return MemoryEstimate(
+        weights_gib=weights / GIB,
+        trainable_params=trainable,
+        total_params=total,
+        trainable_gib=trainable_bytes / GIB,
+        activations_gib=activations / GIB,
+        overhead_gib=CUDA_CONTEXT_GIB if w.on_cuda else 0.0,
+    )
 
 
 def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: str) -> None:
     """``mode``: error (refuse a misfit), warn (log and go on), off."""
     if mode == "off" or memory_gib is None:
-        log.info("memory preflight skipped (%s): %s", "off" if mode == "off" else "device memory unknown",
-                 est.describe())
+        log.info(
+            "memory preflight skipped (%s): %s", "off" if mode == "off" else "device memory unknown", est.describe()
+        )
         return
     if est.total_gib <= memory_gib:
         log.info("memory preflight: %s fits in %.1f GiB: %s", what, memory_gib, est.describe())
         return
-    message = (f"hardware.preflight: {what} needs {est.describe()} > {memory_gib:.1f} GiB on this device; try "
-               f"hardware.load_in_4bit=true, lora=default, a smaller hardware.micro_batch_size or model.max_length, "
-               f"hardware.gradient_checkpointing=true, or hardware.preflight=warn to try anyway")
+    message = (
+        f"hardware.preflight: {what} needs {est.describe()} > {memory_gib:.1f} GiB on this device; try "
+        f"hardware.load_in_4bit=true, lora=default, a smaller hardware.micro_batch_size or model.max_length, "
+        f"hardware.gradient_checkpointing=true, or hardware.preflight=warn to try anyway"
+    )
     if mode == "warn":
         log.warning(message)
     else:
@@ -145,15 +156,25 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mod
     config = instantiate(model).architecture()  # the ModelSource training builds
     limit = getattr(config, "max_position_embeddings", None)
     if limit and model.max_length > limit:
-        raise ConfigError(f"model.max_length={model.max_length}: must be <= {limit}, the max_position_embeddings "
-                          f"of this {config.model_type} model")
+        raise ConfigError(
+            f"model.max_length={model.max_length}: must be <= {limit}, the max_position_embeddings "
+            f"of this {config.model_type} model"
+        )
     r = lora.r if lora.enabled else None
     targets = lora.target_modules
-    est = estimate_memory(config, Workload(
-        num_labels=max(num_labels, 1), lora_r=r,
-        target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
-        precision=str(hardware.precision), load_in_4bit=hardware.load_in_4bit,
-        micro_batch=hardware.micro_batch_size or batch_size, max_length=model.max_length,
-        gradient_checkpointing=hardware.gradient_checkpointing, on_cuda=str(hardware.device).startswith("cuda")))
+    est = estimate_memory(
+        config,
+        Workload(
+            num_labels=max(num_labels, 1),
+            lora_r=r,
+            target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
+            precision=str(hardware.precision),
+            load_in_4bit=hardware.load_in_4bit,
+            micro_batch=hardware.micro_batch_size or batch_size,
+            max_length=model.max_length,
+            gradient_checkpointing=hardware.gradient_checkpointing,
+            on_cuda=str(hardware.device).startswith("cuda"),
+        ),
+    )
     preflight(est, hardware.memory_gib, mode or hardware.preflight, run_label(model.name, r, hardware.name))
     return est

@@ -26,9 +26,13 @@ class MLPRegressor(nn.Module):
 def save_best(path: str | Path, model: MLPRegressor, epoch: int, val_loss: float) -> Path:
     """Write ``{model_state_dict, input_dim, hidden_dim, epoch, val_loss}`` — no optimizer state, no data —
     atomically: a crash leaves the previous best intact, never half a file."""
-    payload = {"model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-               "input_dim": int(model.input_dim), "hidden_dim": int(model.hidden_dim),
-               "epoch": int(epoch), "val_loss": float(val_loss)}
+    payload = {
+        "model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "input_dim": int(model.input_dim),
+        "hidden_dim": int(model.hidden_dim),
+        "epoch": int(epoch),
+        "val_loss": float(val_loss),
+    }
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
         torch.save(payload, fh)
     return Path(path)

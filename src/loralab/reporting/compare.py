@@ -30,8 +30,12 @@ OVERRIDES_TAG = "loralab.overrides"  # JSON list of a job's Hydra overrides (set
 F1_PREFIX = "best.val_f1_"  # per-class F1 of the best epoch, as run.py logs it
 # What ran beside the model, as columns where any run logged it: the in-run baseline, and the blend's out-of-fold
 # macro-F1 (ensemble=blend) next to the model's own out-of-fold score, so a sweep shows what the blend added.
-BESIDE = {"baseline_macro_f1": "baseline.val_macro_f1", "model_oof_f1": "ensemble.model.oof_macro_f1",
-          "blend_oof_f1": "ensemble.blend.oof_macro_f1", "blend_weight": "ensemble.weight"}
+BESIDE = {
+    "baseline_macro_f1": "baseline.val_macro_f1",
+    "model_oof_f1": "ensemble.model.oof_macro_f1",
+    "blend_oof_f1": "ensemble.blend.oof_macro_f1",
+    "blend_weight": "ensemble.weight",
+}
 MAX_RUNS = 5000
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
@@ -64,8 +68,7 @@ def search(uri: str, experiment_ids: list[str], filter_string: str = "") -> list
 
 def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
     exp_id = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=MAX_RUNS)
+    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=MAX_RUNS)
 
 
 def _overrides(tags: Mapping[str, str]) -> list[str]:
@@ -84,8 +87,11 @@ def _section(record: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """``{name: value}`` of one ``search_runs`` record's ``metrics.``/``params.``/``tags.`` columns; a run without
     the column reads NaN or None there (another run has it), which is no value."""
     prefix = f"{kind}."
-    return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix) and v is not None
-            and not (isinstance(v, float) and math.isnan(v))}
+    return {
+        k[len(prefix) :]: v
+        for k, v in record.items()
+        if k.startswith(prefix) and v is not None and not (isinstance(v, float) and math.isnan(v))
+    }
 
 
 def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,7 +108,7 @@ def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "objective_key": key,
         "objective": metrics.get(f"best.{key}", math.nan),
         "mode": params.get("trainer.monitor_mode", "max"),
-        "f1": {k[len(F1_PREFIX):]: v for k, v in sorted(metrics.items()) if k.startswith(F1_PREFIX)},
+        "f1": {k[len(F1_PREFIX) :]: v for k, v in sorted(metrics.items()) if k.startswith(F1_PREFIX)},
         "beside": {name: metrics[key] for name, key in BESIDE.items() if key in metrics},
         "error": tags.get("error", ""),
         "run_id": record["run_id"],
@@ -111,10 +117,12 @@ def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best objective first (direction from ``trainer.monitor_mode``); runs without one last, by job."""
+
     def key(row):
         value = row["objective"]
         missing = math.isnan(value)
         return (missing, 0.0 if missing else (-value if row["mode"] == "max" else value), row["job"] or 0)
+
     return sorted(rows, key=key)
 
 
@@ -155,9 +163,17 @@ def columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     cells = []
     for row in rows:
         values = row["override_values"] if keys != ["overrides"] else {"overrides": row["overrides"]}
-        cells.append(["" if row["job"] is None else str(row["job"]), *(short_value(values.get(k, "")) for k in keys),
-                      row["status"], _num(row["objective"]), *(_num(row["f1"].get(label)) for label in labels),
-                      *(_num(row["beside"].get(name)) for name in beside), row["error"][:120]])
+        cells.append(
+            [
+                "" if row["job"] is None else str(row["job"]),
+                *(short_value(values.get(k, "")) for k in keys),
+                row["status"],
+                _num(row["objective"]),
+                *(_num(row["f1"].get(label)) for label in labels),
+                *(_num(row["beside"].get(name)) for name in beside),
+                row["error"][:120],
+            ]
+        )
     return header, cells
 
 
@@ -186,12 +202,35 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     beside = beside_columns(rows)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", "run_id", "status", *keys, "objective_key", "objective",
-                    *(f"f1_{label}" for label in labels), *beside, "overrides", "error"])
+        w.writerow(
+            [
+                "job",
+                "run_id",
+                "status",
+                *keys,
+                "objective_key",
+                "objective",
+                *(f"f1_{label}" for label in labels),
+                *beside,
+                "overrides",
+                "error",
+            ]
+        )
         for row in rows:
-            w.writerow([row["job"], row["run_id"], row["status"], *(row["override_values"].get(k, "") for k in keys),
-                        row["objective_key"], row["objective"], *(row["f1"].get(label, "") for label in labels),
-                        *(row["beside"].get(name, "") for name in beside), row["overrides"], row["error"]])
+            w.writerow(
+                [
+                    row["job"],
+                    row["run_id"],
+                    row["status"],
+                    *(row["override_values"].get(k, "") for k in keys),
+                    row["objective_key"],
+                    row["objective"],
+                    *(row["f1"].get(label, "") for label in labels),
+                    *(row["beside"].get(name, "") for name in beside),
+                    row["overrides"],
+                    row["error"],
+                ]
+            )
     return path
 
 
@@ -247,9 +286,13 @@ def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | N
     for name in header:
         free = name in ("error", "overrides")
         # values never wrap or shrink; the free-text columns fold into what width is left
-        table.add_column(name, justify="left" if free or name == "status" else "right", no_wrap=not free,
-                         min_width=None if free else max(len(name), 8 if name == "status" else 0),
-                         overflow="fold")
+        table.add_column(
+            name,
+            justify="left" if free or name == "status" else "right",
+            no_wrap=not free,
+            min_width=None if free else max(len(name), 8 if name == "status" else 0),
+            overflow="fold",
+        )
     for line, row in zip(cells, rows):
         table.add_row(*line, style=None if row["status"] == "FINISHED" else "red")
     console = console or Console()

@@ -48,8 +48,11 @@ def config_tree(config: Mapping[str, Any], overrides: Sequence[str] = (), label:
             path = f"{prefix}{key}"
             style = "yellow" if _overridden(path, overrides) else ""
             if isinstance(value, Mapping) and value:
-                add(node.add(f"[bold {style}]{escape(str(key))}[/]" if style else f"[bold]{escape(str(key))}[/]"),
-                    value, path + ".")
+                add(
+                    node.add(f"[bold {style}]{escape(str(key))}[/]" if style else f"[bold]{escape(str(key))}[/]"),
+                    value,
+                    path + ".",
+                )
             else:
                 text = f"{escape(str(key))}: {escape(repr(value) if isinstance(value, str) else str(value))}"
                 node.add(f"[{style}]{text}[/]" if style else text)
@@ -73,8 +76,10 @@ def baseline_verdict(metrics: Mapping[str, Any]) -> str | None:
     if base is None or model is None or base - model <= LOSES_BY:
         return None
     name = metrics["baseline"]["name"]
-    return (f"The model loses to the {name} baseline by {base - model:.3f} macro-F1 ({model:.3f} vs {base:.3f}): "
-            f"on this data the {name} baseline is the better model.")
+    return (
+        f"The model loses to the {name} baseline by {base - model:.3f} macro-F1 ({model:.3f} vs {base:.3f}): "
+        f"on this data the {name} baseline is the better model."
+    )
 
 
 def ensemble_line(metrics: Mapping[str, Any]) -> str | None:
@@ -84,10 +89,16 @@ def ensemble_line(metrics: Mapping[str, Any]) -> str | None:
         return None
     oof = {who: s["macro_f1"] for who, s in e["oof"].items()}
     test = {who: s["macro_f1"] for who, s in e.get("test", {}).items()}
-    return (f"ensemble ({e['folds']}-fold out-of-fold on val): macro-F1 model {oof['model']:.4f}, baseline "
-            f"{oof['baseline']:.4f}, blend {oof['blend']:.4f}; the export serves {e['choice']} (model weight "
-            f"{e['weight']:g})" + (f"; test macro-F1 model {test['model']:.4f}, baseline {test['baseline']:.4f}, "
-                                   f"blend {test['blend']:.4f}" if test else ""))
+    return (
+        f"ensemble ({e['folds']}-fold out-of-fold on val): macro-F1 model {oof['model']:.4f}, baseline "
+        f"{oof['baseline']:.4f}, blend {oof['blend']:.4f}; the export serves {e['choice']} (model weight "
+        f"{e['weight']:g})"
+        + (
+            f"; test macro-F1 model {test['model']:.4f}, baseline {test['baseline']:.4f}, blend {test['blend']:.4f}"
+            if test
+            else ""
+        )
+    )
 
 
 def _gate_text(gate: Mapping[str, Any] | None) -> str:
@@ -136,41 +147,58 @@ def print_summary(result: RunResult, console: Console | None = None) -> None:
             table.add_row(key, "—", *([""] if has_test else []), *([""] if baseline else []), _gate_text(gate))
     console.print(table)
     verdicts = [g["passed"] for g in gates.values()]
-    console.print(f"gates: {verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"
-                  + (f"; model − baseline macro-F1 {m['val_macro_f1'] - base_scalars['val_macro_f1']:+.4f}"
-                     if 'val_macro_f1' in base_scalars else ""))
+    console.print(
+        f"gates: {verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"
+        + (
+            f"; model − baseline macro-F1 {m['val_macro_f1'] - base_scalars['val_macro_f1']:+.4f}"
+            if "val_macro_f1" in base_scalars
+            else ""
+        )
+    )
     verdict = baseline_verdict(m)
     if verdict:
         console.print(f"[bold red]{escape(verdict)}[/]")
     if ensemble := ensemble_line(m):
         console.print(escape(ensemble), soft_wrap=True)
-    console.print(f"train {result.train_samples_per_s:.0f} samples/s on {result.device}, "
-                  f"wall {result.wall_time_s:.0f} s")
+    console.print(
+        f"train {result.train_samples_per_s:.0f} samples/s on {result.device}, wall {result.wall_time_s:.0f} s"
+    )
     console.print(f"run dir: {result.run_dir}", soft_wrap=True)
     for path in result.artifacts:
         console.print(f"  {escape(str(path))}", soft_wrap=True, highlight=False)
     if result.run_id:
-        console.print(f"MLflow run {result.run_id} — mlflow ui --backend-store-uri {result.tracking_uri}",
-                      soft_wrap=True)
+        console.print(
+            f"MLflow run {result.run_id} — mlflow ui --backend-store-uri {result.tracking_uri}", soft_wrap=True
+        )
 
 
-def run_line(result: RunResult, job: str | None = None) -> str:
+def run_line(result: RunResult, job: int | None = None) -> str:
     """The one line quiet mode prints per run: objective, baseline, gates, time, where to look."""
     m = result.metrics
     verdicts = [g["passed"] for g in m.get("gates", {}).values()]
     base = (m.get("baseline") or {}).get("scalars", {}).get("val_macro_f1")
-    parts = [f"run {job}" if job is not None else "run",
-             f"{result.objective_key} {result.objective:.4f} ({best_point(result)}, {result.epochs_run} epochs)",
-             (f"baseline macro-F1 {base:.4f}" + (" (model LOSES by more than 0.05)" if baseline_verdict(m) else ""))
-             if base is not None else "no baseline",
-             *([f"ensemble {m['ensemble']['choice']} w={m['ensemble']['weight']:g} oof macro-F1 "
-                f"{m['ensemble']['oof']['blend']['macro_f1']:.4f}"] if m.get("ensemble") else []),
-             f"gates {verdicts.count(True)}/{len(verdicts)} pass",
-             f"{result.wall_time_s:.0f} s", str(result.run_dir)]
+    parts = [
+        f"run {job}" if job is not None else "run",
+        f"{result.objective_key} {result.objective:.4f} ({best_point(result)}, {result.epochs_run} epochs)",
+        (f"baseline macro-F1 {base:.4f}" + (" (model LOSES by more than 0.05)" if baseline_verdict(m) else ""))
+        if base is not None
+        else "no baseline",
+        *(
+            [
+                f"ensemble {m['ensemble']['choice']} w={m['ensemble']['weight']:g} oof macro-F1 "
+                f"{m['ensemble']['oof']['blend']['macro_f1']:.4f}"
+            ]
+            if m.get("ensemble")
+            else []
+        ),
+        f"gates {verdicts.count(True)}/{len(verdicts)} pass",
+        f"{result.wall_time_s:.0f} s",
+        str(result.run_dir),
+    ]
     if result.run_id:
         parts.append(f"mlflow {result.run_id}")
     return " | ".join(parts)
 
 
-def print_run_line(result: RunResult, job: str | None = None, console: Console | None = None) -> None:
+def print_run_line(result: RunResult, job: int | None = None, console: Console | None = None) -> None:
     (console or Console()).print(run_line(result, job), soft_wrap=True, highlight=False, markup=False)

@@ -22,8 +22,11 @@ from loralab.fs import atomic_path
 log = logging.getLogger(__name__)
 
 DPI = 110
-SPLIT_NAMES = {"train_before_oversampling": "train (before oversampling)",
-               "train_after_oversampling": "train (after oversampling)", "val": "val"}
+SPLIT_NAMES = {
+    "train_before_oversampling": "train (before oversampling)",
+    "train_after_oversampling": "train (after oversampling)",
+    "val": "val",
+}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -69,21 +72,30 @@ def loss_curves(history: Sequence[Mapping[str, float]], path: Path, best_epoch: 
     return save_figure(fig, path)
 
 
-def f1_curves(history: Sequence[Mapping[str, float]], labels: Sequence[str], path: Path,
-              best_epoch: int | None = None, baseline_macro_f1: float | None = None) -> Path:
+def f1_curves(
+    history: Sequence[Mapping[str, float]],
+    labels: Sequence[str],
+    path: Path,
+    best_epoch: int | None = None,
+    baseline_macro_f1: float | None = None,
+) -> Path:
     """Val macro-F1 (bold) and each class's F1 per epoch, with the baseline's macro-F1 as a reference line."""
     epochs = [h["epoch"] for h in history]
     fig = _figure(8, 4)
     ax = fig.add_subplot()
-    ax.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", linewidth=2.5, color="black",
-            label="macro-F1")
+    ax.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", linewidth=2.5, color="black", label="macro-F1")
     for label in labels:
         key = f"val_f1_{label}"
         if all(key in h for h in history):  # absent when the class has no val rows
             ax.plot(epochs, [h[key] for h in history], marker=".", linestyle="--", label=f"F1 {label}")
     if baseline_macro_f1 is not None:
-        ax.axhline(baseline_macro_f1, color="tab:red", linestyle="-.", linewidth=1.2,
-                   label=f"baseline macro-F1 ({baseline_macro_f1:.2f})")
+        ax.axhline(
+            baseline_macro_f1,
+            color="tab:red",
+            linestyle="-.",
+            linewidth=1.2,
+            label=f"baseline macro-F1 ({baseline_macro_f1:.2f})",
+        )
     _mark_best(ax, best_epoch)
     _epoch_axis(ax, epochs)
     ax.set_ylim(0, 1.02)
@@ -93,16 +105,21 @@ def f1_curves(history: Sequence[Mapping[str, float]], labels: Sequence[str], pat
     return save_figure(fig, path)
 
 
-def confusion_matrices(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path,
-                       title: str = "Confusion matrix (val, best epoch)") -> Path:
+def confusion_matrices(
+    matrix: Sequence[Sequence[int]],
+    labels: Sequence[str],
+    path: Path,
+    title: str = "Confusion matrix (val, best epoch)",
+) -> Path:
     """Counts and row-normalised (share of each true class) side by side; rows are true, columns predicted."""
     counts = np.asarray(matrix, dtype=int)
     row_sums = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
     fig = _figure(11, 4.6)
     ax_counts, ax_share = fig.subplots(1, 2)
-    ConfusionMatrixDisplay(counts, display_labels=list(labels)).plot(ax=ax_counts, cmap="Blues", values_format="d",
-                                                                      colorbar=True)
+    ConfusionMatrixDisplay(counts, display_labels=list(labels)).plot(
+        ax=ax_counts, cmap="Blues", values_format="d", colorbar=True
+    )
     ax_counts.set_title("counts")
     disp = ConfusionMatrixDisplay(share, display_labels=list(labels))
     disp.plot(ax=ax_share, cmap="Blues", values_format=".2f", colorbar=True)
@@ -121,8 +138,12 @@ def class_distribution(class_counts: Mapping[str, Mapping[str, int]], path: Path
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
     for i, split in enumerate(splits):
-        bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, [class_counts[split][lb] for lb in labels], width,
-                      label=SPLIT_NAMES.get(split, split))
+        bars = ax.bar(
+            x + (i - (len(splits) - 1) / 2) * width,
+            [class_counts[split][lb] for lb in labels],
+            width,
+            label=SPLIT_NAMES.get(split, split),
+        )
         ax.bar_label(bars, fontsize="x-small", padding=1)
     ax.set_xticks(x, labels)
     ax.set_xlabel("class")
@@ -134,8 +155,13 @@ def class_distribution(class_counts: Mapping[str, Mapping[str, int]], path: Path
     return save_figure(fig, path)
 
 
-def make_plots(plot_dir: Path, history: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
-               class_counts: Mapping[str, Mapping[str, int]] | None, labels: Sequence[str]) -> dict[str, Path]:
+def make_plots(
+    plot_dir: Path,
+    history: Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, Any],
+    class_counts: Mapping[str, Mapping[str, int]] | None,
+    labels: Sequence[str],
+) -> dict[str, Path]:
     """All of a run's plots; ``metrics`` is metrics.json's content (best epoch, confusion matrix, baseline).
 
     A plot whose data the run does not have (no F1 or confusion matrix in a regression run) is left out.
@@ -149,16 +175,21 @@ def make_plots(plot_dir: Path, history: Sequence[Mapping[str, Any]], metrics: Ma
     if {"train_loss", "val_loss"} <= has:
         plots["loss_curves"] = loss_curves(history, plot_dir / "loss_curves.png", best)
     if "val_macro_f1" in has:
-        plots["f1_curves"] = f1_curves(history, labels, plot_dir / "f1_curves.png", best,
-                                       baseline.get("scalars", {}).get("val_macro_f1"))
+        plots["f1_curves"] = f1_curves(
+            history, labels, plot_dir / "f1_curves.png", best, baseline.get("scalars", {}).get("val_macro_f1")
+        )
     if metrics.get("confusion_matrix"):
-        plots["confusion_matrix"] = confusion_matrices(metrics["confusion_matrix"]["matrix"], labels,
-                                                       plot_dir / "confusion_matrix.png")
+        plots["confusion_matrix"] = confusion_matrices(
+            metrics["confusion_matrix"]["matrix"], labels, plot_dir / "confusion_matrix.png"
+        )
     if class_counts:
         plots["class_distribution"] = class_distribution(class_counts, plot_dir / "class_distribution.png")
     if baseline.get("confusion_matrix"):
         plots["baseline_confusion_matrix"] = confusion_matrices(
-            baseline["confusion_matrix"]["matrix"], labels, plot_dir / "baseline_confusion_matrix.png",
-            title=f"Baseline ({baseline['name']}) confusion matrix (val)")
+            baseline["confusion_matrix"]["matrix"],
+            labels,
+            plot_dir / "baseline_confusion_matrix.png",
+            title=f"Baseline ({baseline['name']}) confusion matrix (val)",
+        )
     log.info("wrote %d plots to %s in %.2f s", len(plots), plot_dir, time.perf_counter() - t0)
     return plots

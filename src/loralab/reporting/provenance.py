@@ -22,6 +22,7 @@ def package_versions() -> dict[str, str]:
 def git_state(root: str | Path = ".") -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain")))}
@@ -31,9 +32,12 @@ def git_state(root: str | Path = ".") -> dict[str, str]:
 
 def provenance(root: str | Path, data_files: Mapping[str, str | None]) -> dict[str, str]:
     """Git state of ``root``, host, start time, package versions and the sha256 of each existing data file."""
-    prov = {**git_state(root), "host": platform.node(),
-            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **{f"version.{p}": v for p, v in package_versions().items()}}
+    prov = {
+        **git_state(root),
+        "host": platform.node(),
+        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **{f"version.{p}": v for p, v in package_versions().items()},
+    }
     for key, path in data_files.items():
         if path and Path(path).is_file():
             prov[f"data.{key}.sha256"] = sha256_file(path)
@@ -43,5 +47,8 @@ def provenance(root: str | Path, data_files: Mapping[str, str | None]) -> dict[s
 def code_version(prov: Mapping[str, str]) -> dict[str, object]:
     """The git state and package versions of a run's provenance, as summaries and exports record them (read from
     ``prov`` rather than asked of git and importlib again)."""
-    return {"packages": {p: prov[f"version.{p}"] for p in PACKAGES},
-            "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"]}
+    return {
+        "packages": {p: prov[f"version.{p}"] for p in PACKAGES},
+        "git_commit": prov["git_commit"],
+        "git_dirty": prov["git_dirty"],
+    }

@@ -11,10 +11,10 @@ from matplotlib.figure import (
 )
 
 from loralab.config import RunConf
-from loralab.result import RunResult
 from loralab.fs import atomic_write_json
 from loralab.reporting.plots import save_figure
 from loralab.reporting.provenance import code_version
+from loralab.result import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def plot_loss_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: P
     return save_figure(fig, path, dpi=120)
 
 
-def plot_per_target(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, path: Path,
-                    metric: str = "mae") -> Path:
+def plot_per_target(
+    history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, path: Path, metric: str = "mae"
+) -> Path:
     """One line per dimension (a head, for the MLP) of its validation ``metric`` across epochs."""
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
@@ -47,19 +48,27 @@ def plot_per_target(history: Sequence[dict[str, Any]], names: Sequence[str], bes
     return save_figure(fig, path, dpi=120)
 
 
-def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, out_dir: Path
-                ) -> list[Path]:
+def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_epoch: int, out_dir: Path) -> list[Path]:
     """``plots/loss_curves.png`` and ``plots/per_dimension_mae.png``."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    paths = [plot_loss_curves(history, best_epoch, plots / "loss_curves.png"),
-             plot_per_target(history, names, best_epoch, plots / "per_dimension_mae.png")]
+    paths = [
+        plot_loss_curves(history, best_epoch, plots / "loss_curves.png"),
+        plot_per_target(history, names, best_epoch, plots / "per_dimension_mae.png"),
+    ]
     log.info("plots: %s", ", ".join(str(p) for p in paths))
     return paths
 
 
-def write_regression_report(cfg: RunConf, out_dir: Path, tracker, result: RunResult, names: Sequence[str],
-                            data_info: dict[str, Any], test: dict[str, float] | None = None) -> dict[str, Any]:
+def write_regression_report(
+    cfg: RunConf,
+    out_dir: Path,
+    tracker,
+    result: RunResult,
+    names: Sequence[str],
+    data_info: dict[str, Any],
+    test: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Write ``training_history.json``, ``training_metadata.json``, ``metrics.json`` and the plots; log ``best.*``
     (and ``test_*``, the test split's scores, when given); return the metrics and files for the summary."""
     best_epoch, history = result.best_epoch, result.history
@@ -68,11 +77,18 @@ def write_regression_report(cfg: RunConf, out_dir: Path, tracker, result: RunRes
     test = test or {}
     atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best, **test})
     metadata = {
-        "task": cfg.task.name, "config": cfg.as_dict(), "data": data_info,
-        "target_names": list(names), "best_epoch": best_epoch, "best_metrics": best,
-        "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode,
-        **{k: getattr(result, k) for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s",
-                                           "train_samples_per_s", "device")},
+        "task": cfg.task.name,
+        "config": cfg.as_dict(),
+        "data": data_info,
+        "target_names": list(names),
+        "best_epoch": best_epoch,
+        "best_metrics": best,
+        "monitor": cfg.trainer.monitor,
+        "monitor_mode": cfg.trainer.monitor_mode,
+        **{
+            k: getattr(result, k)
+            for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s", "train_samples_per_s", "device")
+        },
         **code_version(result.provenance),
     }
     atomic_write_json(out_dir / "training_metadata.json", metadata)

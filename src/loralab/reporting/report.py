@@ -18,9 +18,14 @@ log = logging.getLogger(__name__)
 
 RELIABILITY = "plots/reliability_diagram.png"  # written by calibration when it runs
 STATUS = {True: "pass", False: "**FAIL**", None: "skipped"}
-PLOT_TITLES = {"loss_curves": "Loss per epoch", "f1_curves": "Validation F1 per epoch",
-               "confusion_matrix": "Confusion matrix (best epoch)", "class_distribution": "Class distribution",
-               "baseline_confusion_matrix": "Baseline confusion matrix", "reliability_diagram": "Reliability diagram"}
+PLOT_TITLES = {
+    "loss_curves": "Loss per epoch",
+    "f1_curves": "Validation F1 per epoch",
+    "confusion_matrix": "Confusion matrix (best epoch)",
+    "class_distribution": "Class distribution",
+    "baseline_confusion_matrix": "Baseline confusion matrix",
+    "reliability_diagram": "Reliability diagram",
+}
 
 
 def hydra_overrides(run_dir: Path) -> list[str] | None:
@@ -32,6 +37,7 @@ def hydra_overrides(run_dir: Path) -> list[str] | None:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v).replace("|", "\\|"))
+
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""]
 
@@ -39,10 +45,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     out = ["## Data", ""]
     files = [(name, data_report[name]) for name in ("train_file", "val_file", "test_file") if name in data_report]
-    out += _table(["file", "path", "rows read", "kept", "dropped"],
-                  [(name, f"`{f['path']}`", f["rows_read"], f["rows_kept"], f["rows_dropped"]) for name, f in files])
-    drops = [(name, reason, n, f["first_line_by_reason"].get(reason)) for name, f in files
-             for reason, n in f["dropped_by_reason"].items()]
+    out += _table(
+        ["file", "path", "rows read", "kept", "dropped"],
+        [(name, f"`{f['path']}`", f["rows_read"], f["rows_kept"], f["rows_dropped"]) for name, f in files],
+    )
+    drops = [
+        (name, reason, n, f["first_line_by_reason"].get(reason))
+        for name, f in files
+        for reason, n in f["dropped_by_reason"].items()
+    ]
     if drops:
         out += ["Dropped rows by reason:", ""] + _table(["file", "reason", "rows", "first line"], drops)
     if "val_from_train" in data_report:
@@ -52,11 +63,16 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     if not counts:
         return out
     splits = [s for s in ("train_before_oversampling", "train_after_oversampling", "val", "test") if s in counts]
-    out += ["Class counts:", ""] + _table(["class", *(s.replace("_", " ") for s in splits)],
-                                         [(label, *(counts[s][label] for s in splits)) for label in counts["val"]])
+    out += ["Class counts:", ""] + _table(
+        ["class", *(s.replace("_", " ") for s in splits)],
+        [(label, *(counts[s][label] for s in splits)) for label in counts["val"]],
+    )
     leak = data_report.get("leakage", {})
-    out += [f"Oversampled: {'yes' if data_report.get('oversampled') else 'no'}. "
-            f"Ids in both train and val: {leak.get('ids_in_both', 0)} (policy: {leak.get('policy', 'n/a')}).", ""]
+    out += [
+        f"Oversampled: {'yes' if data_report.get('oversampled') else 'no'}. "
+        f"Ids in both train and val: {leak.get('ids_in_both', 0)} (policy: {leak.get('policy', 'n/a')}).",
+        "",
+    ]
     return out
 
 
@@ -74,28 +90,52 @@ def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
         if not isinstance(value, float) or key.startswith("test_"):
             continue
         gate = gates.get(key)
-        rows.append((key, value, *([test_value(metrics, key)] if test else []),
-                     *([base_scalars.get(key)] if name else []), gate["rule"] if gate else "",
-                     STATUS[gate["passed"]] if gate else ""))
+        rows.append(
+            (
+                key,
+                value,
+                *([test_value(metrics, key)] if test else []),
+                *([base_scalars.get(key)] if name else []),
+                gate["rule"] if gate else "",
+                STATUS[gate["passed"]] if gate else "",
+            )
+        )
     for key, gate in gates.items():  # gates on metrics this run has no value for (class absent)
         if key not in metrics:
-            rows.append((key, None, *([None] if test else []), *([base_scalars.get(key)] if name else []),
-                         gate["rule"], STATUS[gate["passed"]]))
+            rows.append(
+                (
+                    key,
+                    None,
+                    *([None] if test else []),
+                    *([base_scalars.get(key)] if name else []),
+                    gate["rule"],
+                    STATUS[gate["passed"]],
+                )
+            )
     out += _table(["metric", "model", *test_col, *base_col, "gate", "status"], rows)
     if test:
-        out += [f"Test: {test['rows']} rows of `{test['file']}`, scored once with the final model (temperature "
-                f"{test['temperature']:.4f} fit on val); {test['use']}.", ""]
+        out += [
+            f"Test: {test['rows']} rows of `{test['file']}`, scored once with the final model (temperature "
+            f"{test['temperature']:.4f} fit on val); {test['use']}.",
+            "",
+        ]
     if baseline:
-        out += [f"Baseline: {name} fit on the {baseline['train_rows']} train rows before oversampling in "
-                f"{baseline['fit_time_s']:.2f} s, scored on the same val split.", ""]
+        out += [
+            f"Baseline: {name} fit on the {baseline['train_rows']} train rows before oversampling in "
+            f"{baseline['fit_time_s']:.2f} s, scored on the same val split.",
+            "",
+        ]
     per_class = metrics.get("per_class")
     if not per_class:
         return out
     base_pc = baseline.get("per_class", {})
     out += ["Per class:", ""] + _table(
         ["class", "precision", "recall", "F1", "support", *(["baseline F1"] if name else [])],
-        [(label, c["precision"], c["recall"], c["f1"], c["support"], *([base_pc[label]["f1"]] if name else []))
-         for label, c in per_class.items()])
+        [
+            (label, c["precision"], c["recall"], c["f1"], c["support"], *([base_pc[label]["f1"]] if name else []))
+            for label, c in per_class.items()
+        ],
+    )
     return out
 
 
@@ -106,21 +146,36 @@ def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
         return []
     out = ["## Ensemble (model + baseline blend)", "", ensemble_line(metrics) + ".", ""]
     test = e.get("test", {})
-    out += _table(["", "out-of-fold macro-F1", "accuracy", "log-loss", *(["test macro-F1"] if test else [])],
-                  [(who, s["macro_f1"], s["accuracy"], s["log_loss"], *([test[who]["macro_f1"]] if test else []))
-                   for who, s in e["oof"].items()])
-    out += [f"Blend: softmax(w·log p_model + (1−w)·log p_baseline), w on a grid of {len(e['grid'])} from 0 to 1 "
-            f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} stratified folds, each "
-            f"scored with the temperatures (model and baseline) and the weight fit on the other folds (fold weights "
-            f"{', '.join(f'{w:g}' for w in e['fold_weights'])}); the exported weight {e['weight']:g} and baseline "
-            f"temperature {e['baseline_temperature']:.3f} are chosen on the whole val split. The gates above judge "
-            f"the learned model itself.", ""]
+    out += _table(
+        ["", "out-of-fold macro-F1", "accuracy", "log-loss", *(["test macro-F1"] if test else [])],
+        [
+            (who, s["macro_f1"], s["accuracy"], s["log_loss"], *([test[who]["macro_f1"]] if test else []))
+            for who, s in e["oof"].items()
+        ],
+    )
+    out += [
+        f"Blend: softmax(w·log p_model + (1−w)·log p_baseline), w on a grid of {len(e['grid'])} from 0 to 1 "
+        f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} stratified folds, each "
+        f"scored with the temperatures (model and baseline) and the weight fit on the other folds (fold weights "
+        f"{', '.join(f'{w:g}' for w in e['fold_weights'])}); the exported weight {e['weight']:g} and baseline "
+        f"temperature {e['baseline_temperature']:.3f} are chosen on the whole val split. The gates above judge "
+        f"the learned model itself.",
+        "",
+    ]
     return out
 
 
-def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any], result: RunResult,
-                  plots: Mapping[str, str], overrides: Sequence[str] | None, run_id: str | None,
-                  tracking_uri: str | None, run_dir: str) -> str:
+def render_report(
+    *,
+    metrics: Mapping[str, Any],
+    data_report: Mapping[str, Any],
+    result: RunResult,
+    plots: Mapping[str, str],
+    overrides: Sequence[str] | None,
+    run_id: str | None,
+    tracking_uri: str | None,
+    run_dir: str,
+) -> str:
     """The report's Markdown; ``plots`` maps a plot name to its path relative to the run dir."""
     out = ["# Run report", ""]
     verdicts = [g["passed"] for g in metrics.get("gates", {}).values()]
@@ -129,20 +184,39 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
     verdict = baseline_verdict(metrics)
     if verdict:
         out += [f"**{verdict}**", ""]
-    out += _table(["", ""], [
-        ("objective", f"{result.objective_key} = {result.objective:.4f}"),
-        ("gates", f"{verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"),
-        ("baseline", f"{baseline['name']} val_macro_f1 = {base_f1:.4f} (model − baseline: "
-                     f"{metrics['val_macro_f1'] - base_f1:+.4f})" if base_f1 is not None else "none"),
-        ("run dir", f"`{run_dir}`"),
-        ("MLflow run", f"`{run_id}`" if run_id else "tracking disabled"),
-        ("MLflow UI", f"`mlflow ui --backend-store-uri {tracking_uri}`" if run_id else ""),
-        *([("test", f"test_macro_f1 = {metrics['test_macro_f1']:.4f} on {metrics['test']['rows']} rows, scored "
-                     f"once after training")] if "test_macro_f1" in metrics else []),
-        ("best", f"{best_point(result)} of {result.epochs_run} epochs ({result.stop_reason})"),
-        ("time", f"{result.wall_time_s:.0f} s wall, {result.train_samples_per_s:.0f} train samples/s "
-                 f"on {result.device}"),
-    ])
+    out += _table(
+        ["", ""],
+        [
+            ("objective", f"{result.objective_key} = {result.objective:.4f}"),
+            ("gates", f"{verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"),
+            (
+                "baseline",
+                f"{baseline['name']} val_macro_f1 = {base_f1:.4f} (model − baseline: "
+                f"{metrics['val_macro_f1'] - base_f1:+.4f})"
+                if base_f1 is not None
+                else "none",
+            ),
+            ("run dir", f"`{run_dir}`"),
+            ("MLflow run", f"`{run_id}`" if run_id else "tracking disabled"),
+            ("MLflow UI", f"`mlflow ui --backend-store-uri {tracking_uri}`" if run_id else ""),
+            *(
+                [
+                    (
+                        "test",
+                        f"test_macro_f1 = {metrics['test_macro_f1']:.4f} on {metrics['test']['rows']} rows, scored "
+                        f"once after training",
+                    )
+                ]
+                if "test_macro_f1" in metrics
+                else []
+            ),
+            ("best", f"{best_point(result)} of {result.epochs_run} epochs ({result.stop_reason})"),
+            (
+                "time",
+                f"{result.wall_time_s:.0f} s wall, {result.train_samples_per_s:.0f} train samples/s on {result.device}",
+            ),
+        ],
+    )
     out += ["## Config overrides", ""]
     if overrides is None:
         out += ["Not run through Hydra: no overrides recorded.", ""]
@@ -155,17 +229,29 @@ def render_report(*, metrics: Mapping[str, Any], data_report: Mapping[str, Any],
     return "\n".join(out)
 
 
-def write_reports(run_dir: Path, labels: Sequence[str], result: RunResult, metrics: Mapping[str, Any],
-                  data_report: Mapping[str, Any], tracker) -> list[Path]:
+def write_reports(
+    run_dir: Path,
+    labels: Sequence[str],
+    result: RunResult,
+    metrics: Mapping[str, Any],
+    data_report: Mapping[str, Any],
+    tracker,
+) -> list[Path]:
     """Plots and report.md into the run dir, both sent to MLflow; returns the files written."""
     run_dir = Path(run_dir)
     paths = make_plots(run_dir / "plots", result.history, metrics, data_report.get("class_counts"), labels)
     if (run_dir / RELIABILITY).is_file():
         paths["reliability_diagram"] = run_dir / RELIABILITY
-    text = render_report(metrics=metrics, data_report=data_report, result=result,
-                         plots={k: p.relative_to(run_dir).as_posix() for k, p in paths.items()},
-                         overrides=hydra_overrides(run_dir), run_id=tracker.run_id, tracking_uri=tracker.uri,
-                         run_dir=str(run_dir))
+    text = render_report(
+        metrics=metrics,
+        data_report=data_report,
+        result=result,
+        plots={k: p.relative_to(run_dir).as_posix() for k, p in paths.items()},
+        overrides=hydra_overrides(run_dir),
+        run_id=tracker.run_id,
+        tracking_uri=tracker.uri,
+        run_dir=str(run_dir),
+    )
     report = atomic_write_text(run_dir / "report.md", text)
     tracker.log_artifact(run_dir / "plots")  # the report's relative links resolve in MLflow's artifact view too
     tracker.log_artifact(report)

@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import DataLoader
 
 from loralab.config import RunConf
@@ -36,18 +36,18 @@ class RunContext:
 
     out_dir: Path
     device: torch.device
-    tracker: Any                       # loralab.tracking.mlflow.MLflowTracker (disabled on DDP ranks > 0)
+    tracker: Any  # loralab.tracking.mlflow.MLflowTracker (disabled on DDP ranks > 0)
     ddp: Dist = field(default_factory=Dist)
-    resume_dir: Path | None = None     # the checkpoint this run continues (its tokenizer is reused)
+    resume_dir: Path | None = None  # the checkpoint this run continues (its tokenizer is reused)
 
 
 @dataclass
 class Finalized:
     """What a task's ``finalize`` adds to the run's result."""
 
-    metrics: dict[str, Any]                          # the final report (metrics.json)
+    metrics: dict[str, Any]  # the final report (metrics.json)
     artifacts: list[Path] = field(default_factory=list)  # files in the run dir to log to MLflow
-    model_uri: str | None = None                     # the logged MLflow model
+    model_uri: str | None = None  # the logged MLflow model
 
 
 class Task(ABC):
@@ -55,13 +55,13 @@ class Task(ABC):
     about the task before anything loads: its root schema (``conf``), the names of its metrics, whether it
     reads text (``pretrain``) or blends with a baseline (``ensemble``), and its own cross-field rules."""
 
-    name: ClassVar[str]           # conf/task/<name>.yaml: task.name; tags, reports and exports carry it
+    name: ClassVar[str]  # conf/task/<name>.yaml: task.name; tags, reports and exports carry it
     conf: ClassVar[type[RunConf]]  # the root schema: which data, model and loss groups a run of it takes
     reads_text: ClassVar[bool] = False  # records become text a language model reads: pretrain=clm applies
-    blends: ClassVar[bool] = False      # outputs are class probabilities: ensemble=blend applies
+    blends: ClassVar[bool] = False  # outputs are class probabilities: ensemble=blend applies
     tokenizer: Any = None  # saved into every checkpoint when set: a resumed run must tokenize identically
-    source: Any = None     # loralab.models.build.ModelSource of a text task, set by build_data; the lifecycle's
-                           # pretrain stage may replace it (a base it pretrained) before build_model loads it
+    source: Any = None  # loralab.models.build.ModelSource of a text task, set by build_data; the lifecycle's
+    # pretrain stage may replace it (a base it pretrained) before build_model loads it
 
     def __init__(self, cfg: RunConf, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
@@ -74,7 +74,9 @@ class Task(ABC):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         """Rules between this task's own keys (``config/cross.py`` holds those of every task); each failure is one
-        ``ConfigError`` line (``config.cross.require``). ``cfg``: the checked config, typed by ``conf``."""
+        ``ConfigError`` line (``config.cross.require``). ``cfg``: the checked config, typed by ``conf``. The
+        default: no rules of its own."""
+        return None  # an optional hook: not abstract
 
     @abstractmethod
     def build_data(self) -> TaskData:

@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from loralab.baseline import fit_baseline, fit_estimator, predict_proba
 from loralab.config.cross import require
 from loralab.config.tasks import ClassificationConf, RecordsDataConf
-from loralab.baseline import fit_baseline, fit_estimator, predict_proba
 from loralab.core.loaders import TaskData, eval_loader
 from loralab.data.balance import class_counts
 from loralab.data.demo import write_demo
@@ -66,8 +66,12 @@ class Classification(Task):
         d, weights = cfg.data, cfg.loss.class_weights
         require(d.id_column != d.label_column, "data.label_column", d.label_column, "must differ from data.id_column")
         if OmegaConf.is_list(weights):
-            require(len(weights) == len(d.labels), "loss.class_weights", weights,
-                    f"needs one weight per label ({len(d.labels)})")
+            require(
+                len(weights) == len(d.labels),
+                "loss.class_weights",
+                weights,
+                f"needs one weight per label ({len(d.labels)})",
+            )
 
     @property
     def labels(self) -> list[str]:
@@ -79,9 +83,18 @@ class Classification(Task):
         d, ctx = self.cfg.data, self.ctx
         if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
             write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
-        self.splits = build_splits(d.train_file, d.val_file, self.labels, val_split=d.val_split, seed=self.cfg.seed,
-                                   oversample_below=d.oversample_below, leakage=d.leakage, allow_null=d.allow_null,
-                                   fmt=row_format(d), max_row_bytes=d.max_row_bytes)
+        self.splits = build_splits(
+            d.train_file,
+            d.val_file,
+            self.labels,
+            val_split=d.val_split,
+            seed=self.cfg.seed,
+            oversample_below=d.oversample_below,
+            leakage=d.leakage,
+            allow_null=d.allow_null,
+            fmt=row_format(d),
+            max_row_bytes=d.max_row_bytes,
+        )
         test_rows = self._test_rows() if d.test_file and ctx.ddp.is_main else []  # rank 0 reports
         self.test_rows = test_rows
         counts = self.splits.report["class_counts"]
@@ -89,42 +102,57 @@ class Classification(Task):
         mode = self.cfg.loss.class_weights
         self.class_weights = class_weights(list(counts["train_after_oversampling"].values()), mode)
         self.splits.report["class_weights"] = {
-            "values": dict(zip(self.labels, self.class_weights)) if self.class_weights else None, "mode": mode,
-            "computed_from": "train_after_oversampling"}
+            "values": dict(zip(self.labels, self.class_weights)) if self.class_weights else None,
+            "mode": mode,
+            "computed_from": "train_after_oversampling",
+        }
         log.info("class counts: %s", counts)
         log.info("class weights (%s, from train counts after oversampling): %s", mode, self.class_weights)
-        ctx.tracker.log_metrics({f"class_count.{split}.{label}": n for split, c in counts.items()
-                                 for label, n in c.items()})
+        ctx.tracker.log_metrics(
+            {f"class_count.{split}.{label}": n for split, c in counts.items() for label, n in c.items()}
+        )
         self.baseline_model = None  # the fitted estimator, set by _baseline: ensemble=blend serves it
         self.baseline = self._baseline() if ctx.ddp.is_main else None
 
         self.source = instantiate(self.cfg.model)
         # Fitted on the train rows before oversampling (duplicated minority rows would shift the quantiles), never
         # on val: a pure function of the train split, so a resumed run or another DDP rank fits the same one.
-        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.serialize else Json(d.template)
-                           ).fit(self.splits.train_original)
+        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.serialize else Json(d.template)).fit(
+            self.splits.train_original
+        )
         texts = serialize_records(self.splits.train, self.serializer)
         self.tokenizer = load_tokenizer(self.source, texts, ctx.resume_dir, ctx.ddp)
         label2id = {label: i for i, label in enumerate(self.labels)}
-        train, val = (TokenizedRecords(rows, self.tokenizer, label2id, self.serializer, self.source.max_length,
-                                       d.cache_dir) for rows in (self.splits.train, self.splits.val))
+        train, val = (
+            TokenizedRecords(rows, self.tokenizer, label2id, self.serializer, self.source.max_length, d.cache_dir)
+            for rows in (self.splits.train, self.splits.val)
+        )
         if train.truncated or val.truncated:
-            log.warning("%d train / %d val texts truncated at model.max_length=%d", train.truncated, val.truncated,
-                        self.source.max_length)
+            log.warning(
+                "%d train / %d val texts truncated at model.max_length=%d",
+                train.truncated,
+                val.truncated,
+                self.source.max_length,
+            )
         tokens = sum(train.lengths) / len(train)
         log.info("serialize=%s: %.1f tokens per train record, e.g. %s", self.serializer.kind, tokens, texts[0][:200])
         ctx.tracker.log_metrics({"tokens_per_record": tokens})
-        self.splits.report["serialization"] = {"kind": self.serializer.kind, "tokens_per_train_record": tokens,
-                                               "example": texts[0]}
+        self.splits.report["serialization"] = {
+            "kind": self.serializer.kind,
+            "tokens_per_train_record": tokens,
+            "example": texts[0],
+        }
         if ctx.ddp.is_main:
             atomic_write_json(ctx.out_dir / "data_report.json", self.splits.report)
         collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
         self.test_loader = None
         if test_rows:
-            test = TokenizedRecords(test_rows, self.tokenizer, label2id, self.serializer, self.source.max_length,
-                                    d.cache_dir)
-            self.test_loader = eval_loader(test, test.lengths, collate, batch_size=self.cfg.trainer.eval_batch_size,
-                                           hardware=self.cfg.hardware)
+            test = TokenizedRecords(
+                test_rows, self.tokenizer, label2id, self.serializer, self.source.max_length, d.cache_dir
+            )
+            self.test_loader = eval_loader(
+                test, test.lengths, collate, batch_size=self.cfg.trainer.eval_batch_size, hardware=self.cfg.hardware
+            )
         return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths, collate=collate)
 
     def _test_rows(self) -> list:
@@ -134,8 +162,10 @@ class Classification(Task):
         rows, load_report = load_records(d.test_file, self.labels, d.allow_null, row_format(d), d.max_row_bytes)
         if not rows:
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(load_report.dropped)})")
-        report["test_file"] = {**load_report.as_dict(),
-                               **test_overlap(rows, train=self.splits.train_original, val=self.splits.val)}
+        report["test_file"] = {
+            **load_report.as_dict(),
+            **test_overlap(rows, train=self.splits.train_original, val=self.splits.val),
+        }
         report["class_counts"]["test"] = class_counts(rows, self.labels)
         return rows
 
@@ -147,8 +177,16 @@ class Classification(Task):
         params = dict(b.params)
         fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.cfg.seed, params, b.threads)
         self.baseline_model = fitted[0] if fitted else None
-        result = fit_baseline(b.name, self.splits.train_original, self.splits.val, self.labels, self.cfg.seed, params,
-                              b.threads, fitted=fitted)
+        result = fit_baseline(
+            b.name,
+            self.splits.train_original,
+            self.splits.val,
+            self.labels,
+            self.cfg.seed,
+            params,
+            b.threads,
+            fitted=fitted,
+        )
         if result:
             self.ctx.tracker.log_metrics({f"baseline.{k}": v for k, v in result["scalars"].items()})
         return result
@@ -172,8 +210,14 @@ class Classification(Task):
         return serialize_records([*(r for s in splits for r in rows[s]), *extra], self.serializer)
 
     def build_model(self) -> nn.Module:
-        return load_text_model(self.source, self.labels, self.tokenizer, hardware=self.cfg.hardware,
-                               lora=self.cfg.lora, device=self.ctx.device)
+        return load_text_model(
+            self.source,
+            self.labels,
+            self.tokenizer,
+            hardware=self.cfg.hardware,
+            lora=self.cfg.lora,
+            device=self.ctx.device,
+        )
 
     def loss(self) -> nn.Module:
         return instantiate(self.cfg.loss, class_weights=self.class_weights).to(self.ctx.device)
@@ -190,15 +234,31 @@ class Classification(Task):
         metrics = best_epoch_report(self.cfg, model, val_loader, result, self.ctx, self.baseline, blend_inputs)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             test_base = self._blend_inputs(self.test_loader, self.test_rows) if blend_inputs else None
-            metrics = test_report(self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx,
-                                  test_base[0] if test_base else None)
+            metrics = test_report(
+                self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx, test_base[0] if test_base else None
+            )
         extra = save_blend_baseline(self.ctx.out_dir, self.baseline_model, *blend_inputs) if blend_inputs else []
         if not blend_inputs and (self.ctx.out_dir / "baseline").is_dir():  # an earlier blend run's, in this run dir
             shutil.rmtree(self.ctx.out_dir / "baseline")  # zip_parts would ship it beside a model-only export
-        artifacts = export(self.cfg, model, self.tokenizer, self.source, val_loader, metrics, result, self.ctx,
-                           self.serializer, extra_parts=extra)
+        artifacts = export(
+            self.cfg,
+            model,
+            self.tokenizer,
+            self.source,
+            val_loader,
+            metrics,
+            result,
+            self.ctx,
+            self.serializer,
+            extra_parts=extra,
+        )
         e, out_dir = self.cfg.export, self.ctx.out_dir
-        model_uri = log_classifier(self.ctx.tracker, out_dir, zip_parts(out_dir, e.zip_parts, e.max_size_mb),
-                                   self.splits.val, code_version(result.provenance)["packages"])
+        model_uri = log_classifier(
+            self.ctx.tracker,
+            out_dir,
+            zip_parts(out_dir, e.zip_parts, e.max_size_mb),
+            self.splits.val,
+            code_version(result.provenance)["packages"],
+        )
         artifacts += write_reports(out_dir, self.labels, result, metrics, self.splits.report, self.ctx.tracker)
         return Finalized(metrics, artifacts, model_uri)

@@ -12,6 +12,7 @@ import torch
 
 from loralab.baseline import predict_proba
 from loralab.calibrate import calibrate, calibration_metrics, probabilities, reliability_diagram
+from loralab.config.tasks import ClassificationConf
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.trainer import predict_logits
 from loralab.data.records import write_rows
@@ -30,7 +31,6 @@ from loralab.export import export_model, zip_dir
 from loralab.fs import atomic_dir, atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.reporting.provenance import code_version
-from loralab.config.tasks import ClassificationConf
 from loralab.result import RunResult
 from loralab.tasks.base import RunContext
 
@@ -39,9 +39,15 @@ log = logging.getLogger(__name__)
 CALIBRATION_KEYS = ("val_nll", "val_ece", "val_brier", "temperature")
 
 
-def best_epoch_report(cfg: ClassificationConf, model, val_loader, result: RunResult, ctx: RunContext,
-                      baseline: dict[str, Any] | None, blend_inputs: tuple[np.ndarray, list] | None = None
-                      ) -> dict[str, Any]:
+def best_epoch_report(
+    cfg: ClassificationConf,
+    model,
+    val_loader,
+    result: RunResult,
+    ctx: RunContext,
+    baseline: dict[str, Any] | None,
+    blend_inputs: tuple[np.ndarray, list] | None = None,
+) -> dict[str, Any]:
     """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``); with ``blend_inputs`` (the
     baseline's val probabilities and the val records, in the loader's order) the ensemble's report too."""
     labels, best_epoch = list(cfg.data.labels), result.best_epoch
@@ -53,12 +59,25 @@ def best_epoch_report(cfg: ClassificationConf, model, val_loader, result: RunRes
     curves = {"uncalibrated": probabilities(logits)}
     if c.method != "none":
         curves[f"T = {calib['temperature']:.3f}"] = probabilities(logits, calib["temperature"])
-    plot = reliability_diagram(y, curves, ctx.out_dir / "plots" / "reliability_diagram.png", c.n_bins,
-                               title=f"Reliability diagram: validation, best epoch {best_epoch}")
+    plot = reliability_diagram(
+        y,
+        curves,
+        ctx.out_dir / "plots" / "reliability_diagram.png",
+        c.n_bins,
+        title=f"Reliability diagram: validation, best epoch {best_epoch}",
+    )
     best = result.best  # the best evaluation: an epoch end or a val check
-    metrics = {"best_epoch": best_epoch, **report["scalars"], "val_loss": best["val_loss"], **calib.pop("scalars"),
-               "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"], "gates": gates,
-               "calibration": {**calib, "fit_on": "val", "plot": str(plot)}, "baseline": baseline}
+    metrics = {
+        "best_epoch": best_epoch,
+        **report["scalars"],
+        "val_loss": best["val_loss"],
+        **calib.pop("scalars"),
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "gates": gates,
+        "calibration": {**calib, "fit_on": "val", "plot": str(plot)},
+        "baseline": baseline,
+    }
     if blend_inputs is not None:
         metrics["ensemble"] = ensemble_report(cfg, logits, y, metrics["temperature"], *blend_inputs, ctx)
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
@@ -69,22 +88,49 @@ def best_epoch_report(cfg: ClassificationConf, model, val_loader, result: RunRes
     return metrics
 
 
-def ensemble_report(cfg: ClassificationConf, logits: np.ndarray, y: np.ndarray, temperature: float, base_probs: np.ndarray,
-                    rows: list, ctx: RunContext) -> dict[str, Any]:
+def ensemble_report(
+    cfg: ClassificationConf,
+    logits: np.ndarray,
+    y: np.ndarray,
+    temperature: float,
+    base_probs: np.ndarray,
+    rows: list,
+    ctx: RunContext,
+) -> dict[str, Any]:
     """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
     ``ensemble_val.jsonl``: per val row the model's (calibrated), the baseline's (as it predicts them, before its
     temperature) and the exported blend's probabilities."""
     e, labels = cfg.ensemble, list(cfg.data.labels)
-    report, blended = cross_fit(logits, base_probs, y, temperature=temperature, k=e.folds, seed=cfg.seed,
-                                grid=e.grid, select=e.select, calibrate=cfg.calibration.method != "none",
-                                t_bounds=list(cfg.calibration.t_bounds))
+    report, blended = cross_fit(
+        logits,
+        base_probs,
+        y,
+        temperature=temperature,
+        k=e.folds,
+        seed=cfg.seed,
+        grid=e.grid,
+        select=e.select,
+        calibrate=cfg.calibration.method != "none",
+        t_bounds=list(cfg.calibration.t_bounds),
+    )
     model_probs = probabilities(logits, temperature)
-    write_rows(ctx.out_dir / "ensemble_val.jsonl", (
-        {"id": r.id, "label": r.label, **{who: dict(zip(labels, p.tolist())) for who, p in
-                                          (("model", m), ("baseline", b), ("blend", x))}}
-        for r, m, b, x in zip(rows, model_probs, base_probs, blended)))
-    ctx.tracker.log_metrics({"ensemble.weight": report["weight"],
-                             **{f"ensemble.{who}.oof_{k}": v for who, s in report["oof"].items() for k, v in s.items()}})
+    write_rows(
+        ctx.out_dir / "ensemble_val.jsonl",
+        (
+            {
+                "id": r.id,
+                "label": r.label,
+                **{who: dict(zip(labels, p.tolist())) for who, p in (("model", m), ("baseline", b), ("blend", x))},
+            }
+            for r, m, b, x in zip(rows, model_probs, base_probs, blended)
+        ),
+    )
+    ctx.tracker.log_metrics(
+        {
+            "ensemble.weight": report["weight"],
+            **{f"ensemble.{who}.oof_{k}": v for who, s in report["oof"].items() for k, v in s.items()},
+        }
+    )
     ctx.tracker.set_tags({"ensemble.choice": report["choice"]})
     return report
 
@@ -96,14 +142,23 @@ def save_blend_baseline(out_dir: Path, baseline_model, base_probs: np.ndarray, r
         save_baseline(baseline_model, tmp / Path(BASELINE_FILE).name)
     reloaded = predict_proba(load_baseline(out_dir / BASELINE_FILE), rows, base_probs.shape[1])
     if not np.array_equal(reloaded, base_probs):
-        raise ExportError(f"export verification failed: {BASELINE_FILE} reloaded scores the val rows differently "
-                          f"(max abs diff {np.abs(reloaded - base_probs).max():.3e})")
+        raise ExportError(
+            f"export verification failed: {BASELINE_FILE} reloaded scores the val rows differently "
+            f"(max abs diff {np.abs(reloaded - base_probs).max():.3e})"
+        )
     log.info("export check: %s reproduces the baseline's val probabilities exactly", BASELINE_FILE)
     return ["baseline"]
 
 
-def test_report(cfg: ClassificationConf, model, test_loader, loss_fn, metrics: dict[str, Any], ctx: RunContext,
-                base_probs: np.ndarray | None = None) -> dict[str, Any]:
+def test_report(
+    cfg: ClassificationConf,
+    model,
+    test_loader,
+    loss_fn,
+    metrics: dict[str, Any],
+    ctx: RunContext,
+    base_probs: np.ndarray | None = None,
+) -> dict[str, Any]:
     """The test split, scored once with the final model (best evaluation's weights, val-fit temperature):
     ``test_*`` beside the ``val_*`` metrics in ``metrics.json`` and MLflow. Runs after every choice is made, so
     nothing here can feed back into the epoch, the temperature or the weights. ``base_probs`` (ensemble=blend: the
@@ -113,25 +168,48 @@ def test_report(cfg: ClassificationConf, model, test_loader, loss_fn, metrics: d
     report = classification_metrics(y, logits.argmax(-1), labels, prefix="test_")  # T > 0 keeps the argmax
     with torch.no_grad():
         loss = loss_fn(torch.from_numpy(logits).to(ctx.device), torch.from_numpy(y).to(ctx.device)).item()
-    scalars = {**report["scalars"], "test_loss": loss,
-               **{f"test_{k}": v for k, v in calibration_metrics(probabilities(logits), y, n_bins).items()}}
+    scalars = {
+        **report["scalars"],
+        "test_loss": loss,
+        **{f"test_{k}": v for k, v in calibration_metrics(probabilities(logits), y, n_bins).items()},
+    }
     if cfg.calibration.method != "none":
-        scalars.update({f"test_{k}_calibrated": v
-                        for k, v in calibration_metrics(probabilities(logits, temperature), y, n_bins).items()})
-    out = {**metrics, **scalars, "test": {
-        "file": str(cfg.data.test_file), "rows": len(y), "temperature": temperature,
-        "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
-        "use": "scored once after training; never used for early stopping, calibration or model choice"}}
+        scalars.update(
+            {
+                f"test_{k}_calibrated": v
+                for k, v in calibration_metrics(probabilities(logits, temperature), y, n_bins).items()
+            }
+        )
+    out = {
+        **metrics,
+        **scalars,
+        "test": {
+            "file": str(cfg.data.test_file),
+            "rows": len(y),
+            "temperature": temperature,
+            "per_class": report["per_class"],
+            "confusion_matrix": report["confusion_matrix"],
+            "use": "scored once after training; never used for early stopping, calibration or model choice",
+        },
+    }
     if base_probs is not None and metrics.get("ensemble"):
         e, model_probs = metrics["ensemble"], probabilities(logits, temperature)
         base = calibrated_baseline(base_probs, e["baseline_temperature"])
-        test = {"model": scores(model_probs, y), "baseline": scores(base, y),
-                "blend": scores(blend(model_probs, base, e["weight"]), y)}
+        test = {
+            "model": scores(model_probs, y),
+            "baseline": scores(base, y),
+            "blend": scores(blend(model_probs, base, e["weight"]), y),
+        }
         out["ensemble"] = {**e, "test": test}
         ctx.tracker.log_metrics({f"ensemble.{who}.test_{k}": v for who, s in test.items() for k, v in s.items()})
     atomic_write_json(ctx.out_dir / "metrics.json", out)
-    ctx.tracker.log_metrics({f"calibrated.{k.removesuffix('_calibrated')}" if k.endswith("_calibrated") else k: v
-                             for k, v in scalars.items()}, step=metrics["best_epoch"])  # the naming of docs/mlflow.md
+    ctx.tracker.log_metrics(
+        {
+            f"calibrated.{k.removesuffix('_calibrated')}" if k.endswith("_calibrated") else k: v
+            for k, v in scalars.items()
+        },
+        step=metrics["best_epoch"],
+    )  # the naming of docs/mlflow.md
     log.info("test split (%d rows, %s): macro-F1 %.4f", len(y), cfg.data.test_file, scalars["test_macro_f1"])
     return out
 
@@ -162,8 +240,12 @@ def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
     size_mb = sum(f.stat().st_size for p in present for f in (out_dir / p).rglob("*") if f.is_file()) / 2**20
     if size_mb <= max_mb or "adapter" not in present:
         return present
-    log.warning("export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter "
-                "(merged/ stays in the run dir)", size_mb, max_mb)
+    log.warning(
+        "export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter "
+        "(merged/ stays in the run dir)",
+        size_mb,
+        max_mb,
+    )
     return [p for p in ("adapter", "baseline", "loralab.json") if p in present]
 
 
@@ -171,57 +253,112 @@ def serialization(serializer, source) -> dict[str, Any]:
     """How texts were made and cut: ``serializer`` is the fitted serializer's state (``load_serializer`` rebuilds
     it); ``template`` (and the json flags, for that form) are kept for readers of earlier exports."""
     json_flags = {"json_sort_keys": True, "json_ensure_ascii": True} if serializer.kind == "json" else {}
-    return {"template": serializer.template, **json_flags, "serializer": serializer.state(),
-            "max_length": source.max_length, "truncation_side": source.truncation_side}
+    return {
+        "template": serializer.template,
+        **json_flags,
+        "serializer": serializer.state(),
+        "max_length": source.max_length,
+        "truncation_side": source.truncation_side,
+    }
 
 
-def export_meta(cfg: ClassificationConf, source, metrics: dict[str, Any], result: RunResult,
-                serializer: Serializer | None = None) -> dict[str, Any]:
+def export_meta(
+    cfg: ClassificationConf, source, metrics: dict[str, Any], result: RunResult, serializer: Serializer | None = None
+) -> dict[str, Any]:
     """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from.
     ``serializer``: the run's fitted one (None: the json form of ``data.template``)."""
     serializer = serializer or Json(cfg.data.template)
     prov = result.provenance
     data_files = {k: p for k, p in cfg.data.files().items() if p and k != "test_file"}
     return {
-        "labels": list(cfg.data.labels), "temperature": metrics["temperature"], "calibration": metrics["calibration"],
+        "labels": list(cfg.data.labels),
+        "temperature": metrics["temperature"],
+        "calibration": metrics["calibration"],
         "serialization": serialization(serializer, source),
-        "max_length": source.max_length, "allow_null": cfg.data.allow_null,
+        "max_length": source.max_length,
+        "allow_null": cfg.data.allow_null,
         "max_row_bytes": cfg.data.max_row_bytes,
         "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "gates": dict(cfg.trainer.gates or {}),
-        "data": {k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)}
-                 for k, p in data_files.items()},
-        "model": {"name": source.name, "hub_id": source.hub_id, "path": source.path, "pretrained": source.pretrained,
-                  "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
-                  "lora": lora_settings(cfg.lora) if cfg.lora.enabled else None},
-        "ensemble": {k: metrics["ensemble"][k] for k in ("method", "choice", "weight", "baseline_temperature",
-                                                         "baseline_file", "trusted_types")} if metrics.get("ensemble") else None,
-        **code_version(prov)}
+        "data": {
+            k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)} for k, p in data_files.items()
+        },
+        "model": {
+            "name": source.name,
+            "hub_id": source.hub_id,
+            "path": source.path,
+            "pretrained": source.pretrained,
+            "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
+            "lora": lora_settings(cfg.lora) if cfg.lora.enabled else None,
+        },
+        "ensemble": {
+            k: metrics["ensemble"][k]
+            for k in ("method", "choice", "weight", "baseline_temperature", "baseline_file", "trusted_types")
+        }
+        if metrics.get("ensemble")
+        else None,
+        **code_version(prov),
+    }
 
 
-def export(cfg: ClassificationConf, model, tokenizer, source, val_loader, metrics: dict[str, Any], result: RunResult,
-           ctx: RunContext, serializer: Serializer | None = None, extra_parts: list[str] | None = None) -> list[Path]:
+def export(
+    cfg: ClassificationConf,
+    model,
+    tokenizer,
+    source,
+    val_loader,
+    metrics: dict[str, Any],
+    result: RunResult,
+    ctx: RunContext,
+    serializer: Serializer | None = None,
+    extra_parts: list[str] | None = None,
+) -> list[Path]:
     """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip;
     ``extra_parts``: part dirs already written (``baseline``) for the manifest. Returns the files for MLflow."""
     out_dir, e = ctx.out_dir, cfg.export
     serializer = serializer or Json(cfg.data.template)
-    save_checkpoint(out_dir / "checkpoint_best", model, tokenizer,
-                    {"epoch": result.best_epoch, "labels": list(cfg.data.labels), "template": serializer.template,
-                     "serializer": serializer.state(), "max_length": source.max_length,
-                     cfg.trainer.monitor: result.best[cfg.trainer.monitor]})
+    save_checkpoint(
+        out_dir / "checkpoint_best",
+        model,
+        tokenizer,
+        {
+            "epoch": result.best_epoch,
+            "labels": list(cfg.data.labels),
+            "template": serializer.template,
+            "serializer": serializer.state(),
+            "max_length": source.max_length,
+            cfg.trainer.monitor: result.best[cfg.trainer.monitor],
+        },
+    )
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
     rows = torch.linspace(0, len(batch["input_ids"]) - 1, min(e.verify_rows, len(batch["input_ids"]))).long()
     # Export (and its reload check, specified in fp32) from an fp32 copy: a LoRA run on CUDA keeps its base in
     # 16 bits and its adapters/head in fp32, which only mix under autocast.
     model = model.to("cpu", torch.float32)
-    export_model(model, tokenizer, out_dir, {k: v[rows] for k, v in batch.items()},
-                 meta=export_meta(cfg, source, metrics, result, serializer), base_location=source.location,
-                 save_base=source.local_base, atol=e.verify_atol, trust_remote_code=source.trust_remote_code,
-                 extra_parts=extra_parts or [])
-    artifacts = [out_dir / n for n in ("metrics.json", "data_report.json", "loralab.json",
-                                       *(["ensemble_val.jsonl"] if extra_parts else []))]
+    export_model(
+        model,
+        tokenizer,
+        out_dir,
+        {k: v[rows] for k, v in batch.items()},
+        meta=export_meta(cfg, source, metrics, result, serializer),
+        base_location=source.location,
+        save_base=source.local_base,
+        atol=e.verify_atol,
+        trust_remote_code=source.trust_remote_code,
+        extra_parts=extra_parts or [],
+    )
+    artifacts = [
+        out_dir / n
+        for n in ("metrics.json", "data_report.json", "loralab.json", *(["ensemble_val.jsonl"] if extra_parts else []))
+    ]
     if e.zip:
-        artifacts.append(zip_dir(out_dir, out_dir / "model_final.zip", e.max_size_mb,
-                                 include=zip_parts(out_dir, e.zip_parts, e.max_size_mb)))
+        artifacts.append(
+            zip_dir(
+                out_dir,
+                out_dir / "model_final.zip",
+                e.max_size_mb,
+                include=zip_parts(out_dir, e.zip_parts, e.max_size_mb),
+            )
+        )
     return [*artifacts, out_dir / "checkpoint_best"]

@@ -5,7 +5,6 @@ validation every epoch without gradients, early stopping on val loss, the best m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
@@ -44,8 +43,14 @@ class TabularRegression(Task):
         self.input_dim = len(read_schema(d.schema_file))  # the schema, never the file, says how many features
         train, val = (H5Regression(f, self.input_dim, len(self.names)) for f in (d.train_file, d.val_file))
         self.val = val
-        self.data_info = {"train_file": d.train_file, "val_file": d.val_file, "schema_file": d.schema_file,
-                          "input_dim": self.input_dim, "train_rows": len(train), "val_rows": len(val)}
+        self.data_info = {
+            "train_file": d.train_file,
+            "val_file": d.val_file,
+            "schema_file": d.schema_file,
+            "input_dim": self.input_dim,
+            "train_rows": len(train),
+            "val_rows": len(val),
+        }
         self.ctx.tracker.log_metrics({f"data.{k}": self.data_info[k] for k in ("input_dim", "train_rows", "val_rows")})
         # shuffle=False: later rows never leak into earlier batches' statistics.
         return TaskData(train, val, shuffle=False)
@@ -64,9 +69,13 @@ class TabularRegression(Task):
         from loralab.tracking.pyfunc import log_tabular_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
         ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, result.best_epoch, result.best["val_loss"])
-        out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, result, self.names,
-                                      self.data_info)
-        model_uri = log_tabular_regressor(self.ctx.tracker, ckpt, Path(self.cfg.data.schema_file),
-                                          self.ctx.out_dir / "training_metadata.json", self.val.features.numpy(),
-                                          code_version(result.provenance)["packages"])
+        out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, result, self.names, self.data_info)
+        model_uri = log_tabular_regressor(
+            self.ctx.tracker,
+            ckpt,
+            Path(self.cfg.data.schema_file),
+            self.ctx.out_dir / "training_metadata.json",
+            self.val.features.numpy(),
+            code_version(result.provenance)["packages"],
+        )
         return Finalized(out["metrics"], [*out["artifacts"], ckpt], model_uri)

@@ -26,15 +26,29 @@ def load_tokenizer(source: ModelSource, texts: Sequence[str], resume_dir: Path |
     return tokenizer
 
 
-def load_text_model(source: ModelSource, outputs: Sequence[str], tokenizer, *, hardware: DictConfig,
-                    lora: DictConfig, device: torch.device, problem_type: str = "single_label_classification"):
+def load_text_model(
+    source: ModelSource,
+    outputs: Sequence[str],
+    tokenizer,
+    *,
+    hardware: DictConfig,
+    lora: DictConfig,
+    device: torch.device,
+    problem_type: str = "single_label_classification",
+):
     """The sequence model with one output per name in ``outputs``, on ``device``; LoRA-wrapped if ``lora.enabled``."""
     # LoRA trains fp32 adapters on a frozen base, so the base can sit in 16 bits; full fine-tuning keeps fp32
     # master weights and gets its speed from autocast.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hardware.precision)
     dtype = half if lora.enabled and half is not None and device.type == "cuda" else torch.float32
-    model = source.load_model(list(outputs), tokenizer, attn_implementation=hardware.attn_implementation, dtype=dtype,
-                              load_in_4bit=hardware.load_in_4bit, compute_dtype=half)
+    model = source.load_model(
+        list(outputs),
+        tokenizer,
+        attn_implementation=hardware.attn_implementation,
+        dtype=dtype,
+        load_in_4bit=hardware.load_in_4bit,
+        compute_dtype=half,
+    )
     model.config.problem_type = problem_type  # saved with every checkpoint's config
     if hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

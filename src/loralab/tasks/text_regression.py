@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from peft import PeftModel
 from omegaconf import DictConfig
+from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -38,8 +38,15 @@ log = logging.getLogger(__name__)
 
 def label_stats(articles: Sequence[Article], dims: Sequence[str]) -> dict[str, dict[str, float]]:
     y = np.asarray([a.labels for a in articles], dtype=np.float64)
-    return {d: {"mean": float(y[:, i].mean()), "std": float(y[:, i].std()), "min": float(y[:, i].min()),
-                "max": float(y[:, i].max())} for i, d in enumerate(dims)}
+    return {
+        d: {
+            "mean": float(y[:, i].mean()),
+            "std": float(y[:, i].std()),
+            "min": float(y[:, i].min()),
+            "max": float(y[:, i].max()),
+        }
+        for i, d in enumerate(dims)
+    }
 
 
 def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str], dict]:
@@ -62,12 +69,18 @@ def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str
         if data.leakage == "drop":
             leaked = set(leaks)
             train = [a for a in train if str(a.id) not in leaked]
-        log.warning("%d ids appear in both train and val (e.g. %s)%s", len(leaks), leaks[:3],
-                    "; dropped from train" if data.leakage == "drop" else "")
+        log.warning(
+            "%d ids appear in both train and val (e.g. %s)%s",
+            len(leaks),
+            leaks[:3],
+            "; dropped from train" if data.leakage == "drop" else "",
+        )
     if not train or not val:
         raise DataError(f"empty split: {len(train)} train / {len(val)} val articles")
-    report.update(rows={"train": len(train), "val": len(val)}, label_stats={"train": label_stats(train, dims),
-                                                                          "val": label_stats(val, dims)})
+    report.update(
+        rows={"train": len(train), "val": len(val)},
+        label_stats={"train": label_stats(train, dims), "val": label_stats(val, dims)},
+    )
     return train, val, dims, report
 
 
@@ -88,17 +101,27 @@ class TextRegression(Task):
             write_article_demo(Path(d.train_file).parent)
         train, val, self.dims, self.data_info = load_splits(d, self.cfg.seed)
         self.articles = {"train": train, "val": val}
-        ctx.tracker.log_metrics({"data.train_rows": len(train), "data.val_rows": len(val),
-                                 **{f"data.dropped.{k}": v
-                                    for k, v in self.data_info["train_file"]["dropped_by_reason"].items()}})
+        ctx.tracker.log_metrics(
+            {
+                "data.train_rows": len(train),
+                "data.val_rows": len(val),
+                **{f"data.dropped.{k}": v for k, v in self.data_info["train_file"]["dropped_by_reason"].items()},
+            }
+        )
         self.source = instantiate(self.cfg.model)
-        self.tokenizer = load_tokenizer(self.source, [article_text(a, d.template) for a in train], ctx.resume_dir,
-                                        ctx.ddp)
-        train_ds, val_ds = (TokenizedArticles(rows, self.tokenizer, d.template, self.source.max_length)
-                            for rows in (train, val))
+        self.tokenizer = load_tokenizer(
+            self.source, [article_text(a, d.template) for a in train], ctx.resume_dir, ctx.ddp
+        )
+        train_ds, val_ds = (
+            TokenizedArticles(rows, self.tokenizer, d.template, self.source.max_length) for rows in (train, val)
+        )
         if train_ds.truncated or val_ds.truncated:
-            log.warning("%d train / %d val texts truncated at model.max_length=%d", train_ds.truncated,
-                        val_ds.truncated, self.source.max_length)
+            log.warning(
+                "%d train / %d val texts truncated at model.max_length=%d",
+                train_ds.truncated,
+                val_ds.truncated,
+                self.source.max_length,
+            )
         lengths = [[len(x) for x in ds.input_ids] for ds in (train_ds, val_ds)]
         collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
         self.test_loader = self._test_loader(train, val, collate) if d.test_file and ctx.ddp.is_main else None
@@ -112,25 +135,42 @@ class TextRegression(Task):
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(report.dropped)})")
         self.data_info["test_file"] = {**report.as_dict(), **test_overlap(test, train=train, val=val)}
         ds = TokenizedArticles(test, self.tokenizer, d.template, self.source.max_length)
-        return eval_loader(ds, [len(x) for x in ds.input_ids], collate, batch_size=self.cfg.trainer.eval_batch_size,
-                           hardware=self.cfg.hardware)
+        return eval_loader(
+            ds,
+            [len(x) for x in ds.input_ids],
+            collate,
+            batch_size=self.cfg.trainer.eval_batch_size,
+            hardware=self.cfg.hardware,
+        )
 
     def _score_test(self, model: nn.Module) -> dict[str, float]:
         """``test_*``: the final (best) model on the test split, after every choice is made."""
         outputs, y = predict_logits(model, self.test_loader, self.ctx.device, self.cfg.hardware.precision)
         with torch.no_grad():
             loss = self.loss()(torch.from_numpy(outputs).to(self.ctx.device), torch.from_numpy(y).to(self.ctx.device))
-        return {**regression_metrics(y, outputs, self.dims, prefix="test_"), "test_loss": loss.item(),
-                "test_rows": len(y)}
+        return {
+            **regression_metrics(y, outputs, self.dims, prefix="test_"),
+            "test_loss": loss.item(),
+            "test_rows": len(y),
+        }
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
         template = self.cfg.data.template
-        return [*(article_text(a, template) for split in splits for a in self.articles[split]),
-                *(text for path in extra_files for text in unlabelled_texts(path, template))]
+        return [
+            *(article_text(a, template) for split in splits for a in self.articles[split]),
+            *(text for path in extra_files for text in unlabelled_texts(path, template)),
+        ]
 
     def build_model(self) -> nn.Module:
-        return load_text_model(self.source, self.dims, self.tokenizer, hardware=self.cfg.hardware,
-                               lora=self.cfg.lora, device=self.ctx.device, problem_type="regression")
+        return load_text_model(
+            self.source,
+            self.dims,
+            self.tokenizer,
+            hardware=self.cfg.hardware,
+            lora=self.cfg.lora,
+            device=self.ctx.device,
+            problem_type="regression",
+        )
 
     def loss(self) -> nn.Module:
         return instantiate(self.cfg.loss).to(self.ctx.device)
@@ -145,9 +185,15 @@ class TextRegression(Task):
 
         cfg, out_dir = self.cfg, self.ctx.out_dir
         best = result.best
-        meta = {"epoch": result.best_epoch, "task": self.name, "dimension_names": self.dims,
-                "template": cfg.data.template, "max_length": self.source.max_length,
-                "truncation_side": self.source.truncation_side, cfg.trainer.monitor: best[cfg.trainer.monitor]}
+        meta = {
+            "epoch": result.best_epoch,
+            "task": self.name,
+            "dimension_names": self.dims,
+            "template": cfg.data.template,
+            "max_length": self.source.max_length,
+            "truncation_side": self.source.truncation_side,
+            cfg.trainer.monitor: best[cfg.trainer.monitor],
+        }
         ckpt = save_checkpoint(out_dir / "checkpoint_best", model, self.tokenizer, meta)
         artifacts = [ckpt]
         if cfg.export.zip:
@@ -158,6 +204,7 @@ class TextRegression(Task):
         if isinstance(model, PeftModel):  # adapter + head only, maybe over a random base saved nowhere
             full = save_checkpoint(out_dir / "merged", model.merge_and_unload(), self.tokenizer, meta)
             artifacts.append(full)
-        model_uri = log_text_regressor(self.ctx.tracker, full, self.dims, self.articles["val"],
-                                       code_version(result.provenance)["packages"])
+        model_uri = log_text_regressor(
+            self.ctx.tracker, full, self.dims, self.articles["val"], code_version(result.provenance)["packages"]
+        )
         return Finalized(out["metrics"], [*out["artifacts"], *artifacts], model_uri)

@@ -39,7 +39,7 @@ def open_store(uri: str) -> MlflowClient:
     take the lock beside the database file creates the tables, the others find them."""
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S):
         return MlflowClient(tracking_uri=uri)  # the client's store creates (or finds) the tables here
@@ -52,7 +52,7 @@ def artifact_root(uri: str, artifact_location: str | None = None) -> str | None:
     if artifact_location:
         return str(Path(artifact_location).resolve()) if "://" not in artifact_location else artifact_location
     if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///"):]).resolve().parent / ARTIFACTS_DIR)
+        return str(Path(uri[len("sqlite:///") :]).resolve().parent / ARTIFACTS_DIR)
     return None
 
 
@@ -68,8 +68,7 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
 
 def source_tags(git_commit: str, entry_point: str | None = None) -> dict[str, str]:
     """MLflow's standard source tags, which fill the UI's Source and Version columns."""
-    tags = {"mlflow.source.name": entry_point or Path(sys.argv[0]).name or "loralab",
-            "mlflow.source.type": "LOCAL"}
+    tags = {"mlflow.source.name": entry_point or Path(sys.argv[0]).name or "loralab", "mlflow.source.type": "LOCAL"}
     if git_commit and git_commit != "unknown":
         tags["mlflow.source.git.commit"] = git_commit
     return tags
@@ -78,8 +77,16 @@ def source_tags(git_commit: str, entry_point: str | None = None) -> dict[str, st
 class MLflowTracker:
     """One MLflow run. Built by Hydra from ``conf/tracking``; ``run.py`` starts it and always ends it."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str | None = None, enabled: bool = True,
-                 system_metrics: bool = False, artifact_location: str | None = None, register_as: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        enabled: bool = True,
+        system_metrics: bool = False,
+        artifact_location: str | None = None,
+        register_as: str | None = None,
+    ):
         self.uri, self.experiment, self.run_name, self.enabled = uri, experiment, run_name, enabled
         self.system_metrics = system_metrics
         self.artifact_location = artifact_root(uri, artifact_location)
@@ -89,15 +96,19 @@ class MLflowTracker:
         self._monitor = None
         self._queued: list = []  # background log_batch operations, waited for in ``end``
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
-              parent_run_id: str | None = None, resume_run_id: str | None = None) -> str | None:
+    def start(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+        resume_run_id: str | None = None,
+    ) -> str | None:
         """Create the run (params = flattened config), or reopen ``resume_run_id`` so a resumed training
         continues the same run instead of duplicating it."""
         if not self.enabled:
             return None
         if resume_run_id and not self._exists(resume_run_id):
-            log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume_run_id,
-                        self.uri)
+            log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume_run_id, self.uri)
             resume_run_id = None
         if resume_run_id:
             self.run_id = resume_run_id
@@ -151,8 +162,11 @@ class MLflowTracker:
         if not self.run_id:
             return
         now = get_current_time_millis()
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if background:
             self._queued.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
         else:
@@ -175,10 +189,15 @@ class MLflowTracker:
 
         inputs = []
         for context, (path, sha256) in files.items():
-            dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=Path(path).name,
-                                  digest=sha256[:MAX_DIGEST_CHARS])
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[
-                InputTag("mlflow.data.context", context), InputTag("loralab.sha256", sha256)]))
+            dataset = MetaDataset(
+                LocalArtifactDatasetSource(str(path)), name=Path(path).name, digest=sha256[:MAX_DIGEST_CHARS]
+            )
+            inputs.append(
+                DatasetInput(
+                    dataset._to_mlflow_entity(),
+                    tags=[InputTag("mlflow.data.context", context), InputTag("loralab.sha256", sha256)],
+                )
+            )
         for attempt in range(DATASET_TRIES if self.run_id and inputs else 0):
             try:
                 self.client.log_inputs(self.run_id, datasets=inputs)
@@ -187,8 +206,14 @@ class MLflowTracker:
                 if attempt == DATASET_TRIES - 1:  # insert): the loser's next try finds it. Never fails a run.
                     log.warning("MLflow dataset inputs not logged: %s", err)
 
-    def log_model(self, python_model: type, artifacts: Mapping[str, str | Path], signature, input_example,
-                  pip_requirements: list[str]) -> str | None:
+    def log_model(
+        self,
+        python_model: type,
+        artifacts: Mapping[str, str | Path],
+        signature,
+        input_example,
+        pip_requirements: list[str],
+    ) -> str | None:
         """Log an MLflow model named ``model`` on this run (pyfunc, models-from-code: ``tracking/model_code.py``
         builds an instance of the ``python_model`` class when it is loaded, so loading unpickles nothing) and
         register it as a new version of ``register_as`` when set. ``artifacts`` reach the class as
@@ -201,15 +226,24 @@ class MLflowTracker:
 
         run = self.client.get_run(self.run_id)
         # Created here, in the run's experiment: Model.log would put it in the fluent API's current experiment.
-        logged = self.client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=self.run_id,
-                                                 params=run.data.params)
+        logged = self.client.create_logged_model(
+            run.info.experiment_id, name=MODEL_NAME, source_run_id=self.run_id, params=run.data.params
+        )
         with using_store(self.uri):  # MLflow logs and registers models through its fluent API only
-            info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=self.run_id,
-                             model_id=logged.model_id,
-                             python_model=str(MODEL_CODE), artifacts={k: str(v) for k, v in artifacts.items()},
-                             model_config={"python_model": f"{python_model.__module__}.{python_model.__qualname__}"},
-                             signature=signature, input_example=input_example, pip_requirements=pip_requirements,
-                             registered_model_name=self.register_as)  # MLflow checks it serves the example
+            info = Model.log(
+                artifact_path=None,
+                name=MODEL_NAME,
+                flavor=mlflow.pyfunc,
+                run_id=self.run_id,
+                model_id=logged.model_id,
+                python_model=str(MODEL_CODE),
+                artifacts={k: str(v) for k, v in artifacts.items()},
+                model_config={"python_model": f"{python_model.__module__}.{python_model.__qualname__}"},
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=pip_requirements,
+                registered_model_name=self.register_as,
+            )  # MLflow checks it serves the example
         version = info.registered_model_version
         uri = f"models:/{self.register_as}/{version}" if version else f"runs:/{self.run_id}/{MODEL_NAME}"
         self.set_tags({"loralab.model_uri": uri, "loralab.model_id": info.model_id})

@@ -2,9 +2,9 @@
 the model registry and ``mlflow models serve`` work on it like on any MLflow model.
 
 Each model is logged *from code* (``model_code.py``: MLflow runs that file to build the model when loading it; the
-``PythonModel`` class it builds is named in the model's config), so loading unpickles nothing; the weights travel as the run's own safetensors files (artifacts), and scoring goes
-through the same functions as ``loralab-predict``. The files import ``loralab``: it must be installed where the model
-is loaded or served (``--env-manager local``).
+``PythonModel`` class it builds is named in the model's config), so loading unpickles nothing; the weights travel as
+the run's own safetensors files (artifacts), and scoring goes through the same functions as ``loralab-predict``.
+The files import ``loralab``: it must be installed where the model is loaded or served (``--env-manager local``).
 """
 
 from __future__ import annotations
@@ -57,16 +57,20 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
         model_input = model_input.to_dict("records")
     elif isinstance(model_input, Mapping):
         model_input = [model_input]
-    return [{k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
-            for row in model_input]
+    return [
+        {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        for row in model_input
+    ]
 
 
 # --- classification: calibrated probabilities of an export ---------------------------------------------------------
 
 CLASSIFIER_SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "id", required=False), ColSpec(Map(AnyType()), "features")]),
-    outputs=Schema([ColSpec(AnyType(), "id"), ColSpec(DataType.string, "label"),
-                    ColSpec(Map(DataType.double), "probs")]))
+    outputs=Schema(
+        [ColSpec(AnyType(), "id"), ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probs")]
+    ),
+)
 
 
 class Classifier(PythonModel):
@@ -94,19 +98,30 @@ class Classifier(PythonModel):
             return pd.DataFrame(columns=["id", "label", "probs"])
         probs = predict_probs(exported, records, BATCH_SIZE)  # with ensemble=blend: the blend, as predict serves
         labels = exported.labels
-        return pd.DataFrame({"id": [r.id for r in records], "label": [labels[int(p.argmax())] for p in probs],
-                             "probs": [dict(zip(labels, p.tolist())) for p in probs]})
+        return pd.DataFrame(
+            {
+                "id": [r.id for r in records],
+                "label": [labels[int(p.argmax())] for p in probs],
+                "probs": [dict(zip(labels, p.tolist())) for p in probs],
+            }
+        )
 
 
-def log_classifier(tracker, out_dir: Path, parts: Sequence[str], examples: Sequence[Record],
-                   packages: Mapping[str, str]) -> str | None:
+def log_classifier(
+    tracker, out_dir: Path, parts: Sequence[str], examples: Sequence[Record], packages: Mapping[str, str]
+) -> str | None:
     """Log the export in ``out_dir`` as the run's MLflow model: ``loralab.json`` and ``merged/`` (or, when merged
     was left out of ``parts``, the adapter and a random base). Returns the model's URI."""
     chosen = ["merged"] if "merged" in parts else [p for p in parts if p in ("adapter", "base")]
     chosen += [p for p in parts if p == "baseline"]  # ensemble=blend: the skops baseline the blend needs
     example = pd.DataFrame([{"id": r.id, "features": r.features} for r in examples[:EXAMPLE_ROWS]])
-    return tracker.log_model(Classifier, {p: out_dir / p for p in (META_FILE, *chosen)},
-                             CLASSIFIER_SIGNATURE, example, requirements(packages))
+    return tracker.log_model(
+        Classifier,
+        {p: out_dir / p for p in (META_FILE, *chosen)},
+        CLASSIFIER_SIGNATURE,
+        example,
+        requirements(packages),
+    )
 
 
 # --- tabular regression: the MLP on feature columns -----------------------------------------------------------------
@@ -131,28 +146,36 @@ class TabularRegressor(PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(_rows(model_input))
         missing = [f for f in self.features if f not in frame.columns]
         if missing:
-            raise DataError(f"input lacks feature column(s) {missing[:5]} of the schema ({len(self.features)} "
-                            f"features)")
+            raise DataError(
+                f"input lacks feature column(s) {missing[:5]} of the schema ({len(self.features)} features)"
+            )
         x = torch.tensor(frame[self.features].to_numpy(np.float32))
         with torch.no_grad():
             y = self.model(x).logits.numpy()
         return pd.DataFrame(y.astype(np.float64), columns=self.targets)
 
 
-def log_tabular_regressor(tracker, checkpoint: Path, schema_file: Path, metadata_file: Path, features: np.ndarray,
-                          packages: Mapping[str, str]) -> str | None:
+def log_tabular_regressor(
+    tracker, checkpoint: Path, schema_file: Path, metadata_file: Path, features: np.ndarray, packages: Mapping[str, str]
+) -> str | None:
     """Log ``checkpoint`` (``model_best.pt``) with its feature schema and metadata as the run's MLflow model;
     ``features``: a few rows of X for the input example."""
     from loralab.data.hdf5 import read_schema
 
     names = read_schema(schema_file)
     targets = json.loads(Path(metadata_file).read_text())["target_names"]
-    signature = ModelSignature(inputs=Schema([ColSpec(DataType.double, n) for n in names]),
-                               outputs=Schema([ColSpec(DataType.double, t) for t in targets]))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.double, n) for n in names]),
+        outputs=Schema([ColSpec(DataType.double, t) for t in targets]),
+    )
     example = pd.DataFrame(np.asarray(features[:EXAMPLE_ROWS], dtype=np.float64), columns=names)
-    return tracker.log_model(TabularRegressor,
-                             {CHECKPOINT: checkpoint, SCHEMA: schema_file, METADATA: metadata_file},
-                             signature, example, requirements(packages))
+    return tracker.log_model(
+        TabularRegressor,
+        {CHECKPOINT: checkpoint, SCHEMA: schema_file, METADATA: metadata_file},
+        signature,
+        example,
+        requirements(packages),
+    )
 
 
 # --- text regression: the article model on title + content ---------------------------------------------------------
@@ -173,8 +196,11 @@ class TextRegressor(PythonModel):
 
         root = Path(context.artifacts[CHECKPOINT_DIR])
         self.meta = json.loads((root / CHECKPOINT_META).read_text())
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            root, dtype=torch.float32, use_safetensors=True).to(resolve_device("auto")).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(root, dtype=torch.float32, use_safetensors=True)
+            .to(resolve_device("auto"))
+            .eval()
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(root)
         self.tokenizer.padding_side = "right"  # the head pools the last non-pad token
         self.tokenizer.truncation_side = self.meta.get("truncation_side", "right")
@@ -189,25 +215,32 @@ class TextRegressor(PythonModel):
         for i, row in enumerate(_rows(model_input)):
             text = text_of_row(row)
             if isinstance(text, str):
-                raise DataError(f"row {i} (id {row.get('id', i)!r}): {text} (needs a non-empty string title "
-                                f"and/or content)")
+                raise DataError(
+                    f"row {i} (id {row.get('id', i)!r}): {text} (needs a non-empty string title and/or content)"
+                )
             texts.append(template.format(title=text[0], content=text[1]))
         if not texts:
             return pd.DataFrame(columns=dims)
         ds = TokenizedTexts(texts, list(range(len(texts))), None, self.tokenizer, max_length)
-        return pd.DataFrame(score_texts(self.model, self.tokenizer, ds, max_length, BATCH_SIZE).astype(np.float64),
-                            columns=dims)
+        return pd.DataFrame(
+            score_texts(self.model, self.tokenizer, ds, max_length, BATCH_SIZE).astype(np.float64), columns=dims
+        )
 
 
-TEXT_INPUTS = Schema([ColSpec(AnyType(), "id", required=False), ColSpec(DataType.string, "title", required=False),
-                      ColSpec(DataType.string, "content", required=False)])
+TEXT_INPUTS = Schema(
+    [
+        ColSpec(AnyType(), "id", required=False),
+        ColSpec(DataType.string, "title", required=False),
+        ColSpec(DataType.string, "content", required=False),
+    ]
+)
 
 
-def log_text_regressor(tracker, checkpoint: Path, dims: Sequence[str], examples: Sequence[Any],
-                       packages: Mapping[str, str]) -> str | None:
+def log_text_regressor(
+    tracker, checkpoint: Path, dims: Sequence[str], examples: Sequence[Any], packages: Mapping[str, str]
+) -> str | None:
     """Log ``checkpoint`` (a full model's directory: safetensors, tokenizer, ``loralab_checkpoint.json``) as the
     run's MLflow model; ``examples``: a few articles for the input example."""
     signature = ModelSignature(inputs=TEXT_INPUTS, outputs=Schema([ColSpec(DataType.double, d) for d in dims]))
     example = pd.DataFrame([{"id": a.id, "title": a.title, "content": a.content} for a in examples[:EXAMPLE_ROWS]])
-    return tracker.log_model(TextRegressor, {CHECKPOINT_DIR: checkpoint}, signature, example,
-                             requirements(packages))
+    return tracker.log_model(TextRegressor, {CHECKPOINT_DIR: checkpoint}, signature, example, requirements(packages))

@@ -35,9 +35,9 @@ def wait_for(url: str, timeout_s: float = START_TIMEOUT_S, proc: subprocess.Pope
                 return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited {proc.returncode} before {url} answered")
+                raise RuntimeError(f"{proc.args[0]} exited {proc.returncode} before {url} answered") from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s") from None
             time.sleep(0.5)
 
 
@@ -61,9 +61,24 @@ def mlflow_server(store: str, work_dir: str | Path) -> Iterator[str]:
     artifacts = work_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1", "--default-artifact-root", str(artifacts),
-           "--artifacts-destination", str(artifacts)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--default-artifact-root",
+        str(artifacts),
+        "--artifacts-destination",
+        str(artifacts),
+    ]
     url = f"http://127.0.0.1:{port}"
     with (work_dir / "mlflow_server.log").open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -47,9 +47,14 @@ def read_parent(sweep_dir: str | Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def get_or_create_parent(sweep_dir: str | Path, uri: str, experiment: str,
-                         tags: dict[str, str] | None = None, swept: Sequence[str] | None = None,
-                         artifact_location: str | None = None) -> str:
+def get_or_create_parent(
+    sweep_dir: str | Path,
+    uri: str,
+    experiment: str,
+    tags: dict[str, str] | None = None,
+    swept: Sequence[str] | None = None,
+    artifact_location: str | None = None,
+) -> str:
     """The sweep's parent run id; the first caller (of any process) creates the run, the rest read it.
     ``swept``: the keys the sweep varies (None: unknown), recorded so every job can name its run after them;
     ``artifact_location``: of the experiment, should this create it (``tracking.artifact_location``)."""
@@ -61,9 +66,12 @@ def get_or_create_parent(sweep_dir: str | Path, uri: str, experiment: str,
             return found["run_id"]
         name = sweep_name(swept) if swept else f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
         run_id = MLflowTracker(uri, experiment, run_name=name, artifact_location=artifact_location).start(
-            {}, tags={ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(sweep_dir.resolve()), **(tags or {})})
-        atomic_write_json(sweep_dir / PARENT_FILE, {"run_id": run_id, "uri": uri, "experiment": experiment,
-                                                    "swept": None if swept is None else list(swept)})
+            {}, tags={ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(sweep_dir.resolve()), **(tags or {})}
+        )
+        atomic_write_json(
+            sweep_dir / PARENT_FILE,
+            {"run_id": run_id, "uri": uri, "experiment": experiment, "swept": None if swept is None else list(swept)},
+        )
         log.info("sweep parent run %s for %s", run_id, sweep_dir)
         return run_id
 
@@ -103,13 +111,17 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
     if not (tracker.enabled and is_multirun()):
         return None, {}
     hc = HydraConfig.get()
-    parent = get_or_create_parent(hc.sweep.dir, tracker.uri, tracker.experiment,
-                                  artifact_location=tracker.artifact_location)
+    parent = get_or_create_parent(
+        hc.sweep.dir, tracker.uri, tracker.experiment, artifact_location=tracker.artifact_location
+    )
     overrides = list(hc.overrides.task)
     swept = (read_parent(hc.sweep.dir) or {}).get("swept")
-    return parent, {ROLE_TAG: "sweep_job", SWEEP_DIR_TAG: str(Path(hc.sweep.dir).resolve()),
-                    compare.OVERRIDES_TAG: json.dumps(overrides),
-                    "mlflow.runName": job_name(overrides, swept, hc.job.get("num", 0))}
+    return parent, {
+        ROLE_TAG: "sweep_job",
+        SWEEP_DIR_TAG: str(Path(hc.sweep.dir).resolve()),
+        compare.OVERRIDES_TAG: json.dumps(overrides),
+        "mlflow.runName": job_name(overrides, swept, hc.job.get("num", 0)),
+    }
 
 
 def close_orphans(client, parent_id: str) -> int:
@@ -140,12 +152,18 @@ def sweep_note(rows: Sequence[dict[str, Any]], experiment_id: str, parent_id: st
     heatmap = next((f for f in files if f.endswith(".png")), None)
     done = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
     failed = sum(r["status"] != "FINISHED" for r in rows)
-    lines = [f"**{len(rows)} jobs, {failed} failed.** Summary (table, CSV, heatmap): "
-             f"[`summary/`]({page}/{parent_id}/artifacts/summary/{table}).", ""]
+    lines = [
+        f"**{len(rows)} jobs, {failed} failed.** Summary (table, CSV, heatmap): "
+        f"[`summary/`]({page}/{parent_id}/artifacts/summary/{table}).",
+        "",
+    ]
     if done:
         best = done[0]
-        lines.insert(0, f"**Best: [{best['run_name']}]({page}/{best['run_id']})**, "
-                        f"{best['objective_key']} = {best['objective']:.4f}\n")
+        lines.insert(
+            0,
+            f"**Best: [{best['run_name']}]({page}/{best['run_id']})**, "
+            f"{best['objective_key']} = {best['objective']:.4f}\n",
+        )
     if heatmap:  # the server's artifact endpoint, relative to the UI's address
         lines += [f"![heatmap](get-artifact?path=summary%2F{heatmap}&run_uuid={parent_id})", ""]
     return "\n".join(lines + [compare.to_markdown(rows)])
@@ -172,13 +190,18 @@ class SweepTracking(Callback):
         hydra = config.hydra
         params = OmegaConf.to_container(hydra.sweeper.params) if hydra.sweeper.get("params") else {}
         commit = git_state(config.paths.root_dir)["git_commit"] if config.get("paths") else "unknown"
-        tags = {"hydra.sweeper": hydra.sweeper.get("_target_", "?"),
-                "hydra.launcher": hydra.launcher.get("_target_", "?"),
-                "hydra.overrides": " ".join(hydra.overrides.task) or "(none)",
-                "sweep.params": json.dumps(params), "git_commit": commit, **source_tags(commit)}
+        tags = {
+            "hydra.sweeper": hydra.sweeper.get("_target_", "?"),
+            "hydra.launcher": hydra.launcher.get("_target_", "?"),
+            "hydra.overrides": " ".join(hydra.overrides.task) or "(none)",
+            "sweep.params": json.dumps(params),
+            "git_commit": commit,
+            **source_tags(commit),
+        }
         swept = swept_keys([*hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
-        get_or_create_parent(hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept,
-                             tracking.get("artifact_location"))
+        get_or_create_parent(
+            hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept, tracking.get("artifact_location")
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = self._tracking(config)
@@ -197,14 +220,20 @@ class SweepTracking(Callback):
         done = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
         if done:
             best = done[0]  # rows come sorted best first
-            parent.log_metrics({f"best.{best['objective_key']}": best["objective"],
-                                "best.objective": best["objective"]})
-            parent.set_tags({"best_run_id": best["run_id"], "best_run_name": best["run_name"],
-                             "best_overrides": best["overrides"]})
+            parent.log_metrics(
+                {f"best.{best['objective_key']}": best["objective"], "best.objective": best["objective"]}
+            )
+            parent.set_tags(
+                {"best_run_id": best["run_id"], "best_run_name": best["run_name"], "best_overrides": best["overrides"]}
+            )
         parent.log_metrics({"jobs": len(rows), "jobs_failed": sum(r["status"] != "FINISHED" for r in rows)})
         experiment_id = parent.client.get_run(parent_id).info.experiment_id
-        parent.set_tags({NOTE_TAG: sweep_note(rows, experiment_id, parent_id, [p.name for p in paths]),
-                         "summary": f"runs:/{parent_id}/summary"})
+        parent.set_tags(
+            {
+                NOTE_TAG: sweep_note(rows, experiment_id, parent_id, [p.name for p in paths]),
+                "summary": f"runs:/{parent_id}/summary",
+            }
+        )
         swept = (read_parent(sweep_dir) or {}).get("swept")
         if swept:
             parent.client.update_run(parent_id, name=sweep_name(swept, len(rows)))
