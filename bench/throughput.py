@@ -33,7 +33,7 @@ from loralab import config  # noqa: E402
 from loralab.core.checkpoint import Checkpoints  # noqa: E402
 from loralab.core.device import resolve_device  # noqa: E402
 from loralab.core.loaders import make_loaders  # noqa: E402
-from loralab.core.trainer import Fit, Trainer, predict_logits  # noqa: E402
+from loralab.core.trainer import FitInputs, Trainer, predict_logits  # noqa: E402
 from loralab.data.demo import write_demo  # noqa: E402
 from loralab.metrics import classification_metrics  # noqa: E402
 from loralab.paths import conf_dir  # noqa: E402
@@ -108,7 +108,7 @@ def run_loralab(cfg, task, data, device, work):
     )
     trainer = Trainer(cfg.trainer, cfg.optim, precision=cfg.hardware.precision, device=device)
     trainer.setup(
-        Fit(model, task.loss(), train_loader, val_loader, task.metrics, accum),
+        FitInputs(model, task.loss(), train_loader, val_loader, task.metrics, accum),
         Checkpoints(work / "checkpoints", keep=1, mode="max", meta={}),
     )
     if device.type == "cuda":

@@ -12,7 +12,7 @@ from transformers import DataCollatorWithPadding, set_seed
 
 from loralab.core.checkpoint import Checkpoints
 from loralab.core.sampler import EpochBatchSampler
-from loralab.core.trainer import Fit, Trainer
+from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.demo import write_demo
 from loralab.data.records import load_records
 from loralab.data.text import TokenizedRecords, serialize
@@ -59,7 +59,7 @@ def test_first_three_steps_match_the_pinned_losses(tmp_path):
         progress=False,
     )
     trainer.setup(
-        Fit(model, loss, loader, loader, metric_fn=lambda y, p: {}),
+        FitInputs(model, loss, loader, loader, metric_fn=lambda y, p: {}),
         Checkpoints(tmp_path / "checkpoints", keep=1, mode="min", meta={}),
     )
     trainer.fit()

@@ -15,7 +15,7 @@ from conftest import optim_conf, trainer_conf
 from safetensors.torch import load_file
 
 from loralab.core.checkpoint import CheckpointError, Checkpoints, load_weights, read_meta, save_train_state
-from loralab.core.trainer import Fit, Trainer
+from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo, write_tabular_demo
 from loralab.errors import NonFiniteLossError
@@ -128,7 +128,7 @@ def test_fit_stops_on_non_finite_loss(tmp_path):
     loader = DataLoader(data, batch_sampler=EpochBatchSampler([1] * 40, 4, 0, group_by_length=False))
     trainer = tiny_trainer()
     trainer.setup(
-        Fit(Model(), torch.nn.CrossEntropyLoss(), loader, loader, metric_fn=lambda y, p: {"acc": 0.0}),
+        FitInputs(Model(), torch.nn.CrossEntropyLoss(), loader, loader, metric_fn=lambda y, p: {"acc": 0.0}),
         Checkpoints(tmp_path, keep=1, mode="max", meta={}),
     )
     with pytest.raises(NonFiniteLossError):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from loralab.config import check
 from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.sampler import EpochBatchSampler
-from loralab.core.trainer import Fit, Trainer
+from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.demo import write_demo
 from loralab.data.regression_demo import write_article_demo
 from loralab.errors import ConfigError
@@ -95,7 +95,7 @@ def fit(
         progress=False,
     )
     ckpts = checkpoints(ckpt_dir, keep=2, mode=monitor[1], meta={}, resume_from=resume)
-    trainer.setup(Fit(Net(), nn.CrossEntropyLoss(), loader, val, metric_fn or (lambda y, p: {})), ckpts)
+    trainer.setup(FitInputs(Net(), nn.CrossEntropyLoss(), loader, val, metric_fn or (lambda y, p: {})), ckpts)
     calls: list[tuple[int, dict[str, float]]] = []
     state = trainer.fit(on_step=lambda step, metrics: calls.append((step, metrics)))
     return trainer, state, calls

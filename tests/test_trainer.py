@@ -24,7 +24,7 @@ from loralab.core.checkpoint import CheckpointError, Checkpoints, load_weights, 
 from loralab.core.distributed import Dist
 from loralab.core.sampler import EpochBatchSampler
 from loralab.core.state import EarlyStopping
-from loralab.core.trainer import MAX_SKIPPED_IN_A_ROW, Fit, Trainer
+from loralab.core.trainer import MAX_SKIPPED_IN_A_ROW, FitInputs, Trainer
 from loralab.errors import NonFiniteLossError, TrainingInterrupted
 
 TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
@@ -104,8 +104,10 @@ def fit(
     trainer = make_trainer(**trainer_kw)
     metric = metric or (lambda y, logits: {"acc": float((logits.argmax(1) == y).mean())})
     trainer.setup(
-        Fit(model, nn.CrossEntropyLoss(), loader(data, batch_size), DataLoader(data, batch_size=16), metric, accum),
-        Checkpoints(tmp_path, keep=keep, mode=trainer.cfg.monitor_mode, meta={}, resume_from=resume_from),
+        FitInputs(
+            model, nn.CrossEntropyLoss(), loader(data, batch_size), DataLoader(data, batch_size=16), metric, accum
+        ),
+        Checkpoints(tmp_path, keep=keep, mode=trainer.conf.monitor_mode, meta={}, resume_from=resume_from),
     )
     return trainer
 
@@ -280,7 +282,7 @@ def _ddp_fit(rank: int, world: int, out: Path, stop_rank: int | None) -> dict:
     values = iter([0.5, 0.4, 0.9, 0.9])
     train = loader(data, 4, rank, world)
     trainer.setup(
-        Fit(
+        FitInputs(
             model,
             nn.CrossEntropyLoss(),
             train,

@@ -32,7 +32,7 @@ from loralab.core import distributed
 from loralab.core.checkpoint import Checkpoints, verify_resumable
 from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
-from loralab.core.trainer import Fit, Trainer
+from loralab.core.trainer import FitInputs, Trainer
 from loralab.errors import ConfigError, TrainingInterrupted
 from loralab.fs import atomic_write_json, writable_dir
 from loralab.models.memory import check_memory
@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> float:
                     ddp=ddp,
                     resume_dir=resume_dir,
                 )
-                recipe = Run(conf, ctx, progress=not quiet)
+                recipe = Recipe(conf, ctx, progress=not quiet)
                 recipe.prepare(changes, show_config=not quiet)
                 with stop_on_signals() as stop_requested, torch_threads(conf.hardware.torch_threads):
                     recipe.setup(stop_requested)
@@ -242,7 +242,7 @@ def run_dir_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
         lock.release()
 
 
-class Run:
+class Recipe:
     """One run inside its MLflow run, a recipe in torchtune's sense: ``setup`` builds every component onto
     ``self`` (one ``_setup_*`` method each), ``train`` fits, ``finalize`` hands the best model to the task for
     reports and export and returns the ``RunResult``."""
@@ -362,7 +362,7 @@ class Run:
             ddp=ctx.ddp,
         )
         self.trainer.setup(
-            Fit(
+            FitInputs(
                 self.model,
                 self.task.loss(),
                 self.train_loader,

@@ -32,7 +32,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from loralab.config.schema import PretrainConf
 from loralab.core.checkpoint import Checkpoints, rng_state, set_rng_state
 from loralab.core.loaders import TaskData, make_loaders
-from loralab.core.trainer import Fit, Trainer
+from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.text import TokenizedTexts, tokenizer_fingerprint
 from loralab.errors import DataError
 from loralab.fs import atomic_dir, atomic_write_json, recover
@@ -208,7 +208,7 @@ class CausalLMPretrain(PretrainStage):
                 trainer_conf, c.optim(), precision=str(hardware.precision), device=device, progress=progress
             )
             trainer.setup(
-                Fit(model, MeanTokenNLL(), train_loader, val_loader, perplexity, accum),
+                FitInputs(model, MeanTokenNLL(), train_loader, val_loader, perplexity, accum),
                 Checkpoints(work / "checkpoints", keep=1, mode="min", meta={"pretrain_key": key}, resume_from=resume),
             )
             state = trainer.fit(

@@ -50,8 +50,8 @@ class ToyConf(RunConf):
 
 class ToyClassifier(Task):
     name = "toy"
-    conf = ToyConf
-    cfg: ToyConf
+    schema = ToyConf
+    conf: ToyConf
 
     @classmethod
     def metric_names(cls, cfg: DictConfig) -> MetricNames:
@@ -62,13 +62,13 @@ class ToyClassifier(Task):
         require(cfg.data.template == "{features}", "data.template", cfg.data.template, "the toy model reads numbers")
 
     def build_data(self) -> TaskData:
-        d, labels = self.cfg.data, self.cfg.output_names()
+        d, labels = self.conf.data, self.conf.output_names()
         splits = build_splits(
             d.train_file,
             d.val_file,
             labels,
             val_split=d.val_split,
-            seed=self.cfg.seed,
+            seed=self.conf.seed,
             oversample_below=None,
             leakage=str(d.leakage),
         )
@@ -82,14 +82,14 @@ class ToyClassifier(Task):
 
     def build_model(self) -> nn.Module:
         return instantiate(
-            self.cfg.model, input_dim=len(self.vectorizer.feature_names_), output_dim=len(self.cfg.output_names())
+            self.conf.model, input_dim=len(self.vectorizer.feature_names_), output_dim=len(self.conf.output_names())
         ).to(self.ctx.device)
 
     def loss(self) -> nn.Module:
-        return instantiate(self.cfg.loss)
+        return instantiate(self.conf.loss)
 
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-        return classification_metrics(y, outputs.argmax(-1), self.cfg.output_names())["scalars"]
+        return classification_metrics(y, outputs.argmax(-1), self.conf.output_names())["scalars"]
 
     def finalize(self, model: nn.Module, val_loader, result) -> Finalized:
         out = self.ctx.out_dir
@@ -98,13 +98,13 @@ class ToyClassifier(Task):
             json.dumps(
                 {
                     "features": list(self.vectorizer.feature_names_),
-                    "labels": self.cfg.output_names(),
+                    "labels": self.conf.output_names(),
                     "hidden_dim": model.hidden_dim,
                 }
             )
         )
         example = pd.DataFrame([r.features for r in self.val_rows[:3]])  # the records' own columns
-        signature = infer_signature(example, pd.DataFrame({"label": self.cfg.output_names()[:1] * len(example)}))
+        signature = infer_signature(example, pd.DataFrame({"label": self.conf.output_names()[:1] * len(example)}))
         uri = self.ctx.tracker.log_model(ToyModel, {WEIGHTS: out / WEIGHTS, META: out / META}, signature, example, [])
         return Finalized({**result.best, "best_epoch": result.best_epoch}, [out / WEIGHTS, out / META], uri)
 

@@ -39,7 +39,7 @@ def check(cfg: DictConfig) -> DictConfig:
     ``schema.Choice`` enums, which read as their string values."""
     body = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k not in HYDRA_KEYS])
     task = task_class(body)
-    root = task.conf
+    root = task.schema
     fit_groups(body, task.name, root)
     try:
         typed = cast(DictConfig, OmegaConf.merge(by_target(root, body), body))
@@ -61,7 +61,7 @@ def check(cfg: DictConfig) -> DictConfig:
 
 def task_class(cfg: DictConfig) -> Any:
     """The task class ``task._target_`` names (a ``loralab.tasks.base.Task``; its module is imported here). It owns
-    the run's root schema (``conf``), its metric names and its own cross-field rules (``check``)."""
+    the run's root schema (``schema``), its metric names and its own cross-field rules (``check``)."""
     from hydra.utils import get_class
 
     target = OmegaConf.select(cfg, "task._target_", default=None)
@@ -69,12 +69,12 @@ def task_class(cfg: DictConfig) -> Any:
         task = get_class(str(target))
     except Exception as err:  # hydra wraps the import error; its first line says what is missing
         fail("task._target_", target, f"cannot import the task class: {str(err).splitlines()[0]}")
-    conf = getattr(task, "conf", None)
+    schema = getattr(task, "schema", None)
     require(
-        isinstance(conf, type) and issubclass(conf, RunConf),
+        isinstance(schema, type) and issubclass(schema, RunConf),
         "task._target_",
         target,
-        "must name a loralab.tasks.base.Task subclass (with its root schema as conf)",
+        "must name a loralab.tasks.base.Task subclass (with its root schema as schema)",
     )
     return task
 
@@ -86,7 +86,7 @@ def typed(cfg: DictConfig) -> RunConf:
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # a structured root gives its dataclass
     except OmegaConfBaseException as err:
-        raise one_line(err, task_class(cfg).conf, cfg) from None
+        raise one_line(err, task_class(cfg).schema, cfg) from None
 
 
 def by_target(root: type, body: DictConfig) -> DictConfig:

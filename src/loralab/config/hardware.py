@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from loralab.config.check import check
+from loralab.core.device import resolve_device
 
 GIB = 2**30
 SMALL_GPU_GIB = 12  # under this: micro-batch 4 and gradient checkpointing
@@ -19,7 +20,7 @@ def auto_values(hw: Mapping[str, Any]) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    device = ("cuda" if cuda else "cpu") if hw["device"] == "auto" else str(hw["device"])
+    device = resolve_device("auto").type if hw["device"] == "auto" else str(hw["device"])
     on_cuda = device.startswith("cuda") and cuda
     mem_gib = torch.cuda.get_device_properties(0).total_memory / GIB if on_cuda else None
     small = mem_gib is not None and mem_gib < SMALL_GPU_GIB

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import MISSING
 
+from loralab.data.serialize import is_number  # one definition: a bool is not a number
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -39,10 +41,6 @@ def rules_of(f: dataclasses.Field) -> tuple[tuple[Rule, ...], Rule | None]:
 
 def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def gt(lo: float) -> Rule:

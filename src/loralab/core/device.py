@@ -1,4 +1,5 @@
-"""The one place a device name (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``...) becomes a ``torch.device``."""
+"""The one place a device name (``auto``, ``cpu``, ``cuda``, ``cuda:1``) becomes a ``torch.device``, and ``auto``
+becomes a choice (``config.resolve_hardware`` asks here too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ConfigError(f"device={name}: not a torch device (auto, cpu, cuda, cuda:N, mps...)") from err
+        raise ConfigError(f"device={name}: not a torch device (auto, cpu, cuda, cuda:N)") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

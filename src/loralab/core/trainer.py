@@ -76,7 +76,7 @@ def val_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 @dataclass
-class Fit:
+class FitInputs:
     """What one fit trains: the model (DDP-wrapped under torchrun), its loss, the loaders and how to score."""
 
     model: nn.Module
@@ -103,7 +103,7 @@ class Trainer:
         ddp: Dist = Dist(),
         progress: bool = True,
     ):
-        self.cfg, self.optim_cfg = trainer, optim
+        self.conf, self.optim = trainer, optim
         self.precision, self.device, self.ddp, self.progress = precision, device, ddp, progress
         self.log_every = trainer.log_every_n_steps
         self.val_every = trainer.val_check_interval
@@ -114,29 +114,29 @@ class Trainer:
     @property
     def core(self) -> nn.Module:
         """The model without its DDP wrapper (what checkpoints hold)."""
-        m = self.fit_.model
+        m = self.inputs.model
         return m.module if isinstance(m, DDP) else m
 
-    def setup(self, fit: Fit, checkpoints: Checkpoints) -> None:
+    def setup(self, inputs: FitInputs, checkpoints: Checkpoints) -> None:
         """Build the optimizer, schedule and grad scaler; restore them (and the loop state) when resuming."""
-        self.fit_, self.checkpoints = fit, checkpoints
-        params = [p for p in fit.model.parameters() if p.requires_grad]
-        self.optimizer = self.optim_cfg.make_optimizer(params)
-        total_steps = self.cfg.max_epochs * -(-len(fit.train_loader) // fit.accum_steps)
+        self.inputs, self.checkpoints = inputs, checkpoints
+        params = [p for p in inputs.model.parameters() if p.requires_grad]
+        self.optimizer = self.optim.make_optimizer(params)
+        total_steps = self.conf.max_epochs * -(-len(inputs.train_loader) // inputs.accum_steps)
         if self.max_steps:  # the schedule ends where training does
             total_steps = min(total_steps, self.max_steps)
         self.scheduler = get_scheduler(
-            self.optim_cfg.scheduler,
+            self.optim.scheduler,
             self.optimizer,
             num_training_steps=total_steps,
-            num_warmup_steps=int(self.optim_cfg.warmup_ratio * total_steps),
+            num_warmup_steps=int(self.optim.warmup_ratio * total_steps),
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.early_stopping = EarlyStopping(
-            self.cfg.early_stopping.patience,
-            self.cfg.early_stopping.min_delta,
-            self.cfg.monitor_mode,
-            self.cfg.early_stopping.smoothing,
+            self.conf.early_stopping.patience,
+            self.conf.early_stopping.min_delta,
+            self.conf.monitor_mode,
+            self.conf.early_stopping.smoothing,
         )
         parts = dict(model=self.core, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         loop = checkpoints.restore(**parts)
@@ -160,7 +160,7 @@ class Trainer:
         self.on_step = on_step
         if self.early_stopping.should_stop or self._max_steps_reached:  # resumed from a run that had stopped
             return self.state
-        for epoch in range(self.state.epoch + 1, self.cfg.max_epochs + 1):
+        for epoch in range(self.state.epoch + 1, self.conf.max_epochs + 1):
             if not self._train_epoch(epoch, stop_requested):
                 break  # stopped at an evaluation inside the epoch (early stopping, max_steps)
             metrics = self._evaluate(epoch)
@@ -173,15 +173,15 @@ class Trainer:
                 epoch,
                 metrics["train_loss"],
                 metrics["val_loss"],
-                self.cfg.monitor,
-                metrics[self.cfg.monitor],
+                self.conf.monitor,
+                metrics[self.conf.monitor],
                 "  (best)" if improved else "",
             )
             # Report before checkpointing: a crash in between re-runs this epoch on resume (and reports it again),
             # whereas the other order would resume past an epoch whose metrics were never reported.
             on_step(st.step, val_metrics(metrics))
             on_epoch_end(st, metrics)
-            self.checkpoints.epoch_end(st.as_dict(), epoch, metrics[self.cfg.monitor])
+            self.checkpoints.epoch_end(st.as_dict(), epoch, metrics[self.conf.monitor])
             if stop:
                 break
         return self.state
@@ -193,7 +193,7 @@ class Trainer:
     def _judge(self, metrics: dict[str, float], epoch: int) -> tuple[bool, bool]:
         """Weigh an evaluation (of epoch ``epoch``, finished or not): best so far? early stopping? ``max_steps``?
         Returns (improved, stop) and records the verdicts in ``state``."""
-        st, monitor, mode = self.state, self.cfg.monitor, self.cfg.monitor_mode
+        st, monitor, mode = self.state, self.conf.monitor, self.conf.monitor_mode
         earlier = [h[monitor] for h in (*st.history, *st.checks)]
         # Best = best raw value (as the checkpoint ranking sees it); min_delta only decides when patience runs out.
         value = metrics[monitor]
@@ -204,7 +204,7 @@ class Trainer:
             st.best_epoch, st.best_step = epoch, st.step
         if self.early_stopping.should_stop:
             unit = "evaluations" if self.val_every else "epochs"
-            st.stop_reason = f"early_stopping: no {monitor} improvement for {self.cfg.early_stopping.patience} {unit}"
+            st.stop_reason = f"early_stopping: no {monitor} improvement for {self.conf.early_stopping.patience} {unit}"
         elif self._max_steps_reached:
             st.stop_reason = f"max_steps: {self.max_steps} optimizer steps"
         return improved, self.early_stopping.should_stop or self._max_steps_reached
@@ -224,7 +224,7 @@ class Trainer:
         micro-batch: ``no_sync``), and a stop request is agreed on by all ranks so none is left waiting. Every rank
         reaches the same log, check and sync points: they depend on the step count only.
         """
-        f, st, dev = self.fit_, self.state, self.device
+        f, st, dev = self.inputs, self.state, self.device
         loader = f.train_loader
         sampler = cast(EpochBatchSampler, loader.batch_sampler)
         sampler.set_epoch(epoch, start_batch=st.batches_done)
@@ -233,7 +233,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev)  # summed on device: no host sync per step
         self._samples, self._t0, self._skipped_in_a_row = 0, time.perf_counter(), 0
         self._window = (st.loss_sum, st.samples, st.train_time_s)  # where the step-log window starts
-        desc = f"epoch {epoch}/{self.cfg.max_epochs}"
+        desc = f"epoch {epoch}/{self.conf.max_epochs}"
         # A DataLoader iterator draws its worker seed from the global RNG. Drawn here, that would put a run resumed
         # mid-epoch one draw ahead of the uninterrupted one (dropout masks differ); forked, no run draws at all.
         with torch.random.fork_rng(devices=[]):
@@ -301,7 +301,7 @@ class Trainer:
         # checks neither change what is trained nor break exact resume from the `last` written here.
         with torch.random.fork_rng(devices=[]):
             metrics = self._evaluate(round(st.epoch + st.batches_done / n_micro, 4))
-        self.fit_.model.train()
+        self.inputs.model.train()
         improved, stop = self._judge(metrics, epoch)
         st.checks.append(metrics)
         log.info(
@@ -309,12 +309,12 @@ class Trainer:
             st.step,
             metrics["epoch"],
             metrics["val_loss"],
-            self.cfg.monitor,
-            metrics[self.cfg.monitor],
+            self.conf.monitor,
+            metrics[self.conf.monitor],
             "  (best)" if improved else "",
         )
         self.on_step(st.step, val_metrics(metrics))  # reported before checkpointing, as at an epoch end
-        self.checkpoints.check(st.as_dict(), st.step, epoch, metrics[self.cfg.monitor])
+        self.checkpoints.check(st.as_dict(), st.step, epoch, metrics[self.conf.monitor])
         self._t0 = time.perf_counter()  # evaluation is not training time
         return stop
 
@@ -341,11 +341,11 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         self._lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves it after)
         grad_norm = None
-        if self.optim_cfg.max_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.fit_.model.parameters(), self.optim_cfg.max_grad_norm)
+        if self.optim.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.inputs.model.parameters(), self.optim.max_grad_norm)
         elif measure:
             grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.fit_.model.parameters() if p.grad is not None]
+                [p.grad for p in self.inputs.model.parameters() if p.grad is not None]
             )
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -385,7 +385,7 @@ class Trainer:
     def _evaluate(self, epoch: float) -> dict[str, float]:
         """Metrics on the whole validation set (every rank's shard gathered); train numbers are of the epoch so
         far. ``epoch`` is fractional for an evaluation inside an epoch."""
-        f, st = self.fit_, self.state
+        f, st = self.inputs, self.state
         t_eval = time.perf_counter()
         logits, y = self.ddp.gather_predictions(*predict_logits(f.model, f.val_loader, self.device, self.precision))
         val_loss = f.loss_fn(torch.from_numpy(logits).to(self.device), torch.from_numpy(y).to(self.device)).item()

@@ -127,7 +127,3 @@ class TokenizedRecords(TokenizedTexts):
 def length_sorted_order(dataset: TokenizedTexts) -> list[int]:
     """Indices longest first: eval/predict batches then pad little and the first batch shows peak memory."""
     return sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))
-
-
-def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -52,19 +52,19 @@ class Finalized:
 
 class Task(ABC):
     """One kind of experiment, built from the run's typed config. The class is also what ``config.check`` asks
-    about the task before anything loads: its root schema (``conf``), the names of its metrics, whether it
+    about the task before anything loads: its root schema (``schema``), the names of its metrics, whether it
     reads text (``pretrain``) or blends with a baseline (``ensemble``), and its own cross-field rules."""
 
     name: ClassVar[str]  # conf/task/<name>.yaml: task.name; tags, reports and exports carry it
-    conf: ClassVar[type[RunConf]]  # the root schema: which data, model and loss groups a run of it takes
+    schema: ClassVar[type[RunConf]]  # the root schema: which data, model and loss groups a run of it takes
     reads_text: ClassVar[bool] = False  # records become text a language model reads: pretrain=clm applies
     blends: ClassVar[bool] = False  # outputs are class probabilities: ensemble=blend applies
     tokenizer: Any = None  # saved into every checkpoint when set: a resumed run must tokenize identically
     source: Any = None  # loralab.models.build.ModelSource of a text task, set by build_data; the lifecycle's
     # pretrain stage may replace it (a base it pretrained) before build_model loads it
 
-    def __init__(self, cfg: RunConf, ctx: RunContext):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, conf: RunConf, ctx: RunContext):
+        self.conf, self.ctx = conf, ctx
 
     @classmethod
     @abstractmethod
@@ -74,7 +74,7 @@ class Task(ABC):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         """Rules between this task's own keys (``config/cross.py`` holds those of every task); each failure is one
-        ``ConfigError`` line (``config.cross.require``). ``cfg``: the checked config, typed by ``conf``. The
+        ``ConfigError`` line (``config.cross.require``). ``cfg``: the checked config, typed by ``schema``. The
         default: no rules of its own."""
         return None  # an optional hook: not abstract
 

@@ -52,10 +52,10 @@ def row_format(data: RecordsDataConf) -> RowFormat:
 
 class Classification(Task):
     name = "classification"
-    conf = ClassificationConf
+    schema = ClassificationConf
     reads_text = True
     blends = True
-    cfg: ClassificationConf
+    conf: ClassificationConf
 
     @classmethod
     def metric_names(cls, cfg: DictConfig) -> MetricNames:
@@ -75,12 +75,12 @@ class Classification(Task):
 
     @property
     def labels(self) -> list[str]:
-        return list(self.cfg.data.labels)
+        return list(self.conf.data.labels)
 
     def build_data(self) -> TaskData:
         """Validate, split and balance (deterministic, so every DDP rank gets the same split before sharding);
         the baseline fits on the train rows before oversampling; texts are tokenized once."""
-        d, ctx = self.cfg.data, self.ctx
+        d, ctx = self.conf.data, self.ctx
         if d.demo and not (Path(d.train_file).is_file() and Path(d.val_file).is_file()):
             write_demo(Path(d.train_file).parent)  # atomic per file, so concurrent writers agree
         self.splits = build_splits(
@@ -88,7 +88,7 @@ class Classification(Task):
             d.val_file,
             self.labels,
             val_split=d.val_split,
-            seed=self.cfg.seed,
+            seed=self.conf.seed,
             oversample_below=d.oversample_below,
             leakage=d.leakage,
             allow_null=d.allow_null,
@@ -99,7 +99,7 @@ class Classification(Task):
         self.test_rows = test_rows
         counts = self.splits.report["class_counts"]
         # Weights come from the counts the loss actually sees (after oversampling), so the two never double-count.
-        mode = self.cfg.loss.class_weights
+        mode = self.conf.loss.class_weights
         self.class_weights = class_weights(list(counts["train_after_oversampling"].values()), mode)
         self.splits.report["class_weights"] = {
             "values": dict(zip(self.labels, self.class_weights)) if self.class_weights else None,
@@ -114,10 +114,10 @@ class Classification(Task):
         self.baseline_model = None  # the fitted estimator, set by _baseline: ensemble=blend serves it
         self.baseline = self._baseline() if ctx.ddp.is_main else None
 
-        self.source = instantiate(self.cfg.model)
+        self.source = instantiate(self.conf.model)
         # Fitted on the train rows before oversampling (duplicated minority rows would shift the quantiles), never
         # on val: a pure function of the train split, so a resumed run or another DDP rank fits the same one.
-        self.serializer = (instantiate(self.cfg.serialize) if self.cfg.serialize else Json(d.template)).fit(
+        self.serializer = (instantiate(self.conf.serialize) if self.conf.serialize else Json(d.template)).fit(
             self.splits.train_original
         )
         texts = serialize_records(self.splits.train, self.serializer)
@@ -151,14 +151,14 @@ class Classification(Task):
                 test_rows, self.tokenizer, label2id, self.serializer, self.source.max_length, d.cache_dir
             )
             self.test_loader = eval_loader(
-                test, test.lengths, collate, batch_size=self.cfg.trainer.eval_batch_size, hardware=self.cfg.hardware
+                test, test.lengths, collate, batch_size=self.conf.trainer.eval_batch_size, hardware=self.conf.hardware
             )
         return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths, collate=collate)
 
     def _test_rows(self) -> list:
         """``data.test_file`` through the same reader (drops counted), into the data report; nothing trains on,
         calibrates on or chooses by it: it is scored once, in ``finalize``."""
-        d, report = self.cfg.data, self.splits.report
+        d, report = self.conf.data, self.splits.report
         rows, load_report = load_records(d.test_file, self.labels, d.allow_null, row_format(d), d.max_row_bytes)
         if not rows:
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(load_report.dropped)})")
@@ -171,18 +171,18 @@ class Classification(Task):
 
     def _baseline(self) -> dict[str, Any] | None:
         """The scikit-learn baseline on the train rows before oversampling, scored on the same val split."""
-        b = self.cfg.baseline
+        b = self.conf.baseline
         if b is None:
             return None
         params = dict(b.params)
-        fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.cfg.seed, params, b.threads)
+        fitted = fit_estimator(b.name, self.splits.train_original, self.labels, self.conf.seed, params, b.threads)
         self.baseline_model = fitted[0] if fitted else None
         result = fit_baseline(
             b.name,
             self.splits.train_original,
             self.splits.val,
             self.labels,
-            self.cfg.seed,
+            self.conf.seed,
             params,
             b.threads,
             fitted=fitted,
@@ -194,17 +194,17 @@ class Classification(Task):
     def _blend_inputs(self, loader: DataLoader, records: Sequence[Record]) -> tuple[np.ndarray, list[Record]] | None:
         """ensemble=blend: the baseline's probabilities of a split and its records, both in the loader's order (the
         order of the model's logits); None when there is nothing to blend."""
-        if self.cfg.ensemble is None:
+        if self.conf.ensemble is None:
             return None
         if self.baseline_model is None:
             log.warning("ensemble=blend: the baseline was not fitted, so the model is exported alone")
             return None
         rows = [records[i] for i in loader.sampler]
-        return predict_proba(self.baseline_model, rows, len(self.labels), self.cfg.baseline.threads), rows
+        return predict_proba(self.baseline_model, rows, len(self.labels), self.conf.baseline.threads), rows
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
         """Train rows before oversampling (each text once); extra files (any data.format) need no label."""
-        d = self.cfg.data
+        d = self.conf.data
         rows = {"train": self.splits.train_original, "val": self.splits.val}
         extra = [r for path in extra_files for r in load_records(path, None, d.allow_null, row_format(d))[0]]
         return serialize_records([*(r for s in splits for r in rows[s]), *extra], self.serializer)
@@ -214,13 +214,13 @@ class Classification(Task):
             self.source,
             self.labels,
             self.tokenizer,
-            hardware=self.cfg.hardware,
-            lora=self.cfg.lora,
+            hardware=self.conf.hardware,
+            lora=self.conf.lora,
             device=self.ctx.device,
         )
 
     def loss(self) -> nn.Module:
-        return instantiate(self.cfg.loss, class_weights=self.class_weights).to(self.ctx.device)
+        return instantiate(self.conf.loss, class_weights=self.class_weights).to(self.ctx.device)
 
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         return classification_metrics(y, outputs.argmax(-1), self.labels)["scalars"]
@@ -231,17 +231,17 @@ class Classification(Task):
         from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
 
         blend_inputs = self._blend_inputs(val_loader, self.splits.val)
-        metrics = best_epoch_report(self.cfg, model, val_loader, result, self.ctx, self.baseline, blend_inputs)
+        metrics = best_epoch_report(self.conf, model, val_loader, result, self.ctx, self.baseline, blend_inputs)
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             test_base = self._blend_inputs(self.test_loader, self.test_rows) if blend_inputs else None
             metrics = test_report(
-                self.cfg, model, self.test_loader, self.loss(), metrics, self.ctx, test_base[0] if test_base else None
+                self.conf, model, self.test_loader, self.loss(), metrics, self.ctx, test_base[0] if test_base else None
             )
         extra = save_blend_baseline(self.ctx.out_dir, self.baseline_model, *blend_inputs) if blend_inputs else []
         if not blend_inputs and (self.ctx.out_dir / "baseline").is_dir():  # an earlier blend run's, in this run dir
             shutil.rmtree(self.ctx.out_dir / "baseline")  # zip_parts would ship it beside a model-only export
         artifacts = export(
-            self.cfg,
+            self.conf,
             model,
             self.tokenizer,
             self.source,
@@ -252,7 +252,7 @@ class Classification(Task):
             self.serializer,
             extra_parts=extra,
         )
-        e, out_dir = self.cfg.export, self.ctx.out_dir
+        e, out_dir = self.conf.export, self.ctx.out_dir
         model_uri = log_classifier(
             self.ctx.tracker,
             out_dir,

@@ -28,15 +28,15 @@ CHECKPOINT = Path("checkpoints") / "model_best.pt"
 
 class TabularRegression(Task):
     name = "tabular_regression"
-    conf = TabularRegressionConf
-    cfg: TabularRegressionConf
+    schema = TabularRegressionConf
+    conf: TabularRegressionConf
 
     @classmethod
     def metric_names(cls, cfg: DictConfig) -> MetricNames:
         return regression_metric_names(list(cfg.data.target_names))
 
     def build_data(self) -> TaskData:
-        d = self.cfg.data
+        d = self.conf.data
         self.names = list(d.target_names)
         if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file, d.schema_file)):
             write_tabular_demo(d.train_file, d.val_file, d.schema_file)
@@ -56,10 +56,10 @@ class TabularRegression(Task):
         return TaskData(train, val, shuffle=False)
 
     def build_model(self) -> nn.Module:
-        return instantiate(self.cfg.model, input_dim=self.input_dim, output_dim=len(self.names)).to(self.ctx.device)
+        return instantiate(self.conf.model, input_dim=self.input_dim, output_dim=len(self.names)).to(self.ctx.device)
 
     def loss(self) -> nn.Module:
-        return instantiate(self.cfg.loss).to(self.ctx.device)
+        return instantiate(self.conf.loss).to(self.ctx.device)
 
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         return regression_metrics(y, outputs, self.names)
@@ -69,11 +69,11 @@ class TabularRegression(Task):
         from loralab.tracking.pyfunc import log_tabular_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
         ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, result.best_epoch, result.best["val_loss"])
-        out = write_regression_report(self.cfg, self.ctx.out_dir, self.ctx.tracker, result, self.names, self.data_info)
+        out = write_regression_report(self.conf, self.ctx.out_dir, self.ctx.tracker, result, self.names, self.data_info)
         model_uri = log_tabular_regressor(
             self.ctx.tracker,
             ckpt,
-            Path(self.cfg.data.schema_file),
+            Path(self.conf.data.schema_file),
             self.ctx.out_dir / "training_metadata.json",
             self.val.features.numpy(),
             code_version(result.provenance)["packages"],

@@ -86,9 +86,9 @@ def load_splits(data, seed: int) -> tuple[list[Article], list[Article], list[str
 
 class TextRegression(Task):
     name = "text_regression"
-    conf = TextRegressionConf
+    schema = TextRegressionConf
     reads_text = True
-    cfg: TextRegressionConf
+    conf: TextRegressionConf
 
     @classmethod
     def metric_names(cls, cfg: DictConfig) -> MetricNames:
@@ -96,10 +96,10 @@ class TextRegression(Task):
         return regression_metric_names(None if names is None else list(names))
 
     def build_data(self) -> TaskData:
-        d, ctx = self.cfg.data, self.ctx
+        d, ctx = self.conf.data, self.ctx
         if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file or d.train_file)):
             write_article_demo(Path(d.train_file).parent)
-        train, val, self.dims, self.data_info = load_splits(d, self.cfg.seed)
+        train, val, self.dims, self.data_info = load_splits(d, self.conf.seed)
         self.articles = {"train": train, "val": val}
         ctx.tracker.log_metrics(
             {
@@ -108,7 +108,7 @@ class TextRegression(Task):
                 **{f"data.dropped.{k}": v for k, v in self.data_info["train_file"]["dropped_by_reason"].items()},
             }
         )
-        self.source = instantiate(self.cfg.model)
+        self.source = instantiate(self.conf.model)
         self.tokenizer = load_tokenizer(
             self.source, [article_text(a, d.template) for a in train], ctx.resume_dir, ctx.ddp
         )
@@ -129,7 +129,7 @@ class TextRegression(Task):
 
     def _test_loader(self, train: list[Article], val: list[Article], collate) -> DataLoader:
         """``data.test_file`` (same reader, drops counted in the data info), scored once in ``finalize``."""
-        d = self.cfg.data
+        d = self.conf.data
         test, report, _ = load_articles(d.test_file, self.dims, d.max_row_bytes)
         if not test:
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(report.dropped)})")
@@ -139,13 +139,13 @@ class TextRegression(Task):
             ds,
             [len(x) for x in ds.input_ids],
             collate,
-            batch_size=self.cfg.trainer.eval_batch_size,
-            hardware=self.cfg.hardware,
+            batch_size=self.conf.trainer.eval_batch_size,
+            hardware=self.conf.hardware,
         )
 
     def _score_test(self, model: nn.Module) -> dict[str, float]:
         """``test_*``: the final (best) model on the test split, after every choice is made."""
-        outputs, y = predict_logits(model, self.test_loader, self.ctx.device, self.cfg.hardware.precision)
+        outputs, y = predict_logits(model, self.test_loader, self.ctx.device, self.conf.hardware.precision)
         with torch.no_grad():
             loss = self.loss()(torch.from_numpy(outputs).to(self.ctx.device), torch.from_numpy(y).to(self.ctx.device))
         return {
@@ -155,7 +155,7 @@ class TextRegression(Task):
         }
 
     def pretrain_texts(self, splits: Sequence[str], extra_files: Sequence[str]) -> list[str]:
-        template = self.cfg.data.template
+        template = self.conf.data.template
         return [
             *(article_text(a, template) for split in splits for a in self.articles[split]),
             *(text for path in extra_files for text in unlabelled_texts(path, template)),
@@ -166,14 +166,14 @@ class TextRegression(Task):
             self.source,
             self.dims,
             self.tokenizer,
-            hardware=self.cfg.hardware,
-            lora=self.cfg.lora,
+            hardware=self.conf.hardware,
+            lora=self.conf.lora,
             device=self.ctx.device,
             problem_type="regression",
         )
 
     def loss(self) -> nn.Module:
-        return instantiate(self.cfg.loss).to(self.ctx.device)
+        return instantiate(self.conf.loss).to(self.ctx.device)
 
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         return regression_metrics(y, outputs, self.dims)
@@ -183,7 +183,7 @@ class TextRegression(Task):
         MLflow model (a LoRA run's adapter is merged into ``merged/`` first: the model must load on its own)."""
         from loralab.tracking.pyfunc import log_text_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
-        cfg, out_dir = self.cfg, self.ctx.out_dir
+        cfg, out_dir = self.conf, self.ctx.out_dir
         best = result.best
         meta = {
             "epoch": result.best_epoch,
