@@ -27,7 +27,7 @@ from transformers import set_seed
 from loralab import config
 from loralab.config import RunConf
 from loralab.config.changes import describe
-from loralab.config.tasks import QwenModelConf
+from loralab.config.tasks import QwenModelConf, RecordsDataConf
 from loralab.core import distributed
 from loralab.core.checkpoint import Checkpoints, verify_resumable
 from loralab.core.device import resolve_device
@@ -60,6 +60,8 @@ def settle(cfg: DictConfig) -> RunConf:
         check_memory(
             conf.model, conf.lora, conf.hardware, num_labels=len(conf.output_names()), batch_size=conf.optim.batch_size
         )
+    if isinstance(conf.data, RecordsDataConf) and conf.data.cache_dir:  # tokenized records go there
+        writable_dir(conf.data.cache_dir, "data.cache_dir")
     return conf
 
 
@@ -180,10 +182,8 @@ def run(cfg: DictConfig) -> float:
         console.quiet_logging()
     out_dir = writable_dir(ddp.broadcast(cfg.paths.output_dir), "hydra.run.dir")  # every rank: rank 0's run dir
     with run_dir_lock(out_dir, ddp.is_main):
-        if ddp.is_main:  # where checkpoints and tokenized data go: unwritable is one line now, not after an epoch
+        if ddp.is_main:  # where checkpoints go: unwritable is one line now, not after an epoch
             writable_dir(out_dir / "checkpoints", "hydra.run.dir")
-            if getattr(cfg.data, "cache_dir", None):  # records data only
-                writable_dir(cfg.data.cache_dir, "data.cache_dir")
         resume_dir = resolve_resume(cfg.resume, out_dir)
         # A single run is settled: a changed resume is refused before its MLflow run is reopened.
         changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if conf and resume_dir else {}
