@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import csv
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -87,6 +89,12 @@ def typed_conf(*overrides: str):
     return config.typed(config.check(compose_train("paths.output_dir=unused", *overrides)))
 
 
+@functools.cache
+def shipped_conf():
+    """The typed config of ``python train.py`` with no overrides (composed once per session)."""
+    return typed_conf()
+
+
 def trainer_conf(
     max_epochs: int = 1,
     *,
@@ -96,26 +104,25 @@ def trainer_conf(
     min_delta: float = 0.0,
     **knobs: Any,
 ):
-    """A complete ``TrainerConf`` for a loop test: the step-level knobs off unless ``knobs`` set them."""
-    from loralab.config.schema import EarlyStoppingConf, TrainerConf
+    """The shipped ``trainer`` settings (conf/trainer/default.yaml) for a loop test: these values in place, raw
+    (unsmoothed) early stopping, the step-level knobs and gates off unless ``knobs`` set them."""
+    from loralab.config.schema import MonitorMode
 
+    base = shipped_conf().trainer
+    stopping = dataclasses.replace(
+        base.early_stopping, patience=patience, patience_steps=0, min_delta=min_delta, smoothing=0.0
+    )
     values = dict(
         max_epochs=max_epochs,
-        min_steps=1,
         monitor=monitor,
-        monitor_mode=mode,
-        early_stopping=EarlyStoppingConf(patience=patience, patience_steps=0, min_delta=min_delta, smoothing=0.0),
-        save_top_k=3,
-        group_by_length=False,
-        compile=False,
-        eval_batch_size=8,
-        deterministic=False,
+        monitor_mode=MonitorMode(mode),
+        early_stopping=stopping,
         gates=None,
         log_every_n_steps=None,
         val_check_interval=None,
         max_steps=None,
     )
-    return TrainerConf(**{**values, **knobs})
+    return dataclasses.replace(base, **{**values, **knobs})
 
 
 def optim_conf(
@@ -127,17 +134,17 @@ def optim_conf(
     warmup_ratio: float = 0.0,
     max_grad_norm: float | None = None,
 ):
-    """A complete ``OptimConf``: ``optimizer`` by class path, a constant lr and no clipping unless given."""
-    from loralab.config.schema import OptimConf, OptimizerConf
-
-    return OptimConf(
+    """The shipped ``optim`` settings with ``optimizer`` (a class path), a constant lr and no clipping unless
+    given."""
+    base = shipped_conf().optim
+    return dataclasses.replace(
+        base,
         lr=lr,
-        batch_size=8,
         weight_decay=weight_decay,
         warmup_ratio=warmup_ratio,
         scheduler=scheduler,
         max_grad_norm=max_grad_norm,
-        optimizer=OptimizerConf(_target_=optimizer, _partial_=True, lr=lr, weight_decay=weight_decay),
+        optimizer=dataclasses.replace(base.optimizer, _target_=optimizer, lr=lr, weight_decay=weight_decay),
     )
 
 
