@@ -28,6 +28,7 @@ from loralab.ensemble import (
     weight_grid,
 )
 from loralab.errors import ExportError
+from loralab.export import write_meta
 
 
 def tabular(seed: int, label_noise: float = 0.0):
@@ -278,7 +279,7 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
 
     # Whatever weight this tiny run chose, an interior one blends both sides exactly as the run's components say.
     meta["ensemble"]["weight"] = 0.5
-    (run_dir / "loralab.json").write_text(json.dumps(meta))
+    write_meta(run_dir, meta)  # a deliberate change, with its digest: a hand edit alone is refused
     predict_file(run_dir, blend_run["val_file"], blend_run["tmp"] / "half.jsonl", device="cpu")
     half = [json.loads(line) for line in (blend_run["tmp"] / "half.jsonl").read_text().splitlines()]
     model = probs_of([val[r["id"]]["model"] for r in half], labels)

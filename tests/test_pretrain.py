@@ -119,6 +119,39 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
     assert fewer.pretrain_key not in (first.pretrain_key, other.pretrain_key)
 
 
+@pytest.mark.slow
+def test_a_cached_base_that_does_not_match_its_manifest_is_never_used(demo, tmp_path, caplog):
+    """A cache outlives runs and may be shared: an altered weight (same size, finite values) or an unreadable
+    ``pretrain.json`` is caught on the hit, set aside under a name that says so, and the base is trained again,
+    to the same weights (the key fixes every input)."""
+    uri, cache = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "cache"
+    stage, source, tokenizer, hardware = stage_and_inputs(demo, cache)
+    texts = texts_of(demo / "train.jsonl")
+    first, _ = pretrain_once(stage, source, tokenizer, hardware, texts, uri)
+    base = Path(first.path)
+    original = {k: v.clone() for k, v in load_file(base / "model.safetensors").items()}  # not a view of the file
+    assert set(json.loads((base / "pretrain.json").read_text())["files"]) >= {"model.safetensors", "tokenizer.json"}
+
+    weights = bytearray((base / "model.safetensors").read_bytes())
+    weights[-4:] = bytes(4)  # the last float of the last tensor: still finite, same size
+    (base / "model.safetensors").write_bytes(bytes(weights))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again, run = pretrain_once(stage, source, tokenizer, hardware, texts, uri)
+    (warning,) = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert f"{base} rejected: model.safetensors does not match its sha256" in warning
+    assert MlflowClient(uri).get_run(run).data.tags["pretrain.cache_hit"] == "False"
+    assert again == first and len(list(cache.glob(f"{base.name}.rejected-*"))) == 1
+    rebuilt = load_file(base / "model.safetensors")
+    assert all(torch.equal(original[k], rebuilt[k]) for k in original)
+
+    (base / "pretrain.json").write_text("{")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        pretrain_once(stage, source, tokenizer, hardware, texts, uri)
+    assert any("pretrain.json is unreadable" in r.getMessage() for r in caplog.records)
+
+
 def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_path, caplog):
     """``pretrain.train=lora``: only adapters train (embeddings stay), and they are merged into the saved base, so the
     task loads it like any checkpoint."""

@@ -13,8 +13,10 @@ Layout (in the run dir, and in ``model_final.zip`` for the parts ``export.zip_pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
@@ -24,11 +26,13 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from loralab.errors import ExportError
-from loralab.fs import atomic_dir, atomic_path, atomic_write_json, sha256_file
+from loralab.fs import atomic_dir, atomic_path, atomic_write_json, file_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
 META_FILE = "loralab.json"
+DIGEST = "digest"  # loralab.json's own sha256 (of the rest of it): what the manifest is to the weights
+MAX_META_BYTES = 16 * 2**20  # a loralab.json larger than this is not one loralab wrote
 FORMAT = "loralab-export/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # never loaded: torch.load unpickles
 LABEL_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id")
@@ -39,13 +43,77 @@ LABEL_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "pad_
 
 def manifest(root: str | Path, parts: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{relative/posix/path: {sha256, bytes}}`` for every file under the given part directories of ``root``."""
-    root = Path(root)
-    files = {}
-    for part in parts:
-        for path in sorted((root / part).rglob("*")):
-            if path.is_file():
-                files[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return files
+    return {name: entry for part in parts for name, entry in file_manifest(root, under=part).items()}
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of ``loralab.json`` without its own ``digest`` (canonical JSON): an edit after export shows."""
+    body = {k: v for k, v in meta.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    meta = {**meta, DIGEST: meta_digest(meta)}
+    atomic_write_json(out_dir / META_FILE, meta)
+    return meta
+
+
+def read_meta(root: str | Path) -> dict[str, Any]:
+    """``loralab.json`` of an export, parsed and trusted only after its digest and values check out; otherwise one
+    ``ExportError`` line naming the file. (Exports written before the digest existed are checked by value only.)"""
+    path = Path(root) / META_FILE
+    if not path.is_file():
+        raise ExportError(f"{root}: no {META_FILE}; pass a model_final.zip or the run dir of an exported model")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err}); re-export the model") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: not a JSON object")
+    if DIGEST in meta and meta[DIGEST] != meta_digest(meta):
+        raise ExportError(f"{path}: altered after export (its digest does not match its content)")
+    if problem := meta_problem(meta):
+        raise ExportError(f"{path}: {problem}")
+    return meta
+
+
+def _finite(v: Any, lo: float, hi: float = math.inf, lo_open: bool = True) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v > lo if lo_open else v >= lo) and v <= hi
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """What makes ``loralab.json`` unusable for scoring, or None: each value the scoring path reads, checked."""
+    labels = meta.get("labels")
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
+        return f"labels={labels!r}: must be a non-empty list of label names"
+    if len(set(labels)) != len(labels):
+        return f"labels={labels!r}: names must be unique"
+    if not _finite(meta.get("temperature"), 0.0):
+        return f"temperature={meta.get('temperature')!r}: must be a finite number > 0"
+    max_length = meta.get("max_length")
+    if not (isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0):
+        return f"max_length={max_length!r}: must be an int > 0"
+    files, parts = meta.get("files"), meta.get("parts")
+    if not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
+        return f"parts={parts!r}: must be a list of part names"
+    if not (isinstance(files, dict) and all(_file_entry(e) for e in files.values())):
+        return "files: must map each file to its sha256 and byte size"
+    if ensemble := meta.get("ensemble"):
+        if not _finite(ensemble.get("weight"), 0.0, 1.0, lo_open=False):
+            return f"ensemble.weight={ensemble.get('weight')!r}: must be a number in [0, 1]"
+        if not _finite(ensemble.get("baseline_temperature"), 0.0):
+            return f"ensemble.baseline_temperature={ensemble.get('baseline_temperature')!r}: must be finite and > 0"
+    return None
+
+
+def _file_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("bytes"), int)
+        and entry["bytes"] >= 0
+    )
 
 
 def check_manifest(root: str | Path, files: dict[str, dict[str, Any]], parts: Iterable[str]) -> None:
@@ -118,6 +186,65 @@ def safe_extract(zip_path: str | Path, dest: str | Path, max_mb: float | None = 
             raise ExportError(f"{zip_path}: {total / 2**20:.1f} MB uncompressed, over the {max_mb:g} MB limit")
         zf.extractall(dest)
     return dest
+
+
+def extract_export(zip_path: str | Path, dest: str | Path) -> dict[str, Any]:
+    """Unpack an export zip into ``dest`` checked against its own manifest as it goes: ``loralab.json`` first
+    (size-capped, digest and values checked), then each entry only if the manifest lists it with that size, written
+    while its sha256 is computed and refused the moment it differs. A zip bomb costs at most one listed file's
+    worth of disk. Returns ``loralab.json``."""
+    dest = Path(dest).resolve()
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ExportError(f"{zip_path}: not a readable zip file ({err})") from err
+    with zf:
+        entries = [i for i in zf.infolist() if not i.is_dir()]
+        for info in entries:
+            if reason := _unsafe_reason(info):
+                raise ExportError(f"{zip_path}: refusing entry {info.filename!r} ({reason})")
+        by_name = {i.filename: i for i in entries}
+        meta_info = by_name.pop(META_FILE, None)
+        if meta_info is None:
+            raise ExportError(f"{zip_path}: no {META_FILE}; not a loralab export")
+        if meta_info.file_size > MAX_META_BYTES:
+            raise ExportError(f"{zip_path}: {META_FILE} is {meta_info.file_size} bytes; refusing it")
+        _extract_checked(zf, meta_info, dest, MAX_META_BYTES, None, zip_path)
+        meta = read_meta(dest)
+        files = meta["files"]
+        for name, info in by_name.items():  # all of them before anything else is written
+            if name not in files:
+                raise ExportError(f"{zip_path}: entry {name!r} is not in the {META_FILE} manifest")
+            if info.file_size != files[name]["bytes"]:
+                raise ExportError(
+                    f"{zip_path}: entry {name!r} is {info.file_size} bytes, the manifest says {files[name]['bytes']}"
+                )
+        for name, info in by_name.items():
+            _extract_checked(zf, info, dest, files[name]["bytes"], files[name]["sha256"], zip_path)
+    return meta
+
+
+def _extract_checked(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, max_bytes: int, sha256: str | None, zip_path
+) -> None:
+    """One entry to ``dest``, reading at most ``max_bytes``; its sha256 must be ``sha256`` (when given)."""
+    target = (dest / info.filename).resolve()
+    if not target.is_relative_to(dest):
+        raise ExportError(f"{zip_path}: refusing entry {info.filename!r} (resolves outside the target directory)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, written = hashlib.sha256(), 0
+    try:
+        with zf.open(info) as src, target.open("wb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise ExportError(f"{zip_path}: entry {info.filename!r} unpacks past {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ExportError(f"{zip_path}: entry {info.filename!r} is unreadable ({err})") from err
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise ExportError(f"{zip_path}: {info.filename} does not match its sha256 in {META_FILE} (corrupt or altered)")
 
 
 # ---------------------------------------------------------------------------------------------- export + verify
@@ -260,6 +387,6 @@ def export_model(
         "verification": {"max_abs_diff": diffs, "atol": atol, "rows": int(batch["input_ids"].shape[0])},
         "files": manifest(out_dir, written),
     }
-    atomic_write_json(out_dir / META_FILE, meta)
+    meta = write_meta(out_dir, meta)
     log.info("exported %s to %s", ", ".join(written), out_dir)
     return meta

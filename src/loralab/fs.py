@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from loralab.errors import ConfigError
 
@@ -138,3 +138,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_manifest(root: str | Path, under: str = "", skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """``{relative/posix/path: {sha256, bytes}}`` of every file below ``root/under`` (paths relative to ``root``),
+    but ``skip``: what a directory holds, to check it against later (``manifest_mismatch``)."""
+    root, skipped = Path(root), set(skip)
+    files = {}
+    for path in sorted((root / under).rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_file() and name not in skipped:
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
+def manifest_mismatch(root: str | Path, files: dict[str, dict[str, Any]], skip: Iterable[str] = ()) -> str | None:
+    """Why ``root`` does not hold exactly ``files`` (one file named), or None. Sizes are compared before hashes."""
+    root, skipped = Path(root), set(skip)
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - skipped
+    if extra := sorted(present - set(files)):
+        return f"{extra[0]} is not in its manifest"
+    if missing := sorted(set(files) - present):
+        return f"{missing[0]} is missing"
+    for name in sorted(files):
+        if (root / name).stat().st_size != files[name]["bytes"] or sha256_file(root / name) != files[name]["sha256"]:
+            return f"{name} does not match its sha256"
+    return None

@@ -10,7 +10,6 @@ lines are ``loralab.cli.predict`` and ``loralab.cli.evaluate``.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -41,15 +40,14 @@ from loralab.export import (
     META_FILE,
     ExportError,
     check_manifest,
+    extract_export,
     load_base,
-    safe_extract,
+    read_meta,
 )
 from loralab.fs import atomic_write_json, writable_file
 from loralab.metrics import classification_metrics, evaluate_gates
 
 log = logging.getLogger(__name__)
-
-MAX_EXTRACT_MB = 64 * 1024  # refuse zips that would unpack to more than this (zip bombs)
 
 
 @dataclass
@@ -83,10 +81,7 @@ class Exported:
 
 
 def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Exported:
-    meta_path = root / META_FILE
-    if not meta_path.is_file():
-        raise ExportError(f"{root}: no {META_FILE}; pass a model_final.zip or the run dir of an exported model")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(root)
     parts = [p for p in meta.get("parts", []) if (root / p).is_dir()]
     check_manifest(root, meta["files"], parts)
     if "merged" in parts:
@@ -130,7 +125,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", trust_re
     if not path.is_file():
         raise ExportError(f"model not found: {path}")
     with tempfile.TemporaryDirectory(prefix="loralab-model-") as tmp:
-        safe_extract(path, tmp, max_mb=MAX_EXTRACT_MB)
+        extract_export(path, tmp)
         return _load_dir(Path(tmp), device, trust_remote_code)  # weights are in memory before tmp goes
 
 

@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import random
+import secrets
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,7 +37,7 @@ from loralab.core.loaders import TaskData, make_loaders
 from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.text import TokenizedTexts, tokenizer_fingerprint
 from loralab.errors import DataError
-from loralab.fs import atomic_dir, atomic_write_json, recover
+from loralab.fs import atomic_dir, atomic_write_json, file_manifest, manifest_mismatch, recover
 from loralab.models.build import ModelSource
 from loralab.models.pretrain import MeanTokenNLL, TokenNLL
 
@@ -128,9 +130,9 @@ class CausalLMPretrain(PretrainStage):
         # Sweep jobs asking for the same base wait here for the first; the OS drops the lock if its holder dies.
         with FileLock(cache / f"{final.name}.lock"):
             recover(final)
-            hit = final.is_dir()
+            info = verified_entry(final)
+            hit = info is not None
             if hit:
-                info = json.loads((final / INFO_FILE).read_text())
                 log.info("pretrain=%s: cache hit %s (%s)", self.name, key, final)
             else:
                 log.info(
@@ -233,11 +235,34 @@ class CausalLMPretrain(PretrainStage):
             with atomic_dir(final) as tmp:
                 lm.to("cpu").save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
+                info["files"] = file_manifest(tmp)  # checked on every hit: the cache may be shared
                 atomic_write_json(tmp / INFO_FILE, info)
             shutil.rmtree(work, ignore_errors=True)
             return info
         finally:
             set_rng_state(outer_rng)
+
+
+def verified_entry(entry: Path) -> dict[str, Any] | None:
+    """The entry's ``pretrain.json`` when every file matches the manifest written with it; None when there is no
+    entry. A cache may be shared (``LORALAB_CACHE``) and outlives runs, so an entry that is unreadable, altered or
+    written without a manifest (by an older loralab) is never used: it is moved aside as ``<entry>.rejected-<time>``
+    (kept to inspect), a warning names it and why, and the caller pretrains the base again (the key fixes every
+    input, so the rebuilt base is the one the entry should have held)."""
+    if not entry.is_dir():
+        return None
+    try:
+        info = json.loads((entry / INFO_FILE).read_text())
+        files = info["files"]
+        problem = manifest_mismatch(entry, files, skip=[INFO_FILE])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problem = f"{INFO_FILE} is unreadable or has no manifest ({type(err).__name__}: {err})"
+    if problem is None:
+        return info
+    rejected = entry.with_name(f"{entry.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    entry.rename(rejected)
+    log.warning("pretrain cache entry %s rejected: %s; moved to %s, pretraining it again", entry, problem, rejected)
+    return None
 
 
 def perplexity(y, outputs) -> dict[str, float]:

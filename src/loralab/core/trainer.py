@@ -178,7 +178,8 @@ class Trainer:
                 "  (best)" if improved else "",
             )
             # Report before checkpointing: a crash in between re-runs this epoch on resume (and reports it again),
-            # whereas the other order would resume past an epoch whose metrics were never reported.
+            # whereas the other order would resume past an epoch whose metrics were never reported. Reporting never
+            # raises (the tracker retries, then drops a write it cannot make), so the checkpoint always follows.
             on_step(st.step, val_metrics(metrics))
             on_epoch_end(st, metrics)
             self.checkpoints.epoch_end(st.as_dict(), epoch, metrics[self.conf.monitor])

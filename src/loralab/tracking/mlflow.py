@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from filelock import FileLock
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
@@ -23,14 +24,19 @@ log = logging.getLogger(__name__)
 STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 ERROR_TAGS = ("error", "error_type")  # set on a FAILED run; cleared when a resume reopens it
-DATASET_TRIES = 3  # log_inputs attempts (see log_datasets)
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
 # The UI reads this experiment tag to open an experiment on its runs table (not the GenAI traces overview).
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's description
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite database: where its experiments keep their artifacts by default
 MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model
-MODEL_CODE = Path(__file__).with_name("model_code.py")  # builds any logged model from its python_model class
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+# A write to the store that fails (SQLite locked by another process: each try waits up to its 20 s busy timeout; a
+# server gone) is tried again after these pauses, then dropped with a warning; for PAUSE_AFTER_DROP seconds after a
+# drop further writes are dropped at once, so a dead store costs seconds, not minutes an epoch. Training never waits
+# longer than that and never fails for it.
+RETRY_PAUSES_S = (1.0, 2.0)
+PAUSE_AFTER_DROP_S = 60.0  # builds any logged model from its python_model class
 
 
 def open_store(uri: str) -> MlflowClient:
@@ -95,6 +101,27 @@ class MLflowTracker:
         self.run_id: str | None = None
         self._monitor = None
         self._queued: list = []  # background log_batch operations, waited for in ``end``
+        self.dropped = 0  # writes given up on (``_write``); said at ``end``
+        self._down_until = 0.0
+
+    def _write(self, what: str, write: Callable[[], Any]) -> Any:
+        """``write()`` to the store, where tracking trouble must not cost training: retried after
+        ``RETRY_PAUSES_S``, then dropped with a warning (None). Run creation and ending do not come through here."""
+        if time.monotonic() < self._down_until:
+            self.dropped += 1
+            return None
+        for pause in (*RETRY_PAUSES_S, None):
+            try:
+                return write()
+            except Exception as err:  # MLflow, SQLAlchemy, HTTP: whatever the store raised
+                if pause is None:
+                    self.dropped += 1
+                    self._down_until = time.monotonic() + PAUSE_AFTER_DROP_S
+                    first = str(err).splitlines()[0] if str(err) else ""
+                    log.warning("MLflow: %s not recorded (%s: %s); training goes on", what, type(err).__name__, first)
+                    return None
+                time.sleep(pause)
+        return None
 
     def start(
         self,
@@ -145,7 +172,8 @@ class MLflowTracker:
         """The flattened config as params (write-once in MLflow: log them once per run)."""
         if self.run_id and params:
             flat = flatten(params)
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()])
+            batch = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()]
+            self._write("params", lambda: self.client.log_batch(self.run_id, params=batch))
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -168,13 +196,17 @@ class MLflowTracker:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         if background:
-            self._queued.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+            queued = self._write(
+                "metrics", lambda: self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+            )
+            self._queued += [queued] if queued is not None else []
         else:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._write(f"metrics at step {step or 0}", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.run_id:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._write("tags", lambda: self.client.log_batch(self.run_id, tags=batch))
 
     def set_provenance(self, prov: Mapping[str, str], resumed: bool = False) -> None:
         """Provenance tags plus MLflow's source tags; a resumed run keeps the versions it started with."""
@@ -198,13 +230,9 @@ class MLflowTracker:
                     tags=[InputTag("mlflow.data.context", context), InputTag("loralab.sha256", sha256)],
                 )
             )
-        for attempt in range(DATASET_TRIES if self.run_id and inputs else 0):
-            try:
-                self.client.log_inputs(self.run_id, datasets=inputs)
-                return
-            except MlflowException as err:  # parallel jobs racing to create the same dataset row (check, then
-                if attempt == DATASET_TRIES - 1:  # insert): the loser's next try finds it. Never fails a run.
-                    log.warning("MLflow dataset inputs not logged: %s", err)
+        # Parallel jobs race to create the same dataset row (check, then insert): the loser's next try finds it.
+        if self.run_id and inputs:
+            self._write("dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def log_model(
         self,
@@ -256,16 +284,16 @@ class MLflowTracker:
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.run_id:
-            self.client.log_dict(self.run_id, data, artifact_file)
+            self._write(artifact_file, lambda: self.client.log_dict(self.run_id, data, artifact_file))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.run_id:
             return
-        path = Path(path)
+        path, run_id = Path(path), self.run_id
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path or path.name)
+            self._write(str(path), lambda: self.client.log_artifacts(run_id, str(path), artifact_path or path.name))
         elif path.exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+            self._write(str(path), lambda: self.client.log_artifact(run_id, str(path), artifact_path=artifact_path))
 
     @contextlib.contextmanager
     def closing(self, killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> Iterator[None]:
@@ -288,14 +316,17 @@ class MLflowTracker:
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED. Safe to call when it never started."""
         for operation in self._queued:  # background metrics land before the run closes
-            try:
-                operation.wait()
-            except MlflowException as err:
-                log.warning("MLflow: background metrics not logged: %s", err)
+            self._write("background metrics", operation.wait)
         self._queued = []
         if self._monitor is not None:  # its last samples land while the run is still open
             self._monitor.finish()
             self._monitor = None
         if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
-            log.info("MLflow run %s ended %s", self.run_id, status)
+            self._down_until = 0.0  # the status is worth one more try, whatever failed before
+            ended = self._write(
+                f"the run's end ({status})", lambda: self.client.set_terminated(self.run_id, status) or 1
+            )
+            if ended:
+                log.info("MLflow run %s ended %s", self.run_id, status)
+        if self.dropped:
+            log.warning("MLflow: %d write(s) to %s were dropped (see the warnings above)", self.dropped, self.uri)
