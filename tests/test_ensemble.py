@@ -322,3 +322,38 @@ def test_mlflow_model_serves_the_blend_and_a_tampered_baseline_is_refused(blend_
     shutil.rmtree(tampered / "baseline")
     with pytest.raises(ExportError, match="baseline/ is missing"):
         load_exported(tampered)
+
+
+@pytest.mark.slow
+def test_a_train_split_of_one_class_with_a_blend_still_trains_and_exports(tmp_path):
+    """Degenerate data never loses the trained model: a one-class baseline answers that class for every row (it
+    used to raise in the blend's cross-fit), so the run finishes, blends and exports."""
+    from conftest import compose_train, row, write_jsonl
+
+    from loralab.baseline import fit_estimator, predict_proba
+    from loralab.data.records import Record
+    from loralab.lifecycle import run
+
+    one = [Record(i, {"x": float(i)}, "long") for i in range(10)]
+    (model, _) = fit_estimator("hgb", one, ["long", "short", "skip"], 0)
+    assert predict_proba(model, one[:2], 3).tolist() == [[1.0, 0.0, 0.0]] * 2
+
+    train = write_jsonl(tmp_path / "train.jsonl", [row(i, "long", x=i % 7, y=i % 3) for i in range(48)])
+    val = write_jsonl(tmp_path / "val.jsonl", [row(100 + i, "long", x=i % 7, y=i % 3) for i in range(16)])
+    cfg = compose_train(
+        "data=jsonl",
+        f"data.train_file={train}",
+        f"data.val_file={val}",
+        "data.cache_dir=null",
+        "pretrain=none",
+        "ensemble=blend",
+        "baseline=hgb",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=32",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    )
+    run(cfg)
+    meta = json.loads((tmp_path / "run" / "loralab.json").read_text())
+    assert meta["ensemble"]["method"] == "blend" and (tmp_path / "run" / "model_final.zip").is_file()

@@ -108,7 +108,7 @@ def test_model_is_registered_logged_and_loads_without_pickles(demo):
     model_dir = Path(logged.artifact_location.removeprefix("file://"))
     files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
     assert "model_code.py" in files and not any(f.endswith((".pkl", ".pt", ".bin")) for f in files), files
-    assert "python_model: loralab.tracking.pyfunc.Classifier" in (model_dir / "MLmodel").read_text()
+    assert (model_dir / "artifacts" / "served_by.txt").read_text().strip() == "loralab.tracking.pyfunc.Classifier"
     assert {"artifacts/loralab.json", "input_example.json", "serving_input_example.json"} <= files
     assert any(f.startswith("artifacts/merged/") and f.endswith(".safetensors") for f in files)
 

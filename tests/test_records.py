@@ -163,3 +163,19 @@ def test_leakage_drop_that_empties_train_is_a_clear_error(tmp_path):
         build_splits(
             str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), ["long", "short", "skip"], leakage="drop"
         )
+
+
+def test_a_split_with_no_valid_rows_says_why_in_its_own_message(tmp_path):
+    """The run stops before any report is written, so the message itself carries the drop counts."""
+    bad = write_jsonl(tmp_path / "train.jsonl", ["{oops", json.dumps(row(1, "maybe")), json.dumps(row(2, "maybe"))])
+    with pytest.raises(DataError) as err:
+        build_splits(str(bad), None, LABELS)
+    message = str(err.value)
+    assert "too few to carve" in message  # no valid row at all: said before any split
+    val = write_jsonl(tmp_path / "val.jsonl", [json.dumps(row(3, "maybe")), "{oops"])
+    good = write_jsonl(tmp_path / "good.jsonl", [row(i, "long") for i in range(4)])
+    with pytest.raises(DataError) as err:
+        build_splits(str(good), str(val), LABELS)
+    message = str(err.value)
+    assert message.startswith(f"val split from {val}: no valid rows left after validation (2 read, ")
+    assert "'invalid_json': 1" in message and "'unknown_label': 1" in message and "data_report.json" not in message

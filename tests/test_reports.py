@@ -275,3 +275,24 @@ def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and "[WARNING]" not in ln]
     assert len(lines) == 1 and run.info.run_id in lines[0] and "├──" not in proc.stdout, proc.stdout
     assert "[INFO]" not in proc.stdout
+
+
+def test_plots_of_200_classes_take_seconds_and_stay_readable(tmp_path):
+    """Past MANY_CLASSES the plots turn compact (no per-cell numbers, the lowest-F1 classes only), so a 200-class
+    run's plots cost seconds, not minutes."""
+    import time
+
+    labels = [f"c{i:03d}" for i in range(200)]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 200, 2000)
+    pred = np.where(rng.random(2000) < 0.7, y, rng.integers(0, 200, 2000))
+    report = classification_metrics(y, pred, labels)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, **report["scalars"]} for e in (1, 2)]
+    metrics = {"best_epoch": 2, "confusion_matrix": report["confusion_matrix"], "baseline": {}}
+    counts = {"train": dict.fromkeys(labels, 10), "val": dict.fromkeys(labels, 3)}
+    t0 = time.perf_counter()
+    paths = plots.make_plots(tmp_path, history, metrics, counts, labels)
+    assert time.perf_counter() - t0 < 30  # the full layout took ~150 s on 2 cores
+    assert set(paths) == {"loss_curves", "f1_curves", "confusion_matrix", "class_distribution"}
+    for path in paths.values():
+        assert_png(path)

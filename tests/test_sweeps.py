@@ -69,8 +69,11 @@ def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool =
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
-def sweep_result(tmp: Path, proc: subprocess.CompletedProcess):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def sweep_result(tmp: Path, proc: subprocess.CompletedProcess, failed: int = 0):
+    """The sweep's parent and child runs; its exit code is 0 only when no job failed, else 1 and it says so."""
+    assert proc.returncode == (1 if failed else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+    if failed:
+        assert f"{failed} of " in proc.stdout + proc.stderr and "sweep jobs failed" in proc.stdout + proc.stderr
     record = read_parent(tmp / "multirun")
     assert record is not None, "no parent record in the sweep dir"
     client = MlflowClient(record["uri"])
@@ -132,7 +135,7 @@ def test_grid_in_parallel_processes_gives_one_parent_four_children(tmp_path, dem
 @pytest.mark.slow
 def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_files, store, capsys):
     proc = run_train(tmp_path, demo_files, store, "loss.gamma=1.0,-1.0")
-    client, parent_id, children = sweep_result(tmp_path, proc)  # exit code 0: the sweep finished
+    client, parent_id, children = sweep_result(tmp_path, proc, failed=1)  # it finished, and exits 1
 
     by_gamma = {c.data.params["loss.gamma"]: c for c in children}
     assert by_gamma["1.0"].info.status == "FINISHED"
@@ -157,7 +160,7 @@ def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, demo_file
 @pytest.mark.slow
 def test_a_sweep_in_which_no_job_finished_ends_its_parent_failed(tmp_path, demo_files, store):
     proc = run_train(tmp_path, demo_files, store, "loss.gamma=-1.0,-2.0")
-    client, parent_id, children = sweep_result(tmp_path, proc)
+    client, parent_id, children = sweep_result(tmp_path, proc, failed=2)
     assert [c.info.status for c in children] == ["FAILED", "FAILED"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FAILED" and parent.data.metrics["jobs_failed"] == 2

@@ -1,10 +1,11 @@
 """Tracking trouble never costs training: a store that goes away mid-run (a real ``mlflow server``, stopped) turns
 each write into a warning after a short retry, later writes are dropped at once, and the loop trains and
-checkpoints every epoch as if nothing happened."""
+checkpoints every epoch as if nothing happened. A store that cannot be used at the start is one line, at once."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 
 import pytest
@@ -16,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from loralab.core.checkpoint import Checkpoints, read_meta
 from loralab.core.trainer import FitInputs, Trainer
+from loralab.errors import ConfigError
 from loralab.tracking import mlflow as tracking
 from loralab.tracking.mlflow import MLflowTracker
-from loralab.tracking.server import mlflow_server
+from loralab.tracking.server import free_port, mlflow_server
 
 
 @pytest.mark.slow
@@ -51,3 +53,36 @@ def test_a_store_that_goes_away_mid_run_never_costs_training(tmp_path, monkeypat
     assert any("run's end (FINISHED) not recorded" in w for w in warnings)
     assert warnings[-1] == f"MLflow: 5 write(s) to {url} were dropped (see the warnings above)"
     assert run_id
+
+
+def test_a_tracking_server_that_does_not_answer_fails_at_once_in_one_line():
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        MLflowTracker(f"http://127.0.0.1:{port}", "faults")
+    assert time.monotonic() - t0 < 10  # MLflow's client alone retries for minutes
+    message = str(err.value)
+    assert (
+        message.startswith(f"tracking.uri=http://127.0.0.1:{port}: no MLflow server answers there")
+        and "\n" not in message
+    )
+
+
+def test_a_store_path_that_cannot_hold_a_database_is_one_line_naming_it(tmp_path):
+    (tmp_path / "a_dir.db").mkdir()
+    with pytest.raises(ConfigError, match=rf"^tracking.uri: {tmp_path}/a_dir.db is a directory; give a file path$"):
+        MLflowTracker(f"sqlite:///{tmp_path}/a_dir.db", "faults")
+
+
+@pytest.mark.slow
+def test_a_store_locked_at_start_fails_the_start_in_one_line(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(uri, "faults")  # the store exists
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another process writing for longer than SQLite's 20 s busy timeout
+    try:
+        with pytest.raises(ConfigError) as err:
+            tracker.start({"seed": 0})
+    finally:
+        lock.execute("COMMIT")
+    assert str(err.value).startswith(f"tracking.uri={uri}: cannot start a run there (") and "locked" in str(err.value)

@@ -79,10 +79,13 @@ def fit_estimator(
 def predict_proba(model: Pipeline, records: Sequence[Record], n_labels: int, threads: int | None = None) -> np.ndarray:
     """Class probabilities (float64, one column per label in label order): a label the train split lacked gets a
     column of zeros, so the matrix lines up with the learned model's."""
-    with threadpool_limits(threads):
-        proba = model.predict_proba(feature_dicts(records))
     out = np.zeros((len(records), n_labels))
-    out[:, model.classes_.astype(int)] = proba
+    classes = model.classes_.astype(int)
+    if len(classes) == 1:  # a train split of one class: HGB fits, then answers two columns for it
+        out[:, classes[0]] = 1.0
+        return out
+    with threadpool_limits(threads):
+        out[:, classes] = model.predict_proba(feature_dicts(records))
     return out
 
 

@@ -34,7 +34,7 @@ from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
 from loralab.core.trainer import FitInputs, Trainer
 from loralab.errors import ConfigError, TrainingInterrupted
-from loralab.fs import atomic_write_json, writable_dir
+from loralab.fs import atomic_write_json, atomic_write_text, writable_dir
 from loralab.models.memory import check_memory
 from loralab.pretrain import PretrainStage
 from loralab.reporting import console
@@ -47,6 +47,7 @@ from loralab.tracking import sweep
 log = logging.getLogger(__name__)
 
 RUN_LOCK = ".run.lock"  # held by the run using a run dir
+RUN_ID_FILE = ".mlflow_run_id"  # the MLflow run the latest attempt in a run dir opened
 
 
 def settle(cfg: DictConfig) -> RunConf:
@@ -184,22 +185,33 @@ def run(cfg: DictConfig) -> float:
     with run_dir_lock(out_dir, ddp.is_main):
         if ddp.is_main:  # where checkpoints go: unwritable is one line now, not after an epoch
             writable_dir(out_dir / "checkpoints", "hydra.run.dir")
+            for tmp in out_dir.glob("*.*-*.tmp"):  # a file an earlier attempt was writing when it was killed
+                tmp.unlink()
         resume_dir = resolve_resume(cfg.resume, out_dir)
-        # A single run is settled: a changed resume is refused before its MLflow run is reopened.
+        # A single run is settled: a changed or corrupt resume is refused before its MLflow run is reopened (a
+        # FINISHED run stays FINISHED).
         changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if conf and resume_dir else {}
+        if conf and resume_dir:
+            verify_resumable(resume_dir)
         tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
         parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
+        reopened = checkpoint_run_id(resume_dir)
+        close_unfinished(tracker, out_dir, reopened)
         tracker.start(
             {},
             tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
             parent_run_id=parent_run_id,
-            resume_run_id=checkpoint_run_id(resume_dir),
+            resume_run_id=reopened,
         )
+        if ddp.is_main and tracker.run_id:
+            atomic_write_text(out_dir / RUN_ID_FILE, tracker.run_id)
         try:
             with tracker.closing(killed=(TrainingInterrupted, KeyboardInterrupt)):
                 if conf is None:
                     conf = settle_job(cfg, tracker)
                     changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if resume_dir else {}
+                    if resume_dir:  # inside the job's MLflow run: a corrupt checkpoint is a FAILED child
+                        verify_resumable(resume_dir)
                 ctx = RunContext(
                     out_dir=out_dir,
                     device=rank_device(conf.hardware.device, ddp),
@@ -220,6 +232,14 @@ def run(cfg: DictConfig) -> float:
     elif ddp.is_main:
         console.print_summary(result)
     return result.objective
+
+
+def close_unfinished(tracker, out_dir: Path, reopened: str | None) -> None:
+    """The MLflow run an earlier attempt in this run dir opened and never closed (killed before its first
+    checkpoint, or while pretraining) is marked KILLED, unless this attempt reopens it to resume."""
+    marker = out_dir / RUN_ID_FILE
+    if marker.is_file() and (run_id := marker.read_text().strip()) and run_id != reopened:
+        tracker.close_if_running(run_id, f"killed before its first checkpoint; {out_dir} was run again")
 
 
 @contextlib.contextmanager
@@ -254,12 +274,10 @@ class Recipe:
         self.t_start = time.time()
 
     def prepare(self, changes: dict[str, Any], show_config: bool) -> None:
-        """Before anything loads: verify the checkpoint it resumes, save and log the config exactly as used."""
+        """Before anything loads: save and log the config exactly as used (the checkpoint it resumes is verified)."""
         conf, ctx = self.conf, self.ctx
-        if ctx.resume_dir is not None:
-            verify_resumable(ctx.resume_dir)  # a corrupt checkpoint fails this run by name, before data loads
-            if changes:
-                ctx.tracker.set_tags({"resume_changes": describe(changes)[:5000]})
+        if ctx.resume_dir is not None and changes:
+            ctx.tracker.set_tags({"resume_changes": describe(changes)[:5000]})
         used = conf.as_dict()
         if ctx.ddp.is_main:
             OmegaConf.save(used, ctx.out_dir / CONFIG_FILE)

@@ -96,6 +96,12 @@ NAMES = Rule(
     lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
     "must be a non-empty list of unique, non-empty strings",
 )
+# An output name is part of metric names (val_precision_<label>, class_count.train.<label>): MLflow takes letters,
+# digits, _ - . : / and spaces, up to 250 characters in all. A name it refuses would fail the run after the data loads.
+METRIC_NAME_PART = Rule(
+    lambda v: isinstance(v, str) and len(v) <= 200 and re.fullmatch(r"[A-Za-z0-9_\-. :/]+", v) is not None,
+    "must be at most 200 of: letters, digits, _ - . : / and spaces (it is part of MLflow metric names)",
+)
 NOT_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty")
 LORA_TARGETS = Rule(
     lambda v: (

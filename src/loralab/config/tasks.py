@@ -11,7 +11,7 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
 
-from loralab.config.rules import CLASS_WEIGHTS, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
+from loralab.config.rules import CLASS_WEIGHTS, METRIC_NAME_PART, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
 from loralab.config.schema import DataFormat, Leakage, RunConf, TruncationSide
 
 
@@ -38,7 +38,7 @@ class RecordsDataConf(SplitDataConf):
     format: DataFormat = MISSING  # auto: by each file's extension
     id_column: str = knob(NOT_EMPTY)  # CSV/Parquet only
     label_column: str = knob(NOT_EMPTY)
-    labels: List[str] = knob(NAMES)
+    labels: List[str] = knob(NAMES, each=METRIC_NAME_PART)
     template: str = knob(template_of("features"))
     oversample_below: Optional[float] = knob(interval("(0, 1]"))
     allow_null: bool = MISSING
@@ -49,7 +49,9 @@ class RecordsDataConf(SplitDataConf):
 class ArticlesDataConf(SplitDataConf):
     OPTION: ClassVar[str] = "articles"
     score_tiers: int = knob(ge(1))
-    dimension_names: Optional[List[str]] = knob(NAMES)  # null: those of the first valid train row
+    dimension_names: Optional[List[str]] = knob(
+        NAMES, each=METRIC_NAME_PART
+    )  # null: those of the first valid train row
     template: str = knob(template_of("title", "content"))
 
 
@@ -60,7 +62,7 @@ class TabularDataConf:
     train_file: str = MISSING
     val_file: str = MISSING
     schema_file: str = MISSING
-    target_names: List[str] = knob(NAMES)
+    target_names: List[str] = knob(NAMES, each=METRIC_NAME_PART)
 
     def files(self) -> dict[str, Optional[str]]:
         return {"train_file": self.train_file, "val_file": self.val_file, "test_file": None}

@@ -117,11 +117,12 @@ def build_splits(
             raise DataError(f"{train_file}: {len(train)} valid rows, too few to carve a validation split")
         train, val = carve_val(train, val_split, seed)
         report["val_from_train"] = {"val_split": val_split, "seed": seed, "val_ids": [str(r.id) for r in val]}
-    for name, rows, path in (("train", train, train_file), ("val", val, val_file or train_file)):
+    for name, rows, key in (("train", train, "train_file"), ("val", val, "val_file" if val_file else "train_file")):
         if not rows:
+            read = report[key]
             raise DataError(
-                f"{name} split from {path}: no valid rows left after validation "
-                f"(see dropped_by_reason in data_report.json)"
+                f"{name} split from {read['path']}: no valid rows left after validation ({read['rows_read']} read, "
+                f"dropped by reason: {read['dropped_by_reason']}, first line of each: {read['first_line_by_reason']})"
             )
 
     leaks = leaked_ids(train, val)

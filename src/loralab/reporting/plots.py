@@ -29,6 +29,11 @@ SPLIT_NAMES = {
 }
 
 
+# Past this many classes the plots turn compact: no per-cell numbers or per-bar counts (tens of thousands of text
+# artists take minutes to draw and cannot be read), and the F1 curves show the classes doing worst.
+MANY_CLASSES = 30
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -84,10 +89,12 @@ def f1_curves(
     fig = _figure(8, 4)
     ax = fig.add_subplot()
     ax.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", linewidth=2.5, color="black", label="macro-F1")
-    for label in labels:
-        key = f"val_f1_{label}"
-        if all(key in h for h in history):  # absent when the class has no val rows
-            ax.plot(epochs, [h[key] for h in history], marker=".", linestyle="--", label=f"F1 {label}")
+    shown = [lb for lb in labels if all(f"val_f1_{lb}" in h for h in history)]  # absent: no val rows of the class
+    if len(shown) > MANY_CLASSES:  # the ones to watch: lowest F1 at the last epoch
+        shown = sorted(shown, key=lambda lb: history[-1][f"val_f1_{lb}"])[: MANY_CLASSES // 3]
+        ax.set_title(f"Validation F1 per epoch ({len(shown)} lowest of {len(labels)} classes)")
+    for label in shown:
+        ax.plot(epochs, [h[f"val_f1_{label}"] for h in history], marker=".", linestyle="--", label=f"F1 {label}")
     if baseline_macro_f1 is not None:
         ax.axhline(
             baseline_macro_f1,
@@ -100,7 +107,8 @@ def f1_curves(
     _epoch_axis(ax, epochs)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("F1 on val")
-    ax.set_title("Validation F1 per epoch")
+    if not ax.get_title():
+        ax.set_title("Validation F1 per epoch")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: lines stay visible
     return save_figure(fig, path)
 
@@ -117,12 +125,17 @@ def confusion_matrices(
     share = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
     fig = _figure(11, 4.6)
     ax_counts, ax_share = fig.subplots(1, 2)
+    few = len(labels) <= MANY_CLASSES
     ConfusionMatrixDisplay(counts, display_labels=list(labels)).plot(
-        ax=ax_counts, cmap="Blues", values_format="d", colorbar=True
+        ax=ax_counts, cmap="Blues", values_format="d", colorbar=True, include_values=few
     )
     ax_counts.set_title("counts")
     disp = ConfusionMatrixDisplay(share, display_labels=list(labels))
-    disp.plot(ax=ax_share, cmap="Blues", values_format=".2f", colorbar=True)
+    disp.plot(ax=ax_share, cmap="Blues", values_format=".2f", colorbar=True, include_values=few)
+    if not few:  # unreadable tick labels cost as much as cell numbers
+        for ax in (ax_counts, ax_share):
+            ax.set_xticks([])
+            ax.set_yticks([])
     disp.im_.set_clim(0, 1)
     ax_share.set_title("row-normalised (recall per true class)")
     fig.suptitle(title)
@@ -144,8 +157,9 @@ def class_distribution(class_counts: Mapping[str, Mapping[str, int]], path: Path
             width,
             label=SPLIT_NAMES.get(split, split),
         )
-        ax.bar_label(bars, fontsize="x-small", padding=1)
-    ax.set_xticks(x, labels)
+        if len(labels) <= MANY_CLASSES:
+            ax.bar_label(bars, fontsize="x-small", padding=1)
+    ax.set_xticks(x, labels if len(labels) <= MANY_CLASSES else [""] * len(labels))
     ax.set_xlabel("class")
     ax.set_ylabel("rows")
     ax.margins(y=0.12)  # room for the count labels

@@ -6,22 +6,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from loralab.config.changes import flatten
+from loralab.errors import ConfigError
+from loralab.fs import writable_file
 from loralab.reporting.compare import using_store
 
 log = logging.getLogger(__name__)
 
 STORE_LOCK_TIMEOUT_S = 300  # creating a store's tables takes seconds; a lock held longer is a stuck process
+SERVER_PROBE_TIMEOUT_S = 5.0  # a tracking server that does not answer /health within this is down
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 ERROR_TAGS = ("error", "error_type")  # set on a FAILED run; cleared when a resume reopens it
 MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: the sha256's prefix (the input tag keeps it whole)
@@ -31,6 +37,7 @@ NOTE_TAG = "mlflow.note.content"  # markdown the UI shows as the run's descripti
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite database: where its experiments keep their artifacts by default
 MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model
 MODEL_CODE = Path(__file__).with_name("model_code.py")
+SERVED_BY = "served_by.txt"  # the logged model's artifact naming its PythonModel class (tracking/pyfunc.TaskModel)
 # A write to the store that fails (SQLite locked by another process: each try waits up to its 20 s busy timeout; a
 # server gone) is tried again after these pauses, then dropped with a warning; for PAUSE_AFTER_DROP seconds after a
 # drop further writes are dropped at once, so a dead store costs seconds, not minutes an epoch. Training never waits
@@ -43,12 +50,38 @@ def open_store(uri: str) -> MlflowClient:
     """A client whose store exists. MLflow creates a new SQLite store's tables on first use, and two processes
     doing that at once break each other's migrations (parallel sweep jobs on a fresh store): the first one to
     take the lock beside the database file creates the tables, the others find them."""
+    if uri.startswith(("http://", "https://")):
+        answers(uri)
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S):
-        return MlflowClient(tracking_uri=uri)  # the client's store creates (or finds) the tables here
+    writable_file(db, "tracking.uri")  # a directory or an unwritable dir: one line now, not MLflow's minute of retries
+    try:
+        with FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+            return MlflowClient(tracking_uri=uri)  # the client's store creates (or finds) the tables here
+    except Timeout:
+        raise ConfigError(
+            f"tracking.uri={uri}: {db}.lock held by another process for {STORE_LOCK_TIMEOUT_S} s (a stuck job?)"
+        ) from None
+    except Exception as err:  # OSError, SQLAlchemy's: a directory, a file or a database that cannot be used
+        raise ConfigError(f"tracking.uri={uri}: cannot open the store {db} ({first_line(err)})") from None
+
+
+def answers(uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
+    """A tracking server must answer before a run starts: MLflow's own client would retry for minutes and then
+    fail with a traceback. Any HTTP answer counts (a proxy may refuse ``/health``); no answer is one line."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"tracking.uri={uri}: no MLflow server answers there within {timeout_s:g} s ({err})"
+        ) from None
+
+
+def first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def artifact_root(uri: str, artifact_location: str | None = None) -> str | None:
@@ -117,8 +150,7 @@ class MLflowTracker:
                 if pause is None:
                     self.dropped += 1
                     self._down_until = time.monotonic() + PAUSE_AFTER_DROP_S
-                    first = str(err).splitlines()[0] if str(err) else ""
-                    log.warning("MLflow: %s not recorded (%s: %s); training goes on", what, type(err).__name__, first)
+                    log.warning("MLflow: %s not recorded (%s); training goes on", what, first_line(err))
                     return None
                 time.sleep(pause)
         return None
@@ -146,17 +178,35 @@ class MLflowTracker:
             log.info("MLflow run %s reopened (resumed training)", resume_run_id)
             self._monitor_system(resumed=True)
             return self.run_id
-        exp_id = experiment_id(self.client, self.experiment, self.artifact_location)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        # A tagged run name (sweep jobs name theirs after their overrides) wins over the configured one.
-        run = self.client.create_run(exp_id, run_name=tags.pop("mlflow.runName", self.run_name), tags=tags)
+        try:  # a store that cannot be written (read-only, locked past its busy timeout) fails here, in one line
+            exp_id = experiment_id(self.client, self.experiment, self.artifact_location)
+            # A tagged run name (sweep jobs name theirs after their overrides) wins over the configured one.
+            run = self.client.create_run(exp_id, run_name=tags.pop("mlflow.runName", self.run_name), tags=tags)
+        except Exception as err:
+            raise ConfigError(f"tracking.uri={self.uri}: cannot start a run there ({first_line(err)})") from None
         self.run_id = run.info.run_id
         self.log_params(params)
         log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
         self._monitor_system(resumed=False)
         return self.run_id
+
+    def close_if_running(self, run_id: str, why: str) -> None:
+        """Mark ``run_id`` KILLED, with ``why`` as its error, if it is still RUNNING: a process that died without
+        closing its run (SIGKILL, the OOM killer) leaves it so."""
+        if not self.enabled:
+            return
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return
+            self.client.log_batch(run_id, tags=[RunTag("error", why), RunTag(NOTE_TAG, f"**KILLED**: {why}")])
+            self.client.set_terminated(run_id, "KILLED")
+        except Exception as err:  # not in this store (tracking.uri changed), or the store is busy: leave it
+            log.warning("MLflow run %s of an earlier attempt not checked (%s)", run_id, first_line(err))
+            return
+        log.warning("MLflow run %s was left RUNNING by an attempt that died; marked KILLED", run_id)
 
     def _monitor_system(self, resumed: bool) -> None:
         """``tracking.system_metrics``: MLflow's own sampler (CPU, memory, disk, network, GPU) logs ``system/*``
@@ -257,21 +307,23 @@ class MLflowTracker:
         logged = self.client.create_logged_model(
             run.info.experiment_id, name=MODEL_NAME, source_run_id=self.run_id, params=run.data.params
         )
-        with using_store(self.uri):  # MLflow logs and registers models through its fluent API only
-            info = Model.log(
-                artifact_path=None,
-                name=MODEL_NAME,
-                flavor=mlflow.pyfunc,
-                run_id=self.run_id,
-                model_id=logged.model_id,
-                python_model=str(MODEL_CODE),
-                artifacts={k: str(v) for k, v in artifacts.items()},
-                model_config={"python_model": f"{python_model.__module__}.{python_model.__qualname__}"},
-                signature=signature,
-                input_example=input_example,
-                pip_requirements=pip_requirements,
-                registered_model_name=self.register_as,
-            )  # MLflow checks it serves the example
+        with tempfile.TemporaryDirectory(prefix="loralab-model-") as tmp:  # MLflow copies the artifacts
+            served_by = Path(tmp) / SERVED_BY
+            served_by.write_text(f"{python_model.__module__}.{python_model.__qualname__}\n", encoding="utf-8")
+            with using_store(self.uri):  # MLflow logs and registers models through its fluent API only
+                info = Model.log(
+                    artifact_path=None,
+                    name=MODEL_NAME,
+                    flavor=mlflow.pyfunc,
+                    run_id=self.run_id,
+                    model_id=logged.model_id,
+                    python_model=str(MODEL_CODE),
+                    artifacts={**{k: str(v) for k, v in artifacts.items()}, SERVED_BY: str(served_by)},
+                    signature=signature,
+                    input_example=input_example,
+                    pip_requirements=pip_requirements,
+                    registered_model_name=self.register_as,
+                )  # MLflow checks it serves the example
         version = info.registered_model_version
         uri = f"models:/{self.register_as}/{version}" if version else f"runs:/{self.run_id}/{MODEL_NAME}"
         self.set_tags({"loralab.model_uri": uri, "loralab.model_id": info.model_id})

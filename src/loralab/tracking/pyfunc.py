@@ -2,8 +2,9 @@
 the model registry and ``mlflow models serve`` work on it like on any MLflow model.
 
 Each model is logged *from code* (``model_code.py``: MLflow runs that file to build the model when loading it; the
-``PythonModel`` class it builds is named in the model's config), so loading unpickles nothing; the weights travel as
-the run's own safetensors files (artifacts), and scoring goes through the same functions as ``loralab-predict``.
+``PythonModel`` class it serves is named in the model's artifact ``served_by.txt``), so loading unpickles nothing;
+the weights travel as the run's own safetensors files (artifacts), and scoring goes through the same functions as
+``loralab-predict``.
 The files import ``loralab``: it must be installed where the model is loaded or served (``--env-manager local``).
 """
 
@@ -25,6 +26,7 @@ from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Schema
 
 from loralab.data.records import DataError, Record, record_from_row
 from loralab.export import META_FILE
+from loralab.tracking.mlflow import SERVED_BY
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +44,21 @@ def requirements(packages: Mapping[str, str]) -> list[str]:
     return [*own, *(f"{p}=={v}" for p, v in packages.items())]
 
 
-def python_model(path: str) -> PythonModel:
-    """An instance of the ``PythonModel`` subclass at ``path`` (``module.Class``), as ``model_code.py`` builds it."""
-    module, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, PythonModel)):
-        raise TypeError(f"python_model={path!r}: not an mlflow.pyfunc.PythonModel class")
-    return cls()
+class TaskModel(PythonModel):
+    """The model ``model_code.py`` sets: it builds the ``PythonModel`` class named in the artifact ``SERVED_BY``
+    (``module.Class``; imported, never unpickled) and hands it every call."""
+
+    def load_context(self, context) -> None:
+        path = Path(context.artifacts[SERVED_BY]).read_text(encoding="utf-8").strip()
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, PythonModel)):
+            raise TypeError(f"{SERVED_BY}: {path!r} is not an mlflow.pyfunc.PythonModel class")
+        self.served = cls()
+        self.served.load_context(context)
+
+    def predict(self, context, model_input, params=None):
+        return self.served.predict(context, model_input, params)
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:

@@ -240,3 +240,7 @@ class SweepTracking(Callback):
         parent.end("FINISHED" if done else "FAILED")
         log.info("sweep summary: %s", ", ".join(str(p) for p in paths))
         compare.print_table(rows, title=f"sweep {sweep_dir}")
+        failed = sum(r["status"] != "FINISHED" for r in rows)
+        if failed:  # the sweep went on past them; a script or CI running it must still see that it fell short
+            log.error("%d of %d sweep jobs failed (each MLflow child run says why)", failed, len(rows))
+            raise SystemExit(1)  # a BaseException: Hydra's callback runner lets it through, the process exits 1
