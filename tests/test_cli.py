@@ -167,6 +167,26 @@ def test_predict_py_shim_keeps_the_old_spelling():
     )
 
 
+@pytest.mark.parametrize("override", ["lora.rank=16", "+lora.rank=16"])
+def test_an_unknown_key_is_one_line_and_exit_2_with_or_without_plus(override, tmp_path):
+    """Without ``+`` Hydra refuses the override itself (five lines, exit 1, before loralab runs); with it the schema
+    does. Either way: the same one line and exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "ConfigError" in line]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].endswith(
+        "ConfigError: lora.rank=16: unknown key (known: enabled, task_type, r, lora_alpha, lora_dropout, "
+        "target_modules, bias)"
+    )
+
+
 def test_conf_dir_is_the_checkout_conf_here():
     assert conf_dir() == ROOT / "conf" and (conf_dir() / "train.yaml").is_file()
 

@@ -164,6 +164,8 @@ BAD_VALUES = [
     ),
     (["data.labels=[]"], "data.labels", "[]", "non-empty"),
     (["data.labels=[long,short,long]"], "data.labels", "['long', 'short', 'long']", "unique"),
+    (["tracking.alias=latest"], "tracking.alias", "'latest'", "MLflow reserves them"),
+    (["tracking.alias=v2"], "tracking.alias", "'v2'", "not latest or v<N>"),
     (["data.labels=[long,short?,skip]"], "data.labels.1", "'short?'", "part of MLflow metric names"),
     (["data.labels=[long,'sé',skip]"], "data.labels.1", "'sé'", "letters, digits, _ - . : / and spaces"),
     ([f"data.labels=[long,{'s' * 201},skip]"], "data.labels.1", "'sss", "at most 200"),

@@ -234,7 +234,10 @@ def test_tabular_regression_logs_a_model_that_predicts_like_its_checkpoint(tmp_p
     names = schema.read_text().split()
     with using_store(uri):
         model = mlflow.pyfunc.load_model("models:/ms/1")
+        by_alias = mlflow.pyfunc.load_model("models:/ms@candidate")  # tracking.alias moved to the new version
     out = model.predict(pd.DataFrame(x.astype(np.float64), columns=names))
+    assert by_alias.predict(pd.DataFrame(x.astype(np.float64), columns=names)).equals(out)
+    assert str(MlflowClient(uri).get_model_version_by_alias("ms", "candidate").version) == "1"
     reference, _ = load_best(tmp_path / "run" / CHECKPOINT)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).logits.numpy()

@@ -6,13 +6,17 @@ Exit codes: 0 done, 2 bad config/data/checkpoint (one line), 3 non-finite traini
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from loralab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
 from loralab.fs import writable_dir
@@ -74,5 +78,36 @@ def main(cfg: DictConfig) -> float:
         raise
 
 
+def entry() -> None:
+    """``loralab-train`` and ``python train.py``: the Hydra app, with an override of a key the config does not have
+    (``lora.rank=16``, no ``+``) said like every other bad value, in one line with exit 2 (Hydra's own message is
+    several lines and exit 1)."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises composition errors instead of printing them
+    try:
+        main()
+    except ConfigCompositionException as err:
+        print(f"ConfigError: {composition_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def composition_error(err: ConfigCompositionException) -> str:
+    """``key=value: unknown key (known: ...)`` for an override of a missing key, else Hydra's first line."""
+    message = str(err)
+    match = re.search(r"Could not override '([^']+)'.*use \+(\S+)", message, re.DOTALL)
+    if match is None:
+        return message.splitlines()[0]
+    key, override = match.group(1), match.group(2)
+    parent, value = key.rpartition(".")[0], override.split("=", 1)[1]
+    others = [o for o in sys.argv[1:] if "=" in o and not o.startswith(("hydra.", "-")) and o.split("=")[0] != key]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            node = OmegaConf.select(compose("train", overrides=others), parent) if parent else None
+        known = [str(k) for k in node.keys() if not str(k).startswith("_")] if OmegaConf.is_dict(node) else []
+    except Exception:  # the other overrides do not compose on their own (sweep lists): no list, still one line
+        known = []
+    listed = f" (known: {', '.join(known)})" if known else ""
+    return f"{key}={value}: unknown key{listed}"
+
+
 if __name__ == "__main__":
-    main()
+    entry()

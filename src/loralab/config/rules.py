@@ -103,6 +103,11 @@ METRIC_NAME_PART = Rule(
     "must be at most 200 of: letters, digits, _ - . : / and spaces (it is part of MLflow metric names)",
 )
 NOT_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty")
+# MLflow's alias names: letters, digits, _ and -; "latest" and v<N> are its own (models:/name/latest, version N).
+MODEL_ALIAS = Rule(
+    lambda v: re.fullmatch(r"[\w\-]+", v) is not None and v.lower() != "latest" and not re.fullmatch(r"[vV]\d+", v),
+    "must be letters, digits, _ and - (not latest or v<N>: MLflow reserves them)",
+)
 LORA_TARGETS = Rule(
     lambda v: (
         v is None

@@ -22,6 +22,7 @@ from loralab.config.rules import (
     DEVICE,
     GATE,
     LORA_TARGETS,
+    MODEL_ALIAS,
     NOT_EMPTY,
     RESUME_ALLOW,
     SCHEDULER,
@@ -313,6 +314,7 @@ class TrackingConf:
     system_metrics: bool = MISSING
     artifact_location: Optional[str] = None
     register_as: Optional[str] = None
+    alias: Optional[str] = knob(MODEL_ALIAS)  # moved to each new registered version (register_as)
 
 
 @dataclass

@@ -125,11 +125,12 @@ class MLflowTracker:
         system_metrics: bool = False,
         artifact_location: str | None = None,
         register_as: str | None = None,
+        alias: str | None = None,
     ):
         self.uri, self.experiment, self.run_name, self.enabled = uri, experiment, run_name, enabled
         self.system_metrics = system_metrics
         self.artifact_location = artifact_root(uri, artifact_location)
-        self.register_as = register_as
+        self.register_as, self.alias = register_as, alias
         self.client = open_store(uri) if enabled else None
         self.run_id: str | None = None
         self._monitor = None
@@ -326,6 +327,12 @@ class MLflowTracker:
                 )  # MLflow checks it serves the example
         version = info.registered_model_version
         uri = f"models:/{self.register_as}/{version}" if version else f"runs:/{self.run_id}/{MODEL_NAME}"
+        if version and self.alias:  # the alias now names this version: models:/<name>@<alias>
+            self._write(
+                f"alias {self.alias}",
+                lambda: self.client.set_registered_model_alias(self.register_as, self.alias, version),
+            )
+            self.set_tags({"loralab.model_alias": f"models:/{self.register_as}@{self.alias}"})
         self.set_tags({"loralab.model_uri": uri, "loralab.model_id": info.model_id})
         log.info("MLflow model logged: %s", uri)
         return uri
