@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,18 +173,19 @@ def test_loading_a_checkpoint_with_nan_or_inf_is_refused(tmp_path):
     trainer = fit(tmp_path / "run", max_epochs=1)
     trainer.fit()
     for bad in (float("nan"), float("inf")):
-        ckpt = tmp_path / "run" / "epoch_001"
+        ckpt = tmp_path / f"epoch_001_{bad}"  # a fresh copy each time, its checksums.json in place
+        shutil.copytree(tmp_path / "run" / "epoch_001", ckpt)
+        assert (ckpt / "checksums.json").is_file()
         tensors = load_file(ckpt / "weights.safetensors")
         tensors["a.weight"][0, 0] = bad
         save_file(tensors, ckpt / "weights.safetensors")
-        if (ckpt / "checksums.json").exists():
-            with pytest.raises(CheckpointError, match="sha256 does not match"):  # the checksum catches it first
-                load_weights(ckpt, Tiny())
-            (ckpt / "checksums.json").unlink()  # as a checkpoint from before checksums: still refused
+        with pytest.raises(CheckpointError, match="sha256 does not match"):  # the checksum catches it first
+            load_weights(ckpt, Tiny())
+        (ckpt / "checksums.json").unlink()  # as a checkpoint from before checksums: still refused
         with pytest.raises(CheckpointError, match="a.weight contains NaN/Inf"):
             load_weights(ckpt, Tiny())
         with pytest.raises(CheckpointError, match="NaN/Inf"):  # resuming from it too
-            fit(tmp_path / "resumed", max_epochs=2, resume_from=ckpt)
+            fit(tmp_path / f"resumed_{bad}", max_epochs=2, resume_from=ckpt)
 
 
 def test_the_best_epoch_is_reloaded_when_it_is_not_the_last(tmp_path):
