@@ -44,7 +44,7 @@ def reblend(run_dir: Path, select: str, folds: int, seed: int) -> dict:
         "oof_macro_f1": oof,
         "weight": report["weight"],
         "fold_weights": report["fold_weights"],
-        "goal_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01,
+        "target_met": oof["blend"] >= max(oof["model"], oof["baseline"]) - 0.01,
     }
 
 

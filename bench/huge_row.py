@@ -1,4 +1,4 @@
-"""Time and peak RSS of ``predict_file`` with and without one huge row (issue 17 item 2), in a fresh process each.
+"""Time and peak RSS of ``predict_file`` with and without one huge row, in a fresh process each.
 
     python bench/huge_row.py [--mb 20]      # PYTHONPATH=src; prints one line per input
 

@@ -34,7 +34,7 @@ LABELS = {
     "mixed": ["enter", "exit", "hold"],
     "demo": ["long", "short", "skip"],
 }
-VAL_SHARE = 0.3  # the sets: 124 of 178 wine rows and 398 of 569 breast-cancer rows in train
+VAL_SHARE = 0.3  # 124 of 178 wine rows and 398 of 569 breast-cancer rows in train
 
 
 def feature_name(name: str) -> str:

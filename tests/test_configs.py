@@ -292,7 +292,7 @@ def test_bad_values_fail_in_one_line(overrides, key, value, rule, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, r",
     [
-        (["loss.gamma=1.5", "lora.r=16"], 16),  # the design card's sweep: python train.py -m ... lora.r=8,16,32
+        (["loss.gamma=1.5", "lora.r=16"], 16),  # the README's sweep: python train.py -m ... lora.r=8,16,32
         (["lora.r=32"], 32),
         ([], 8),  # the offline default: tiny_qwen2 + pretrain=clm + LoRA
         (["lora=none"], None),

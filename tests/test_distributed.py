@@ -2,8 +2,8 @@
 
 Tolerance: with an epoch that splits evenly into global batches and an unweighted loss, the two runs see the same
 samples per optimizer step and average the same gradients; only the order of float additions differs (all-reduce
-of two half-batch gradients vs one batch), so losses and weights agree to float32 rounding (README: ~1e-7). An
-epoch that does not split evenly would differ by design (each rank drops the epoch's leftover batches), as would
+of two half-batch gradients vs one batch), so losses and weights agree to float32 rounding (~1e-7, docs/performance.md).
+An epoch that does not split evenly would differ by design (each rank drops the epoch's leftover batches), as would
 class-weighted means per half-batch.
 """
 

@@ -1,4 +1,4 @@
-"""Faults users hit (issue 17): a corrupt checkpoint, a resume with other settings, a huge row, file-system errors.
+"""Faults users hit: a corrupt checkpoint, a resume with other settings, a huge row, file-system errors.
 Each is one line naming the key or path, raised before anything loads where it can be checked up front."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-# --- checkpoint checksums (item 5) ----------------------------------------------------------------------------------
+# --- checkpoint checksums -------------------------------------------------------------------------------------------
 
 
 def linear_parts():
@@ -102,7 +102,7 @@ def test_checksums_are_part_of_the_atomic_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp left beside it
 
 
-# --- resume with other settings (item 4) ----------------------------------------------------------------------------
+# --- resume with other settings ----------------------------------------------------------------------------------
 
 
 def test_changed_keys_ignore_how_a_run_is_driven_and_allow_by_key_or_group():
@@ -278,7 +278,7 @@ def test_hostile_lines_are_dropped_and_counted(tmp_path, line, reason):
     assert [r.id for r in records] == [1] and report.dropped == {reason: 1}
 
 
-# --- one huge row (item 2) ------------------------------------------------------------------------------------------
+# --- one huge row -------------------------------------------------------------------------------------------------
 
 HUGE = 20 * 2**20  # a 20 MB line: once 6+ GB of RAM and most of a minute to read and tokenize
 
@@ -391,7 +391,7 @@ def test_train_predict_evaluate_and_prepare_drop_the_same_rows_for_the_same_reas
     assert "\ufffd" not in split_text  # prepare drops invalid UTF-8 as training does, never rewrites it
 
 
-# --- file-system errors (item 6) ------------------------------------------------------------------------------------
+# --- file-system errors -------------------------------------------------------------------------------------------
 
 ROOT_USER = os.geteuid() == 0  # root reads and writes through permission bits: those cases cannot be made
 

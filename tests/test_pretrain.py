@@ -361,7 +361,7 @@ def test_resume_across_the_stage_never_pretrains_twice(demo, tmp_path):
     run=False,
     reason="not run (2 min of CI for a known miss): with r=8 q/k/v/o at lr 1e-3 LoRA learns "
     "on the random base too; measured 2026-11-22 (bench/pretrain_vs_random.py): full demo 0.925 random vs "
-    "0.882 clm, 600-row json slice 0.679 vs 0.620 (README, docs/performance.md)",
+    "0.882 clm, 600-row json slice 0.679 vs 0.620 (docs/performance.md)",
 )
 def test_lora_over_the_pretrained_base_beats_lora_over_the_random_base(tmp_path):
     """The reason for the stage, on a slice of the demo data: the same LoRA run, only the base differs. The slice has

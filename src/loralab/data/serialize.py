@@ -5,7 +5,7 @@ A serializer is fitted on the training split only; its state is plain JSON saved
 same way in training and at inference. Tokens per record are most of a step's cost, so the compact forms are also
 the fast ones.
 
-- ``json``: ``json.dumps(features, sort_keys=True)`` — the seed spec's form, byte for byte.
+- ``json``: ``json.dumps(features, sort_keys=True)`` — the plain JSON form, byte for byte.
 - ``kv``: ``key=value`` pairs, sorted keys, numbers to ``digits`` significant digits, booleans 1/0.
 - ``bins``: every number as its per-feature bin (``0`` … ``n_bins-1``, edges from the training split): ordered
   single digits a small model can compare; booleans 1/0; categories as written. The edges are quantiles, or
