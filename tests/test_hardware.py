@@ -1,5 +1,6 @@
 """Hardware profiles, batch geometry, memory preflight and the offline Qwen2.5 shapes."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -52,13 +53,17 @@ def test_effective_batch_is_kept_across_profiles(fake_cuda):
         accumulation_steps(10, 4)
 
 
-def test_preflight_refuses_7b_on_a_4gb_gpu_and_accepts_0_5b_lora():
+def test_preflight_refuses_7b_on_a_4gb_gpu_and_accepts_0_5b_lora(caplog):
     with pytest.raises(ConfigError) as err:
         preflight(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050"))
     message = str(err.value)
     assert "\n" not in message and "hardware.preflight" in message and "> 4.0 GiB" in message
-    preflight(compose_cfg("model=qwen2_5_0_5b", "hardware=rtx3050"))  # no error
-    preflight(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050", "hardware.preflight=warn"))  # warns only
+    with caplog.at_level(logging.WARNING, logger="loralab.models.memory"):
+        preflight(compose_cfg("model=qwen2_5_0_5b", "hardware=rtx3050"))  # no error, no warning
+        assert not caplog.records
+        preflight(compose_cfg("model=qwen2_5_7b", "hardware=rtx3050", "hardware.preflight=warn"))  # warns only
+    (warning,) = caplog.records
+    assert warning.levelname == "WARNING" and "> 4.0 GiB" in warning.getMessage()
 
 
 def test_memory_estimate_moves_the_right_way():

@@ -279,5 +279,9 @@ def test_train_py_cli(tabular, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"] in (1, 2)
+    best = json.loads((run_dir / "training_summary.json").read_text())
+    lowest = min(best["history"], key=lambda h: h["val_loss"])  # the frozen loop keeps the lowest val loss
+    ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert ckpt["epoch"] == best["best_epoch"] == lowest["epoch"] and len(best["history"]) == 2
+    assert ckpt["val_loss"] == pytest.approx(lowest["val_loss"])
     assert only_run(f"sqlite:///{run_dir}/mlflow.db")[1].info.status == "FINISHED"

@@ -334,6 +334,12 @@ def test_resume_from_another_runs_checkpoint_replays_it_exactly(data_dir, refere
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_run(reference, run_dir)
     assert (run_dir / "checkpoints" / "epoch_001").is_dir()
+    # The best evaluation, reloaded at the end from the ranked epochs it brought along, is the reference's: the
+    # same epoch and scores, and the exported (merged) weights identical.
+    ref_metrics, metrics = (json.loads((d / "metrics.json").read_text()) for d in (reference, run_dir))
+    assert (metrics["best_epoch"], metrics["val_macro_f1"]) == (ref_metrics["best_epoch"], ref_metrics["val_macro_f1"])
+    wa, wb = (load_file(d / "merged" / "model.safetensors") for d in (reference, run_dir))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)
     assert run.info.status == "FINISHED"

@@ -2,6 +2,7 @@
 zip predicts, and an export that does not reproduce the model fails the run."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,11 @@ def test_lora_run_calibrates_exports_and_tracks(tmp_path):
         "val_ece_calibrated",
         "val_brier_calibrated",
     ):
-        assert isinstance(metrics[key], float), key
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert 0.05 <= metrics["temperature"] <= 20.0  # inside calibration.t_bounds
+    for suffix in ("", "_calibrated"):
+        assert metrics[f"val_nll{suffix}"] > 0 and 0 <= metrics[f"val_ece{suffix}"] <= 1
+        assert 0 <= metrics[f"val_brier{suffix}"] <= 2
     assert metrics["val_nll_calibrated"] <= metrics["val_nll"]  # T=1 is inside the search range
     assert (run_dir / "plots/reliability_diagram.png").is_file()
     meta = json.loads((run_dir / "loralab.json").read_text())

@@ -13,6 +13,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import LABELS, ROOT, compose_train, optim_conf, run_result, trainer_conf, write_jsonl
@@ -302,7 +303,13 @@ def test_the_test_split_is_scored_once_and_reported_everywhere(with_test, test_f
     assert sum(map(sum, metrics["test"]["confusion_matrix"]["matrix"])) == rows
     for key in ("test_macro_f1", "test_accuracy", "test_loss", "test_nll_calibrated", "test_ece_calibrated"):
         assert 0 <= metrics[key] < 10, key
-    _, mlrun = only_run(run_dir)
+    cm = np.asarray(metrics["test"]["confusion_matrix"]["matrix"])  # the scores are those of that matrix
+    assert metrics["test_accuracy"] == pytest.approx(np.trace(cm) / rows)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    f1 = 2 * np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1), 1)
+    assert metrics["test_macro_f1"] == pytest.approx(f1[present].mean())
+    client, mlrun = only_run(run_dir)
+    assert len(client.get_metric_history(mlrun.info.run_id, "test_macro_f1")) == 1  # scored once
     logged = {k: v for k, v in mlrun.data.metrics.items() if k.startswith(("test_", "calibrated.test_"))}
     assert logged == pytest.approx(
         {  # MLflow names: the calibrated ones under calibrated.* (docs/mlflow.md)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -199,7 +201,12 @@ def run(cfg: DictConfig) -> float:
         close_unfinished(tracker, out_dir, reopened)
         tracker.start(
             {},
-            tags={**hydra_tags(), **sweep_tags, "task": cfg.task.name},
+            tags={
+                **hydra_tags(),
+                **sweep_tags,
+                "task": cfg.task.name,
+                "process": f"{socket.gethostname()}:{os.getpid()}",
+            },
             parent_run_id=parent_run_id,
             resume_run_id=reopened,
         )
