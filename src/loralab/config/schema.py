@@ -201,7 +201,7 @@ class PretrainConf:
         """The stage's loop: every epoch runs (``epochs``, or more where a small corpus needs them to reach
         ``min_steps`` optimizer steps) and the epoch with the lowest held-out perplexity is kept."""
         epochs = max(self.epochs, math.ceil(self.min_steps / max(steps_per_epoch, 1)))
-        return TrainerConf(
+        loop = TrainerConf(
             max_epochs=epochs,
             min_steps=1,
             monitor="val_perplexity",
@@ -217,6 +217,11 @@ class PretrainConf:
             val_check_interval=None,
             max_steps=None,
         )
+        # Every knob is decided here: a trainer knob added to the schema later fails loudly until the stage sets it.
+        unset = [f.name for f in dataclasses.fields(loop) if getattr(loop, f.name) == MISSING]
+        if unset:
+            raise TypeError(f"PretrainConf.trainer sets no value for trainer keys {unset}")
+        return loop
 
 
 @dataclass
