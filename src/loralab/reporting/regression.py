@@ -61,7 +61,7 @@ def write_plots(history: Sequence[dict[str, Any]], names: Sequence[str], best_ep
 
 
 def write_regression_report(
-    cfg: RunConf,
+    conf: RunConf,
     out_dir: Path,
     tracker,
     result: RunResult,
@@ -77,14 +77,14 @@ def write_regression_report(
     test = test or {}
     atomic_write_json(out_dir / "metrics.json", {"best_epoch": best_epoch, **best, **test})
     metadata = {
-        "task": cfg.task.name,
-        "config": cfg.as_dict(),
+        "task": conf.task.name,
+        "config": conf.as_dict(),
         "data": data_info,
         "target_names": list(names),
         "best_epoch": best_epoch,
         "best_metrics": best,
-        "monitor": cfg.trainer.monitor,
-        "monitor_mode": cfg.trainer.monitor_mode,
+        "monitor": conf.trainer.monitor,
+        "monitor_mode": conf.trainer.monitor_mode,
         **{
             k: getattr(result, k)
             for k in ("stop_reason", "epochs_run", "wall_time_s", "fit_time_s", "train_samples_per_s", "device")

@@ -40,7 +40,7 @@ CALIBRATION_KEYS = ("val_nll", "val_ece", "val_brier", "temperature")
 
 
 def best_epoch_report(
-    cfg: ClassificationConf,
+    conf: ClassificationConf,
     model,
     val_loader,
     result: RunResult,
@@ -50,11 +50,11 @@ def best_epoch_report(
 ) -> dict[str, Any]:
     """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``); with ``blend_inputs`` (the
     baseline's val probabilities and the val records, in the loader's order) the ensemble's report too."""
-    labels, best_epoch = list(cfg.data.labels), result.best_epoch
-    logits, y = predict_logits(model, val_loader, ctx.device, cfg.hardware.precision)
+    labels, best_epoch = list(conf.data.labels), result.best_epoch
+    logits, y = predict_logits(model, val_loader, ctx.device, conf.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
-    gates = evaluate_gates(report["scalars"], cfg.trainer.gates or {})
-    c = cfg.calibration
+    gates = evaluate_gates(report["scalars"], conf.trainer.gates or {})
+    c = conf.calibration
     calib = calibrate(logits, y, c.method, c.n_bins, list(c.t_bounds))
     curves = {"uncalibrated": probabilities(logits)}
     if c.method != "none":
@@ -79,7 +79,7 @@ def best_epoch_report(
         "baseline": baseline,
     }
     if blend_inputs is not None:
-        metrics["ensemble"] = ensemble_report(cfg, logits, y, metrics["temperature"], *blend_inputs, ctx)
+        metrics["ensemble"] = ensemble_report(conf, logits, y, metrics["temperature"], *blend_inputs, ctx)
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
     ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
     ctx.tracker.log_metrics(calibration_scalars(metrics), step=best_epoch)
@@ -89,7 +89,7 @@ def best_epoch_report(
 
 
 def ensemble_report(
-    cfg: ClassificationConf,
+    conf: ClassificationConf,
     logits: np.ndarray,
     y: np.ndarray,
     temperature: float,
@@ -100,18 +100,18 @@ def ensemble_report(
     """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
     ``ensemble_val.jsonl``: per val row the model's (calibrated), the baseline's (as it predicts them, before its
     temperature) and the exported blend's probabilities."""
-    e, labels = cfg.ensemble, list(cfg.data.labels)
+    e, labels = conf.ensemble, list(conf.data.labels)
     report, blended = cross_fit(
         logits,
         base_probs,
         y,
         temperature=temperature,
         k=e.folds,
-        seed=cfg.seed,
+        seed=conf.seed,
         grid=e.grid,
         select=e.select,
-        calibrate=cfg.calibration.method != "none",
-        t_bounds=list(cfg.calibration.t_bounds),
+        calibrate=conf.calibration.method != "none",
+        t_bounds=list(conf.calibration.t_bounds),
     )
     model_probs = probabilities(logits, temperature)
     write_rows(
@@ -151,7 +151,7 @@ def save_blend_baseline(out_dir: Path, baseline_model, base_probs: np.ndarray, r
 
 
 def test_report(
-    cfg: ClassificationConf,
+    conf: ClassificationConf,
     model,
     test_loader,
     loss_fn,
@@ -163,8 +163,8 @@ def test_report(
     ``test_*`` beside the ``val_*`` metrics in ``metrics.json`` and MLflow. Runs after every choice is made, so
     nothing here can feed back into the epoch, the temperature or the weights. ``base_probs`` (ensemble=blend: the
     baseline's test probabilities in the loader's order): model, baseline and exported blend on test too."""
-    labels, temperature, n_bins = list(cfg.data.labels), metrics["temperature"], cfg.calibration.n_bins
-    logits, y = predict_logits(model, test_loader, ctx.device, cfg.hardware.precision)
+    labels, temperature, n_bins = list(conf.data.labels), metrics["temperature"], conf.calibration.n_bins
+    logits, y = predict_logits(model, test_loader, ctx.device, conf.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels, prefix="test_")  # T > 0 keeps the argmax
     with torch.no_grad():
         loss = loss_fn(torch.from_numpy(logits).to(ctx.device), torch.from_numpy(y).to(ctx.device)).item()
@@ -173,7 +173,7 @@ def test_report(
         "test_loss": loss,
         **{f"test_{k}": v for k, v in calibration_metrics(probabilities(logits), y, n_bins).items()},
     }
-    if cfg.calibration.method != "none":
+    if conf.calibration.method != "none":
         scalars.update(
             {
                 f"test_{k}_calibrated": v
@@ -184,7 +184,7 @@ def test_report(
         **metrics,
         **scalars,
         "test": {
-            "file": str(cfg.data.test_file),
+            "file": str(conf.data.test_file),
             "rows": len(y),
             "temperature": temperature,
             "per_class": report["per_class"],
@@ -210,7 +210,7 @@ def test_report(
         },
         step=metrics["best_epoch"],
     )  # the naming of docs/mlflow.md
-    log.info("test split (%d rows, %s): macro-F1 %.4f", len(y), cfg.data.test_file, scalars["test_macro_f1"])
+    log.info("test split (%d rows, %s): macro-F1 %.4f", len(y), conf.data.test_file, scalars["test_macro_f1"])
     return out
 
 
@@ -263,24 +263,24 @@ def serialization(serializer, source) -> dict[str, Any]:
 
 
 def export_meta(
-    cfg: ClassificationConf, source, metrics: dict[str, Any], result: RunResult, serializer: Serializer | None = None
+    conf: ClassificationConf, source, metrics: dict[str, Any], result: RunResult, serializer: Serializer | None = None
 ) -> dict[str, Any]:
     """``loralab.json``: what predict/evaluate need to score exactly as training did, and where it came from.
     ``serializer``: the run's fitted one (None: the json form of ``data.template``)."""
-    serializer = serializer or Json(cfg.data.template)
+    serializer = serializer or Json(conf.data.template)
     prov = result.provenance
-    data_files = {k: p for k, p in cfg.data.files().items() if p and k != "test_file"}
+    data_files = {k: p for k, p in conf.data.files().items() if p and k != "test_file"}
     return {
-        "labels": list(cfg.data.labels),
+        "labels": list(conf.data.labels),
         "temperature": metrics["temperature"],
         "calibration": metrics["calibration"],
         "serialization": serialization(serializer, source),
         "max_length": source.max_length,
-        "allow_null": cfg.data.allow_null,
-        "max_row_bytes": cfg.data.max_row_bytes,
-        "columns": {"id": cfg.data.id_column, "label": cfg.data.label_column},  # predict/evaluate's table defaults
+        "allow_null": conf.data.allow_null,
+        "max_row_bytes": conf.data.max_row_bytes,
+        "columns": {"id": conf.data.id_column, "label": conf.data.label_column},  # predict/evaluate's table defaults
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "gates": dict(cfg.trainer.gates or {}),
+        "gates": dict(conf.trainer.gates or {}),
         "data": {
             k: {"path": str(p), "sha256": prov.get(f"data.{k}.sha256") or sha256_file(p)} for k, p in data_files.items()
         },
@@ -290,7 +290,7 @@ def export_meta(
             "path": source.path,
             "pretrained": source.pretrained,
             "pretrain_key": source.pretrain_key,  # set: the base was pretrained by this run's pretrain stage
-            "lora": lora_settings(cfg.lora) if cfg.lora.enabled else None,
+            "lora": lora_settings(conf.lora) if conf.lora.enabled else None,
         },
         "ensemble": {
             k: metrics["ensemble"][k]
@@ -303,7 +303,7 @@ def export_meta(
 
 
 def export(
-    cfg: ClassificationConf,
+    conf: ClassificationConf,
     model,
     tokenizer,
     source,
@@ -316,19 +316,19 @@ def export(
 ) -> list[Path]:
     """``checkpoint_best/``, then the export (merged, adapter, loralab.json; verified by reloading) and its zip;
     ``extra_parts``: part dirs already written (``baseline``) for the manifest. Returns the files for MLflow."""
-    out_dir, e = ctx.out_dir, cfg.export
-    serializer = serializer or Json(cfg.data.template)
+    out_dir, e = ctx.out_dir, conf.export
+    serializer = serializer or Json(conf.data.template)
     save_checkpoint(
         out_dir / "checkpoint_best",
         model,
         tokenizer,
         {
             "epoch": result.best_epoch,
-            "labels": list(cfg.data.labels),
+            "labels": list(conf.data.labels),
             "template": serializer.template,
             "serializer": serializer.state(),
             "max_length": source.max_length,
-            cfg.trainer.monitor: result.best[cfg.trainer.monitor],
+            conf.trainer.monitor: result.best[conf.trainer.monitor],
         },
     )
     batch = next(iter(val_loader))  # rows spread over the first (longest-first) batch: mixed padding
@@ -341,7 +341,7 @@ def export(
         tokenizer,
         out_dir,
         {k: v[rows] for k, v in batch.items()},
-        meta=export_meta(cfg, source, metrics, result, serializer),
+        meta=export_meta(conf, source, metrics, result, serializer),
         base_location=source.location,
         save_base=source.local_base,
         atol=e.verify_atol,

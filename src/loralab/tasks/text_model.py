@@ -8,9 +8,9 @@ from typing import Sequence
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
+from loralab.config.schema import HardwareConf, LoraConf
 from loralab.core.distributed import Dist
 from loralab.models.build import ModelSource
 from loralab.models.lora import apply_lora
@@ -31,8 +31,8 @@ def load_text_model(
     outputs: Sequence[str],
     tokenizer,
     *,
-    hardware: DictConfig,
-    lora: DictConfig,
+    hardware: HardwareConf,
+    lora: LoraConf,
     device: torch.device,
     problem_type: str = "single_label_classification",
 ):
