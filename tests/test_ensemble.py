@@ -325,9 +325,11 @@ def test_mlflow_model_serves_the_blend_and_a_tampered_baseline_is_refused(blend_
 
 
 @pytest.mark.slow
-def test_a_train_split_of_one_class_with_a_blend_still_trains_and_exports(tmp_path):
+@pytest.mark.parametrize("degenerate", ["one class in train", "a class missing from val"])
+def test_degenerate_splits_with_a_blend_still_train_and_export(degenerate, tmp_path):
     """Degenerate data never loses the trained model: a one-class baseline answers that class for every row (it
-    used to raise in the blend's cross-fit), so the run finishes, blends and exports."""
+    used to raise in the blend's cross-fit), and a class val lacks leaves the blend's scores to the classes it has;
+    the run finishes, blends and exports."""
     from conftest import compose_train, row, write_jsonl
 
     from loralab.baseline import fit_estimator, predict_proba
@@ -338,8 +340,14 @@ def test_a_train_split_of_one_class_with_a_blend_still_trains_and_exports(tmp_pa
     (model, _) = fit_estimator("hgb", one, ["long", "short", "skip"], 0)
     assert predict_proba(model, one[:2], 3).tolist() == [[1.0, 0.0, 0.0]] * 2
 
-    train = write_jsonl(tmp_path / "train.jsonl", [row(i, "long", x=i % 7, y=i % 3) for i in range(48)])
-    val = write_jsonl(tmp_path / "val.jsonl", [row(100 + i, "long", x=i % 7, y=i % 3) for i in range(16)])
+    train_labels = ["long"] if degenerate == "one class in train" else ["long", "short", "skip"]
+    val_labels = ["long"] if degenerate == "one class in train" else ["long", "skip"]
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [row(i, train_labels[i % len(train_labels)], x=i % 7, y=i % 3) for i in range(48)]
+    )
+    val = write_jsonl(
+        tmp_path / "val.jsonl", [row(100 + i, val_labels[i % len(val_labels)], x=i % 7, y=i % 3) for i in range(16)]
+    )
     cfg = compose_train(
         "data=jsonl",
         f"data.train_file={train}",

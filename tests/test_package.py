@@ -106,3 +106,21 @@ def test_console_scripts_work_from_another_directory(installed):
     (line,) = misfit.stderr.strip().splitlines()
     assert line.startswith("loralab-preflight: error: hardware.preflight: qwen2_5_7b (lora=none)")
     assert list(installed["cwd"].iterdir()) == []  # nothing written where it ran
+
+
+def test_the_readme_install_lines_and_commands_are_what_the_package_has():
+    """Every extra the README's install lines name exists, and installs what the README's sweep commands load; every
+    loralab-* command it shows is a console script."""
+    import importlib
+    import re
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = {
+        e for group in re.findall(r'pip install -c constraints\.txt "\.\[([\w,]+)\]"', readme) for e in group.split(",")
+    }
+    assert extras == {"sweep"} and extras <= set(project["optional-dependencies"])
+    for plugin in ("hydra_optuna_sweeper", "hydra_joblib_launcher", "hydra_submitit_launcher"):  # sweep=optuna,
+        importlib.import_module(f"hydra_plugins.{plugin}")  # hydra/launcher=local_parallel|slurm
+    assert set(re.findall(r"\bloralab-[a-z]+\b", readme)) <= set(project["scripts"])

@@ -37,11 +37,11 @@ class TabularRegression(Task):
 
     def build_data(self) -> TaskData:
         d = self.conf.data
-        self.names = list(d.target_names)
+        self.output_names = list(d.target_names)
         if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file, d.schema_file)):
             write_tabular_demo(d.train_file, d.val_file, d.schema_file)
         self.input_dim = len(read_schema(d.schema_file))  # the schema, never the file, says how many features
-        train, val = (H5Regression(f, self.input_dim, len(self.names)) for f in (d.train_file, d.val_file))
+        train, val = (H5Regression(f, self.input_dim, len(self.output_names)) for f in (d.train_file, d.val_file))
         self.val = val
         self.data_info = {
             "train_file": d.train_file,
@@ -56,20 +56,24 @@ class TabularRegression(Task):
         return TaskData(train, val, shuffle=False)
 
     def build_model(self) -> nn.Module:
-        return instantiate(self.conf.model, input_dim=self.input_dim, output_dim=len(self.names)).to(self.ctx.device)
+        return instantiate(self.conf.model, input_dim=self.input_dim, output_dim=len(self.output_names)).to(
+            self.ctx.device
+        )
 
     def loss(self) -> nn.Module:
         return instantiate(self.conf.loss).to(self.ctx.device)
 
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-        return regression_metrics(y, outputs, self.names)
+        return regression_metrics(y, outputs, self.output_names)
 
     def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
         """``checkpoints/model_best.pt``, the regression report and the MLflow model (checkpoint + schema)."""
         from loralab.tracking.pyfunc import log_tabular_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
         ckpt = save_best(self.ctx.out_dir / CHECKPOINT, model, result.best_epoch, result.best["val_loss"])
-        out = write_regression_report(self.conf, self.ctx.out_dir, self.ctx.tracker, result, self.names, self.data_info)
+        out = write_regression_report(
+            self.conf, self.ctx.out_dir, self.ctx.tracker, result, self.output_names, self.data_info
+        )
         model_uri = log_tabular_regressor(
             self.ctx.tracker,
             ckpt,

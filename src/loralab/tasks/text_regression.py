@@ -99,7 +99,7 @@ class TextRegression(Task):
         d, ctx = self.conf.data, self.ctx
         if d.demo and not all(Path(p).is_file() for p in (d.train_file, d.val_file or d.train_file)):
             write_article_demo(Path(d.train_file).parent)
-        train, val, self.dims, self.data_info = load_splits(d, self.conf.seed)
+        train, val, self.output_names, self.data_info = load_splits(d, self.conf.seed)
         self.articles = {"train": train, "val": val}
         ctx.tracker.log_metrics(
             {
@@ -130,7 +130,7 @@ class TextRegression(Task):
     def _test_loader(self, train: list[Article], val: list[Article], collate) -> DataLoader:
         """``data.test_file`` (same reader, drops counted in the data info), scored once in ``finalize``."""
         d = self.conf.data
-        test, report, _ = load_articles(d.test_file, self.dims, d.max_row_bytes)
+        test, report, _ = load_articles(d.test_file, self.output_names, d.max_row_bytes)
         if not test:
             raise DataError(f"data.test_file={d.test_file}: no valid rows ({dict(report.dropped)})")
         self.data_info["test_file"] = {**report.as_dict(), **test_overlap(test, train=train, val=val)}
@@ -149,7 +149,7 @@ class TextRegression(Task):
         with torch.no_grad():
             loss = self.loss()(torch.from_numpy(outputs).to(self.ctx.device), torch.from_numpy(y).to(self.ctx.device))
         return {
-            **regression_metrics(y, outputs, self.dims, prefix="test_"),
+            **regression_metrics(y, outputs, self.output_names, prefix="test_"),
             "test_loss": loss.item(),
             "test_rows": len(y),
         }
@@ -164,7 +164,7 @@ class TextRegression(Task):
     def build_model(self) -> nn.Module:
         return load_text_model(
             self.source,
-            self.dims,
+            self.output_names,
             self.tokenizer,
             hardware=self.conf.hardware,
             lora=self.conf.lora,
@@ -176,35 +176,35 @@ class TextRegression(Task):
         return instantiate(self.conf.loss).to(self.ctx.device)
 
     def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-        return regression_metrics(y, outputs, self.dims)
+        return regression_metrics(y, outputs, self.output_names)
 
     def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
         """``checkpoint_best/`` (weights, tokenizer, dimensions), its zip, the history, metadata, plots and the
         MLflow model (a LoRA run's adapter is merged into ``merged/`` first: the model must load on its own)."""
         from loralab.tracking.pyfunc import log_text_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
-        cfg, out_dir = self.conf, self.ctx.out_dir
+        conf, out_dir = self.conf, self.ctx.out_dir
         best = result.best
         meta = {
             "epoch": result.best_epoch,
             "task": self.name,
-            "dimension_names": self.dims,
-            "template": cfg.data.template,
+            "dimension_names": self.output_names,
+            "template": conf.data.template,
             "max_length": self.source.max_length,
             "truncation_side": self.source.truncation_side,
-            cfg.trainer.monitor: best[cfg.trainer.monitor],
+            conf.trainer.monitor: best[conf.trainer.monitor],
         }
         ckpt = save_checkpoint(out_dir / "checkpoint_best", model, self.tokenizer, meta)
         artifacts = [ckpt]
-        if cfg.export.zip:
-            artifacts.append(zip_dir(ckpt, out_dir / "model_final.zip", cfg.export.max_size_mb))
+        if conf.export.zip:
+            artifacts.append(zip_dir(ckpt, out_dir / "model_final.zip", conf.export.max_size_mb))
         test = self._score_test(model) if self.test_loader is not None else None
-        out = write_regression_report(cfg, out_dir, self.ctx.tracker, result, self.dims, self.data_info, test)
+        out = write_regression_report(conf, out_dir, self.ctx.tracker, result, self.output_names, self.data_info, test)
         full = ckpt
         if isinstance(model, PeftModel):  # adapter + head only, maybe over a random base saved nowhere
             full = save_checkpoint(out_dir / "merged", model.merge_and_unload(), self.tokenizer, meta)
             artifacts.append(full)
         model_uri = log_text_regressor(
-            self.ctx.tracker, full, self.dims, self.articles["val"], code_version(result.provenance)["packages"]
+            self.ctx.tracker, full, self.output_names, self.articles["val"], code_version(result.provenance)["packages"]
         )
         return Finalized(out["metrics"], [*out["artifacts"], *artifacts], model_uri)
