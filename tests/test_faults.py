@@ -30,7 +30,7 @@ from loralab.data.prepare import PrepareConfig, prepare
 from loralab.data.records import MAX_ROW_BYTES, load_records
 from loralab.data.splits import build_splits
 from loralab.data.text import MAX_CHARS_PER_TOKEN, clip, serialize, tokenize
-from loralab.errors import CheckpointError, ConfigError, DataError
+from loralab.errors import CheckpointError, ConfigError
 from loralab.inference import evaluate_file, predict_file
 from loralab.lifecycle import run
 
@@ -393,7 +393,7 @@ def test_train_predict_evaluate_and_prepare_drop_the_same_rows_for_the_same_reas
 
 # --- file-system errors -------------------------------------------------------------------------------------------
 
-ROOT_USER = os.geteuid() == 0  # root reads and writes through permission bits: those cases cannot be made
+ROOT_USER = os.geteuid() == 0  # root reads and writes through permission bits unless its capabilities are dropped
 
 
 def check_error(*overrides: str) -> str:
@@ -407,13 +407,41 @@ def test_a_directory_as_train_file_says_it_is_a_directory(tmp_path):
     assert check_error(f"data.train_file={tmp_path}") == f"data.train_file='{tmp_path}': is a directory, not a file"
 
 
-@pytest.mark.skipif(ROOT_USER, reason="root reads a chmod 000 file")
+def unprivileged(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c code args`` in a process that file permissions bind. As root (CI runs so) that needs the
+    capabilities that let root read and write past them dropped (``setpriv``), so users' permission errors are tested
+    there too."""
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] if ROOT_USER else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    return subprocess.run(
+        [*drop, sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+UNREADABLE = """
+import sys
+from conftest import LABELS, compose_train
+from loralab.config import ConfigError, check
+from loralab.data.records import DataError, load_records
+try:
+    check(compose_train("data=jsonl", f"data.train_file={sys.argv[1]}"))
+except ConfigError as err:
+    print(err)
+try:
+    load_records(sys.argv[1], LABELS)
+except DataError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow  # a process without root's file capabilities
 def test_an_unreadable_train_file_is_one_line(tmp_path):
     path = write_demo(tmp_path, n_train=10, n_val=5)[0]
     path.chmod(0)
-    assert check_error(f"data.train_file={path}") == f"data.train_file='{path}': cannot be read (Permission denied)"
-    with pytest.raises(DataError, match=f"^{path}: cannot be read"):
-        load_records(path, LABELS)
+    proc = unprivileged(UNREADABLE, str(path))
+    config_line, data_line = proc.stdout.splitlines()
+    assert config_line == f"data.train_file='{path}': cannot be read (Permission denied)", proc.stderr[-2000:]
+    assert data_line.startswith(f"{path}: cannot be read")
 
 
 @pytest.fixture
@@ -438,12 +466,28 @@ def test_an_unwritable_checkpoints_dir_is_refused_before_training(small_run, tmp
     assert message.startswith(f"hydra.run.dir: {tmp_path / 'run' / 'checkpoints'} is not a writable directory (")
 
 
-@pytest.mark.skipif(ROOT_USER, reason="root writes into a chmod 555 dir")
-def test_a_read_only_checkpoints_dir_is_refused_before_training(small_run, tmp_path):
+READ_ONLY_RUN = """
+import sys
+from pathlib import Path
+from test_faults import tiny_cfg
+from loralab.errors import ConfigError
+from loralab.lifecycle import run
+tmp = Path(sys.argv[1])
+try:
+    run(tiny_cfg(tmp, tmp / "run", tmp / "data" / "train.jsonl", tmp / "data" / "val.jsonl"))
+except ConfigError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow  # a process without root's file capabilities
+def test_a_read_only_checkpoints_dir_is_refused_before_training(tmp_path):
+    write_demo(tmp_path / "data", n_train=30, n_val=12)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints").chmod(0o555)
-    message = refused_before_mlflow(small_run(tmp_path / "run"), tmp_path)
-    assert message.endswith("is not a writable directory (Permission denied)")
+    proc = unprivileged(READ_ONLY_RUN, str(tmp_path))
+    assert proc.stdout.strip().endswith("is not a writable directory (Permission denied)"), proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()  # before any MLflow run, data or model
 
 
 def test_an_unusable_run_dir_or_cache_dir_is_one_line(small_run, tmp_path):
