@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -228,7 +229,8 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
 
     run_dir, labels, val = blend_run["run_dir"], blend_run["labels"], blend_run["val"]
     e = blend_run["metrics"]["ensemble"]
-    assert set(e["oof"]) == {"model", "baseline", "blend"} and e["choice"] in ("model", "baseline", "blend")
+    assert set(e["oof"]) == {"model", "baseline", "blend"}
+    assert e["choice"] == {1.0: "model", 0.0: "baseline"}.get(e["weight"], "blend")  # what the chosen weight serves
     assert e["oof"]["baseline"]["macro_f1"] == pytest.approx(
         blend_run["metrics"]["baseline"]["scalars"]["val_macro_f1"]
     )
@@ -278,9 +280,11 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
     assert on_test["ensemble"]["test_log_loss"] == pytest.approx(e["test"]["blend"]["log_loss"], rel=1e-4)
 
     # Whatever weight this tiny run chose, an interior one blends both sides exactly as the run's components say.
+    half_dir = blend_run["tmp"] / "half_weight"  # a copy: the module's run dir stays as the run left it
+    shutil.copytree(run_dir, half_dir, ignore=shutil.ignore_patterns("checkpoints", "mlruns"), dirs_exist_ok=True)
     meta["ensemble"]["weight"] = 0.5
-    write_meta(run_dir, meta)  # a deliberate change, with its digest: a hand edit alone is refused
-    predict_file(run_dir, blend_run["val_file"], blend_run["tmp"] / "half.jsonl", device="cpu")
+    write_meta(half_dir, meta)  # a deliberate change, with its digest: a hand edit alone is refused
+    predict_file(half_dir, blend_run["val_file"], blend_run["tmp"] / "half.jsonl", device="cpu")
     half = [json.loads(line) for line in (blend_run["tmp"] / "half.jsonl").read_text().splitlines()]
     model = probs_of([val[r["id"]]["model"] for r in half], labels)
     base = probs_of([val[r["id"]]["baseline"] for r in half], labels)

@@ -4,6 +4,7 @@ and a resume that meets a corrupt checkpoint is refused in one line before the f
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ def test_killed_before_a_checkpoint_then_run_again_then_a_corrupt_resume(tmp_pat
         f"pretrain.cache_dir={tmp_path / 'cache'}",
         "trainer.max_epochs=1",
         "model.tokenizer_vocab_size=300",
-        "baseline=none",
+        "baseline=logreg",  # the in-run baseline the other runs do not use
         "export.zip=false",
         f"hydra.run.dir={run_dir}",
         f"tracking.uri={uri}",
@@ -57,6 +58,8 @@ def test_killed_before_a_checkpoint_then_run_again_then_a_corrupt_resume(tmp_pat
     killed, finished = runs_of(uri)
     assert (killed.info.status, finished.info.status) == ("KILLED", "FINISHED")
     assert "killed before its first checkpoint" in killed.data.tags["error"] and not stray.exists()
+    baseline = json.loads((run_dir / "metrics.json").read_text())["baseline"]
+    assert baseline["name"] == "logreg" and 0 <= baseline["scalars"]["val_macro_f1"] <= 1
 
     weights = run_dir / "checkpoints" / "last" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # corrupt: the checksum no longer holds
