@@ -38,7 +38,7 @@ from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.text import TokenizedTexts, tokenizer_fingerprint
 from loralab.errors import DataError
 from loralab.fs import atomic_dir, atomic_write_json, file_manifest, manifest_mismatch, recover
-from loralab.models.build import ModelSource
+from loralab.models.build import ModelSource, enable_activation_checkpointing
 from loralab.models.pretrain import MeanTokenNLL, TokenNLL
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class CausalLMPretrain(PretrainStage):
             set_seed(seed)
             lm = source.load_causal_lm(tokenizer, attn_implementation=hardware.attn_implementation)
             if hardware.gradient_checkpointing:
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(lm)
             if c.train == "lora":
                 lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", **vars(c.lora)))
             model = TokenNLL(lm).to(device)

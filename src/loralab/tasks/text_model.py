@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from loralab.config.schema import HardwareConf, LoraConf
 from loralab.core.distributed import Dist
-from loralab.models.build import ModelSource
+from loralab.models.build import ModelSource, enable_activation_checkpointing
 from loralab.models.lora import apply_lora
 
 
@@ -51,7 +51,7 @@ def load_text_model(
     )
     model.config.problem_type = problem_type  # saved with every checkpoint's config
     if hardware.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model = apply_lora(model, instantiate(lora))  # None (full fine-tuning) when lora.enabled is false
     if not hardware.load_in_4bit:  # bitsandbytes places quantized weights itself
         model = model.to(device)
