@@ -227,12 +227,19 @@ def test_an_allowed_change_is_logged_and_tagged(copy_of, caplog):
 @pytest.mark.parametrize("damage", [truncate, lambda p: flip_bit(p, -4)], ids=["truncated", "bit-flip"])
 @pytest.mark.parametrize("name", [STATE, WEIGHTS])
 def test_a_corrupt_last_checkpoint_fails_the_run_in_one_line(copy_of, damage, name):
-    """A truncated last/trainer_state.pt used to be a traceback before the run reopened (it stayed KILLED)."""
+    """A truncated last/trainer_state.pt used to be a traceback before the run reopened (it stayed KILLED). Now one
+    line, before the run is reopened: a FINISHED run stays FINISHED (its results stand); one that had not finished
+    (KILLED here) ends FAILED with the error, so the UI says why it cannot go on."""
     path = copy_of["run"] / "checkpoints" / "last" / name
     damage(path)
     with pytest.raises(CheckpointError) as err:
         copy_of["resume"]()
     assert one_line(err).startswith(f"{path}: ")
+    state, tags = status(copy_of)
+    assert state == "FINISHED" and "error" not in tags
+    copy_of["client"].set_terminated(copy_of["run_id"], "KILLED")
+    with pytest.raises(CheckpointError):
+        copy_of["resume"]()
     state, tags = status(copy_of)
     assert state == "FAILED" and tags["error"].startswith(f"CheckpointError: {path}: ")
 

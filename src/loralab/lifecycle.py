@@ -35,7 +35,7 @@ from loralab.core.checkpoint import Checkpoints, verify_resumable
 from loralab.core.device import resolve_device
 from loralab.core.loaders import make_loaders, shard
 from loralab.core.trainer import FitInputs, Trainer
-from loralab.errors import ConfigError, TrainingInterrupted
+from loralab.errors import CheckpointError, ConfigError, TrainingInterrupted
 from loralab.fs import atomic_write_json, atomic_write_text, writable_dir
 from loralab.models.memory import check_memory
 from loralab.pretrain import PretrainStage
@@ -193,11 +193,15 @@ def run(cfg: DictConfig) -> float:
         # A single run is settled: a changed or corrupt resume is refused before its MLflow run is reopened (a
         # FINISHED run stays FINISHED).
         changes = resume_changes(conf, interpolated_keys(cfg), resume_dir) if conf and resume_dir else {}
-        if conf and resume_dir:
-            verify_resumable(resume_dir)
         tracker = instantiate(cfg.tracking, enabled=cfg.tracking.enabled and ddp.is_main)  # one run, whatever N
-        parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
         reopened = checkpoint_run_id(resume_dir)
+        if conf and resume_dir:
+            try:
+                verify_resumable(resume_dir)
+            except CheckpointError as err:  # the run it would continue says why, unless it had FINISHED
+                tracker.fail_unfinished(reopened, err)
+                raise
+        parent_run_id, sweep_tags = sweep.job_context(tracker) if ddp.is_main else (None, {})
         close_unfinished(tracker, out_dir, reopened)
         tracker.start(
             {},

@@ -194,6 +194,21 @@ class MLflowTracker:
         self._monitor_system(resumed=False)
         return self.run_id
 
+    def fail_unfinished(self, run_id: str | None, err: BaseException) -> None:
+        """The run a resume could not continue (its checkpoint is corrupt) ends FAILED with the error, so the UI
+        says why; a run that had FINISHED stays FINISHED (its results stand)."""
+        if not (self.enabled and run_id):
+            return
+        try:
+            if self.client.get_run(run_id).info.status == "FINISHED":
+                return
+            error = f"{type(err).__name__}: {err}"[:5000]
+            tags = {"error": error, "error_type": type(err).__name__, NOTE_TAG: f"**FAILED**: {error}"}
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.set_terminated(run_id, "FAILED")
+        except Exception as store_err:  # not in this store, or the store is busy: the error line still reaches the user
+            log.warning("MLflow run %s not marked FAILED (%s)", run_id, first_line(store_err))
+
     def close_if_running(self, run_id: str, why: str) -> None:
         """Mark ``run_id`` KILLED, with ``why`` as its error, if it is still RUNNING: a process that died without
         closing its run (SIGKILL, the OOM killer) leaves it so."""
