@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 LABELS = ["long", "short", "skip"]
 
-# Pretrained bases (pretrain=clm, the tiny model's default) go to a cache of this session, never the checkout's
-# .cache/: runs in one session share it as sweep jobs do, and no base of an older code version is ever reused.
+# Pretrained bases (pretrain=clm, the tiny model's default) go to a cache made for this test run, never the
+# checkout's .cache/: the run's tests share it as sweep jobs do, and no base of an older code version is reused.
 os.environ["LORALAB_CACHE"] = tempfile.mkdtemp(prefix="loralab-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LORALAB_CACHE"], True)
 
@@ -106,7 +106,7 @@ def trainer_conf(
 ):
     """The shipped ``trainer`` settings (conf/trainer/default.yaml) for a loop test: these values in place, raw
     (unsmoothed) early stopping, the step-level knobs and gates off unless ``knobs`` set them."""
-    from loralab.config.schema import MonitorMode
+    from loralab.config.choices import MonitorMode
 
     base = shipped_conf().trainer
     stopping = dataclasses.replace(
@@ -207,8 +207,8 @@ def checkout_mlruns() -> set[str]:
 @pytest.fixture(scope="session", autouse=True)
 def outside_the_checkout(tmp_path_factory):
     """Tests never write into the checkout. A SQLite store created without an artifact root puts artifacts under
-    ``./mlruns`` of the working dir, so session and module fixtures work in a temporary dir, each test in its own
-    (``own_cwd``), subprocess runs in their run's dir; and the session fails if the checkout's ``mlruns/`` gained
+    ``./mlruns`` of the working dir, so test-run and module fixtures work in a temporary dir, each test in its own
+    (``own_cwd``), subprocess runs in their run's dir; and the test run fails if the checkout's ``mlruns/`` gained
     anything anyway."""
     before = checkout_mlruns()
     previous = Path.cwd()

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from loralab.config import ConfigError, check, resolve_hardware
-from loralab.core.loaders import accumulation_steps
+from loralab.core.sampler import accumulation_steps
 from loralab.models.build import ModelSource, shipped_config, train_tokenizer
 from loralab.models.memory import Workload, check_memory, estimate_memory
 

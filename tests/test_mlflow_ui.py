@@ -207,7 +207,7 @@ def test_rows_keep_the_run_name(tmp_path, store):  # noqa: F811
 
 
 def test_dataset_inputs_for_any_task_from_the_files_that_exist(tmp_path, store):  # noqa: F811
-    from loralab.lifecycle import dataset_inputs
+    from loralab.recipe import dataset_inputs
     from loralab.reporting.provenance import provenance
 
     train = tmp_path / "train.h5"  # a regression task's HDF5 file: any data file is a dataset input

@@ -13,13 +13,14 @@ Layout (in the run dir, and in ``model_final.zip`` for the parts ``export.zip_pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -116,8 +117,11 @@ def _file_entry(entry: Any) -> bool:
     )
 
 
-def check_manifest(root: str | Path, files: dict[str, dict[str, Any]], parts: Iterable[str]) -> None:
-    """Refuse a model dir whose part files differ from the manifest: missing, altered, extra or pickle files."""
+def check_manifest(
+    root: str | Path, files: dict[str, dict[str, Any]], parts: Iterable[str], hashes: bool = True
+) -> None:
+    """Refuse a model dir whose part files differ from the manifest: missing, altered, extra or pickle files.
+    ``hashes=False``: the files were hashed as they were written (``extract_export``); the rest is still checked."""
     root = Path(root)
     present = {p.relative_to(root).as_posix() for part in parts for p in (root / part).rglob("*") if p.is_file()}
     expected = {name for name in files if name.split("/", 1)[0] in set(parts)}
@@ -128,7 +132,7 @@ def check_manifest(root: str | Path, files: dict[str, dict[str, Any]], parts: It
         raise ExportError(f"{root}: files not in the {META_FILE} manifest: {extra[:5]}")
     if missing := sorted(expected - present):
         raise ExportError(f"{root}: files listed in the {META_FILE} manifest are missing: {missing[:5]}")
-    for name in sorted(expected):
+    for name in sorted(expected) if hashes else ():
         if sha256_file(root / name) != files[name]["sha256"]:
             raise ExportError(f"{root}: {name} does not match its sha256 in {META_FILE} (corrupt or altered)")
 
@@ -165,23 +169,30 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def safe_extract(zip_path: str | Path, dest: str | Path, max_mb: float | None = None) -> Path:
-    """Extract after checking every entry: no absolute or drive paths, no ``..``, no links, nothing resolving
-    outside ``dest``, and (with ``max_mb``) no more uncompressed bytes than that (zip bombs)."""
-    dest = Path(dest).resolve()
+@contextlib.contextmanager
+def _checked_zip(zip_path: str | Path, dest: Path) -> Iterator[zipfile.ZipFile]:
+    """The open zip, once every entry is known safe to extract into ``dest``: no absolute or drive paths, no ``..``,
+    no links, nothing resolving outside ``dest``."""
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as err:
         raise ExportError(f"{zip_path}: not a readable zip file ({err})") from err
     with zf:
-        total = 0
         for info in zf.infolist():
             reason = _unsafe_reason(info)
             if reason is None and not (dest / info.filename).resolve().is_relative_to(dest):
                 reason = "resolves outside the target directory"
             if reason:
                 raise ExportError(f"{zip_path}: refusing entry {info.filename!r} ({reason})")
-            total += info.file_size
+        yield zf
+
+
+def safe_extract(zip_path: str | Path, dest: str | Path, max_mb: float | None = None) -> Path:
+    """Extract a zip whose entries are safe (``_checked_zip``) and, with ``max_mb``, hold no more uncompressed bytes
+    than that (zip bombs)."""
+    dest = Path(dest).resolve()
+    with _checked_zip(zip_path, dest) as zf:
+        total = sum(info.file_size for info in zf.infolist())
         if max_mb is not None and total > max_mb * 2**20:
             raise ExportError(f"{zip_path}: {total / 2**20:.1f} MB uncompressed, over the {max_mb:g} MB limit")
         zf.extractall(dest)
@@ -194,16 +205,8 @@ def extract_export(zip_path: str | Path, dest: str | Path) -> dict[str, Any]:
     while its sha256 is computed and refused the moment it differs. A zip bomb costs at most one listed file's
     worth of disk. Returns ``loralab.json``."""
     dest = Path(dest).resolve()
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ExportError(f"{zip_path}: not a readable zip file ({err})") from err
-    with zf:
-        entries = [i for i in zf.infolist() if not i.is_dir()]
-        for info in entries:
-            if reason := _unsafe_reason(info):
-                raise ExportError(f"{zip_path}: refusing entry {info.filename!r} ({reason})")
-        by_name = {i.filename: i for i in entries}
+    with _checked_zip(zip_path, dest) as zf:
+        by_name = {i.filename: i for i in zf.infolist() if not i.is_dir()}
         meta_info = by_name.pop(META_FILE, None)
         if meta_info is None:
             raise ExportError(f"{zip_path}: no {META_FILE}; not a loralab export")
@@ -228,9 +231,7 @@ def _extract_checked(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, max_bytes: int, sha256: str | None, zip_path
 ) -> None:
     """One entry to ``dest``, reading at most ``max_bytes``; its sha256 must be ``sha256`` (when given)."""
-    target = (dest / info.filename).resolve()
-    if not target.is_relative_to(dest):
-        raise ExportError(f"{zip_path}: refusing entry {info.filename!r} (resolves outside the target directory)")
+    target = dest / info.filename  # inside dest: _checked_zip saw to it
     target.parent.mkdir(parents=True, exist_ok=True)
     digest, written = hashlib.sha256(), 0
     try:

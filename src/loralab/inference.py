@@ -80,10 +80,11 @@ class Exported:
         return load_serializer(ser["serializer"]) if "serializer" in ser else Json(ser["template"])
 
 
-def _load_dir(root: Path, device: torch.device, trust_remote_code: bool) -> Exported:
+def _load_dir(root: Path, device: torch.device, trust_remote_code: bool, hashed: bool = False) -> Exported:
+    """``hashed``: ``root`` was unpacked by ``extract_export``, which hashed every file as it wrote it."""
     meta = read_meta(root)
     parts = [p for p in meta.get("parts", []) if (root / p).is_dir()]
-    check_manifest(root, meta["files"], parts)
+    check_manifest(root, meta["files"], parts, hashes=not hashed)
     if "merged" in parts:
         part = "merged"
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -126,7 +127,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", trust_re
         raise ExportError(f"model not found: {path}")
     with tempfile.TemporaryDirectory(prefix="loralab-model-") as tmp:
         extract_export(path, tmp)
-        return _load_dir(Path(tmp), device, trust_remote_code)  # weights are in memory before tmp goes
+        return _load_dir(Path(tmp), device, trust_remote_code, hashed=True)  # weights are in memory before tmp goes
 
 
 def score(exported: Exported, records: Sequence[Record], batch_size: int = 64) -> np.ndarray:

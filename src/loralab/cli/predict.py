@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from loralab.cli.args import Tool, option, run
-from loralab.config.schema import DataFormat
+from loralab.config.choices import DataFormat
 
 DESCRIPTION = (
     "Score a JSONL file of {id, features} records (or a CSV/Parquet table: an id column, every other "

@@ -36,7 +36,7 @@ def check(cfg: DictConfig) -> DictConfig:
     """The run's config, typed by its task's schema and checked; raises ``ConfigError`` (one line) on the first
     broken rule. Call it right after composition, before anything loads. Interpolations stay unresolved (they
     resolve as usual later, ``${hydra:...}`` inside the Hydra app); closed choices come back as
-    ``schema.Choice`` enums, which read as their string values."""
+    ``choices.Choice`` enums, which read as their string values."""
     body = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k not in HYDRA_KEYS])
     task = task_class(body)
     root = task.schema

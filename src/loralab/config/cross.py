@@ -9,7 +9,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.config.tasks import QwenModelConf
-from loralab.core.loaders import accumulation_steps  # the one rule the trainer applies too
+from loralab.core.sampler import accumulation_steps  # the one rule the trainer applies too
 from loralab.data.records import unreadable
 from loralab.errors import ConfigError
 

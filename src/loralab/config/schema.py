@@ -5,7 +5,7 @@ These dataclasses are also the objects a run reads: ``config.typed`` turns the c
 them, and values derived from several keys are methods here (``TrainerConf.for_epoch_length``,
 ``RunConf.accumulation_steps``), not free functions next to their one caller.
 
-Closed choices are ``Choice`` enums: they compare, hash, format, print and JSON-encode as their string value.
+Closed choices are ``Choice`` enums (``config/choices.py``): they read as their string value everywhere.
 """
 
 from __future__ import annotations
@@ -13,11 +13,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from loralab.config.choices import (
+    Backend,
+    BaselineName,
+    BinCuts,
+    CalibrationMethod,
+    EnsembleMethod,
+    EnsembleSelect,
+    MonitorMode,
+    Precision,
+    Preflight,
+    PretrainName,
+    PretrainTrain,
+)
 from loralab.config.rules import (
     DEVICE,
     GATE,
@@ -38,90 +50,7 @@ from loralab.config.rules import (
     knob,
     one_of,
 )
-from loralab.core.loaders import accumulation_steps
-
-
-class Choice(StrEnum):
-    """A closed choice that reads as its value everywhere (``repr`` included: config trees, error lines)."""
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
-class Precision(Choice):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    auto = "auto"
-
-
-class Preflight(Choice):
-    error = "error"
-    warn = "warn"
-    off = "off"
-
-
-class Leakage(Choice):
-    warn = "warn"
-    drop = "drop"
-    error = "error"
-
-
-class MonitorMode(Choice):
-    max = "max"
-    min = "min"
-
-
-class CalibrationMethod(Choice):
-    temperature = "temperature"
-    none = "none"
-
-
-class BaselineName(Choice):
-    hgb = "hgb"
-    logreg = "logreg"
-
-
-class EnsembleMethod(Choice):
-    blend = "blend"
-
-
-class EnsembleSelect(Choice):
-    macro_f1 = "macro_f1"
-    log_loss = "log_loss"
-
-
-class TruncationSide(Choice):
-    left = "left"
-    right = "right"
-
-
-class Backend(Choice):
-    auto = "auto"
-    nccl = "nccl"
-    gloo = "gloo"
-
-
-class DataFormat(Choice):
-    auto = "auto"
-    jsonl = "jsonl"
-    csv = "csv"
-    parquet = "parquet"
-
-
-class PretrainName(Choice):
-    none = "none"
-    clm = "clm"
-
-
-class PretrainTrain(Choice):
-    full = "full"
-    lora = "lora"
-
-
-class BinCuts(Choice):
-    quantile = "quantile"
-    tree = "tree"
+from loralab.core.sampler import accumulation_steps
 
 
 @dataclass

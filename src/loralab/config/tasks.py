@@ -11,8 +11,9 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
 
+from loralab.config.choices import DataFormat, Leakage, TruncationSide
 from loralab.config.rules import CLASS_WEIGHTS, METRIC_NAME_PART, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
-from loralab.config.schema import DataFormat, Leakage, RunConf, TruncationSide
+from loralab.config.schema import RunConf
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from torch.utils.data import DataLoader, Dataset
 
 from loralab.core.distributed import Dist
-from loralab.core.sampler import EpochBatchSampler
+from loralab.core.sampler import EpochBatchSampler, accumulation_steps
 from loralab.errors import ConfigError
 
 if TYPE_CHECKING:  # the schema is a layer above; loaders only read attributes of it
@@ -26,18 +26,6 @@ class TaskData:
     val_lengths: Sequence[int] | None = None  # tokens per val row: evaluated longest first
     collate: Callable | None = None
     shuffle: bool = True  # False keeps file (time) order, e.g. for time series
-
-
-def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
-    """Micro-batches per optimizer step, so ``optim.batch_size`` means the same on every hardware profile."""
-    if micro_batch_size is None or micro_batch_size >= batch_size:
-        return 1
-    if batch_size % micro_batch_size:
-        raise ConfigError(
-            f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
-            f"{micro_batch_size}; pick a batch size that is a multiple of it"
-        )
-    return batch_size // micro_batch_size
 
 
 def make_loaders(

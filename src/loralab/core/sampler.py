@@ -12,6 +12,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from loralab.errors import ConfigError
+
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled micro-batches; with ``group_by_length`` each batch holds similar lengths (less padding).
@@ -66,3 +68,15 @@ class EpochBatchSampler(Sampler[list[int]]):
         """Batches in a full epoch for this rank (independent of ``start_batch``)."""
         total = -(-len(self.lengths) // self.batch_size)
         return total // self.world_size
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int | None) -> int:
+    """Micro-batches per optimizer step, so ``optim.batch_size`` means the same on every hardware profile."""
+    if micro_batch_size is None or micro_batch_size >= batch_size:
+        return 1
+    if batch_size % micro_batch_size:
+        raise ConfigError(
+            f"optim.batch_size={batch_size!r}: not divisible by hardware.micro_batch_size="
+            f"{micro_batch_size}; pick a batch size that is a multiple of it"
+        )
+    return batch_size // micro_batch_size

@@ -80,6 +80,12 @@ def answers(uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+def error_tags(err: BaseException) -> dict[str, str]:
+    """What a FAILED run carries: ``error`` (``Type: message``), ``error_type``, and the note the UI shows."""
+    error = f"{type(err).__name__}: {err}"[:5000]
+    return {"error": error, "error_type": type(err).__name__, NOTE_TAG: f"**FAILED**: {error}"}
+
+
 def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
@@ -202,9 +208,7 @@ class MLflowTracker:
         try:
             if self.client.get_run(run_id).info.status == "FINISHED":
                 return
-            error = f"{type(err).__name__}: {err}"[:5000]
-            tags = {"error": error, "error_type": type(err).__name__, NOTE_TAG: f"**FAILED**: {error}"}
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in error_tags(err).items()])
             self.client.set_terminated(run_id, "FAILED")
         except Exception as store_err:  # not in this store, or the store is busy: the error line still reaches the user
             log.warning("MLflow run %s not marked FAILED (%s)", run_id, first_line(store_err))
@@ -381,8 +385,7 @@ class MLflowTracker:
             status = "KILLED"
             raise
         except Exception as err:
-            error = f"{type(err).__name__}: {err}"[:5000]
-            self.set_tags({"error": error, "error_type": type(err).__name__, NOTE_TAG: f"**FAILED**: {error}"})
+            self.set_tags(error_tags(err))
             raise
         finally:
             self.end(status)
