@@ -27,6 +27,7 @@ from scipy.special import softmax
 from sklearn.model_selection import StratifiedKFold
 
 from loralab.calibrate import fit_temperature, nll, probabilities
+from loralab.data.timeorder import blocks
 from loralab.errors import ExportError
 from loralab.fs import atomic_path
 from loralab.metrics import classification_metrics
@@ -91,10 +92,13 @@ def choose_weight(
     return weights[max(range(len(weights)), key=lambda i: keys[i])]  # max keeps the first of equal keys
 
 
-def folds(y: Sequence[int], k: int, seed: int) -> list[np.ndarray]:
+def folds(y: Sequence[int], k: int, seed: int, order: Sequence[float] | None = None) -> list[np.ndarray]:
     """Held-out row indices of ``k`` stratified, shuffled folds (at most as many as the largest class has rows, at
-    least 2; scikit-learn warns when a class has fewer rows than folds)."""
+    least 2; scikit-learn warns when a class has fewer rows than folds). With ``order`` (each row's time, under
+    data.split=time | walk_forward) the folds are ``k`` contiguous blocks in time instead, the seed unused."""
     y = np.asarray(y)
+    if order is not None:
+        return blocks(order, max(2, min(k, len(y))))
     k = max(2, min(k, int(np.bincount(y).max())))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [test for _, test in splitter.split(np.zeros(len(y)), y)]
@@ -113,6 +117,7 @@ def cross_fit(
     calibrate: bool = True,
     t_bounds: Sequence[float] = (0.05, 20.0),
     fold_rows: Sequence[np.ndarray] | None = None,
+    fit_rows: Sequence[np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Out-of-fold metrics of model, baseline and blend, and the weight to export; returns that report (JSON) and
     the exported blend's val probabilities.
@@ -121,7 +126,8 @@ def cross_fit(
     ``base_probs``: the baseline's raw probabilities; ``temperature``: the model's, fit on the whole val split, used
     for the exported weight only. With ``calibrate`` each fold refits the model's and the baseline's temperature on
     its k-1 training folds, and the baseline's exported one is fit on all of val; without, both stay 1.
-    ``fold_rows``: the held-out indices (default ``folds``).
+    ``fold_rows``: the held-out indices (default ``folds``); ``fit_rows``: per fold, the rows that fit it (default
+    every other row; ``timeorder.purged_folds`` purges and embargoes them around time-ordered folds).
     """
     logits, base_probs, y = np.asarray(model_logits, np.float64), np.asarray(base_probs, np.float64), np.asarray(y)
     weights = weight_grid(grid)
@@ -129,8 +135,8 @@ def cross_fit(
     base_logs = np.log(np.clip(base_probs, EPS, 1.0))
     oof = {who: np.zeros_like(base_probs) for who in ("model", "baseline", "blend")}
     fold_weights, fold_temps = [], []
-    for held_out in fold_rows:
-        fit = np.setdiff1d(np.arange(len(y)), held_out)
+    for n, held_out in enumerate(fold_rows):
+        fit = np.setdiff1d(np.arange(len(y)), held_out) if fit_rows is None else np.asarray(fit_rows[n])
         t_model, t_base = (
             (fit_temperature(z[fit], y[fit], t_bounds) if calibrate else 1.0) for z in (logits, base_logs)
         )

@@ -32,6 +32,12 @@ class Leakage(Choice):
     error = "error"
 
 
+class Split(Choice):
+    random = "random"
+    time = "time"
+    walk_forward = "walk_forward"
+
+
 class MonitorMode(Choice):
     max = "max"
     min = "min"

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 from omegaconf import MISSING
 
 from loralab.data.serialize import is_number  # one definition: a bool is not a number
+from loralab.data.timeorder import is_duration, valid_pattern
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,11 @@ RESUME_ALLOW = Rule(
     lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
     "must be true, false or a list of keys (e.g. [optim.lr, data.train_file])",
 )
+DURATION = Rule(
+    is_duration, "must be a number >= 0 (records, the time feature's units, or days) or a duration such as 4h, 2d"
+)
+REGEX = Rule(valid_pattern, "must be a regular expression with at most one group (the time's text)")
+STRPTIME = Rule(lambda v: "%" in v, "must be a strptime format such as %Y%m%d (with % directives)")
 T_BOUNDS = Rule(lambda v: len(v) == 2 and 0 < v[0] < 1 < v[1], "must be [lo, hi] with 0 < lo < 1 < hi")
 ZIP_PARTS = ("merged", "adapter", "base", "baseline", "loralab.json")
 ZIP_PARTS_KNOWN = Rule(

@@ -11,9 +11,23 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
 
-from loralab.config.choices import DataFormat, Leakage, TruncationSide
-from loralab.config.rules import CLASS_WEIGHTS, METRIC_NAME_PART, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
+from loralab.config.choices import DataFormat, Leakage, Split, TruncationSide
+from loralab.config.rules import (
+    CLASS_WEIGHTS,
+    DURATION,
+    METRIC_NAME_PART,
+    NAMES,
+    NOT_EMPTY,
+    REGEX,
+    STRPTIME,
+    ge,
+    gt,
+    interval,
+    knob,
+    template_of,
+)
 from loralab.config.schema import RunConf
+from loralab.data.splits import TimeSplit
 
 
 @dataclass
@@ -44,6 +58,34 @@ class RecordsDataConf(SplitDataConf):
     oversample_below: Optional[float] = knob(interval("(0, 1]"))
     allow_null: bool = MISSING
     cache_dir: Optional[str] = MISSING
+    # How val is cut and how records are ordered in time (loralab.data.timeorder; rules between them: the task's)
+    split: Split = MISSING
+    time_key: Optional[str] = knob(NOT_EMPTY)  # null: file order; id: the record id; else a feature name
+    time_pattern: Optional[str] = knob(REGEX)
+    time_format: Optional[str] = knob(STRPTIME)
+    label_horizon: Any = knob(DURATION)
+    purge: bool = MISSING
+    embargo: Any = knob(DURATION)
+    folds: int = knob(ge(2))
+    fold: int = knob(ge(0))
+    max_train: Optional[int] = knob(ge(1))
+
+    def time_split(self) -> Optional[TimeSplit]:
+        """The time ordering and cut, or None where nothing reads times (split=random without a time_key)."""
+        if self.split == Split.random and self.time_key is None:
+            return None
+        return TimeSplit(
+            str(self.split),
+            self.time_key,
+            self.time_pattern,
+            self.time_format,
+            self.label_horizon,
+            self.embargo,
+            self.purge,
+            self.folds,
+            self.fold,
+            self.max_train,
+        )
 
 
 @dataclass

@@ -57,6 +57,7 @@ class Record:
     id: str | int
     features: dict[str, Any]
     label: str | None
+    time: float | None = None  # where the record sits in time (loralab.data.timeorder), read for time splits only
 
 
 @dataclass
@@ -282,12 +283,25 @@ def load_records(
     allow_null: bool = False,
     fmt: RowFormat = RowFormat(),
     max_row_bytes: int = MAX_ROW_BYTES,
+    time: Callable[[Any, dict[str, Any]], float | str] | None = None,
 ) -> tuple[list[Record], LoadReport]:
     """Feature records of a JSONL, CSV or Parquet file (``fmt``: auto by extension), with the per-reason report of
-    what was dropped. ``labels=None``: unlabelled input (predict), a table's label column is optional."""
+    what was dropped. ``labels=None``: unlabelled input (predict), a table's label column is optional. ``time``
+    (a ``timeorder.TimeReader``) sets each record's time, or gives the reason its row is dropped."""
+
+    def parse(row: dict[str, Any]) -> Record | str:
+        record = record_from_row(row, labels, allow_null)
+        if isinstance(record, str) or time is None:
+            return record
+        t = time(record.id, record.features)
+        if isinstance(t, str):
+            return t
+        record.time = t
+        return record
+
     return read_rows(
         path,
-        lambda row: record_from_row(row, labels, allow_null),
+        parse,
         fmt=fmt,
         labelled=labels is not None,
         max_row_bytes=max_row_bytes,

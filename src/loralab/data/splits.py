@@ -1,5 +1,6 @@
 """Assembling the train/val splits a run uses, with the report that explains them; the one stratified splitter
-(also behind ``loralab.data.prepare`` and the article regression's carved validation split)."""
+(also behind ``loralab.data.prepare`` and the article regression's carved validation split) and the time-ordered
+one (``TimeSplit``: split=time | walk_forward, purged and embargoed; ``loralab.data.timeorder``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sklearn.preprocessing import KBinsDiscretizer
 
 from loralab.data.balance import class_counts, needs_oversampling, oversample
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, leaked_ids, load_records
+from loralab.data.timeorder import NUMBER, RECORDS, Gap, TimeReader, blocks, in_units, time_order, time_text
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ class Splits:
     val: list[Record]
     report: dict[str, Any]
     train_original: list[Record] = field(default_factory=list)  # train before oversampling (for baselines)
+    gap: Gap | None = None  # purge and embargo in the records' time units, under split=time | walk_forward
 
 
 def split_off(strata: Sequence[Hashable], n_held: int, seed: int) -> tuple[list[int], list[int], bool]:
@@ -92,6 +95,105 @@ def carve_val(records: Sequence[Record], val_split: float, seed: int) -> tuple[l
     return [records[i] for i in train], [records[i] for i in val]
 
 
+@dataclass(frozen=True)
+class TimeSplit:
+    """How records are ordered in time and cut (``data.split``, ``data.time_*``... of ``RecordsDataConf``):
+    ``split`` random (times are read for the report and the overlap check only), time or walk_forward."""
+
+    split: str = "time"
+    time_key: str | None = None  # None: file order (the val file's rows after the train file's)
+    time_pattern: str | None = None
+    time_format: str | None = None
+    label_horizon: float | str = 0
+    embargo: float | str = 0
+    purge: bool = True
+    folds: int = 5
+    fold: int = 1
+    max_train: int | None = None
+
+    def reader(self) -> TimeReader | None:
+        return TimeReader(self.time_key, self.time_pattern, self.time_format) if self.time_key else None
+
+    def carve(self, train: list[Record], val_split: float) -> tuple[list[Record], list[Record], int]:
+        """(train, val, rows left unused) from the train file's records: the last ``val_split`` in time
+        (split=time), or block ``fold`` of ``folds`` with the blocks before it (walk_forward; later blocks unused)."""
+        times = [r.time for r in train]
+        if self.split == "time":
+            order = time_order(times)
+            n_val = math.ceil(val_split * len(train))
+            if not 0 < n_val < len(train):
+                raise DataError(f"data.val_split={val_split} of {len(train)} valid rows leaves a split empty")
+            return [train[i] for i in order[:-n_val]], [train[i] for i in order[-n_val:]], 0
+        parts = blocks(times, self.folds)
+        if len(parts[-1]) == 0:
+            raise DataError(f"data.folds={self.folds}: more blocks than the {len(train)} valid train rows")
+        past = np.concatenate(parts[: self.fold])
+        return [train[i] for i in past], [train[i] for i in parts[self.fold]], sum(map(len, parts[self.fold + 1 :]))
+
+    def cut(
+        self, train: list[Record], val: list[Record], kind: str, val_from_file: bool
+    ) -> tuple[list[Record], dict[str, Any], Gap]:
+        """Train purged and embargoed around val (and rolled to ``max_train``), in time order, with its report."""
+        horizon = in_units(self.label_horizon, kind, "data.label_horizon")
+        gap = Gap(horizon, in_units(self.embargo, kind, "data.embargo"), self.purge)
+        counts = {"purged": 0, "embargoed": 0, "dropped_by_max_train": 0}
+        if self.split != "random":
+            train = [train[i] for i in time_order([r.time for r in train])]
+            kept, purged, embargoed = gap.cut(np.array([r.time for r in train]), np.array([r.time for r in val]))
+            train = [r for r, keep in zip(train, kept) if keep]
+            counts.update(purged=int(purged.sum()), embargoed=int(embargoed.sum()))
+            if self.max_train is not None and len(train) > self.max_train:
+                counts["dropped_by_max_train"] = len(train) - self.max_train
+                train = train[-self.max_train :]
+            if not train:
+                raise DataError(
+                    f"data.split={self.split}: no train rows left before the val block ({counts['purged']} purged "
+                    f"by data.label_horizon={self.label_horizon!r}, {counts['embargoed']} embargoed)"
+                )
+        report = {
+            "split": self.split,
+            "time_key": self.time_key,
+            "time_pattern": self.time_pattern,
+            "time_format": self.time_format,
+            "times": kind,
+            "label_horizon": self.label_horizon,
+            "embargo": self.embargo,
+            "purge": self.purge,
+            "gap_in_time_units": {"horizon": gap.horizon, "embargo": gap.embargo},
+            **({"folds": self.folds, "fold": self.fold} if self.split == "walk_forward" else {}),
+            "max_train": self.max_train,
+            "train": time_range(train, kind),
+            "val": time_range(val, kind),
+            **counts,
+        }
+        if val_from_file:
+            report["overlap"] = time_overlap(train, val, kind)
+        return train, report, gap
+
+
+def time_range(rows: Sequence[Record], kind: str) -> dict[str, Any]:
+    times = [r.time for r in rows if r.time is not None]
+    if not times:
+        return {"rows": len(rows), "first": None, "last": None}
+    return {"rows": len(rows), "first": time_text(min(times), kind), "last": time_text(max(times), kind)}
+
+
+def time_overlap(train: Sequence[Record], val: Sequence[Record], kind: str) -> dict[str, Any]:
+    """Train rows at or after the val file's first time: a train file that reaches into the val file's period
+    trains on the future of some val rows (warned, like ids in both splits)."""
+    first = min(r.time for r in val)  # type: ignore[type-var]
+    late = [r for r in train if r.time is not None and r.time >= first]
+    if late:
+        log.warning(
+            "train and val files overlap in time: %d train rows at or after the val file's first time %s "
+            "(train runs to %s); their scores partly measure the future",
+            len(late),
+            time_text(first, kind),
+            time_text(max(r.time for r in late), kind),  # type: ignore[type-var]
+        )
+    return {"train_rows_at_or_after_val_start": len(late), "val_first": time_text(first, kind)}
+
+
 def build_splits(
     train_file: str,
     val_file: str | None,
@@ -104,19 +206,29 @@ def build_splits(
     allow_null: bool = False,
     fmt: RowFormat = RowFormat(),
     max_row_bytes: int = MAX_ROW_BYTES,
+    time: TimeSplit | None = None,
 ) -> Splits:
     """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off. With ``fmt``'s
-    format auto, each file's own extension decides (a CSV train file and a Parquet val file mix)."""
-    train, train_report = load_records(train_file, labels, allow_null, fmt, max_row_bytes)
+    format auto, each file's own extension decides (a CSV train file and a Parquet val file mix). ``time``: read
+    each record's time and, unless its split is random, cut val as a block in time with purge and embargo."""
+    reader = time.reader() if time else None
+    train, train_report = load_records(train_file, labels, allow_null, fmt, max_row_bytes, reader)
     report: dict[str, Any] = {"labels": list(labels), "train_file": train_report.as_dict()}
     if val_file:
-        val, val_report = load_records(val_file, labels, allow_null, fmt, max_row_bytes)
+        val, val_report = load_records(val_file, labels, allow_null, fmt, max_row_bytes, reader)
         report["val_file"] = val_report.as_dict()
-    else:
+    if time is not None and reader is None:  # file order: the val file's rows come after the train file's
+        for i, r in enumerate([*train, *(val if val_file else [])]):
+            r.time = float(i)
+    if not val_file:
         if len(train) < 2:
             raise DataError(f"{train_file}: {len(train)} valid rows, too few to carve a validation split")
-        train, val = carve_val(train, val_split, seed)
-        report["val_from_train"] = {"val_split": val_split, "seed": seed, "val_ids": [str(r.id) for r in val]}
+        if time is None or time.split == "random":
+            train, val = carve_val(train, val_split, seed)
+            report["val_from_train"] = {"val_split": val_split, "seed": seed, "val_ids": [str(r.id) for r in val]}
+        else:
+            train, val, unused = time.carve(train, val_split)
+            report["val_from_train"] = {"split": time.split, "val_split": val_split, "unused_later_rows": unused}
     for name, rows, key in (("train", train, "train_file"), ("val", val, "val_file" if val_file else "train_file")):
         if not rows:
             read = report[key]
@@ -125,6 +237,11 @@ def build_splits(
                 f"dropped by reason: {read['dropped_by_reason']}, first line of each: {read['first_line_by_reason']})"
             )
 
+    gap = None
+    if time is not None and train and val:
+        kind = (reader.kind or NUMBER) if reader else RECORDS
+        train, report["time_split"], gap = time.cut(train, val, kind, bool(val_file))
+        gap = None if time.split == "random" else gap
     leaks = leaked_ids(train, val)
     report["leakage"] = {"ids_in_both": len(leaks), "examples": leaks[:20], "policy": leakage}
     if leaks:
@@ -152,4 +269,4 @@ def build_splits(
         )
     report["oversampled"] = len(train) != sum(before.values())
     report["class_counts"]["train_after_oversampling"] = class_counts(train, labels)
-    return Splits(train=train, val=val, report=report, train_original=original)
+    return Splits(train=train, val=val, report=report, train_original=original, gap=gap)

@@ -56,9 +56,10 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     ]
     if drops:
         out += ["Dropped rows by reason:", ""] + _table(["file", "reason", "rows", "first line"], drops)
-    if "val_from_train" in data_report:
+    if "val_from_train" in data_report and "seed" in data_report["val_from_train"]:
         v = data_report["val_from_train"]
         out += [f"Validation carved from the train file: {v['val_split']:.0%} stratified, seed {v['seed']}.", ""]
+    out += _time_lines(data_report.get("time_split"))
     counts = data_report.get("class_counts")
     if not counts:
         return out
@@ -73,6 +74,30 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
         f"Ids in both train and val: {leak.get('ids_in_both', 0)} (policy: {leak.get('policy', 'n/a')}).",
         "",
     ]
+    return out
+
+
+def _time_lines(t: Mapping[str, Any] | None) -> list[str]:
+    """data.split=time | walk_forward (or a time_key): each split's time range, what the purge and embargo cost."""
+    if not t:
+        return []
+    how = {
+        "random": "random (times read for the ranges only)",
+        "time": "time: val is the last rows in time",
+        "walk_forward": f"walk-forward: val is block {t.get('fold')} of {t.get('folds')}, trained on the blocks before",
+    }[t["split"]]
+    out = [f"Split {how}; times from {t['time_key'] or 'file order'} ({t['times']}).", ""]
+    out += _table(
+        ["split", "rows", "first", "last"], [(s, t[s]["rows"], t[s]["first"], t[s]["last"]) for s in ("train", "val")]
+    )
+    out += [
+        f"Purged {t['purged']} train rows (label_horizon {t['label_horizon']}, purge {str(t['purge']).lower()}), "
+        f"embargoed {t['embargoed']} (embargo {t['embargo']}), {t['dropped_by_max_train']} beyond max_train.",
+        "",
+    ]
+    late = t.get("overlap", {}).get("train_rows_at_or_after_val_start")
+    if late:
+        out += [f"**Train and val files overlap in time**: {late} train rows at or after the val file's start.", ""]
     return out
 
 
@@ -155,7 +180,8 @@ def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
     )
     out += [
         f"Blend: softmax(w·log p_model + (1−w)·log p_baseline), w on a grid of {len(e['grid'])} from 0 to 1 "
-        f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} stratified folds, each "
+        f"chosen by {e['select']}. Out of fold: the {e['rows']} val rows in {e['folds']} "
+        f"{_fold_kind(e)}, each "
         f"scored with the temperatures (model and baseline) and the weight fit on the other folds (fold weights "
         f"{', '.join(f'{w:g}' for w in e['fold_weights'])}); the exported weight {e['weight']:g} and baseline "
         f"temperature {e['baseline_temperature']:.3f} are chosen on the whole val split. The gates above judge "
@@ -163,6 +189,13 @@ def _ensemble_section(metrics: Mapping[str, Any]) -> list[str]:
         "",
     ]
     return out
+
+
+def _fold_kind(e: Mapping[str, Any]) -> str:
+    t = e.get("time_folds")
+    if t is None:
+        return "stratified folds"
+    return f"contiguous time blocks ({t['purged']} purged and {t['embargoed']} embargoed rows left out of the fits)"
 
 
 def render_report(

@@ -50,6 +50,29 @@ def row_format(data: RecordsDataConf) -> RowFormat:
     return RowFormat(str(data.format), data.id_column, data.label_column)
 
 
+def check_time_split(d: DictConfig) -> None:
+    """The rules between ``data.split`` and the time keys (field rules hold already)."""
+    for key in ("time_pattern", "time_format"):
+        require(d.time_key is not None or d[key] is None, f"data.{key}", d[key], "reads data.time_key: set it too")
+    for key in ("label_horizon", "embargo"):
+        require(
+            d.time_key is not None or not isinstance(d[key], str),
+            f"data.{key}",
+            d[key],
+            "a duration needs data.time_key (a date or timestamp); in file order it is a number of records",
+        )
+    if d.split != "walk_forward":
+        return
+    require(
+        d.val_file is None,
+        "data.val_file",
+        d.val_file,
+        "split=walk_forward cuts its val block from data.train_file: set data.val_file=null",
+    )
+    require(d.fold >= 1, "data.fold", d.fold, "fold 0 has no past to train on: validate folds 1..data.folds-1")
+    require(d.fold < d.folds, "data.fold", d.fold, f"must be < data.folds={d.folds}")
+
+
 class Classification(Task):
     name = "classification"
     schema = ClassificationConf
@@ -72,6 +95,7 @@ class Classification(Task):
                 weights,
                 f"needs one weight per label ({len(d.labels)})",
             )
+        check_time_split(d)
 
     @property
     def labels(self) -> list[str]:
@@ -94,7 +118,9 @@ class Classification(Task):
             allow_null=d.allow_null,
             fmt=row_format(d),
             max_row_bytes=d.max_row_bytes,
+            time=d.time_split(),
         )
+        self._log_time_split()
         test_rows = self._test_rows() if d.test_file and ctx.ddp.is_main else []  # rank 0 reports
         self.test_rows = test_rows
         counts = self.splits.report["class_counts"]
@@ -154,6 +180,21 @@ class Classification(Task):
                 test, test.lengths, collate, batch_size=self.conf.trainer.eval_batch_size, hardware=self.conf.hardware
             )
         return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths, collate=collate)
+
+    def _log_time_split(self) -> None:
+        """Each split's time range (tags) and the purged and embargoed counts (metrics) in MLflow."""
+        t = self.splits.report.get("time_split")
+        if t is None:
+            return
+        ranges = {f"split.{s}_time": f"{t[s]['first']} .. {t[s]['last']}" for s in ("train", "val")}
+        self.ctx.tracker.set_tags({"split": t["split"], **ranges})
+        counts = ("purged", "embargoed", "dropped_by_max_train")
+        self.ctx.tracker.log_metrics({f"split.{k}": t[k] for k in counts} | {"split.train_rows": t["train"]["rows"]})
+        log.info(
+            "split=%s: train %s, val %s; purged %d, embargoed %d", t["split"], *ranges.values(), *map(t.get, counts[:2])
+        )
+        if t.get("overlap", {}).get("train_rows_at_or_after_val_start"):
+            self.ctx.tracker.set_tags({"split.time_overlap": t["overlap"]["train_rows_at_or_after_val_start"]})
 
     def _test_rows(self) -> list:
         """``data.test_file`` through the same reader (drops counted), into the data report; nothing trains on,
@@ -231,7 +272,9 @@ class Classification(Task):
         from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
 
         blend_inputs = self._blend_inputs(val_loader, self.splits.val)
-        metrics = best_epoch_report(self.conf, model, val_loader, result, self.ctx, self.baseline, blend_inputs)
+        metrics = best_epoch_report(
+            self.conf, model, val_loader, result, self.ctx, self.baseline, blend_inputs, self.splits.gap
+        )
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             test_base = self._blend_inputs(self.test_loader, self.test_rows) if blend_inputs else None
             metrics = test_report(

@@ -17,11 +17,13 @@ from loralab.core.checkpoint import save_checkpoint
 from loralab.core.trainer import predict_logits
 from loralab.data.records import write_rows
 from loralab.data.serialize import Json, Serializer
+from loralab.data.timeorder import Gap, purged_folds
 from loralab.ensemble import (
     BASELINE_FILE,
     blend,
     calibrated_baseline,
     cross_fit,
+    folds,
     load_baseline,
     save_baseline,
     scores,
@@ -47,9 +49,11 @@ def best_epoch_report(
     ctx: RunContext,
     baseline: dict[str, Any] | None,
     blend_inputs: tuple[np.ndarray, list] | None = None,
+    gap: Gap | None = None,
 ) -> dict[str, Any]:
     """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``); with ``blend_inputs`` (the
-    baseline's val probabilities and the val records, in the loader's order) the ensemble's report too."""
+    baseline's val probabilities and the val records, in the loader's order) the ensemble's report too, cross-fit
+    on contiguous time blocks purged and embargoed by ``gap`` when val is time-ordered."""
     labels, best_epoch = list(conf.data.labels), result.best_epoch
     logits, y = predict_logits(model, val_loader, ctx.device, conf.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
@@ -79,7 +83,7 @@ def best_epoch_report(
         "baseline": baseline,
     }
     if blend_inputs is not None:
-        metrics["ensemble"] = ensemble_report(conf, logits, y, metrics["temperature"], *blend_inputs, ctx)
+        metrics["ensemble"] = ensemble_report(conf, logits, y, metrics["temperature"], *blend_inputs, ctx, gap)
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
     ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
     ctx.tracker.log_metrics(calibration_scalars(metrics), step=best_epoch)
@@ -96,11 +100,17 @@ def ensemble_report(
     base_probs: np.ndarray,
     rows: list,
     ctx: RunContext,
+    gap: Gap | None = None,
 ) -> dict[str, Any]:
     """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
     ``ensemble_val.jsonl``: per val row the model's (calibrated), the baseline's (as it predicts them, before its
     temperature) and the exported blend's probabilities."""
     e, labels = conf.ensemble, list(conf.data.labels)
+    held, fit, purged = None, None, None
+    if gap is not None:
+        times = [r.time for r in rows]
+        held = folds(y, e.folds, conf.seed, order=times)
+        fit, purged = purged_folds(times, held, gap)
     report, blended = cross_fit(
         logits,
         base_probs,
@@ -112,7 +122,11 @@ def ensemble_report(
         select=e.select,
         calibrate=conf.calibration.method != "none",
         t_bounds=list(conf.calibration.t_bounds),
+        fold_rows=held,
+        fit_rows=fit,
     )
+    if purged is not None:
+        report["time_folds"] = purged  # rows left out of the folds' fits: purged and embargoed, summed
     model_probs = probabilities(logits, temperature)
     write_rows(
         ctx.out_dir / "ensemble_val.jsonl",
