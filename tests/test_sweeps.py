@@ -18,6 +18,7 @@ from itertools import product
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -51,10 +52,18 @@ def store(tmp_path_factory) -> str:
 
 
 def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool = True) -> subprocess.CompletedProcess:
+    """``train.py [-m]`` on ``data``: a dir with train.jsonl and val.jsonl, or one file to carve val from."""
+    files = (
+        [f"data.train_file={data}"]
+        if data.is_file()
+        else [
+            f"data.train_file={data / 'train.jsonl'}",
+            f"data.val_file={data / 'val.jsonl'}",
+        ]
+    )
     base = [
         "data=jsonl",
-        f"data.train_file={data / 'train.jsonl'}",
-        f"data.val_file={data / 'val.jsonl'}",
+        *files,
         "trainer.max_epochs=1",
         "model.tokenizer_vocab_size=300",
         "model.max_length=64",
@@ -311,3 +320,81 @@ def test_launcher_configs_compose_with_sweeps(launcher, keys, target):
     assert {k: cfg.hydra.launcher[k] for k in keys} == keys
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.callbacks.sweep_tracking._target_ == "loralab.tracking.sweep.SweepTracking"
+
+
+# --- walk-forward folds: a sweep over data.fold summarised per setting -------------------------------------------
+
+
+def test_a_sweep_over_folds_is_summarised_per_setting_mean_std_worst(tmp_path, store, capsys):
+    exp = tmp_path.name
+    parent = get_or_create_parent(tmp_path / "sweep", store, exp)
+    scores = {("4", "1"): 0.6, ("4", "2"): 0.8, ("4", "3"): 0.7, ("8", "1"): 0.9, ("8", "2"): 0.4, ("8", "3"): None}
+    for job, ((r, fold), f1) in enumerate(scores.items()):
+        overrides = ["data.split=walk_forward", f"lora.r={r}", f"data.fold={fold}"]
+        _child(store, exp, parent, job, overrides, f1, "FINISHED" if f1 is not None else "FAILED")
+    rows = compare.sweep_rows(store, parent)
+    settings = compare.fold_settings(rows)
+    # Ranked by the mean over folds, not by the best single job (r=8's fold 1 is the best job at 0.9).
+    assert [s["setting"]["lora.r"] for s in settings] == ["4", "8"]
+    four, eight = settings
+    assert four["mean"] == pytest.approx(0.7) and four["std"] == pytest.approx(np.std([0.6, 0.8, 0.7]))
+    assert four["worst"] == pytest.approx(0.6) and four["folds"] == ["1", "2", "3"] and four["failed"] == 0
+    assert eight["mean"] == pytest.approx(0.65) and eight["failed"] == 1 and eight["worst"] == pytest.approx(0.4)
+    paths = {p.name: p for p in compare.write_summary(rows, tmp_path)}
+    by_setting = list(csv.DictReader(io.StringIO(paths["sweep_summary_by_setting.csv"].read_text())))
+    assert [(r["lora.r"], r["folds"], r["failed"]) for r in by_setting] == [("4", "1 2 3", "0"), ("8", "1 2", "1")]
+    markdown = (tmp_path / "sweep_summary.md").read_text()
+    assert "Per setting over data.fold" in markdown and "| 4 | 1 2 3 | 0.7000 | 0.0816 | 0.6000 | 0 |" in markdown
+    compare.print_table(rows, "folds")
+    assert "per setting over data.fold" in capsys.readouterr().out
+    assert compare.fold_settings([r for r in rows if r["override_values"]["data.fold"] == "1"]) == []
+
+
+def time_ordered_trades(path: Path, n: int = 90) -> Path:
+    """Demo records with trade ids that carry their day (3 records a day through November 2025), in time order."""
+    rows = write_demo(path.parent / "plain", n_train=n, n_val=1)[0].read_text().splitlines()
+    out = []
+    for i, line in enumerate(rows):
+        record = json.loads(line)
+        record["id"] = f"6E-M1-202511{1 + i // 3:02d}-{12345 + i}"
+        out.append(json.dumps(record))
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_walk_forward_sweep_reports_mean_std_and_worst_over_its_folds(tmp_path, store):
+    data = time_ordered_trades(tmp_path / "trades.jsonl")
+    proc = run_train(
+        tmp_path,
+        data,
+        store,
+        "pretrain=none",
+        "baseline=none",
+        "calibration=none",
+        "trainer.max_steps=3",
+        "data.split=walk_forward",
+        "data.time_key=id",
+        r"data.time_pattern='-(\d{8})-'",
+        "data.time_format=%Y%m%d",
+        "data.label_horizon=1",
+        "data.folds=4",
+        "data.fold=range(1,4)",
+    )
+    client, parent_id, children = sweep_result(tmp_path, proc)
+    assert sorted(c.data.params["data.fold"] for c in children) == ["1", "2", "3"]
+    # 4 blocks of 23, 23, 22, 22 records; a one-day horizon purges the train rows of the day before a block
+    # starts and of its first day: 3 + 2 before block 1 (it starts on its day's third record), 3 + 1, 3 + 2.
+    purged = {c.data.params["data.fold"]: c.data.metrics["split.purged"] for c in children}
+    assert purged == {"1": 5, "2": 4, "3": 5}
+    assert {c.data.tags["split.val_time"][:10] for c in children} == {"2025-11-08", "2025-11-16", "2025-11-23"}
+    parent = client.get_run(parent_id)
+    f1 = [c.data.metrics["best.val_macro_f1"] for c in children]
+    assert parent.data.metrics["folds.mean.val_macro_f1"] == pytest.approx(np.mean(f1))
+    assert parent.data.metrics["folds.std.val_macro_f1"] == pytest.approx(np.std(f1))
+    assert parent.data.metrics["folds.worst.val_macro_f1"] == pytest.approx(min(f1))
+    assert parent.data.tags["best_setting_folds"] == "1 2 3"
+    settings = (tmp_path / "multirun" / "sweep_summary_by_setting.csv").read_text().splitlines()
+    assert len(settings) == 2 and ",1 2 3," in settings[1]
+    report = json.loads((tmp_path / "multirun" / "1" / "data_report.json").read_text())["time_split"]
+    assert report["fold"] == 2 and report["train"]["rows"] + report["purged"] == 46 and report["val"]["rows"] == 22

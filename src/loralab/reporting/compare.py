@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import mlflow
+import numpy as np
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -37,6 +38,7 @@ BESIDE = {
     "blend_weight": "ensemble.weight",
 }
 MAX_RUNS = 5000
+FOLD_KEY = "data.fold"  # a sweep over it (walk-forward folds) is summarised per setting too
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
@@ -177,6 +179,72 @@ def columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     return header, cells
 
 
+def fold_settings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where the jobs differ in ``data.fold``: one row per setting (every other override equal) with the mean,
+    standard deviation (population, as scikit-learn's cross-validation reports it) and worst fold of the
+    objective over its finished folds, best mean first; [] for any other sweep."""
+    if FOLD_KEY not in swept_keys(rows):
+        return []
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        setting = tuple((k, v) for k, v in row["override_values"].items() if k != FOLD_KEY)
+        groups.setdefault(tuple(sorted(setting)), []).append(row)
+    out = []
+    for setting, members in groups.items():
+        done = [r for r in members if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
+        values = np.array([r["objective"] for r in done])
+        lower = members[0]["mode"] == "min"
+        out.append(
+            {
+                "setting": dict(setting),
+                "objective_key": members[0]["objective_key"],
+                "mode": members[0]["mode"],
+                "folds": sorted((r["override_values"].get(FOLD_KEY, "") for r in done), key=_as_number),
+                "failed": len(members) - len(done),
+                "mean": float(values.mean()) if len(done) else math.nan,
+                "std": float(values.std()) if len(done) else math.nan,
+                "worst": float(values.max() if lower else values.min()) if len(done) else math.nan,
+            }
+        )
+    return sorted(
+        out,
+        key=lambda s: (
+            math.isnan(s["mean"]),
+            0.0 if math.isnan(s["mean"]) else s["mean"] * (1 if s["mode"] == "min" else -1),
+        ),
+    )
+
+
+def _as_number(value: str) -> tuple[float, str]:
+    try:
+        return float(value), value
+    except ValueError:
+        return math.inf, value
+
+
+def setting_columns(settings: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells of the per-setting table (markdown, terminal and CSV alike)."""
+    keys = [
+        k
+        for k in dict.fromkeys(k for s in settings for k in s["setting"])
+        if len({s["setting"].get(k) for s in settings}) > 1
+    ]
+    objective = settings[0]["objective_key"] if settings else "objective"
+    header = [*(keys or ["setting"]), "folds", f"mean {objective}", "std", "worst", "failed"]
+    cells = [
+        [
+            *((short_value(s["setting"].get(k, "")) for k in keys) if keys else ["(all folds)"]),
+            " ".join(s["folds"]),
+            _num(s["mean"]),
+            _num(s["std"]),
+            _num(s["worst"]),
+            str(s["failed"]),
+        ]
+        for s in settings
+    ]
+    return header, cells
+
+
 def short_value(value: str) -> str:
     """Sampled floats (Optuna) to 4 significant digits for reading; the CSV keeps them whole."""
     try:
@@ -189,10 +257,22 @@ def _num(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    header, cells = columns(rows)
+def _markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The jobs' table; after it, for a sweep over ``data.fold``, the per-setting table."""
+    lines = _markdown_table(*columns(rows))
+    settings = fold_settings(rows)
+    if settings:
+        lines += [
+            "",
+            f"Per setting over {FOLD_KEY} (best mean first):",
+            "",
+            *_markdown_table(*setting_columns(settings)),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -272,16 +352,50 @@ def heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=120)
 
 
+def write_settings_csv(settings: Sequence[dict[str, Any]], path: Path) -> Path:
+    keys = list(dict.fromkeys(k for s in settings for k in s["setting"]))
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, "objective_key", "folds", "mean", "std", "worst", "failed"])
+        for s in settings:
+            w.writerow(
+                [
+                    *(s["setting"].get(k, "") for k in keys),
+                    s["objective_key"],
+                    " ".join(s["folds"]),
+                    s["mean"],
+                    s["std"],
+                    s["worst"],
+                    s["failed"],
+                ]
+            )
+    return path
+
+
 def write_summary(rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "sweep_summary") -> list[Path]:
-    """CSV + markdown table (+ heatmap PNG when two numeric keys were swept) into ``out_dir``."""
+    """CSV + markdown table (+ heatmap PNG when two numeric keys were swept; + the per-setting CSV of a sweep
+    over ``data.fold``) into ``out_dir``."""
     out_dir = Path(out_dir)
     paths = [write_csv(rows, out_dir / f"{name}.csv"), atomic_write_text(out_dir / f"{name}.md", to_markdown(rows))]
+    settings = fold_settings(rows)
+    if settings:
+        paths.append(write_settings_csv(settings, out_dir / f"{name}_by_setting.csv"))
     png = heatmap(rows, out_dir / f"{name}_heatmap.png")
     return paths + ([png] if png else [])
 
 
 def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | None = None) -> None:
-    header, cells = columns(rows)
+    """The jobs' table; after it, for a sweep over ``data.fold``, the per-setting table."""
+    console = console or Console()
+    _print(columns(rows), [row["status"] == "FINISHED" for row in rows], title, console)
+    settings = fold_settings(rows)
+    if settings:
+        ok = [s["failed"] == 0 for s in settings]
+        _print(setting_columns(settings), ok, f"per setting over {FOLD_KEY}, best mean first", console)
+
+
+def _print(table_cells: tuple[list[str], list[list[str]]], ok: Sequence[bool], title: str, console: Console) -> None:
+    header, cells = table_cells
     table = Table(title=title)
     for name in header:
         free = name in ("error", "overrides")
@@ -293,9 +407,8 @@ def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | N
             min_width=None if free else max(len(name), 8 if name == "status" else 0),
             overflow="fold",
         )
-    for line, row in zip(cells, rows):
-        table.add_row(*line, style=None if row["status"] == "FINISHED" else "red")
-    console = console or Console()
+    for line, fine in zip(cells, ok):
+        table.add_row(*line, style=None if fine else "red")
     need = console.measure(table, options=console.options.update_width(10_000))
     if need.minimum > console.width:  # a narrow terminal gets long lines rather than numbers cut off
         console = Console(width=max(need.minimum, min(need.maximum, 160)), file=console.file)

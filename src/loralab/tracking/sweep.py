@@ -226,6 +226,11 @@ class SweepTracking(Callback):
             parent.set_tags(
                 {"best_run_id": best["run_id"], "best_run_name": best["run_name"], "best_overrides": best["overrides"]}
             )
+        settings = compare.fold_settings(rows)
+        if settings and not math.isnan(settings[0]["mean"]):
+            top = settings[0]  # best mean over its folds
+            parent.log_metrics({f"folds.{k}.{top['objective_key']}": top[k] for k in ("mean", "std", "worst")})
+            parent.set_tags({"best_setting": json.dumps(top["setting"]), "best_setting_folds": " ".join(top["folds"])})
         parent.log_metrics({"jobs": len(rows), "jobs_failed": sum(r["status"] != "FINISHED" for r in rows)})
         experiment_id = parent.client.get_run(parent_id).info.experiment_id
         parent.set_tags(
