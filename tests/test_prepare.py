@@ -120,3 +120,27 @@ def test_python_m_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert sum(len(read_split(tmp_path / "o", n)) for n in RATIOS) == 60
+
+
+def test_time_split_cuts_train_val_test_in_time_and_purges_at_each_boundary(tmp_path, capsys):
+    days = [f"2025-03-{1 + i // 2:02d}" for i in range(40)]  # two rows a day, the file shuffled
+    rows = [
+        {"id": f"r{i}", "features": {"x": i, "day": d}, "label": ["long", "skip"][i % 2]} for i, d in enumerate(days)
+    ]
+    rows = rows[1::2] + rows[::2] + [{"id": "bad", "features": {"x": 0, "day": "someday"}, "label": "long"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert main([f"input={src}", f"output_dir={out}", "split=time", "time_key=day", "label_horizon=1"]) == 0
+    report = json.loads((out / "split_report.json").read_text())
+    assert report["input"]["dropped_by_reason"] == {"invalid_time": 1}
+    t = report["time_split"]
+    # 32/4/4 rows: train to 16 March, val 17-18, test 19-20; a one-day horizon purges 16 March (2 rows) from train
+    # and 18 March (2 rows) from val; the ranges are those of the rows written.
+    assert t["purged"] == {"train": 2, "val": 2}
+    assert t["ranges"]["val"] == {"first": "2025-03-17T00:00:00Z", "last": "2025-03-17T00:00:00Z"}
+    split_ids = {name: [r["id"] for r in read_split(out, name)] for name in RATIOS}
+    assert [len(v) for v in split_ids.values()] == [30, 2, 4]
+    assert max(int(i[1:]) for i in split_ids["train"]) == 29 and sorted(split_ids["val"]) == ["r32", "r33"]
+    assert "2025-03-19T00:00:00Z .. 2025-03-20T00:00:00Z" in capsys.readouterr().out
+    assert main([f"input={src}", f"output_dir={out}", "split=time", "time_format=%Y"]) == 2
+    assert "time_pattern/time_format read time_key" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -98,7 +99,7 @@ def parse(tool: Tool, argv: Sequence[str]) -> Any:
             raise UsageError(f"{key}: unknown option (options: {', '.join(names)})")
         pairs.append(arg)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(tool.schema), OmegaConf.from_dotlist(pairs))
+        cfg = OmegaConf.merge(OmegaConf.structured(tool.schema), *map(_dotted, pairs))
     except OmegaConfBaseException as err:
         raise UsageError(_one_line(err)) from None
     missing = [n for n in names if n in OmegaConf.missing_keys(cfg)]
@@ -108,6 +109,16 @@ def parse(tool: Tool, argv: Sequence[str]) -> Any:
         return OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, TypeError, ValueError) as err:  # a dataclass's own __post_init__ check
         raise UsageError(_one_line(err)) from None
+
+
+def _dotted(pair: str) -> Any:
+    """One ``key=value`` as OmegaConf reads it (YAML typing: ``3`` an int, ``null`` None); a value YAML refuses
+    (``time_format=%Y%m%d``: ``%`` starts a YAML directive) is the text as typed."""
+    try:
+        return OmegaConf.from_dotlist([pair])
+    except yaml.YAMLError:
+        key, value = pair.split("=", 1)
+        return OmegaConf.create({key: value})
 
 
 def _one_line(err: Exception) -> str:

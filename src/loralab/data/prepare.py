@@ -6,6 +6,11 @@ Classification records (``label``) are stratified by label; regression records (
 score tier: the quantile bin of the row's mean score, so every split sees low, middle and high scores alike.
 Each id lands in exactly one split (repeated ids are dropped and counted). Rows keep their file order inside a
 split. ``split_report.json`` says how many rows each split kept and how far each stratum's share drifted.
+
+``split=time`` cuts the splits in time instead (train, then val, then test: the training run's ``data.split=time``
+with ``data.val_file`` set to this val file), ordered as ``data.time_key`` orders them, and purges the rows whose
+label window reaches into the next split (train before val, val before test). No embargo: nothing trains on rows
+after the val or test block here.
 """
 
 from __future__ import annotations
@@ -23,6 +28,17 @@ from omegaconf import MISSING
 from loralab.data.records import FORMATS, MAX_ROW_BYTES, DataError, LoadReport, RowFormat, label_text, read_rows
 from loralab.data.splits import score_tiers, stratified_split
 from loralab.data.tables import write_table_subset
+from loralab.data.timeorder import (
+    NUMBER,
+    RECORDS,
+    Gap,
+    TimeReader,
+    in_units,
+    is_duration,
+    time_order,
+    time_text,
+    valid_pattern,
+)
 from loralab.errors import ConfigError
 from loralab.fs import atomic_write_json, atomic_write_text, writable_dir
 
@@ -48,6 +64,12 @@ class PrepareConfig:
     seed: int = _opt(42, "same seed + same file = same splits")
     score_tiers: int = _opt(3, "regression only: quantile tiers of the mean score used as strata")
     max_row_bytes: int = _opt(MAX_ROW_BYTES, "longer lines are dropped unread (row_too_large), as in training")
+    split: str = _opt("random", "random (stratified by seed) | time (train, val, test in time order, purged)")
+    time_key: str | None = _opt(None, "split=time: null = file order | id | a feature name (as data.time_key)")
+    time_pattern: str | None = _opt(None, "regex whose group in time_key's text is the time, e.g. '-(\\d{8})-'")
+    time_format: str | None = _opt(None, "strptime format of that text, e.g. %Y%m%d; null: a number or ISO 8601")
+    label_horizon: str = _opt("0", "how far a label looks ahead: records, the feature's units, days or 4h, 2d")
+    purge: bool = _opt(True, "drop rows whose label window reaches into the next split")
 
 
 def _finite_number(x: Any) -> bool:
@@ -65,10 +87,12 @@ def record_kind(row: dict) -> str | None:
 
 
 def read_labelled(
-    path: str | Path, fmt: RowFormat = RowFormat(), max_row_bytes: int = MAX_ROW_BYTES
+    path: str | Path, fmt: RowFormat = RowFormat(), max_row_bytes: int = MAX_ROW_BYTES, time: TimeReader | None = None
 ) -> tuple[list[Any], list[dict], str, LoadReport]:
     """Row sources (line texts, CSV cells, Parquet row indices: written out verbatim) and parsed rows of one kind
-    (the first valid row decides), with every dropped row counted by ``read_rows``, the reader training uses."""
+    (the first valid row decides), with every dropped row counted by ``read_rows``, the reader training uses.
+    ``time``: rows whose time it cannot read are dropped too (``missing_time``, ``invalid_time``), and each kept
+    row holds its time under ``TIME``."""
     kind = None
 
     def parse(row: dict) -> dict | str:
@@ -77,13 +101,70 @@ def read_labelled(
         if row_kind is None:
             return "missing_label"
         kind = kind or row_kind
-        return row if row_kind == kind else f"not_{kind}_record"
+        if row_kind != kind:
+            return f"not_{kind}_record"
+        if time is None:
+            return row
+        t = time(row["id"], row.get("features") or {})
+        return t if isinstance(t, str) else {**row, TIME: t}
 
     pairs, report = read_rows(path, parse, with_text=True, fmt=fmt, max_row_bytes=max_row_bytes)
     if not pairs:
         raise DataError(f"{path}: no usable labelled rows ({dict(report.dropped)})")
     lines, rows = (list(x) for x in zip(*pairs))
     return lines, rows, kind, report
+
+
+TIME = "__time__"  # a parsed row's time under split=time (never written: the files copy the rows' sources)
+
+
+def check_time(cfg: PrepareConfig) -> None:
+    """The time options, one line each (before any file is read)."""
+    if cfg.split not in ("random", "time"):
+        raise ConfigError(f"split={cfg.split!r}: must be random or time")
+    if cfg.time_key is None and (cfg.time_pattern or cfg.time_format):
+        raise ConfigError("time_pattern/time_format read time_key: set it too")
+    if cfg.time_pattern is not None and not valid_pattern(cfg.time_pattern):
+        raise ConfigError(f"time_pattern={cfg.time_pattern!r}: must be a regular expression with at most one group")
+    if cfg.time_format is not None and "%" not in cfg.time_format:
+        raise ConfigError(f"time_format={cfg.time_format!r}: must be a strptime format such as %Y%m%d")
+    if not is_duration(horizon(cfg)):
+        raise ConfigError(f"label_horizon={cfg.label_horizon!r}: must be a number >= 0 or a duration such as 4h, 2d")
+
+
+def horizon(cfg: PrepareConfig) -> float | str:
+    try:
+        return float(cfg.label_horizon)
+    except ValueError:
+        return cfg.label_horizon
+
+
+def time_split(
+    rows: Sequence[dict], ratios: dict[str, float], kind: str, cfg: PrepareConfig
+) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Row indices per split in time order (each list in file order), the rows whose label window reaches the
+    next split purged, and the report: each split's time range and how many rows were purged from it."""
+    times = np.array([r[TIME] for r in rows] if cfg.time_key else np.arange(len(rows)), dtype=np.float64)
+    order = time_order(times)
+    n = len(rows)
+    n_test, n_val = round(ratios["test"] * n), round(ratios["val"] * n)
+    cuts = {"train": order[: n - n_val - n_test], "val": order[n - n_val - n_test : n - n_test]}
+    cuts["test"] = order[n - n_test :]
+    gap = Gap(in_units(horizon(cfg), kind, "label_horizon"), 0.0, cfg.purge)
+    purged = {}
+    for split, after in (("train", "val"), ("val", "test")):
+        kept, cut, _ = gap.cut(times[cuts[split]], times[cuts[after]])
+        purged[split] = int(cut.sum())
+        cuts[split] = cuts[split][kept]
+    parts = {split: sorted(idx.tolist()) for split, idx in cuts.items()}
+    ranges = {
+        split: {"first": time_text(times[idx].min(), kind), "last": time_text(times[idx].max(), kind)}
+        if len(idx)
+        else {"first": None, "last": None}
+        for split, idx in cuts.items()
+    }
+    report = {"time_key": cfg.time_key, "times": kind, "label_horizon": cfg.label_horizon, "purge": cfg.purge}
+    return parts, {**report, "ranges": ranges, "purged": purged}
 
 
 def strata(rows: Sequence[dict], kind: str, n_tiers: int) -> tuple[list[str], list[float] | None]:
@@ -125,11 +206,20 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"format={cfg.format!r}: must be auto, {', '.join(FORMATS)}")
     if cfg.max_row_bytes <= 0:
         raise ConfigError(f"max_row_bytes={cfg.max_row_bytes}: must be > 0")
+    check_time(cfg)
     fmt = RowFormat(cfg.format, cfg.id_column, cfg.label_column)
     out = writable_dir(cfg.output_dir, "output_dir")
-    lines, rows, kind, load = read_labelled(cfg.input, fmt, cfg.max_row_bytes)
+    reader = (
+        TimeReader(cfg.time_key, cfg.time_pattern, cfg.time_format) if cfg.split == "time" and cfg.time_key else None
+    )
+    lines, rows, kind, load = read_labelled(cfg.input, fmt, cfg.max_row_bytes, reader)
     strat, edges = strata(rows, kind, cfg.score_tiers)
-    parts, stratified = stratified_split(strat, ratios, cfg.seed)
+    timed: dict[str, Any] = {}
+    if cfg.split == "time":
+        parts, timed = time_split(rows, ratios, (reader.kind or NUMBER) if reader else RECORDS, cfg)
+        stratified = False
+    else:
+        parts, stratified = stratified_split(strat, ratios, cfg.seed)
     kind_of_file = fmt.resolve(cfg.input)
     for split in SPLITS:
         chosen = [lines[i] for i in parts.get(split, [])]
@@ -140,7 +230,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     report = {
         "input": load.as_dict(),
         "kind": kind,
-        "stratified_by": "label"
+        "stratified_by": "time (not stratified)"
+        if timed
+        else "label"
         if kind == "classification"
         else f"score tier ({cfg.score_tiers} quantile bins of the mean score)",
         "tier_edges": edges,
@@ -148,6 +240,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "ratios_requested": ratios,
         **split_report(strat, parts),
+        **({"time_split": timed} if timed else {}),
     }
     atomic_write_json(out / "split_report.json", report)
     return report
