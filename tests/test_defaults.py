@@ -44,6 +44,19 @@ def test_auto_epochs_reach_min_steps_on_any_size():
     assert resolve_length(trainer(), 6250)[0].early_stopping.patience == 3
 
 
+def test_a_long_epoch_is_evaluated_inside_and_a_short_one_at_its_end():
+    """val_check_interval=auto: checks at most min_steps/4 (450) steps apart, evenly spaced within the epoch."""
+    assert resolve_length(trainer(), 258)[0].val_check_interval is None  # the demo: 7 epochs, checked at their ends
+    assert resolve_length(trainer(), 450)[0].val_check_interval is None
+    cfg, length = resolve_length(trainer(), 2500)  # 40k rows: one epoch, checked 6 times
+    assert cfg.val_check_interval == 417 and length["val_check_interval"] == 417
+    assert cfg.max_epochs == 1 and cfg.early_stopping.patience == 3  # 3 checks (1,251 steps) without a rise
+    assert resolve_length(trainer(), 6250)[0].val_check_interval == 447  # 14 checks
+    fixed = dataclasses.replace(trainer(), val_check_interval=100)
+    assert resolve_length(fixed, 2500)[0].val_check_interval == 100  # a number is used as given
+    assert resolve_length(dataclasses.replace(fixed, val_check_interval=None), 2500)[0].val_check_interval is None
+
+
 def test_pretrain_min_steps_gives_small_corpora_more_epochs_only():
     # wine: 118 texts after the hold-out are 8 steps an epoch; the demo's 2,280 are 143 (5 epochs: 715 steps)
     assert pretrain_epochs(5, 700, 8) == 88
@@ -52,7 +65,7 @@ def test_pretrain_min_steps_gives_small_corpora_more_epochs_only():
 
 
 def test_a_number_of_epochs_is_used_as_given():
-    cfg = trainer(max_epochs=2)
+    cfg = dataclasses.replace(trainer(max_epochs=2), val_check_interval=None)
     assert resolve_length(cfg, 5) == (cfg, {})
 
 

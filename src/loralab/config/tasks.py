@@ -12,7 +12,18 @@ from typing import Any, ClassVar, List, Optional
 from omegaconf import MISSING
 
 from loralab.config.choices import DataFormat, Leakage, TruncationSide
-from loralab.config.rules import CLASS_WEIGHTS, METRIC_NAME_PART, NAMES, NOT_EMPTY, ge, gt, interval, knob, template_of
+from loralab.config.rules import (
+    CLASS_WEIGHTS,
+    METRIC_NAME_PART,
+    NAMES,
+    NOT_EMPTY,
+    OVERSAMPLE_TO,
+    ge,
+    gt,
+    interval,
+    knob,
+    template_of,
+)
 from loralab.config.schema import RunConf
 
 
@@ -41,7 +52,7 @@ class RecordsDataConf(SplitDataConf):
     label_column: str = knob(NOT_EMPTY)
     labels: List[str] = knob(NAMES, each=METRIC_NAME_PART)
     template: str = knob(template_of("features"))
-    oversample_below: Optional[float] = knob(interval("(0, 1]"))
+    oversample_to: Any = knob(OVERSAMPLE_TO)  # a share in (0, 1), balanced, or null
     allow_null: bool = MISSING
     cache_dir: Optional[str] = MISSING
 
