@@ -148,3 +148,24 @@ def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
     console = Console(record=True, width=200)
     print_summary(summary, console)
     assert "loses" not in console.export_text() and "LOSES" not in run_line(summary)
+
+
+def test_the_summary_shows_where_the_wall_went():
+    summary = run_result(
+        metrics=metrics(0.9, 0.9),
+        wall_time_s=200.0,
+        stage_seconds={"data": 10.0, "pretrain": 30.0, "model": 2.0, "fit": 140.0, "finalize": 18.0},
+    )
+    console = Console(record=True, width=250)
+    print_summary(summary, console)
+    assert "data 10 s (5%) · pretrain 30 s (15%) · model 2 s (1%) · fit 140 s (70%) · finalize 18 s (9%)" in (
+        console.export_text()
+    )
+
+
+def test_a_pretrain_budget_ends_the_stage_whatever_the_corpus_size():
+    budget = dataclasses.replace(CONF.pretrain, max_steps=2000)
+    assert CONF.pretrain.max_steps == 2000  # the shipped budget
+    assert budget.trainer(2375).max_steps == 2000  # 38k texts: 5 epochs would be 11,875 steps
+    assert budget.trainer(2375).max_epochs == 5  # the budget ends the stage first (and its lr schedule with it)
+    assert dataclasses.replace(CONF.pretrain, max_steps=None).trainer(143).max_steps is None

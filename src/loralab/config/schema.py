@@ -94,6 +94,7 @@ class PretrainConf:
     name: PretrainName = MISSING
     epochs: int = knob(ge(1))
     min_steps: int = knob(ge(0))  # 0: off
+    max_steps: Optional[int] = knob(ge(1))  # a budget: the stage ends there whatever the corpus size; null: off
     lr: float = knob(gt(0))
     batch_size: int = knob(gt(0))
     weight_decay: float = knob(ge(0))
@@ -144,7 +145,7 @@ class PretrainConf:
             gates=None,
             log_every_n_steps=None,
             val_check_interval=None,
-            max_steps=None,
+            max_steps=self.max_steps,  # the stage evaluates there and keeps its best evaluation
         )
         # Every knob is decided here: a trainer knob added to the schema later fails loudly until the stage sets it.
         unset = [f.name for f in dataclasses.fields(loop) if getattr(loop, f.name) == MISSING]
