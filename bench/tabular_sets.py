@@ -6,6 +6,10 @@
 - ``mixed``: a few thousand synthetic rows, numeric and categorical features, a ~13% minority class decided by a
   rule over several features plus label noise.
 - ``demo``: the project's own demo records (``loralab.data.demo``).
+- ``trading`` (3,000 train / 1,000 val), ``trading_rare`` (6,000 / 1,500), ``trading_drift`` (4,000 / 1,000, in time
+  order, val the latest), ``trading_4k`` / ``trading_40k`` (4,000 / 40,000 train rows of one stream, the same 1,000
+  val): trading events whose ``long`` / ``short`` labels are rare (3-8% each) and come from conjunctions of 4
+  conditions over 11 numeric, boolean and categorical features, with 6% label noise.
 
     python bench/tabular_sets.py OUT_DIR [NAME ...]     # writes OUT_DIR/NAME/{train,val}.jsonl
 """
@@ -33,6 +37,19 @@ LABELS = {
     "iris": ["setosa", "versicolor", "virginica"],
     "mixed": ["enter", "exit", "hold"],
     "demo": ["long", "short", "skip"],
+    "trading": ["long", "short", "skip"],
+    "trading_rare": ["long", "short", "skip"],
+    "trading_drift": ["long", "short", "skip"],
+    "trading_4k": ["long", "short", "skip"],
+    "trading_40k": ["long", "short", "skip"],
+}
+# name: (train rows, val rows, |return| a signal needs, whether the rule drifts over time)
+TRADING = {
+    "trading": (3000, 1000, 0.7, False),
+    "trading_rare": (6000, 1500, 1.2, False),
+    "trading_drift": (4000, 1000, 0.7, True),
+    "trading_4k": (4000, 1000, 0.7, False),
+    "trading_40k": (40000, 1000, 0.7, False),
 }
 VAL_SHARE = 0.3  # 124 of 178 wine rows and 398 of 569 breast-cancer rows in train
 
@@ -83,10 +100,55 @@ def mixed_rows(n: int = 4300, seed: int = 0) -> tuple[list[dict[str, Any]], list
     return rows, labels
 
 
+def trading_rows(n: int, seed: int, edge: float, drift: bool, start: int = 0) -> list[dict[str, Any]]:
+    """Events in time order. ``long``: a strong 5-bar return, rising volume, RSI not overbought, not a volatile
+    regime; ``short``: the mirror on the return, a selling order book, outside the Asian session, a tight spread;
+    otherwise ``skip``; 6% of labels replaced at random. ``edge`` sets how strong the return must be (0.7: ~7%
+    each with the noise, 1.2: ~4.5%). With ``drift`` the volume condition tightens and the volatile regime grows
+    over the file, so the latest events (val) follow a rule the earliest only hint at."""
+    rng = np.random.default_rng(seed)
+    regimes, sessions = ["calm", "trending", "volatile"], ["asia", "london", "new_york"]
+    rows = []
+    for i in range(n):
+        t = (start + i) / 5000 if drift else 0.0  # 0 -> 1 over a drift set's 5,000 events
+        f = {
+            "ret_5": round(float(rng.normal(0, 1)), 3),
+            "ret_20": round(float(rng.normal(0, 1)), 3),
+            "volume_z": round(float(rng.normal(0, 1)), 3),
+            "rsi": round(float(rng.uniform(5, 95)), 1),
+            "spread_bps": round(float(rng.lognormal(1.0, 0.6)), 2),
+            "atr_pct": round(float(rng.lognormal(-0.5, 0.4)), 3),
+            "book_imbalance": round(float(rng.uniform(-1, 1)), 3),
+            "news": bool(rng.random() < 0.1),
+            "hour": int(rng.integers(0, 24)),
+            "regime": str(rng.choice(regimes, p=[0.45 - 0.15 * t, 0.3, 0.25 + 0.15 * t])),
+            "session": str(rng.choice(sessions, p=[0.3, 0.35, 0.35])),
+        }
+        volume_min = 0.3 + 0.6 * t
+        if f["ret_5"] > edge and f["volume_z"] > volume_min and f["rsi"] < 70 and f["regime"] != "volatile":
+            label = "long"
+        elif f["ret_5"] < -edge and f["book_imbalance"] < -0.1 and f["session"] != "asia" and f["spread_bps"] < 4:
+            label = "short"
+        else:
+            label = "skip"
+        if rng.random() < 0.06:
+            label = str(rng.choice(LABELS["trading"]))
+        rows.append({"id": f"ev-{start + i:06d}", "features": f, "label": label})
+    return rows
+
+
 def write_set(name: str, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     out = Path(out_dir) / name
     if name == "demo":
         return write_demo(out)
+    if name in TRADING:
+        n_train, n_val, edge, drift = TRADING[name]
+        if drift:  # one stream in time order: the latest events are val
+            rows = trading_rows(n_train + n_val, seed, edge, drift)
+            train, val = rows[:n_train], rows[n_train:]
+        else:  # train and val drawn apart; the 4k and 40k sets share their val rows
+            train, val = trading_rows(n_train, seed, edge, drift), trading_rows(n_val, seed + 1000, edge, drift, 10**6)
+        return write_rows(out / "train.jsonl", train), write_rows(out / "val.jsonl", val)
     if name == "mixed":
         rows, strata = mixed_rows(seed=seed)
     else:

@@ -63,7 +63,7 @@ def compose_cfg(overrides: list[str], data_dir: Path):
                 f"data.train_file={data_dir}/train.jsonl",
                 f"data.val_file={data_dir}/val.jsonl",
                 "data.cache_dir=null",
-                "data.oversample_below=null",
+                "data.oversample_to=null",
                 "baseline=none",
                 "trainer.max_epochs=1",
                 *overrides,

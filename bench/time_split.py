@@ -55,7 +55,7 @@ def variant(n: int, seed: int, drift: bool) -> list[dict]:
 
 
 def score(path: Path, time: TimeSplit | None, seed: int) -> float:
-    s = build_splits(str(path), None, LABELS, val_split=0.2, seed=seed, oversample_below=None, time=time)
+    s = build_splits(str(path), None, LABELS, val_split=0.2, seed=seed, time=time)
     return fit_baseline("hgb", s.train_original, s.val, LABELS, seed, {}, 1)["scalars"]["val_macro_f1"]
 
 

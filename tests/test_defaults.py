@@ -44,6 +44,19 @@ def test_auto_epochs_reach_min_steps_on_any_size():
     assert resolve_length(trainer(), 6250)[0].early_stopping.patience == 3
 
 
+def test_a_long_epoch_is_evaluated_inside_and_a_short_one_at_its_end():
+    """val_check_interval=auto: checks at most min_steps/4 (450) steps apart, evenly spaced within the epoch."""
+    assert resolve_length(trainer(), 258)[0].val_check_interval is None  # the demo: 7 epochs, checked at their ends
+    assert resolve_length(trainer(), 450)[0].val_check_interval is None
+    cfg, length = resolve_length(trainer(), 2500)  # 40k rows: one epoch, checked 6 times
+    assert cfg.val_check_interval == 417 and length["val_check_interval"] == 417
+    assert cfg.max_epochs == 1 and cfg.early_stopping.patience == 3  # 3 checks (1,251 steps) without a rise
+    assert resolve_length(trainer(), 6250)[0].val_check_interval == 447  # 14 checks
+    fixed = dataclasses.replace(trainer(), val_check_interval=100)
+    assert resolve_length(fixed, 2500)[0].val_check_interval == 100  # a number is used as given
+    assert resolve_length(dataclasses.replace(fixed, val_check_interval=None), 2500)[0].val_check_interval is None
+
+
 def test_pretrain_min_steps_gives_small_corpora_more_epochs_only():
     # wine: 118 texts after the hold-out are 8 steps an epoch; the demo's 2,280 are 143 (5 epochs: 715 steps)
     assert pretrain_epochs(5, 700, 8) == 88
@@ -52,7 +65,7 @@ def test_pretrain_min_steps_gives_small_corpora_more_epochs_only():
 
 
 def test_a_number_of_epochs_is_used_as_given():
-    cfg = trainer(max_epochs=2)
+    cfg = dataclasses.replace(trainer(max_epochs=2), val_check_interval=None)
     assert resolve_length(cfg, 5) == (cfg, {})
 
 
@@ -135,3 +148,24 @@ def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
     console = Console(record=True, width=200)
     print_summary(summary, console)
     assert "loses" not in console.export_text() and "LOSES" not in run_line(summary)
+
+
+def test_the_summary_shows_where_the_wall_went():
+    summary = run_result(
+        metrics=metrics(0.9, 0.9),
+        wall_time_s=200.0,
+        stage_seconds={"data": 10.0, "pretrain": 30.0, "model": 2.0, "fit": 140.0, "finalize": 18.0},
+    )
+    console = Console(record=True, width=250)
+    print_summary(summary, console)
+    assert "data 10 s (5%) · pretrain 30 s (15%) · model 2 s (1%) · fit 140 s (70%) · finalize 18 s (9%)" in (
+        console.export_text()
+    )
+
+
+def test_a_pretrain_budget_ends_the_stage_whatever_the_corpus_size():
+    budget = dataclasses.replace(CONF.pretrain, max_steps=2000)
+    assert CONF.pretrain.max_steps == 2000  # the shipped budget
+    assert budget.trainer(2375).max_steps == 2000  # 38k texts: 5 epochs would be 11,875 steps
+    assert budget.trainer(2375).max_epochs == 5  # the budget ends the stage first (and its lr schedule with it)
+    assert dataclasses.replace(CONF.pretrain, max_steps=None).trainer(143).max_steps is None

@@ -111,7 +111,7 @@ def leaky_files(tmp_path):
 
 @pytest.mark.parametrize("policy", ["warn", "drop"])
 def test_leaked_ids_are_reported(leaky_files, policy):
-    splits = build_splits(*leaky_files, LABELS, leakage=policy, oversample_below=None)
+    splits = build_splits(*leaky_files, LABELS, leakage=policy)
     assert splits.report["leakage"] == {"ids_in_both": 2, "examples": ["t4", "t7"], "policy": policy}
     train_ids = {r.id for r in splits.train}
     assert ({"t4", "t7"} <= train_ids) == (policy == "warn")
@@ -129,7 +129,7 @@ def test_carved_val_split_is_disjoint_stratified_and_seeded(tmp_path):
     path = str(write_jsonl(tmp_path / "d.jsonl", rows))
 
     def carve(seed):
-        return build_splits(path, None, LABELS, val_split=0.25, seed=seed, oversample_below=None)
+        return build_splits(path, None, LABELS, val_split=0.25, seed=seed)
 
     splits = carve(seed=3)
     train_ids, val_ids = [r.id for r in splits.train], [r.id for r in splits.val]
@@ -144,7 +144,7 @@ def test_carved_val_split_is_disjoint_stratified_and_seeded(tmp_path):
 
 def test_tiny_file_carves_val_without_stratification(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [row(i, LABELS[i % 3]) for i in range(10)])
-    splits = build_splits(str(path), None, LABELS, val_split=0.2, oversample_below=None)  # 2 val rows, 3 classes
+    splits = build_splits(str(path), None, LABELS, val_split=0.2)  # 2 val rows, 3 classes
     assert len(splits.val) == 2 and len(splits.train) == 8
     assert not {r.id for r in splits.train} & {r.id for r in splits.val}
 

@@ -454,7 +454,7 @@ def test_article_regression_scores_its_test_split_once(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be >= 1 or null"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be auto, an int >= 1 or null"),
         ("trainer.max_steps=-5", "trainer.max_steps=-5: must be >= 1 or null"),
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: must be >= 1 or null"),
         ("data.test_file=/no/such/test.jsonl", "data.test_file='/no/such/test.jsonl': file not found"),

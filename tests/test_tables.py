@@ -77,7 +77,7 @@ def test_leakage_and_split_assembly_work_on_tables(tmp_path, fmt):
     val = write_table(
         tmp_path / f"val.{fmt}", [{"id": "t4", "label": "short", "x": 0}, {"id": "v", "label": "skip", "x": 1}]
     )
-    splits = build_splits(str(train), str(val), LABELS, leakage="drop", oversample_below=None)
+    splits = build_splits(str(train), str(val), LABELS, leakage="drop")
     assert splits.report["leakage"] == {"ids_in_both": 1, "examples": ["t4"], "policy": "drop"}
     assert len(splits.train) == 8 and splits.report["train_file"]["rows_kept"] == 9
 

@@ -35,7 +35,7 @@ def test_random_split_scores_clearly_higher_than_the_time_split_under_drift(tmp_
     path = write_jsonl(tmp_path / "drift.jsonl", drifting_rows(600, seed=0))
     scores = {}
     for split, time in (("random", None), ("time", TimeSplit("time"))):
-        s = build_splits(str(path), None, TWO, val_split=0.2, seed=0, oversample_below=None, time=time)
+        s = build_splits(str(path), None, TWO, val_split=0.2, seed=0, time=time)
         scores[split] = fit_baseline("hgb", s.train_original, s.val, TWO, 0, {}, 1)["scalars"]["val_macro_f1"]
     # The random split's val rows sit between train rows of the same regime; the time split's val is a regime
     # no train row saw. The same records, the same model: the gap is what a random split overstates.

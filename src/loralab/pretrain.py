@@ -83,6 +83,8 @@ class CausalLMPretrain(PretrainStage):
             out["lora"] = {**vars(c.lora), "target_modules": list(c.lora.target_modules)}
         if c.min_steps:
             out["min_steps"] = c.min_steps
+        if c.max_steps:
+            out["max_steps"] = c.max_steps
         optimizer = {k: v for k, v in vars(c.optimizer).items() if k not in ("_partial_", "lr", "weight_decay")}
         if optimizer != {"_target_": "torch.optim.AdamW"}:
             out["optimizer"] = optimizer

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -81,6 +82,15 @@ class Recipe:
         self.task: Task = get_class(conf.task._target_)(conf, ctx)
         self.pretrain: PretrainStage = conf.pretrain.stage()
         self.t_start = time.time()
+        self.stage_seconds: dict[str, float] = {}  # where the wall goes: console summary and MLflow time.* metrics
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t
 
     def prepare(self, changes: dict[str, Any], show_config: bool) -> None:
         """Before anything loads: save and log the config exactly as used (the checkpoint it resumes is verified)."""
@@ -100,11 +110,14 @@ class Recipe:
 
     def setup(self, stop_requested: Callable[[], bool]) -> None:
         self._setup_seed()
-        self._setup_data()
-        self._setup_base(stop_requested)
-        self._setup_model()
-        self._setup_loaders()
-        self._setup_trainer()
+        with self._stage("data"):
+            self._setup_data()
+        with self._stage("pretrain"):
+            self._setup_base(stop_requested)
+        with self._stage("model"):
+            self._setup_model()
+            self._setup_loaders()
+            self._setup_trainer()
 
     def _setup_seed(self) -> None:
         set_seed(self.conf.seed)
@@ -163,12 +176,15 @@ class Recipe:
     def _setup_trainer(self) -> None:
         conf, ctx = self.conf, self.ctx
         self.trainer_conf, length = conf.trainer.for_epoch_length(-(-len(self.train_loader) // self.accum))
-        if length:
+        if "max_epochs" in length:
             log.info(
                 "trainer.max_epochs=auto: %(steps_per_epoch)d optimizer steps an epoch -> %(max_epochs)d epochs, "
                 "early-stopping patience %(patience)d evaluations",
                 length,
             )
+        if length.get("val_check_interval"):
+            log.info("trainer.val_check_interval=auto: a val check every %d steps", length["val_check_interval"])
+        if length:
             ctx.tracker.set_tags({f"resolved.{k}": v for k, v in length.items()})
         self.trainer = Trainer(
             self.trainer_conf,
@@ -205,14 +221,15 @@ class Recipe:
     def train(self, stop_requested: Callable[[], bool]) -> None:
         """Fit to the end (max_epochs, max_steps, early stopping), the best evaluation's weights back in the model."""
         tracker, objective = self.ctx.tracker, self.conf.objective
-        self.state = self.trainer.fit(
-            on_epoch_end=lambda st, metrics: tracker.log_metrics(
-                with_objective(epoch_curves(metrics), objective), step=st.epoch
-            ),
-            on_step=step_logger(tracker),
-            stop_requested=stop_requested,
-        )
-        self.trainer.finish()
+        with self._stage("fit"):
+            self.state = self.trainer.fit(
+                on_epoch_end=lambda st, metrics: tracker.log_metrics(
+                    with_objective(epoch_curves(metrics), objective), step=st.epoch
+                ),
+                on_step=step_logger(tracker),
+                stop_requested=stop_requested,
+            )
+            self.trainer.finish()
         if self.state.best_epoch is None:
             raise RuntimeError(f"no epoch produced a usable {self.conf.trainer.monitor}; nothing to report")
 
@@ -252,7 +269,8 @@ class Recipe:
         atomic_write_json(summary_file, result.training_summary())
         ctx.tracker.set_tags({"stop_reason": st.stop_reason, "best_epoch": st.best_epoch, "best_step": st.best_step})
         ctx.tracker.log_metrics({"best.objective": result.objective}, step=st.best_epoch)
-        out = self.task.finalize(self.trainer.core, self.val_loader, result)
+        with self._stage("finalize"):
+            out = self.task.finalize(self.trainer.core, self.val_loader, result)
         artifacts = [summary_file, *out.artifacts]
         for path in artifacts:  # the run dir's layout, mirrored (checkpoints/model_best.pt -> checkpoints/)
             parent = Path(path).resolve().relative_to(ctx.out_dir.resolve()).parent
@@ -261,6 +279,9 @@ class Recipe:
             ctx.tracker.log_artifact(ctx.out_dir / ".hydra", "hydra")
         result.metrics, result.model_uri, result.artifacts = out.metrics, out.model_uri, [str(p) for p in artifacts]
         result.wall_time_s = time.time() - self.t_start
+        result.stage_seconds = {k: round(v, 2) for k, v in self.stage_seconds.items()}
+        ctx.tracker.log_metrics({f"time.{k}_s": v for k, v in result.stage_seconds.items()})
+        log.info("wall %.0f s: %s", result.wall_time_s, result.stage_line())
         ctx.tracker.set_note(
             console.run_line(result) + (f"\n\nModel: `{result.model_uri}`" if result.model_uri else "")
         )

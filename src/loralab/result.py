@@ -39,8 +39,14 @@ class RunResult:
     run_dir: str = ""
     run_id: str | None = None
     tracking_uri: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # data, pretrain, model, fit, finalize
 
-    FINAL = ("metrics", "artifacts", "model_uri", "run_dir", "run_id", "tracking_uri")
+    FINAL = ("metrics", "artifacts", "model_uri", "run_dir", "run_id", "tracking_uri", "stage_seconds")
+
+    def stage_line(self) -> str:
+        """Where the wall went, e.g. ``data 4 s (3%) · pretrain 0 s · fit 96 s (80%) · finalize 15 s (12%)``."""
+        total = max(self.wall_time_s, 1e-9)
+        return " · ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in self.stage_seconds.items())
 
     def training_summary(self) -> dict[str, Any]:
         """The training part (``training_summary.json``): everything but what finalizing adds."""

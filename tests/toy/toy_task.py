@@ -69,7 +69,6 @@ class ToyClassifier(Task):
             labels,
             val_split=d.val_split,
             seed=self.conf.seed,
-            oversample_below=None,
             leakage=str(d.leakage),
         )
         self.vectorizer = DictVectorizer(sparse=False).fit([r.features for r in splits.train])

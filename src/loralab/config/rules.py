@@ -124,6 +124,10 @@ CLASS_WEIGHTS = Rule(
     ),
     "must be auto, sqrt_inverse, none or a list of numbers >= 0",
 )
+OVERSAMPLE_TO = Rule(
+    lambda v: v is None or v == "balanced" or (is_number(v) and 0 < v < 1),
+    "must be a share in (0, 1), balanced or null",
+)
 RESUME_ALLOW = Rule(
     lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
     "must be true, false or a list of keys (e.g. [optim.lr, data.train_file])",

@@ -94,6 +94,7 @@ class PretrainConf:
     name: PretrainName = MISSING
     epochs: int = knob(ge(1))
     min_steps: int = knob(ge(0))  # 0: off
+    max_steps: Optional[int] = knob(ge(1))  # a budget: the stage ends there whatever the corpus size; null: off
     lr: float = knob(gt(0))
     batch_size: int = knob(gt(0))
     weight_decay: float = knob(ge(0))
@@ -144,7 +145,7 @@ class PretrainConf:
             gates=None,
             log_every_n_steps=None,
             val_check_interval=None,
-            max_steps=None,
+            max_steps=self.max_steps,  # the stage evaluates there and keeps its best evaluation
         )
         # Every knob is decided here: a trainer knob added to the schema later fails loudly until the stage sets it.
         unset = [f.name for f in dataclasses.fields(loop) if getattr(loop, f.name) == MISSING]
@@ -200,24 +201,34 @@ class TrainerConf:
     deterministic: bool = MISSING
     gates: Optional[Dict[str, str]] = knob(each=GATE)
     log_every_n_steps: Optional[int] = knob(ge(1))  # null: no step-level train metrics
-    val_check_interval: Optional[int] = knob(ge(1))  # null: evaluate at epoch ends only
+    val_check_interval: Any = knob(auto_or(lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"))
     max_steps: Optional[int] = knob(ge(1))  # null: max_epochs alone ends training
 
     def for_epoch_length(self, steps_per_epoch: int) -> tuple["TrainerConf", dict[str, int]]:
-        """``max_epochs=auto``: as many epochs as ``min_steps`` optimizer steps need, and a patience (in
-        evaluations) covering at least ``early_stopping.patience_steps`` steps. So a 100-row set gets as many
-        updates as a large one, and early stopping waits as many steps on it. Returns these settings with plain
-        numbers in place and what was resolved (empty when ``max_epochs`` is a number: it is used as given)."""
+        """The values that depend on the length of an epoch, as plain numbers, and what was resolved:
+
+        - ``val_check_interval=auto``: an epoch longer than a quarter of ``min_steps`` gets evenly spaced val checks
+          at most that far apart, so a large set's one long epoch is still evaluated, checkpointed and early-stopped
+          a few times; shorter epochs are evaluated at their ends only.
+        - ``max_epochs=auto``: as many epochs as ``min_steps`` optimizer steps need, and a patience (in evaluations)
+          covering at least ``early_stopping.patience_steps`` steps. So a 100-row set gets as many updates as a
+          large one, and early stopping waits as many steps on it. A number is used as given."""
+        resolved: dict[str, int] = {}
+        interval = self.val_check_interval
+        if interval == "auto":
+            most = math.ceil(self.min_steps / 4)
+            checks = math.ceil(steps_per_epoch / most)
+            interval = math.ceil(steps_per_epoch / checks) if checks > 1 else None
+            resolved["val_check_interval"] = interval or 0  # 0: epoch ends only
+        out = dataclasses.replace(self, val_check_interval=interval)
         if self.max_epochs != "auto":
-            return self, {}
+            return out, resolved
         es = self.early_stopping
         epochs = max(1, math.ceil(self.min_steps / steps_per_epoch))
-        between_evals = min(self.val_check_interval or steps_per_epoch, steps_per_epoch)
+        between_evals = min(interval or steps_per_epoch, steps_per_epoch)
         patience = max(es.patience, math.ceil(es.patience_steps / between_evals))
-        resolved = dataclasses.replace(
-            self, max_epochs=epochs, early_stopping=dataclasses.replace(es, patience=patience)
-        )
-        return resolved, {"max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
+        out = dataclasses.replace(out, max_epochs=epochs, early_stopping=dataclasses.replace(es, patience=patience))
+        return out, {**resolved, "max_epochs": epochs, "patience": patience, "steps_per_epoch": steps_per_epoch}
 
 
 @dataclass

@@ -18,6 +18,7 @@ from loralab.config.rules import (
     METRIC_NAME_PART,
     NAMES,
     NOT_EMPTY,
+    OVERSAMPLE_TO,
     REGEX,
     STRPTIME,
     ge,
@@ -55,7 +56,7 @@ class RecordsDataConf(SplitDataConf):
     label_column: str = knob(NOT_EMPTY)
     labels: List[str] = knob(NAMES, each=METRIC_NAME_PART)
     template: str = knob(template_of("features"))
-    oversample_below: Optional[float] = knob(interval("(0, 1]"))
+    oversample_to: Any = knob(OVERSAMPLE_TO)  # a share in (0, 1), balanced, or null
     allow_null: bool = MISSING
     cache_dir: Optional[str] = MISSING
     # How val is cut and how records are ordered in time (loralab.data.timeorder; rules between them: the task's)

@@ -125,6 +125,7 @@ class Trainer:
         total_steps = self.conf.max_epochs * -(-len(inputs.train_loader) // inputs.accum_steps)
         if self.max_steps:  # the schedule ends where training does
             total_steps = min(total_steps, self.max_steps)
+        self.total_steps = total_steps  # the planned length (early stopping may end sooner): the progress bar's ETA
         self.scheduler = get_scheduler(
             self.optim.scheduler,
             self.optimizer,
@@ -377,10 +378,12 @@ class Trainer:
         mean_loss = st.loss_sum / max(st.samples, 1)
         if not math.isfinite(mean_loss) and not self.scaler.is_enabled():
             raise NonFiniteLossError(f"training loss became {mean_loss} by step {st.step} ({desc})")
+        left = (self.total_steps - st.step) * st.train_time_s / max(st.step, 1)  # the whole stage, not this epoch
         bar.set_postfix(
             loss=f"{mean_loss:.4f}",
             lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
             samples_s=f"{st.samples / max(st.train_time_s, 1e-9):.0f}",
+            left=f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s",
         )
 
     def _evaluate(self, epoch: float) -> dict[str, float]:

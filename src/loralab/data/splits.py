@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import KBinsDiscretizer
 
-from loralab.data.balance import class_counts, needs_oversampling, oversample
+from loralab.data.balance import class_counts, duplication, oversample
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, leaked_ids, load_records
 from loralab.data.timeorder import NUMBER, RECORDS, Gap, TimeReader, blocks, in_units, time_order, time_text
 
@@ -201,16 +201,17 @@ def build_splits(
     *,
     val_split: float = 0.2,
     seed: int = 0,
-    oversample_below: float | None = 0.25,
+    oversample_to: float | str | None = None,
     leakage: str = "warn",
     allow_null: bool = False,
     fmt: RowFormat = RowFormat(),
     max_row_bytes: int = MAX_ROW_BYTES,
     time: TimeSplit | None = None,
 ) -> Splits:
-    """Load, validate, split and balance. ``oversample_below=None`` switches oversampling off. With ``fmt``'s
-    format auto, each file's own extension decides (a CSV train file and a Parquet val file mix). ``time``: read
-    each record's time and, unless its split is random, cut val as a block in time with purge and embargo."""
+    """Load, validate, split and balance (``oversample_to``: a share, ``balanced`` or None = off; see
+    ``loralab.data.balance``). With ``fmt``'s format auto, each file's own extension decides (a CSV train file and
+    a Parquet val file mix). ``time``: read each record's time and, unless its split is random, cut val as a block
+    in time with purge and embargo."""
     reader = time.reader() if time else None
     train, train_report = load_records(train_file, labels, allow_null, fmt, max_row_bytes, reader)
     report: dict[str, Any] = {"labels": list(labels), "train_file": train_report.as_dict()}
@@ -259,14 +260,18 @@ def build_splits(
     original = list(train)
     before = class_counts(train, labels)
     report["class_counts"] = {"train_before_oversampling": before, "val": class_counts(val, labels)}
-    if oversample_below is not None and needs_oversampling(before, oversample_below):
-        train = oversample(train, labels, seed)
-        log.info(
-            "oversampled train (a class was under %.0f%%): %s -> %s",
-            100 * oversample_below,
-            before,
-            class_counts(train, labels),
-        )
+    if oversample_to is not None:
+        train = oversample(train, labels, seed, oversample_to)
+    after = class_counts(train, labels)
     report["oversampled"] = len(train) != sum(before.values())
-    report["class_counts"]["train_after_oversampling"] = class_counts(train, labels)
+    report["class_counts"]["train_after_oversampling"] = after
+    report["oversampling"] = {"to": oversample_to, "duplication": round(duplication(before, after), 3)}
+    if report["oversampled"]:
+        log.info(
+            "oversampled train to %s: %s -> %s (minority rows seen up to %.1fx an epoch)",
+            oversample_to,
+            before,
+            after,
+            report["oversampling"]["duplication"],
+        )
     return Splits(train=train, val=val, report=report, train_original=original, gap=gap)

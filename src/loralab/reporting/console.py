@@ -162,6 +162,7 @@ def print_summary(result: RunResult, console: Console | None = None) -> None:
         console.print(escape(ensemble), soft_wrap=True)
     console.print(
         f"train {result.train_samples_per_s:.0f} samples/s on {result.device}, wall {result.wall_time_s:.0f} s"
+        + (f": {result.stage_line()}" if result.stage_seconds else "")
     )
     console.print(f"run dir: {result.run_dir}", soft_wrap=True)
     for path in result.artifacts:

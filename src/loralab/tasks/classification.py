@@ -113,7 +113,7 @@ class Classification(Task):
             self.labels,
             val_split=d.val_split,
             seed=self.conf.seed,
-            oversample_below=d.oversample_below,
+            oversample_to=d.oversample_to,
             leakage=d.leakage,
             allow_null=d.allow_null,
             fmt=row_format(d),
