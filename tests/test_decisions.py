@@ -51,6 +51,24 @@ def test_thresholds_reach_the_target_out_of_fold_where_argmax_misses_it_and_test
     assert abstained.mean() > 0.3 and np.array_equal(decided[abstained], np.full(abstained.sum(), 2))
 
 
+def test_under_a_blend_each_fold_decides_on_the_blends_out_of_fold_probabilities():
+    """The decisions' fold probabilities are the blend the ensemble's cross-fit scored on the same held-out fold
+    (its temperatures and weight, fit on the other folds), so both reports measure one served model."""
+    from conftest import shipped_conf
+
+    from loralab.ensemble import cross_fit as blend_cross_fit
+    from loralab.ensemble import scores
+    from loralab.tasks.classification_decisions import fold_probabilities
+
+    y, base = synthetic(600, 3)
+    logits = np.log(synthetic(600, 3)[1]) * 2 + np.random.default_rng(4).normal(0, 1, (600, 3))
+    rows = folds(y, 4, 0)
+    ensemble, _ = blend_cross_fit(logits, base, y, temperature=1.0, k=4, seed=0, fold_rows=rows)
+    probs_for = fold_probabilities(shipped_conf(), logits, y, base, ensemble)
+    held_out = np.vstack([probs_for(i, np.setdiff1d(np.arange(600), h))[h] for i, h in enumerate(rows)])
+    assert scores(held_out, y[np.concatenate(rows)]) == pytest.approx(ensemble["oof"]["blend"], rel=1e-12)
+
+
 def test_no_fold_threshold_sees_its_own_rows():
     """Two folds that disagree: in fold a the rows at p(long) = 0.8 are long, in fold b they are skip. Chosen on
     the other fold, a's threshold is none (b reaches no 0.6) and b's is 0.5 (from a: between 0.2 and 0.8), which is
