@@ -162,7 +162,7 @@ def test_console_and_report_show_argmax_and_decisions_side_by_side():
     text = console.export_text()
     assert "short cannot reach precision 0.99 on val" in text
     long_oof = rep["oof"]["long"]
-    assert f"{long_oof['precision']:.4f}" in text and f"{rep['thresholds']['long']:.4f}" in text
+    assert f"{long_oof['precision']:.3f}" in text and f"{rep['thresholds']['long']:.3f}" in text
     from loralab.reporting.console import gate_count
 
     assert f"val argmax gates: {gate_count(m['gates'])}; val decision gates (out of fold): " in text
@@ -179,7 +179,9 @@ def test_console_and_report_show_argmax_and_decisions_side_by_side():
         run_dir="/r",
     )
     assert "## Decisions" in md and "short cannot reach precision 0.99 on val" in md
-    assert f"| long | 0.60 | {rep['thresholds']['long']:.4f} | {long_oof['precision']:.4f} |" in md
+    spread = long_oof["precision_folds"]
+    row = f"| long (0.60) | {rep['thresholds']['long']:.3f} | {long_oof['precision']:.3f} {spread['min']:.2f}–"
+    assert row in md
 
 
 # --- one tiny run with decision=precision -----------------------------------------------------------------------

@@ -102,38 +102,35 @@ def ensemble_line(metrics: Mapping[str, Any]) -> str | None:
 
 
 def _value(v: Any) -> str:
-    return "—" if v is None else f"{v:.4f}"
+    return "—" if v is None else f"{v:.3f}"
 
 
-def decision_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """``decision=precision``: per acting label the target, the exported threshold, the out-of-fold precision (fold
-    min–max), recall and coverage on val, argmax's precision and coverage on the same held-out rows, and the test
-    split's precision and coverage with the exported thresholds. A header and rows of text, for console and report."""
+def decision_rows(metrics: Mapping[str, Any], sep: str = "\n") -> tuple[list[str], list[list[str]]]:
+    """``decision=precision``: per acting label (its target after ``sep``) the exported threshold, the out-of-fold
+    precision (after ``sep``, its fold min–max) and coverage on val, argmax's precision and coverage on the same
+    held-out rows, and the test split's with the exported thresholds. Header and rows of text, for console and
+    report."""
     d = metrics["decision"]
     test = d.get("test")
     header = [
-        "label",
-        "target",
-        "threshold",
-        "oof precision",
-        "fold min–max",
-        "oof recall",
-        "oof coverage",
-        "argmax precision",
-        "argmax coverage",
-        *(["test precision", "test coverage"] if test else []),
+        f"label{sep}(target)",
+        f"acts at{sep}p >=",
+        f"oof{sep}prec.",
+        f"oof{sep}cov.",
+        f"argmax{sep}prec.",
+        f"argmax{sep}cov.",
+        *([f"test{sep}prec.", f"test{sep}cov."] if test else []),
     ]
     rows = []
     for name, target in d["targets"].items():
         o, f, a = d["oof"][name], d["oof"][name]["precision_folds"], d["argmax_scalars"]
+        t = d["thresholds"][name]
+        folds = "none acted" if not f["folds"] else f"{f['min']:.2f}–{f['max']:.2f}"
         rows.append(
             [
-                name,
-                f"{target:.2f}",
-                "never acts" if d["thresholds"][name] is None else f"{d['thresholds'][name]:.4f}",
-                _value(o["precision"]),
-                "—" if not f["folds"] else f"{f['min']:.3f}–{f['max']:.3f}",
-                _value(o["recall"]),
+                f"{name}{sep}({target:.2f})",
+                "never" if t is None else f"{t:.3f}",
+                f"{_value(o['precision'])}{sep}{folds}",
                 _value(o["coverage"]),
                 _value(a.get(f"val_precision_{name}")),
                 _value(a.get(f"val_coverage_{name}")),
@@ -236,9 +233,9 @@ def print_summary(result: RunResult, console: Console | None = None) -> None:
         console.print(escape(ensemble), soft_wrap=True)
     if m.get("decision"):
         header, rows = decision_rows(m)
-        decisions = Table(title="decisions: precision targets")
+        decisions = Table(title="decisions (prec. = precision, cov. = share of rows acting; oof = out of fold on val)")
         for name in header:
-            decisions.add_column(name, justify="left" if name == "label" else "right")
+            decisions.add_column(name, justify="left" if name == header[0] else "right")
         for values in rows:
             decisions.add_row(*values)
         console.print(decisions)

@@ -180,8 +180,14 @@ def _decision_section(metrics: Mapping[str, Any]) -> list[str]:
     d = metrics.get("decision")
     if not d:
         return []
-    header, rows = decision_rows(metrics)
-    out = ["## Decisions", ""] + _table(header, rows)
+    header, rows = decision_rows(metrics, sep=" ")
+    out = [
+        "## Decisions",
+        "",
+        "prec. = precision, cov. = coverage (share of rows acting), oof = out of fold on val.",
+        "",
+    ]
+    out += _table(header, rows)
     out += [line + "." for line in decision_lines(metrics)] + [""]
     test = d.get("test", {})
     gates = metrics.get("gates", {})
