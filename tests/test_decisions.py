@@ -106,6 +106,15 @@ def test_an_unreachable_target_never_acts_and_says_so():
     assert unreachable_line("long", rep).endswith("so it never acts: its rows go to skip")
 
 
+def test_argmax_is_the_default_and_takes_no_thresholds():
+    from conftest import shipped_conf, typed_conf
+
+    assert shipped_conf().decision is None  # decision=argmax: predict, evaluate and serve answer as before
+    d = typed_conf("decision=precision").decision
+    assert (dict(d.targets), d.fallback, d.folds, d.min_rows) == ({"long": 0.6, "short": 0.6}, "skip", 5, 5)
+    assert typed_conf("decision=precision", "ensemble=blend", "ensemble.folds=3").decision.folds == 3
+
+
 def test_the_rule_takes_the_most_probable_label_that_clears_its_threshold():
     probs = np.array([[0.45, 0.40, 0.15], [0.30, 0.30, 0.40], [0.55, 0.44, 0.01], [0.20, 0.20, 0.60]])
     decided, abstained = decide(probs, {0: 0.5, 1: 0.35}, fallback=2)

@@ -191,19 +191,21 @@ def _decision_section(metrics: Mapping[str, Any]) -> list[str]:
     out += [line + "." for line in decision_lines(metrics)] + [""]
     test = d.get("test", {})
     gates = metrics.get("gates", {})
+
+    def cell(gate: Mapping[str, Any] | None) -> str:
+        if gate is None:
+            return ""
+        return STATUS[gate["passed"]] if gate["value"] is None else f"{gate['value']:.3f} {STATUS[gate['passed']]}"
+
     gate_rows = [
         (
             key,
             rule,
-            STATUS[gates[key]["passed"]] if key in gates else "",
-            STATUS[d["gates"][key]["passed"]],
-            *(
-                [STATUS[test["argmax_gates"][t]["passed"]], STATUS[test["gates"][t]["passed"]]]
-                if test and (t := "test_" + key.removeprefix("val_")) in test["gates"]
-                else []
-            ),
+            cell(gates.get(key)),
+            cell(d["gates"][key]),
+            *([cell(test["argmax_gates"].get(t)), cell(test["gates"].get(t))] if test else []),
         )
-        for key, rule in ((k, g["rule"]) for k, g in d["gates"].items())
+        for key, rule, t in ((k, g["rule"], "test_" + k.removeprefix("val_")) for k, g in d["gates"].items())
     ]
     out += _table(
         ["gate", "rule", "argmax val", "decisions val (oof)", *(["argmax test", "decisions test"] if test else [])],
