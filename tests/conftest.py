@@ -179,6 +179,28 @@ def run_result(**values: Any):
     return RunResult(**{**base, **values})
 
 
+def tiny_run_overrides(tmp: Path, train_file: Path, val_file: Path, test_file: Path) -> list[str]:
+    """A one-epoch LoRA run of the tiny model on these JSONL files (no pretrain stage, a quick baseline), its run
+    dir ``tmp/run`` and its store ``tmp/mlflow.db``: the in-process runs that a module's serving tests share."""
+    return [
+        "data=jsonl",
+        f"data.train_file={train_file}",
+        f"data.val_file={val_file}",
+        "pretrain=none",
+        f"data.test_file={test_file}",
+        "trainer.max_epochs=1",
+        "model.tokenizer_vocab_size=300",
+        "model.max_length=64",
+        "optim.batch_size=8",
+        "baseline.threads=1",
+        "baseline.params.max_iter=20",
+        f"paths.output_dir={tmp / 'run'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "data.cache_dir=null",
+        "quiet=true",
+    ]
+
+
 def run_trains(*runs: tuple[Path, list[str]]) -> list[tuple[int, str]]:
     """``python train.py`` subprocesses on the tiny model, each with its run dir, MLflow store and artifact root
     (``./mlruns`` of its working dir) under its ``run_dir``; returns (exit code, console output) per run. All start

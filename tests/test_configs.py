@@ -57,6 +57,7 @@ def test_every_group_has_been_found():
         "experiment",
         "serialize",
         "ensemble",
+        "decision",
     } <= groups
 
 
@@ -255,6 +256,14 @@ BAD_VALUES = [
         "the zip needs baseline",
     ),
     (["experiment=marketsentinel", "ensemble=blend"], "ensemble", "'blend'", "task is tabular_regression"),
+    (["decision=precision", "decision.fallback=hold"], "decision.fallback", "'hold'", "must be one of data.labels"),
+    (["decision=precision", "+decision.targets.skip=0.7"], "decision.targets.skip", "0.7", "is decision.fallback"),
+    (["decision=precision", "+decision.targets.flat=0.7"], "decision.targets.flat", "0.7", "names no label of"),
+    (["decision=precision", "decision.targets.long=0"], "decision.targets.long", "0.0", "must be in (0, 1]"),
+    (["decision=precision", "decision.targets.short=1.5"], "decision.targets.short", "1.5", "must be in (0, 1]"),
+    (["decision=precision", "decision.min_rows=0"], "decision.min_rows", "0", ">= 1"),
+    (["decision=precision", "ensemble=blend", "decision.folds=3"], "decision.folds", "3", "must equal ensemble.folds"),
+    (["experiment=marketsentinel", "decision=precision"], "decision", "'precision'", "task is tabular_regression"),
     (["distributed.backend=mpi"], "distributed.backend", "'mpi'", "auto, nccl, gloo"),
     (["task=text_regression"], "data", "demo|jsonl", "does not fit task text_regression"),
     (["experiment=marketsentinel", "model.hidden_dim=0"], "model.hidden_dim", "0", "must be > 0"),

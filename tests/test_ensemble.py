@@ -171,7 +171,7 @@ def test_console_report_and_run_line_show_model_baseline_and_blend_side_by_side(
 @pytest.fixture(scope="module")
 def blend_run(tmp_path_factory) -> dict:
     """A tiny LoRA run on demo-shaped data (no pretrain stage) with ``ensemble=blend``."""
-    from conftest import CONF_DIR
+    from conftest import CONF_DIR, tiny_run_overrides
     from hydra import compose, initialize_config_dir
 
     from loralab.data.demo import make_rows, write_demo
@@ -182,23 +182,12 @@ def blend_run(tmp_path_factory) -> dict:
     train_file, val_file = write_demo(tmp / "data", n_train=48, n_val=30)
     test_file = write_rows(tmp / "data" / "test.jsonl", make_rows(20, seed=99, start_id=1000))
     overrides = [
-        "data=jsonl",
-        f"data.train_file={train_file}",
-        f"data.val_file={val_file}",
-        "pretrain=none",
-        f"data.test_file={test_file}",
-        "trainer.max_epochs=1",
-        "model.tokenizer_vocab_size=300",
-        "model.max_length=64",
-        "optim.batch_size=8",
-        "baseline.threads=1",
-        "baseline.params.max_iter=20",
+        *tiny_run_overrides(tmp, train_file, val_file, test_file),
         "ensemble=blend",
         "ensemble.folds=3",
-        f"paths.output_dir={tmp / 'run'}",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        "data.cache_dir=null",
-        "quiet=true",
+        "decision=precision",  # on the blend's probabilities, cross-fit on its folds
+        "decision.targets.long=0.4",
+        "decision.targets.short=0.4",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -264,6 +253,9 @@ def test_run_reports_the_blend_and_predict_serves_it_from_the_zip(blend_run, cap
     rows = [json.loads(line) for line in (blend_run["tmp"] / "pred.jsonl").read_text().splitlines()]
     expected = probs_of([val[r["id"]]["blend"] for r in rows], labels)
     assert np.abs(probs_of([r["probs"] for r in rows], labels) - expected).max() <= 1e-5
+    decided = {r["id"]: r for r in map(json.loads, (run_dir / "decisions_val.jsonl").read_text().splitlines())}
+    assert np.abs(probs_of([decided[r["id"]]["probs"] for r in rows], labels) - expected).max() <= 1e-12
+    assert [r["label"] for r in rows] == [decided[r["id"]]["decision"] for r in rows]  # thresholds on the blend
     scored = evaluate_file(
         run_dir / "model_final.zip",
         blend_run["val_file"],

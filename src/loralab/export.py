@@ -105,6 +105,30 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
             return f"ensemble.weight={ensemble.get('weight')!r}: must be a number in [0, 1]"
         if not _finite(ensemble.get("baseline_temperature"), 0.0):
             return f"ensemble.baseline_temperature={ensemble.get('baseline_temperature')!r}: must be finite and > 0"
+    if "decision" in meta:
+        return decision_problem(meta["decision"], labels)
+    return None
+
+
+def decision_problem(decision: Any, labels: list[str]) -> str | None:
+    """What makes ``loralab.json``'s ``decision`` unusable, or None: a fallback among the labels, and a threshold
+    in [0, 1] (or null: never acts) for each other label with a target in (0, 1]."""
+    if not isinstance(decision, dict) or decision.get("method") != "precision":
+        return f"decision={decision!r}: must be an object with method 'precision'"
+    fallback, thresholds, targets = decision.get("fallback"), decision.get("thresholds"), decision.get("targets")
+    if fallback not in labels:
+        return f"decision.fallback={fallback!r}: must be one of the labels {labels}"
+    if not (isinstance(thresholds, dict) and thresholds and isinstance(targets, dict)):
+        return "decision: needs thresholds and targets, one per acting label"
+    if set(thresholds) != set(targets):
+        return f"decision.thresholds names {sorted(thresholds)}, decision.targets {sorted(targets)}: they must agree"
+    for label, t in thresholds.items():
+        if label not in labels or label == fallback:
+            return f"decision.thresholds.{label}: must name a label other than the fallback ({labels})"
+        if t is not None and not _finite(t, 0.0, 1.0, lo_open=False):
+            return f"decision.thresholds.{label}={t!r}: must be a probability in [0, 1] or null (never acts)"
+        if not _finite(targets[label], 0.0, 1.0):
+            return f"decision.targets.{label}={targets[label]!r}: must be in (0, 1]"
     return None
 
 

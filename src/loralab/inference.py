@@ -35,6 +35,8 @@ from loralab.core.trainer import predict_logits
 from loralab.data.records import MAX_ROW_BYTES, DataError, Record, RowFormat, check_readable, load_records, write_rows
 from loralab.data.serialize import Json, Serializer, load_serializer
 from loralab.data.text import TokenizedRecords, TokenizedTexts, length_sorted_order
+from loralab.decisions import decide, thresholds_by_index
+from loralab.decisions import scalars as decision_scalars
 from loralab.ensemble import blend, calibrated_baseline, load_baseline, scores
 from loralab.export import (
     META_FILE,
@@ -72,6 +74,21 @@ class Exported:
     def blend_weight(self) -> float | None:
         """The model's weight in the exported blend (``ensemble=blend``), else None: the model alone."""
         return float(self.meta["ensemble"]["weight"]) if self.baseline is not None else None
+
+    @property
+    def decision(self) -> dict[str, Any] | None:
+        """``decision=precision`` exports: the thresholds, the fallback and the rule; None: argmax."""
+        return self.meta.get("decision")
+
+    def answers(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        """Per row of served probabilities, what predict writes beside the id: the label (argmax, or the decision
+        with its ``abstained`` flag under ``decision=precision``) and the probabilities by label."""
+        labels = self.labels
+        by_label = [dict(zip(labels, p.tolist())) for p in probs]
+        if self.decision is None:
+            return [{"label": labels[int(p.argmax())], "probs": d} for p, d in zip(probs, by_label)]
+        decided, abstained = decide(probs, *thresholds_by_index(self.decision, labels))
+        return [{"label": labels[k], "abstained": bool(a), "probs": d} for k, a, d in zip(decided, abstained, by_label)]
 
     @cached_property
     def serializer(self) -> Serializer:
@@ -209,20 +226,16 @@ def predict_file(
     t0 = time.perf_counter()
     probs = predict_probs(exported, records, batch_size)
     seconds = time.perf_counter() - t0
-    labels = exported.labels
-    write_rows(
-        output,
-        (
-            {"id": r.id, "label": labels[int(p.argmax())], "probs": dict(zip(labels, p.tolist()))}
-            for r, p in zip(records, probs)
-        ),
-    )
+    answers = exported.answers(probs)
+    write_rows(output, ({"id": r.id, **a} for r, a in zip(records, answers)))
     return {
         **report.as_dict(),
         "output": str(output),
         "model_part": exported.part,
         "temperature": exported.temperature,
         "blend_weight": exported.blend_weight,
+        "abstained": sum(a.get("abstained", False) for a in answers) if exported.decision else None,
+        "decided": {k: sum(a["label"] == k for a in answers) for k in exported.labels} if exported.decision else None,
         "score_seconds": seconds,
         "rows_per_s": len(records) / seconds,
     }
@@ -276,12 +289,25 @@ def evaluate_file(
         "input": report.as_dict(),
         "model_part": exported.part,
     }
+    served = predict_probs(exported, records, logits=logits)
     if exported.baseline is not None:  # what predict serves; the gates above judge the learned model itself
-        blended = predict_probs(exported, records, logits=logits)
         metrics["ensemble"] = {
             "weight": exported.blend_weight,
             "choice": exported.meta["ensemble"]["choice"],
-            **{prefix + k: v for k, v in scores(blended, y).items()},
+            **{prefix + k: v for k, v in scores(served, y).items()},
+        }
+    if (d := exported.decision) is not None:  # what predict answers: the decisions on the served probabilities
+        decided, abstained = decide(served, *thresholds_by_index(d, labels))
+        decided_scalars = decision_scalars(decided, y, labels, list(d["thresholds"]), prefix)
+        argmax_scalars = decision_scalars(served.argmax(axis=1), y, labels, list(d["thresholds"]), prefix)
+        metrics["decision"] = {
+            "fallback": d["fallback"],
+            "thresholds": d["thresholds"],
+            "targets": d["targets"],
+            "abstained": int(abstained.sum()),
+            **decided_scalars,
+            "gates": evaluate_gates(decided_scalars, gates),
+            "argmax": {**argmax_scalars, "gates": evaluate_gates(argmax_scalars, gates)},
         }
     atomic_write_json(output, metrics)
     return {**metrics, "output": str(output)}

@@ -53,6 +53,18 @@ def evaluate(args: EvaluateArgs) -> None:
             f"served blend (model weight {e['weight']:g}): macro-F1 {e[p + 'macro_f1']:.4f}, accuracy "
             f"{e[p + 'accuracy']:.4f}, log-loss {e[p + 'log_loss']:.4f}"
         )
+    if d := m.get("decision"):  # what predict answers for this export: the thresholded decisions
+        acting = ", ".join(
+            f"{label} precision {d.get(p + 'precision_' + label, float('nan')):.4f} coverage "
+            f"{d[p + 'coverage_' + label]:.4f}"
+            for label in d["thresholds"]
+        )
+        verdicts = [g["passed"] for g in d["gates"].values()]
+        argmax = [g["passed"] for g in d["argmax"]["gates"].values()]
+        print(
+            f"decisions ({acting}; abstained {d['abstained']}, fallback {d['fallback']}): gates "
+            f"{verdicts.count(True)}/{len(verdicts)} pass (argmax {argmax.count(True)}/{len(argmax)})"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,8 @@ DESCRIPTION = (
     "Score a JSONL file of {id, features} records (or a CSV/Parquet table: an id column, every other "
     "column but the label a feature) with an exported model (model_final.zip or a run dir "
     "with loralab.json). Rows are validated as in training: bad ones are counted by reason and left "
-    "out, never fatal. Writes id, label and the calibrated probability of every label, in input order."
+    "out, never fatal. Writes id, label and the calibrated probability of every label, in input order; a model "
+    "exported with decision=precision writes the decided label and whether it abstained."
 )
 
 
@@ -75,6 +76,12 @@ def predict(args: PredictArgs) -> None:
             else ""
         )
     )
+    if stats["decided"] is not None:  # decision=precision: the thresholds exported with the model
+        print(
+            "decisions: "
+            + ", ".join(f"{label} {n}" for label, n in stats["decided"].items())
+            + f"; abstained (no label cleared its threshold) {stats['abstained']}"
+        )
     if stats["rows_dropped"]:
         print(
             f"dropped {stats['rows_dropped']} rows: "

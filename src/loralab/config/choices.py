@@ -57,6 +57,10 @@ class EnsembleMethod(Choice):
     blend = "blend"
 
 
+class DecisionMethod(Choice):
+    precision = "precision"
+
+
 class EnsembleSelect(Choice):
     macro_f1 = "macro_f1"
     log_loss = "log_loss"

@@ -168,6 +168,35 @@ def ensemble(cfg: DictConfig, task: Any) -> None:
     )
 
 
+def decision(cfg: DictConfig, task: Any) -> None:
+    d = cfg.decision
+    if d is None:
+        return
+    require(
+        task.blends,  # the task's outputs are class probabilities
+        "decision",
+        str(d.method),
+        f"thresholds a classifier's probabilities; this run's task is {cfg.task.name} (use decision=argmax)",
+    )
+    labels = list(cfg.data.labels)
+    require(d.fallback in labels, "decision.fallback", d.fallback, f"must be one of data.labels {labels}")
+    for label in d.targets:
+        require(label in labels, f"decision.targets.{label}", d.targets[label], f"names no label of {labels}")
+        require(
+            label != d.fallback,
+            f"decision.targets.{label}",
+            d.targets[label],
+            f"{label} is decision.fallback, answered when no other label acts: it takes no target",
+        )
+    if cfg.ensemble is not None:
+        require(
+            d.folds == cfg.ensemble.folds,
+            "decision.folds",
+            d.folds,
+            f"must equal ensemble.folds={cfg.ensemble.folds}: the thresholds are cross-fit on the blend's folds",
+        )
+
+
 # Each rule takes the typed config and the run's task class (``task._target_``: its ``metric_names``, whether it
 # ``reads_text`` or ``blends``); the task's own rules (``Task.check``) run after these.
 RULES: tuple[Callable[[DictConfig, Any], None], ...] = (
@@ -179,4 +208,5 @@ RULES: tuple[Callable[[DictConfig, Any], None], ...] = (
     batch,
     hardware,
     ensemble,
+    decision,
 )

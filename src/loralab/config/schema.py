@@ -22,6 +22,7 @@ from loralab.config.choices import (
     BaselineName,
     BinCuts,
     CalibrationMethod,
+    DecisionMethod,
     EnsembleMethod,
     EnsembleSelect,
     MonitorMode,
@@ -299,6 +300,17 @@ class EnsembleConf:
     select: EnsembleSelect = MISSING
 
 
+@dataclass
+class DecisionConf:
+    """``decision=precision``: per-label precision targets; which labels they may name is ``config/cross.py``'s."""
+
+    method: DecisionMethod = MISSING
+    targets: Dict[str, float] = knob(NOT_EMPTY, each=interval("(0, 1]"))  # label -> precision to reach
+    fallback: str = MISSING  # a label of data.labels without a target
+    folds: int = knob(ge(2))  # = ensemble.folds under ensemble=blend (one set of folds for both)
+    min_rows: int = knob(ge(1))
+
+
 SERIALIZE_TARGET = "loralab.data.serialize."
 
 
@@ -349,6 +361,7 @@ class RunConf:
     distributed: DistributedConf = MISSING
     baseline: Optional[BaselineConf] = MISSING
     ensemble: Optional[EnsembleConf] = None  # conf/ensemble: none (null) | blend (classification, needs a baseline)
+    decision: Optional[DecisionConf] = None  # conf/decision: argmax (null) | precision (classification)
     serialize: Optional[SerializeConf] = None  # records -> text (classification); regression experiments drop it
     task_name: str = MISSING
     seed: int = knob(interval("[0, 4294967295]"))  # numpy's seeding range

@@ -101,6 +101,77 @@ def ensemble_line(metrics: Mapping[str, Any]) -> str | None:
     )
 
 
+def _value(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def decision_rows(metrics: Mapping[str, Any], sep: str = "\n") -> tuple[list[str], list[list[str]]]:
+    """``decision=precision``: per acting label (its target after ``sep``) the exported threshold, the out-of-fold
+    precision (after ``sep``, its fold min–max) and coverage on val, argmax's precision and coverage on the same
+    held-out rows, and the test split's with the exported thresholds. Header and rows of text, for console and
+    report."""
+    d = metrics["decision"]
+    test = d.get("test")
+    header = [
+        f"label{sep}(target)",
+        f"acts at{sep}p >=",
+        f"oof{sep}prec.",
+        f"oof{sep}cov.",
+        f"argmax{sep}prec.",
+        f"argmax{sep}cov.",
+        *([f"test{sep}prec.", f"test{sep}cov."] if test else []),
+    ]
+    rows = []
+    for name, target in d["targets"].items():
+        o, f, a = d["oof"][name], d["oof"][name]["precision_folds"], d["argmax_scalars"]
+        t = d["thresholds"][name]
+        folds = "none acted" if not f["folds"] else f"{f['min']:.2f}–{f['max']:.2f}"
+        rows.append(
+            [
+                f"{name}{sep}({target:.2f})",
+                "never" if t is None else f"{t:.3f}",
+                f"{_value(o['precision'])}{sep}{folds}",
+                _value(o["coverage"]),
+                _value(a.get(f"val_precision_{name}")),
+                _value(a.get(f"val_coverage_{name}")),
+                *(
+                    [
+                        _value(test["scalars"].get(f"test_precision_{name}")),
+                        _value(test["scalars"][f"test_coverage_{name}"]),
+                    ]
+                    if test
+                    else []
+                ),
+            ]
+        )
+    return header, rows
+
+
+def gate_count(gates: Mapping[str, Mapping[str, Any]]) -> str:
+    verdicts = [g["passed"] for g in gates.values()]
+    return f"{verdicts.count(True)} pass, {verdicts.count(False)} FAIL, {verdicts.count(None)} skipped"
+
+
+def decision_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The plain sentences under the decisions table: the rule, each unreachable target, and the gates of argmax
+    and of the decisions on val (decisions: out of fold) and on test."""
+    from loralab.decisions import unreachable_line
+
+    d = metrics["decision"]
+    lines = [
+        f"decision=precision ({d['folds']}-fold out of fold on {d['rows']} val rows; thresholds exported from all "
+        f"of val): {d['rule']}, fallback {d['fallback']}",
+        *(unreachable_line(name, d) for name, t in d["thresholds"].items() if t is None),
+        f"val argmax gates: {gate_count(metrics.get('gates', {}))}; val decision gates (out of fold): "
+        f"{gate_count(d['gates'])}",
+    ]
+    if test := d.get("test"):
+        lines.append(
+            f"test argmax gates: {gate_count(test['argmax_gates'])}; test decision gates: {gate_count(test['gates'])}"
+        )
+    return lines
+
+
 def _gate_text(gate: Mapping[str, Any] | None) -> str:
     return "" if gate is None else f"{GATE_MARK[gate['passed']]} ({escape(str(gate['rule']))})"
 
@@ -160,6 +231,17 @@ def print_summary(result: RunResult, console: Console | None = None) -> None:
         console.print(f"[bold red]{escape(verdict)}[/]")
     if ensemble := ensemble_line(m):
         console.print(escape(ensemble), soft_wrap=True)
+    if m.get("decision"):
+        header, rows = decision_rows(m)
+        decisions = Table(title="decisions (prec. = precision, cov. = share of rows acting; oof = out of fold on val)")
+        for name in header:
+            decisions.add_column(name, justify="left" if name == header[0] else "right")
+        for values in rows:
+            decisions.add_row(*values)
+        console.print(decisions)
+        for line in decision_lines(m):
+            style = "bold red" if "cannot reach" in line else ""
+            console.print(f"[{style}]{escape(line)}[/]" if style else escape(line), soft_wrap=True)
     console.print(
         f"train {result.train_samples_per_s:.0f} samples/s on {result.device}, wall {result.wall_time_s:.0f} s"
         + (f": {result.stage_line()}" if result.stage_seconds else "")

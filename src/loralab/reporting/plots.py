@@ -207,3 +207,50 @@ def make_plots(
         )
     log.info("wrote %d plots to %s in %.2f s", len(plots), plot_dir, time.perf_counter() - t0)
     return plots
+
+
+def precision_coverage(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    targets: Mapping[str, float],
+    chosen: Mapping[str, Mapping[str, Any]],
+    path: Path,
+    title: str = "Precision against coverage (val)",
+) -> Path:
+    """One panel per acting label: its precision against its coverage (share of rows acting) as the threshold falls,
+    the target as a line, the chosen threshold as a dot, the out-of-fold result with its fold range, and argmax."""
+    fig = _figure(5.2 * len(curves), 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(curves), squeeze=False)[0])
+    for ax, (name, c) in zip(axes, curves.items()):
+        mark = chosen[name]
+        ax.plot(c["coverage"], c["precision"], color="tab:blue", linewidth=1.4, label="val, by threshold")
+        ax.axhline(targets[name], color="tab:red", linestyle="--", linewidth=1.2, label=f"target {targets[name]:.2f}")
+        if mark.get("threshold") is not None:
+            ax.plot(
+                mark["coverage"],
+                mark["precision"],
+                "o",
+                color="black",
+                markersize=8,
+                label=f"chosen p >= {mark['threshold']:.3f}",
+            )
+        else:
+            ax.text(0.5, 0.06, "target unreachable: never acts", transform=ax.transAxes, ha="center", color="tab:red")
+        if mark.get("oof_precision") is not None:
+            lo, hi = mark["oof_range"]
+            ax.errorbar(
+                [mark["oof_coverage"]],
+                [mark["oof_precision"]],
+                yerr=[[mark["oof_precision"] - lo], [hi - mark["oof_precision"]]],
+                fmt="s",
+                color="tab:green",
+                capsize=4,
+                label="out of fold (fold min-max)",
+            )
+        if mark.get("argmax_precision") is not None:
+            ax.plot(mark["argmax_coverage"], mark["argmax_precision"], "^", color="grey", label="argmax")
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="coverage (share of rows acting)", ylabel="precision")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="lower left")
+    fig.suptitle(title)
+    return save_figure(fig, path)

@@ -10,7 +10,14 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from loralab.fs import atomic_write_text
-from loralab.reporting.console import baseline_verdict, best_point, ensemble_line, test_value
+from loralab.reporting.console import (
+    baseline_verdict,
+    best_point,
+    decision_lines,
+    decision_rows,
+    ensemble_line,
+    test_value,
+)
 from loralab.reporting.plots import make_plots
 from loralab.result import RunResult
 
@@ -25,7 +32,9 @@ PLOT_TITLES = {
     "class_distribution": "Class distribution",
     "baseline_confusion_matrix": "Baseline confusion matrix",
     "reliability_diagram": "Reliability diagram",
+    "precision_coverage": "Precision against coverage (decision=precision)",
 }
+PRECISION_COVERAGE = "plots/precision_coverage.png"  # written by decision=precision
 
 
 def hydra_overrides(run_dir: Path) -> list[str] | None:
@@ -198,6 +207,52 @@ def _fold_kind(e: Mapping[str, Any]) -> str:
     return f"contiguous time blocks ({t['purged']} purged and {t['embargoed']} embargoed rows left out of the fits)"
 
 
+def _decision_section(metrics: Mapping[str, Any]) -> list[str]:
+    """``decision=precision``: thresholds, out-of-fold precision with its fold range, argmax's, test, and the gates
+    of argmax and of the decisions side by side."""
+    d = metrics.get("decision")
+    if not d:
+        return []
+    header, rows = decision_rows(metrics, sep=" ")
+    out = [
+        "## Decisions",
+        "",
+        "prec. = precision, cov. = coverage (share of rows acting), oof = out of fold on val.",
+        "",
+    ]
+    out += _table(header, rows)
+    out += [line + "." for line in decision_lines(metrics)] + [""]
+    test = d.get("test", {})
+    gates = metrics.get("gates", {})
+
+    def cell(gate: Mapping[str, Any] | None) -> str:
+        if gate is None:
+            return ""
+        return STATUS[gate["passed"]] if gate["value"] is None else f"{gate['value']:.3f} {STATUS[gate['passed']]}"
+
+    gate_rows = [
+        (
+            key,
+            rule,
+            cell(gates.get(key)),
+            cell(d["gates"][key]),
+            *([cell(test["argmax_gates"].get(t)), cell(test["gates"].get(t))] if test else []),
+        )
+        for key, rule, t in ((k, g["rule"], "test_" + k.removeprefix("val_")) for k, g in d["gates"].items())
+    ]
+    out += _table(
+        ["gate", "rule", "argmax val", "decisions val (oof)", *(["argmax test", "decisions test"] if test else [])],
+        gate_rows,
+    )
+    out += [
+        "Out of fold: each val fold is decided with the calibration and thresholds fit on the other folds; the "
+        "exported thresholds are chosen on all of val, where they reach their targets by construction, so the "
+        "out-of-fold and test columns are the ones to trust (docs/decisions.md).",
+        "",
+    ]
+    return out
+
+
 def render_report(
     *,
     metrics: Mapping[str, Any],
@@ -256,6 +311,7 @@ def render_report(
     else:
         out += ["```", *(overrides or ["(none: defaults only)"]), "```", ""]
     out += _data_section(data_report) + _metrics_section(metrics) + _ensemble_section(metrics)
+    out += _decision_section(metrics)
     out += ["## Plots", ""]
     for name, rel in plots.items():
         out += [f"### {PLOT_TITLES.get(name, name)}", "", f"![{name}]({rel})", ""]
@@ -275,6 +331,8 @@ def write_reports(
     paths = make_plots(run_dir / "plots", result.history, metrics, data_report.get("class_counts"), labels)
     if (run_dir / RELIABILITY).is_file():
         paths["reliability_diagram"] = run_dir / RELIABILITY
+    if (run_dir / PRECISION_COVERAGE).is_file() and metrics.get("decision"):
+        paths["precision_coverage"] = run_dir / PRECISION_COVERAGE
     text = render_report(
         metrics=metrics,
         data_report=data_report,

@@ -272,8 +272,9 @@ class Classification(Task):
         from loralab.tracking.pyfunc import log_classifier  # mlflow.pyfunc and pandas: only runs that finish
 
         blend_inputs = self._blend_inputs(val_loader, self.splits.val)
+        val_rows = [self.splits.val[i] for i in val_loader.sampler]  # the order of the model's logits
         metrics = best_epoch_report(
-            self.conf, model, val_loader, result, self.ctx, self.baseline, blend_inputs, self.splits.gap
+            self.conf, model, val_loader, result, self.ctx, self.baseline, blend_inputs, val_rows, self.splits.gap
         )
         if self.test_loader is not None:  # after calibration: the temperature is already fixed on val
             test_base = self._blend_inputs(self.test_loader, self.test_rows) if blend_inputs else None

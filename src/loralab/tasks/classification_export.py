@@ -35,6 +35,7 @@ from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.reporting.provenance import code_version
 from loralab.result import RunResult
 from loralab.tasks.base import RunContext
+from loralab.tasks.classification_decisions import fold_probabilities, test_decisions, val_decisions
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ def best_epoch_report(
     ctx: RunContext,
     baseline: dict[str, Any] | None,
     blend_inputs: tuple[np.ndarray, list] | None = None,
+    val_rows: list | None = None,
     gap: Gap | None = None,
 ) -> dict[str, Any]:
     """Everything about the best epoch into ``metrics.json`` and MLflow (``best.*``); with ``blend_inputs`` (the
-    baseline's val probabilities and the val records, in the loader's order) the ensemble's report too, cross-fit
-    on contiguous time blocks purged and embargoed by ``gap`` when val is time-ordered."""
+    baseline's val probabilities and the val records, in the loader's order) the ensemble's report too; with
+    ``decision=precision`` the decision report (``val_rows``: the val records in the loader's order). When val is
+    time-ordered (``gap``), both cross-fit on contiguous time blocks, the blend's fits purged and embargoed."""
     labels, best_epoch = list(conf.data.labels), result.best_epoch
     logits, y = predict_logits(model, val_loader, ctx.device, conf.hardware.precision)
     report = classification_metrics(y, logits.argmax(-1), labels)
@@ -82,8 +85,25 @@ def best_epoch_report(
         "calibration": {**calib, "fit_on": "val", "plot": str(plot)},
         "baseline": baseline,
     }
+    # One set of val folds for the blend's cross-fit and the decisions' (decision.folds = ensemble.folds).
+    k = conf.ensemble.folds if conf.ensemble is not None else conf.decision.folds if conf.decision else 0
+    fold_rows, fit_rows, purged = None, None, None
+    if k:
+        times = [r.time for r in val_rows] if gap is not None and val_rows else None
+        fold_rows = folds(y, k, conf.seed, order=times)
+        if times is not None and gap is not None:
+            fit_rows, purged = purged_folds(times, fold_rows, gap)
+    served = probabilities(logits, metrics["temperature"])  # what the export serves for the val rows
     if blend_inputs is not None:
-        metrics["ensemble"] = ensemble_report(conf, logits, y, metrics["temperature"], *blend_inputs, ctx, gap)
+        metrics["ensemble"], served = ensemble_report(
+            conf, logits, y, metrics["temperature"], *blend_inputs, ctx, fold_rows=fold_rows, fit_rows=fit_rows
+        )
+        if purged is not None:
+            metrics["ensemble"]["time_folds"] = purged  # rows left out of the folds' fits: purged and embargoed
+    if conf.decision is not None:
+        base_probs = blend_inputs[0] if blend_inputs is not None else None
+        probs_for = fold_probabilities(conf, logits, y, base_probs, metrics.get("ensemble"))
+        metrics["decision"] = val_decisions(conf, served, y, probs_for, fold_rows or [], val_rows or [], ctx)
     atomic_write_json(ctx.out_dir / "metrics.json", metrics)
     ctx.tracker.log_metrics({f"best.{k}": v for k, v in {**best, **report["scalars"]}.items()}, step=best_epoch)
     ctx.tracker.log_metrics(calibration_scalars(metrics), step=best_epoch)
@@ -100,17 +120,13 @@ def ensemble_report(
     base_probs: np.ndarray,
     rows: list,
     ctx: RunContext,
-    gap: Gap | None = None,
-) -> dict[str, Any]:
+    fold_rows: list[np.ndarray] | None = None,
+    fit_rows: list[np.ndarray] | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
     """``ensemble=blend``: the cross-fit report (``ensemble.*`` in MLflow, tag ``ensemble.choice``) and
     ``ensemble_val.jsonl``: per val row the model's (calibrated), the baseline's (as it predicts them, before its
-    temperature) and the exported blend's probabilities."""
+    temperature) and the exported blend's probabilities; returns the report and the blend's val probabilities."""
     e, labels = conf.ensemble, list(conf.data.labels)
-    held, fit, purged = None, None, None
-    if gap is not None:
-        times = [r.time for r in rows]
-        held = folds(y, e.folds, conf.seed, order=times)
-        fit, purged = purged_folds(times, held, gap)
     report, blended = cross_fit(
         logits,
         base_probs,
@@ -122,11 +138,9 @@ def ensemble_report(
         select=e.select,
         calibrate=conf.calibration.method != "none",
         t_bounds=list(conf.calibration.t_bounds),
-        fold_rows=held,
-        fit_rows=fit,
+        fold_rows=fold_rows,
+        fit_rows=fit_rows,
     )
-    if purged is not None:
-        report["time_folds"] = purged  # rows left out of the folds' fits: purged and embargoed, summed
     model_probs = probabilities(logits, temperature)
     write_rows(
         ctx.out_dir / "ensemble_val.jsonl",
@@ -146,7 +160,7 @@ def ensemble_report(
         }
     )
     ctx.tracker.set_tags({"ensemble.choice": report["choice"]})
-    return report
+    return report, blended
 
 
 def save_blend_baseline(out_dir: Path, baseline_model, base_probs: np.ndarray, rows: list) -> list[str]:
@@ -206,16 +220,16 @@ def test_report(
             "use": "scored once after training; never used for early stopping, calibration or model choice",
         },
     }
+    served = probabilities(logits, temperature)
     if base_probs is not None and metrics.get("ensemble"):
-        e, model_probs = metrics["ensemble"], probabilities(logits, temperature)
+        e, model_probs = metrics["ensemble"], served
         base = calibrated_baseline(base_probs, e["baseline_temperature"])
-        test = {
-            "model": scores(model_probs, y),
-            "baseline": scores(base, y),
-            "blend": scores(blend(model_probs, base, e["weight"]), y),
-        }
+        served = blend(model_probs, base, e["weight"])
+        test = {"model": scores(model_probs, y), "baseline": scores(base, y), "blend": scores(served, y)}
         out["ensemble"] = {**e, "test": test}
         ctx.tracker.log_metrics({f"ensemble.{who}.test_{k}": v for who, s in test.items() for k, v in s.items()})
+    if metrics.get("decision"):
+        out["decision"] = test_decisions(conf, metrics["decision"], served, y, ctx)
     atomic_write_json(ctx.out_dir / "metrics.json", out)
     ctx.tracker.log_metrics(
         {
@@ -312,8 +326,15 @@ def export_meta(
         }
         if metrics.get("ensemble")
         else None,
+        **({"decision": export_decision(metrics["decision"])} if metrics.get("decision") else {}),
         **code_version(prov),
     }
+
+
+def export_decision(report: dict[str, Any]) -> dict[str, Any]:
+    """``loralab.json``'s ``decision``: what predict, evaluate and the MLflow model apply to the served
+    probabilities (thresholds chosen on all of val; a label whose target was unreachable has none: it never acts)."""
+    return {k: report[k] for k in ("method", "rule", "fallback", "targets", "thresholds", "min_rows")}
 
 
 def export(
@@ -364,7 +385,13 @@ def export(
     )
     artifacts = [
         out_dir / n
-        for n in ("metrics.json", "data_report.json", "loralab.json", *(["ensemble_val.jsonl"] if extra_parts else []))
+        for n in (
+            "metrics.json",
+            "data_report.json",
+            "loralab.json",
+            *(["ensemble_val.jsonl"] if extra_parts else []),
+            *(["decisions_val.jsonl"] if metrics.get("decision") else []),
+        )
     ]
     if e.zip:
         artifacts.append(

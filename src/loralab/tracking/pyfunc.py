@@ -81,12 +81,25 @@ CLASSIFIER_SIGNATURE = ModelSignature(
         [ColSpec(AnyType(), "id"), ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probs")]
     ),
 )
+# decision=precision: the decided label, whether the model abstained (answered the fallback), the probabilities.
+DECIDING_SIGNATURE = ModelSignature(
+    inputs=CLASSIFIER_SIGNATURE.inputs,
+    outputs=Schema(
+        [
+            ColSpec(AnyType(), "id"),
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.boolean, "abstained"),
+            ColSpec(Map(DataType.double), "probs"),
+        ]
+    ),
+)
 
 
 class Classifier(PythonModel):
-    """Rows ``{"id", "features": {...}}`` (a DataFrame or records) → ``id``, ``label``, ``probs`` ({label: p}):
-    the rows ``loralab-predict`` writes, from the same functions (validation, serialization, batching,
-    temperature). A row ``loralab-predict`` would drop is an error here, naming the row and the rule."""
+    """Rows ``{"id", "features": {...}}`` (a DataFrame or records) → ``id``, ``label``, ``probs`` ({label: p}),
+    and ``abstained`` under ``decision=precision``: the rows ``loralab-predict`` writes, from the same functions
+    (validation, serialization, batching, temperature, thresholds). A row ``loralab-predict`` would drop is an error
+    here, naming the row and the rule."""
 
     def load_context(self, context) -> None:
         from loralab.core.device import resolve_device
@@ -105,16 +118,10 @@ class Classifier(PythonModel):
                 raise DataError(f"row {i} (id {row.get('id', i)!r}): {record}")
             records.append(record)
         if not records:
-            return pd.DataFrame(columns=["id", "label", "probs"])
+            columns = ["id", "label", *(["abstained"] if exported.decision else []), "probs"]
+            return pd.DataFrame(columns=columns)
         probs = predict_probs(exported, records, BATCH_SIZE)  # with ensemble=blend: the blend, as predict serves
-        labels = exported.labels
-        return pd.DataFrame(
-            {
-                "id": [r.id for r in records],
-                "label": [labels[int(p.argmax())] for p in probs],
-                "probs": [dict(zip(labels, p.tolist())) for p in probs],
-            }
-        )
+        return pd.DataFrame([{"id": r.id, **a} for r, a in zip(records, exported.answers(probs))])
 
 
 def log_classifier(
@@ -125,10 +132,11 @@ def log_classifier(
     chosen = ["merged"] if "merged" in parts else [p for p in parts if p in ("adapter", "base")]
     chosen += [p for p in parts if p == "baseline"]  # ensemble=blend: the skops baseline the blend needs
     example = pd.DataFrame([{"id": r.id, "features": r.features} for r in examples[:EXAMPLE_ROWS]])
+    decides = "decision" in json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
     return tracker.log_model(
         Classifier,
         {p: out_dir / p for p in (META_FILE, *chosen)},
-        CLASSIFIER_SIGNATURE,
+        DECIDING_SIGNATURE if decides else CLASSIFIER_SIGNATURE,
         example,
         requirements(packages),
     )
