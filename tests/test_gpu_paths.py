@@ -45,10 +45,20 @@ def loralab_deprecations(caught: list[warnings.WarningMessage]) -> list[str]:
     ],
 )
 def test_a_gpu_profile_trains_resumes_and_exports_on_cpu(profile, precision, tmp_path):
+    trains_resumes_and_exports(profile, precision, ON_CPU, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("profile, precision", [("rtx3050", "fp16"), ("h100", "bf16")])
+def test_a_gpu_profile_trains_resumes_and_exports_on_cuda(profile, precision, tmp_path):
+    trains_resumes_and_exports(profile, precision, [], tmp_path)
+
+
+def trains_resumes_and_exports(profile: str, precision: str, on_device: list[str], tmp_path: Path) -> None:
     """Two epochs, then a second run resumed from the first epoch's checkpoint: same evaluations and weights
     (model, optimizer, schedule, scaler and RNG states restored); the export reloads with stock transformers and
     peft to the in-memory logits, and predicts; loralab's own calls raise no deprecation warning."""
-    overrides = [f"hardware={profile}", *ON_CPU, "pretrain=none", "baseline=none", "trainer.max_epochs=2"]
+    overrides = [f"hardware={profile}", *on_device, "pretrain=none", "baseline=none", "trainer.max_epochs=2"]
     overrides += ["export.zip=false", "calibration=none"]
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     with warnings.catch_warnings(record=True) as caught:
@@ -60,7 +70,7 @@ def test_a_gpu_profile_trains_resumes_and_exports_on_cpu(profile, precision, tmp
 
     used = OmegaConf.load(ref / "config.yaml").hardware  # the config as the run used it
     shipped = OmegaConf.load(Path(__file__).parents[1] / "conf" / "hardware" / f"{profile}.yaml")
-    assert used.device == "cpu" and used.precision == precision
+    assert used.device == ("cpu" if on_device else shipped.device) and used.precision == precision
     assert {k: used[k] for k in PATH_KNOBS} == {k: shipped[k] for k in PATH_KNOBS}
     summary = json.loads((ref / "training_summary.json").read_text())
     assert summary["accumulation_steps"] == 8 // min(8, shipped.micro_batch_size)
