@@ -100,3 +100,19 @@ def test_auto_picks_a_path_trained_above(gib, bf16, same_path_as, fake_cuda):
     shipped = check(compose_train(f"hardware={same_path_as}")).hardware
     assert {k: auto[k] for k in PATH_KNOBS} == {k: shipped[k] for k in PATH_KNOBS}
     assert auto.device == "cuda"
+
+
+def test_gpu_extras_stay_optional():
+    """bitsandbytes (4-bit QLoRA) is the ``gpu`` extra, never a dependency; without it the 4-bit path says how to
+    get it."""
+    import importlib.util
+    import tomllib
+
+    from loralab.models.build import quantization_4bit
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("bitsandbytes") for d in project["dependencies"])
+    assert any(d.startswith("bitsandbytes") for d in project["optional-dependencies"]["gpu"])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match=r"pip install loralab\[gpu\]"):
+            quantization_4bit(torch.bfloat16)
