@@ -11,6 +11,7 @@ ratio, eval throughput, val macro-F1 at equal steps and, on a GPU, MFU with FLOP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from transformers import Trainer as HFTrainer
 from transformers import TrainingArguments, set_seed
 
@@ -40,8 +40,14 @@ from loralab.paths import conf_dir  # noqa: E402
 from loralab.tasks.base import RunContext  # noqa: E402
 from loralab.tasks.classification import Classification  # noqa: E402
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) for MFU; matched on the CUDA device name.
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) for MFU; matched on the CUDA device name. H100 and
+# H200 are the SXM parts' 989 (an H100 PCIe peaks at 756: its MFU reads low by that ratio).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 3050": 36.0}
+FLOPS_CONVENTION = (
+    "4*N*tokens + attention: N = non-embedding parameters; forward 2N + backward through the frozen weights to the "
+    "activations 2N (LoRA computes no weight gradient for them; 6N would be full fine-tuning); attention "
+    "4*layers*seq*d per token (QK^T and AV, forward and backward-input); the same FLOPs for both trainers"
+)
 
 
 class NullTracker:
@@ -53,8 +59,8 @@ class NullTracker:
         pass
 
 
-def compose_cfg(overrides: list[str], data_dir: Path):
-    """The run's config as the lifecycle would settle it: typed, checked, ``auto`` resolved."""
+def compose_conf(overrides: list[str], data_dir: Path):
+    """The run's typed config as the lifecycle would settle it: checked, ``auto`` resolved."""
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose(
             "train",
@@ -66,10 +72,11 @@ def compose_cfg(overrides: list[str], data_dir: Path):
                 "data.oversample_to=null",
                 "baseline=none",
                 "trainer.max_epochs=1",
+                f"paths.output_dir={data_dir}",
                 *overrides,
             ],
         )
-    return config.resolve_hardware(config.check(cfg))[0]
+    return config.typed(config.resolve_hardware(config.check(cfg))[0])
 
 
 def non_embedding_params(model) -> int:
@@ -96,7 +103,7 @@ def evaluate(model, val_loader, device, precision, labels):
 
 def fresh(task: Classification):
     """The task's model with the run's seed: identical initial weights for both trainers."""
-    set_seed(task.cfg.seed)
+    set_seed(task.conf.seed)
     return task.build_model()
 
 
@@ -194,7 +201,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     work = Path(tempfile.mkdtemp(prefix="loralab-bench-"))
     write_demo(work, n_train=args.rows, n_val=args.val_rows)
-    cfg = compose_cfg(overrides, work)
+    cfg = compose_conf(overrides, work)
     device = resolve_device(cfg.hardware.device)
     task = Classification(cfg, RunContext(out_dir=work, device=device, tracker=NullTracker()))
     data = task.build_data()
@@ -220,7 +227,7 @@ def main() -> None:
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
         "model": cfg.model.name,
         "pretrained": cfg.model.pretrained,
-        "lora": OmegaConf.to_container(cfg.lora, enum_to_str=True) if cfg.lora.enabled else None,
+        "lora": {k: str(v) for k, v in dataclasses.asdict(cfg.lora).items()} if cfg.lora.enabled else None,
         "precision": str(cfg.hardware.precision),
         "batch_size": cfg.optim.batch_size,
         "micro_batch_size": cfg.hardware.micro_batch_size,
@@ -233,10 +240,12 @@ def main() -> None:
         "speedup_samples_per_s": ours["samples_per_s"] / hf["samples_per_s"],
         "eval_over_train_throughput": ours["eval_samples_per_s"] / ours["samples_per_s"],
         "val_macro_f1_diff": ours["val_macro_f1"] - hf["val_macro_f1"],
+        "flops_convention": FLOPS_CONVENTION,
     }
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        result["peak_tflops"] = peak
         fpt = flops_per_token(model, tokens / samples)
         for r in (ours, hf):
             r["achieved_tflops"] = fpt * r["tokens_per_s"] / 1e12

@@ -58,6 +58,10 @@ def test_the_small_gpu_memory_savers_train_on_cpu_without_deprecation_warnings()
     assert "gradient_checkpointing_enable" not in deprecated  # the name loralab used to call
     assert deprecated <= {"is_gradient_checkpointing"}  # peft reads that one itself: not ours to change
     assert model.base_model.model.is_activation_checkpointing
+    assert model.config._attn_implementation == "sdpa"
+    # the precision decides the frozen base's dtype on any device; the adapters and the head train in fp32
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     model.train()
     batch = tokenizer(["atr=3 ext_dir=1 session=asia"] * 4, return_tensors="pt")
     with autocast(torch.device("cpu"), "bf16"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import optim_conf, trainer_conf
+from conftest import assert_same_run, history, optim_conf, trainer_conf
 from safetensors.torch import load_file
 
 from loralab.core.checkpoint import CheckpointError, Checkpoints, load_weights, read_meta, save_train_state
@@ -172,33 +172,11 @@ def start_and_signal(cmd, run_dir, sig):
     return proc.returncode, out
 
 
-TIMINGS = ("train_samples_per_s", "epoch_train_time_s", "eval_samples_per_s")
-
-
-def history(run_dir):
-    return [
-        {k: v for k, v in h.items() if k not in TIMINGS}
-        for h in json.loads((run_dir / "training_summary.json").read_text())["history"]
-    ]
-
-
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     subprocess.run(train_cmd(data_dir, run_dir), check=True, capture_output=True)
     return run_dir
-
-
-def assert_same_run(a, b):
-    """Val metrics and weights identical. The logged train loss of an epoch interrupted mid-way is summed in a
-    different grouping (the running sum is flushed at the interrupt), so it matches to float rounding only."""
-    ha, hb = history(a), history(b)
-    assert [{k: v for k, v in h.items() if k != "train_loss"} for h in ha] == [
-        {k: v for k, v in h.items() if k != "train_loss"} for h in hb
-    ]
-    assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-6)
-    wa, wb = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (a, b))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def regression_cmd(task: str, data_dir: Path, run_dir: Path) -> list[str]:

@@ -3,40 +3,17 @@ zip predicts, and an export that does not reproduce the model fails the run."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_run
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 import loralab.export
 from loralab.config import ConfigError, check
-from loralab.data.demo import write_demo
 from loralab.export import ExportError
 from loralab.inference import predict_file
 from loralab.lifecycle import run as train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_run(tmp_path, name, *extra):
-    train_file, val_file = write_demo(tmp_path / "data", n_train=32, n_val=16)
-    overrides = [
-        "data=jsonl",
-        f"data.train_file={train_file}",
-        f"data.val_file={val_file}",
-        "lora=default",
-        "trainer.max_epochs=1",
-        "model.tokenizer_vocab_size=300",
-        "model.max_length=48",
-        "optim.batch_size=8",
-        f"paths.output_dir={tmp_path / name}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *extra,
-    ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def only_run(tmp_path):

@@ -9,8 +9,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from conftest import compose_run as shared_compose_run
 
 from loralab.data.demo import write_demo
 from loralab.data.records import Record, load_records
@@ -117,24 +116,9 @@ def test_fitted_state_is_json_and_rebuilds_the_same_serializer():
 
 
 def compose_run(tmp_path, name, *extra):
-    train_file, val_file = write_demo(tmp_path / "data", n_train=48, n_val=24)
-    overrides = [
-        "data=jsonl",
-        f"data.train_file={train_file}",
-        f"data.val_file={val_file}",
-        "trainer.max_epochs=1",
-        "model.tokenizer_vocab_size=300",
-        "model.max_length=96",
-        "optim.batch_size=8",
-        "baseline.threads=1",
-        f"paths.output_dir={tmp_path / name}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "data.cache_dir=null",
-        "quiet=true",
-        *extra,
-    ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    """The shared short run (conftest) on 48 demo rows, the tiny model's own LoRA targets and longer texts."""
+    extra = ("baseline.threads=1", "data.cache_dir=null", "quiet=true", *extra)
+    return shared_compose_run(tmp_path, name, *extra, n_train=48, n_val=24, lora="attention", max_length=96)
 
 
 @pytest.mark.slow

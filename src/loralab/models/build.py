@@ -91,7 +91,7 @@ def quantization_4bit(compute_dtype: torch.dtype | None):
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise ImportError(
-            "hardware.load_in_4bit=true needs bitsandbytes on a CUDA machine: pip install bitsandbytes"
+            "hardware.load_in_4bit=true needs bitsandbytes on a CUDA machine: pip install loralab[gpu]"
         ) from err
     from transformers import BitsAndBytesConfig
 

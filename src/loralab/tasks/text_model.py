@@ -38,9 +38,10 @@ def load_text_model(
 ):
     """The sequence model with one output per name in ``outputs``, on ``device``; LoRA-wrapped if ``lora.enabled``."""
     # LoRA trains fp32 adapters on a frozen base, so the base can sit in 16 bits; full fine-tuning keeps fp32
-    # master weights and gets its speed from autocast.
+    # master weights and gets its speed from autocast. The precision decides, not the device: a GPU profile with
+    # hardware.device=cpu runs the same dtypes on the CPU (how CI trains every profile's path).
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hardware.precision)
-    dtype = half if lora.enabled and half is not None and device.type == "cuda" else torch.float32
+    dtype = half if lora.enabled and half is not None else torch.float32
     model = source.load_model(
         list(outputs),
         tokenizer,
