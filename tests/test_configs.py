@@ -242,6 +242,7 @@ BAD_VALUES = [
         "the zip needs baseline",
     ),
     (["experiment=marketsentinel", "ensemble=blend"], "ensemble", "'blend'", "task is tabular_regression"),
+    (["experiment=marketsentinel", "hardware.packing=true"], "hardware.packing", "True", "the MLP reads no token"),
     (["distributed.backend=mpi"], "distributed.backend", "'mpi'", "auto, nccl, gloo"),
     (["task=text_regression"], "data", "demo|jsonl", "does not fit task text_regression"),
     (["experiment=marketsentinel", "model.hidden_dim=0"], "model.hidden_dim", "0", "must be > 0"),

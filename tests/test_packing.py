@@ -1,7 +1,8 @@
 """Padding-free packing (hardware.packing): a micro-batch's records in one row score the logits and gradients of the
 padded batch (fp32: within 1e-5) for the tiny Qwen2 and a Qwen2.5-0.5B-shaped model, with and without LoRA, under
-activation checkpointing and bf16 autocast; the packed batches of DDP shards hold every record once; the model's
-weights, padded forward and copies are the stock ones."""
+activation checkpointing and bf16 autocast; trained packed, the weights follow the padded run's; a packed run killed
+after a val check resumes exactly; the packed batches of DDP shards hold every record once; the model's weights,
+padded forward and copies are the stock ones."""
 
 from __future__ import annotations
 
@@ -10,19 +11,25 @@ import json
 
 import pytest
 import torch
-from conftest import LABELS
+from conftest import LABELS, optim_conf, run_result, trainer_conf
 from peft import LoraConfig
+from rich.console import Console
+from torch import nn
 from torch.testing import assert_close
+from torch.utils.data import DataLoader
 from transformers import BertConfig, DataCollatorWithPadding
 
+from loralab.core.checkpoint import Checkpoints
 from loralab.core.loaders import pack_records, padding_share
 from loralab.core.sampler import EpochBatchSampler
+from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.demo import make_rows
 from loralab.data.text import serialize
 from loralab.errors import ConfigError
 from loralab.models.build import ModelSource, enable_activation_checkpointing, shipped_config
 from loralab.models.lora import apply_lora
 from loralab.models.packing import enable_packing
+from loralab.reporting.console import padding_text, print_summary
 
 TEXTS = [serialize(r["features"]) for r in make_rows(40, seed=1)]
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -40,7 +47,7 @@ def sources(tmp_path_factory):
     return {"tiny_qwen2": (tiny, tiny.load_tokenizer(TEXTS)), "qwen2_5_0_5b": (qwen, qwen.load_tokenizer(TEXTS))}
 
 
-def classifier(source: ModelSource, tokenizer, *, lora: bool, checkpointing: bool = False):
+def classifier(source: ModelSource, tokenizer, *, lora: bool, checkpointing: bool = False, dropout: float = 0.0):
     """As ``load_text_model`` builds it: checkpointing, packing, then LoRA. Adapters start non-zero
     (``init_lora_weights=False``), so the LoRA path changes the logits it is compared on."""
     torch.manual_seed(0)
@@ -49,7 +56,13 @@ def classifier(source: ModelSource, tokenizer, *, lora: bool, checkpointing: boo
         enable_activation_checkpointing(model)
     enable_packing(model)
     if lora:
-        config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        config = LoraConfig(
+            task_type="SEQ_CLS",
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=dropout,
+            init_lora_weights=False,
+        )
         model = apply_lora(model, config)
     return model
 
@@ -107,6 +120,63 @@ def test_packed_gradients_equal_padded_gradients(sources):
     assert any("score" in n for n in grads[0])
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], **FP32, msg=name)
+
+
+class Killed(BaseException):
+    """A SIGKILL stand-in: nothing after it runs, only what is already on disk survives."""
+
+
+class KilledAfterCheck(Checkpoints):
+    def check(self, loop_state, step, epoch, value):
+        super().check(loop_state, step, epoch, value)
+        if step == 2:
+            raise Killed
+
+
+def fit(sources, ckpt_dir, *, packed: bool, dropout: float, checkpoints=Checkpoints, resume=None) -> nn.Module:
+    """The trainer as a run sets it up: 16 records in length-grouped micro-batches of 4 (4 steps, a val check every
+    2), LoRA, AdamW; the train loader packs or pads, the val loader pads."""
+    source, tokenizer = sources["tiny_qwen2"]
+    model = classifier(source, tokenizer, lora=True, dropout=dropout)
+    records = [{"input_ids": tokenizer(text)["input_ids"], "labels": i % 3} for i, text in enumerate(TEXTS[:16])]
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    collate = pack_records if packed else (lambda rows: pad([dict(r) for r in rows]))
+    lengths = [len(r["input_ids"]) for r in records]
+    train = DataLoader(records, batch_sampler=EpochBatchSampler(lengths, 4, seed=0), collate_fn=collate)
+    val = DataLoader(records[:4], batch_size=4, collate_fn=lambda rows: pad([dict(r) for r in rows]))
+    trainer = Trainer(
+        trainer_conf(1, monitor="val_loss", mode="min", val_check_interval=2),
+        optim_conf("torch.optim.AdamW", lr=1e-2),
+        precision="fp32",
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    ckpts = checkpoints(ckpt_dir, keep=1, mode="min", meta={}, resume_from=resume)
+    trainer.setup(FitInputs(model, nn.CrossEntropyLoss(), train, val, lambda y, p: {}), ckpts)
+    trainer.fit()
+    return trainer.core
+
+
+def trained(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.slow
+def test_packed_training_follows_padded_training_and_resumes_exactly(sources, tmp_path):
+    """Without dropout, 4 packed steps train the padded run's weights (fp32, within 1e-4 after 4 AdamW steps). With
+    LoRA dropout (masks drawn for a packed row: another stream than padded), a packed run killed right after the val
+    check at step 2 (mid-epoch) and resumed from ``last`` ends bit-identical to the uninterrupted packed run."""
+    padded = trained(fit(sources, tmp_path / "padded", packed=False, dropout=0.0))
+    packed = trained(fit(sources, tmp_path / "packed", packed=True, dropout=0.0))
+    for name in padded:
+        assert_close(packed[name], padded[name], atol=1e-4, rtol=1e-4, msg=name)
+    reference = trained(fit(sources, tmp_path / "ref", packed=True, dropout=0.1))
+    with pytest.raises(Killed):
+        fit(sources, tmp_path / "run", packed=True, dropout=0.1, checkpoints=KilledAfterCheck)
+    torch.manual_seed(123)  # whatever the RNG is now, resume restores the checkpoint's
+    resumed = trained(fit(sources, tmp_path / "run", packed=True, dropout=0.1, resume=tmp_path / "run" / "last"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert not all(torch.equal(reference[k], packed[k]) for k in packed)  # dropout did change what was trained
 
 
 def test_packed_logits_under_bf16_autocast(sources):
@@ -168,3 +238,12 @@ def test_padding_share_counts_the_pads_of_padded_batches():
     assert padding_share([3, 1, 4, 4], [[0, 1], [2, 3]]) == pytest.approx(1 - 12 / 14)
     assert padding_share([3, 1, 4, 4], [[0, 1], [2, 3]], multiple=8) == pytest.approx(1 - 12 / 32)
     assert padding_share([5, 5], [[0, 1]]) == 0.0
+
+
+def test_the_summary_says_what_padding_costs_and_whether_packing_left_it_out():
+    out = Console(record=True, width=200)
+    print_summary(run_result(padding_share={"train": 0.234, "val": 0.01}, packing=True), out)
+    assert "10 samples/s on cpu, 23% of train tokens padding (packed away)" in out.export_text()
+    padded = run_result(padding_share={"train": 0.234, "val": 0.01}, packing=False)
+    assert padding_text(padded) == ", 23% of train tokens padding (hardware.packing=true leaves it out)"
+    assert padding_text(run_result()) == ""  # no token lengths (the tabular task)

@@ -4,7 +4,7 @@ validation set, longest first."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -87,6 +87,21 @@ def make_loaders(
     train = DataLoader(data.train, batch_sampler=sampler, **loader_args(data.train_collate or data.collate, hardware))
     val = eval_loader(data.val, data.val_lengths, data.collate, batch_size=trainer.eval_batch_size, hardware=hardware)
     return train, val, accum
+
+
+def padding_shares(data: TaskData, train: DataLoader, val: DataLoader) -> dict[str, float]:
+    """``{"train", "val"}``: the share of pad tokens in this rank's first-epoch train batches and in the val
+    batches, padded as ``data.collate`` pads (its ``pad_to_multiple_of``); ``{}`` when the data has no lengths."""
+    if data.train_lengths is None or data.val_lengths is None or val.batch_size is None:
+        return {}
+    multiple = getattr(data.collate, "pad_to_multiple_of", None) or 1
+    order, size = list(val.sampler), val.batch_size
+    return {
+        "train": padding_share(
+            data.train_lengths, cast(EpochBatchSampler, train.batch_sampler).epoch_batches(1), multiple
+        ),
+        "val": padding_share(data.val_lengths, [order[s : s + size] for s in range(0, len(order), size)], multiple),
+    }
 
 
 def loader_args(collate: Callable | None, hardware: HardwareConf) -> dict:
