@@ -38,7 +38,8 @@ FP32 = dict(atol=1e-5, rtol=1e-5)
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """The shipped tiny Qwen2, and Qwen2.5-0.5B's shape (widths, 14 query / 2 key-value heads, rope) cut to 2 of its
-    24 layers and a 1024-token vocabulary so it builds in CPU CI (all 24 layers: bench/packing.py --check)."""
+    24 layers and a 1024-token vocabulary so it builds in CPU CI (all 24 layers: bench/packing.py --check-only,
+    docs/performance.md)."""
     arch = shipped_config("qwen2_5_0_5b") | dict(num_hidden_layers=2, vocab_size=1024, bos_token_id=0, eos_token_id=0)
     path = tmp_path_factory.mktemp("arch") / "qwen2_5_0_5b_2_layers.json"
     path.write_text(json.dumps(arch))
