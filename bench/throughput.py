@@ -113,7 +113,7 @@ def run_loralab(cfg, task, data, device, work):
     train_loader, val_loader, accum = make_loaders(
         data, batch_size=cfg.optim.batch_size, hardware=cfg.hardware, trainer=cfg.trainer, seed=cfg.seed
     )
-    trainer = Trainer(cfg.trainer, cfg.optim, precision=cfg.hardware.precision, device=device)
+    trainer = Trainer(cfg.trainer, cfg.optim, precision=cfg.hardware.precision, device=device, progress=False)
     trainer.setup(
         FitInputs(model, task.loss(), train_loader, val_loader, task.metrics, accum),
         Checkpoints(work / "checkpoints", keep=1, mode="max", meta={}),
@@ -187,6 +187,26 @@ def run_hf_trainer(cfg, task, data, device, out_dir):
     }
 
 
+def where_and_how(device: torch.device, model: str) -> dict[str, str]:
+    """A result's first keys: when, which machine and device, the exact command, the model."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "command": f"python {Path(sys.argv[0]).relative_to(ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]} "
+        + " ".join(sys.argv[1:]),
+        "model": model,
+    }
+
+
+def save_result(result: dict, out: Path | None, name: str) -> None:
+    """The JSON result to ``out``, or to ``bench/results/<time>-<name>.json``."""
+    out = out or ROOT / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"result: {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1600, help="training rows (one epoch is timed)")
@@ -221,11 +241,7 @@ def main() -> None:
         r["samples_per_s"] = samples / r["seconds"]
         r["tokens_per_s"] = tokens / r["seconds"]
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-        "model": cfg.model.name,
+        **where_and_how(device, cfg.model.name),
         "pretrained": cfg.model.pretrained,
         "lora": {k: str(v) for k, v in dataclasses.asdict(cfg.lora).items()} if cfg.lora.enabled else None,
         "precision": str(cfg.hardware.precision),
@@ -257,10 +273,7 @@ def main() -> None:
         f"eval/train throughput {result['eval_over_train_throughput']:.1f}x; "
         f"val macro-F1 {ours['val_macro_f1']:.3f} vs {hf['val_macro_f1']:.3f}"
     )
-    out = args.out or ROOT / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"result: {out}")
+    save_result(result, args.out, cfg.model.name)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ BAD_VALUES = [
     (["decision=precision", "decision.min_rows=0"], "decision.min_rows", "0", ">= 1"),
     (["decision=precision", "ensemble=blend", "decision.folds=3"], "decision.folds", "3", "must equal ensemble.folds"),
     (["experiment=marketsentinel", "decision=precision"], "decision", "'precision'", "task is tabular_regression"),
+    (["experiment=marketsentinel", "hardware.packing=true"], "hardware.packing", "True", "the MLP reads no token"),
     (["distributed.backend=mpi"], "distributed.backend", "'mpi'", "auto, nccl, gloo"),
     (["task=text_regression"], "data", "demo|jsonl", "does not fit task text_regression"),
     (["experiment=marketsentinel", "model.hidden_dim=0"], "model.hidden_dim", "0", "must be > 0"),

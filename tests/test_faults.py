@@ -128,6 +128,15 @@ def test_changed_keys_ignore_how_a_run_is_driven_and_allow_by_key_or_group():
     assert describe(changes) == "hardware.precision: 'fp32' -> 'bf16', optim.lr: 0.001 -> 0.01"
 
 
+def test_a_config_saved_before_a_key_existed_resumes_under_the_value_it_ran_with():
+    """``hardware.packing`` is newer than some checkpoints: theirs ran padded, so padded resumes them unchanged."""
+    saved_cfg = {"hardware": {"precision": "fp32"}}
+    assert changed(saved_cfg, {"hardware": {"precision": "fp32", "packing": False}}) == {}
+    assert changed(saved_cfg, {"hardware": {"precision": "fp32", "packing": True}}) == {
+        "hardware.packing": (False, True)
+    }
+
+
 @pytest.mark.parametrize(
     ("value", "ok"), [("true", True), ("false", True), ("[optim.lr,data]", True), ("maybe", False), ("[1]", False)]
 )

@@ -21,7 +21,7 @@ from transformers import set_seed
 from loralab.config import RunConf
 from loralab.config.changes import describe
 from loralab.core.checkpoint import Checkpoints
-from loralab.core.loaders import make_loaders, shard
+from loralab.core.loaders import make_loaders, padding_shares, shard
 from loralab.core.trainer import FitInputs, Trainer
 from loralab.fs import atomic_write_json
 from loralab.pretrain import PretrainStage
@@ -172,6 +172,16 @@ class Recipe:
             seed=conf.seed,
             ddp=ddp,
         )
+        self.padding_share = padding_shares(self.data, self.train_loader, self.val_loader)
+        if self.padding_share:
+            log.info(
+                "pad tokens in padded batches: %.1f%% of train (epoch 1%s), %.1f%% of val; hardware.packing=%s",
+                100 * self.padding_share["train"],
+                f", rank {ddp.rank}'s shard" if ddp.enabled else "",
+                100 * self.padding_share["val"],
+                conf.hardware.packing,
+            )
+            self.ctx.tracker.log_metrics({f"data.{k}_padding_share": v for k, v in self.padding_share.items()})
 
     def _setup_trainer(self) -> None:
         conf, ctx = self.conf, self.ctx
@@ -259,6 +269,8 @@ class Recipe:
             world_size=ctx.ddp.world_size,
             resumed_from=str(ctx.resume_dir) if ctx.resume_dir else None,
             provenance=self.provenance,
+            padding_share=self.padding_share,
+            packing=conf.hardware.packing,
             run_dir=str(ctx.out_dir),
             run_id=ctx.tracker.run_id,
             tracking_uri=ctx.tracker.uri,

@@ -32,6 +32,10 @@ class RunResult:
     world_size: int
     resumed_from: str | None
     provenance: dict[str, str]  # code version, packages, data file hashes
+    # The share of pad tokens in padded batches ({"train": first epoch, "val"}; text tasks): what hardware.packing
+    # leaves out of training (packing: true) or would (false).
+    padding_share: dict[str, float] = field(default_factory=dict)
+    packing: bool = False
     # Set once the task has finalized the run (rank 0):
     metrics: dict[str, Any] = field(default_factory=dict)  # the final report: per class, calibration, baseline...
     artifacts: list[str] = field(default_factory=list)

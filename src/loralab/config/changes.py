@@ -27,6 +27,9 @@ RESUME_IGNORED = (
     "data.cache_dir",
 )
 ABSENT = "<absent>"
+# Keys added since checkpoints were first written, with the value a run saved before them behaved as: a config saved
+# without the key resumes under that value as unchanged.
+ADDED_KEYS = {"hardware.packing": False}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,6 +54,7 @@ def changed(
 ) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved value, used value)}`` for every flat key that differs and is not ignored."""
     old, new = flatten(saved), flatten(used)
+    old |= {k: v for k, v in ADDED_KEYS.items() if k in new and k not in old}
     return {
         k: (old.get(k, ABSENT), new.get(k, ABSENT))
         for k in sorted(old.keys() | new.keys())

@@ -126,6 +126,8 @@ def hardware(cfg: DictConfig, task: Any) -> None:
         )
         require(cfg.lora.enabled, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)")
         require(is_qwen(cfg) and cfg.model.pretrained, "hardware.load_in_4bit", True, "needs model.pretrained=true")
+    if h.packing:
+        require(is_qwen(cfg), "hardware.packing", True, "packs a text model's records; the MLP reads no token sequence")
     if on_cuda:
         import torch
 

@@ -245,6 +245,7 @@ class HardwareConf:
     pin_memory: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))
     attn_implementation: str = MISSING
     load_in_4bit: bool = MISSING
+    packing: bool = MISSING  # a text model's training micro-batches packed into one row (config/cross.py: hardware)
     memory_gib: Any = knob(auto_or(lambda v: v is None or (is_number(v) and v > 0), "a number > 0 or null"))
     preflight: Preflight = MISSING
     torch_threads: Optional[int] = knob(ge(1))

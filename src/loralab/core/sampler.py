@@ -47,9 +47,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         """Select the epoch's order; skip its first ``start_batch`` batches (resuming mid-epoch)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _all_batches(self) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of epoch ``epoch``, from its first."""
         n = len(self.lengths)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
         if self.group_by_length:
             mega = self.batch_size * self.bucket_size
@@ -62,7 +63,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.start_batch :]
+        yield from self.epoch_batches(self.epoch)[self.start_batch :]
 
     def __len__(self) -> int:
         """Batches in a full epoch for this rank (independent of ``start_batch``)."""

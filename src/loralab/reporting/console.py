@@ -243,8 +243,8 @@ def print_summary(result: RunResult, console: Console | None = None) -> None:
             style = "bold red" if "cannot reach" in line else ""
             console.print(f"[{style}]{escape(line)}[/]" if style else escape(line), soft_wrap=True)
     console.print(
-        f"train {result.train_samples_per_s:.0f} samples/s on {result.device}, wall {result.wall_time_s:.0f} s"
-        + (f": {result.stage_line()}" if result.stage_seconds else "")
+        f"train {result.train_samples_per_s:.0f} samples/s on {result.device}{padding_text(result)}, "
+        f"wall {result.wall_time_s:.0f} s" + (f": {result.stage_line()}" if result.stage_seconds else "")
     )
     console.print(f"run dir: {result.run_dir}", soft_wrap=True)
     for path in result.artifacts:
@@ -253,6 +253,15 @@ def print_summary(result: RunResult, console: Console | None = None) -> None:
         console.print(
             f"MLflow run {result.run_id} — mlflow ui --backend-store-uri {result.tracking_uri}", soft_wrap=True
         )
+
+
+def padding_text(result: RunResult) -> str:
+    """``, 23% of train tokens padding (packed away)``: what padded batches spend on pad tokens; empty when the
+    task has no token lengths."""
+    if "train" not in result.padding_share:
+        return ""
+    fate = "packed away" if result.packing else "hardware.packing=true leaves it out"
+    return f", {100 * result.padding_share['train']:.0f}% of train tokens padding ({fate})"
 
 
 def run_line(result: RunResult, job: int | None = None) -> str:

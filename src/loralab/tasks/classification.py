@@ -19,7 +19,7 @@ from transformers import DataCollatorWithPadding
 from loralab.baseline import fit_baseline, fit_estimator, predict_proba
 from loralab.config.cross import require
 from loralab.config.tasks import ClassificationConf, RecordsDataConf
-from loralab.core.loaders import TaskData, eval_loader
+from loralab.core.loaders import TaskData, eval_loader, pack_records
 from loralab.data.balance import class_counts
 from loralab.data.demo import write_demo
 from loralab.data.records import Record, RowFormat, load_records
@@ -179,7 +179,14 @@ class Classification(Task):
             self.test_loader = eval_loader(
                 test, test.lengths, collate, batch_size=self.conf.trainer.eval_batch_size, hardware=self.conf.hardware
             )
-        return TaskData(train, val, train_lengths=train.lengths, val_lengths=val.lengths, collate=collate)
+        return TaskData(
+            train,
+            val,
+            train_lengths=train.lengths,
+            val_lengths=val.lengths,
+            collate=collate,
+            train_collate=pack_records if self.conf.hardware.packing else None,
+        )
 
     def _log_time_split(self) -> None:
         """Each split's time range (tags) and the purged and embargoed counts (metrics) in MLflow."""

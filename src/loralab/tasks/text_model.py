@@ -14,6 +14,7 @@ from loralab.config.schema import HardwareConf, LoraConf
 from loralab.core.distributed import Dist
 from loralab.models.build import ModelSource, enable_activation_checkpointing
 from loralab.models.lora import apply_lora
+from loralab.models.packing import enable_packing
 
 
 def load_tokenizer(source: ModelSource, texts: Sequence[str], resume_dir: Path | None, ddp: Dist):
@@ -36,7 +37,8 @@ def load_text_model(
     device: torch.device,
     problem_type: str = "single_label_classification",
 ):
-    """The sequence model with one output per name in ``outputs``, on ``device``; LoRA-wrapped if ``lora.enabled``."""
+    """The sequence model with one output per name in ``outputs``, on ``device``; LoRA-wrapped if ``lora.enabled``;
+    scoring packed batches too with ``hardware.packing`` (the train loader then packs: ``TaskData.train_collate``)."""
     # LoRA trains fp32 adapters on a frozen base, so the base can sit in 16 bits; full fine-tuning keeps fp32
     # master weights and gets its speed from autocast. The precision decides, not the device: a GPU profile with
     # hardware.device=cpu runs the same dtypes on the CPU (how CI trains every profile's path).
@@ -53,6 +55,8 @@ def load_text_model(
     model.config.problem_type = problem_type  # saved with every checkpoint's config
     if hardware.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if hardware.packing:
+        enable_packing(model)
     model = apply_lora(model, instantiate(lora))  # None (full fine-tuning) when lora.enabled is false
     if not hardware.load_in_4bit:  # bitsandbytes places quantized weights itself
         model = model.to(device)

@@ -18,7 +18,7 @@ from transformers import DataCollatorWithPadding
 
 from loralab.config.tasks import TextRegressionConf
 from loralab.core.checkpoint import save_checkpoint
-from loralab.core.loaders import TaskData, eval_loader
+from loralab.core.loaders import TaskData, eval_loader, pack_records
 from loralab.core.trainer import predict_logits
 from loralab.data.articles import Article, TokenizedArticles, article_text, load_articles, unlabelled_texts
 from loralab.data.records import leaked_ids
@@ -125,7 +125,14 @@ class TextRegression(Task):
         lengths = [[len(x) for x in ds.input_ids] for ds in (train_ds, val_ds)]
         collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
         self.test_loader = self._test_loader(train, val, collate) if d.test_file and ctx.ddp.is_main else None
-        return TaskData(train_ds, val_ds, train_lengths=lengths[0], val_lengths=lengths[1], collate=collate)
+        return TaskData(
+            train_ds,
+            val_ds,
+            train_lengths=lengths[0],
+            val_lengths=lengths[1],
+            collate=collate,
+            train_collate=pack_records if self.conf.hardware.packing else None,
+        )
 
     def _test_loader(self, train: list[Article], val: list[Article], collate) -> DataLoader:
         """``data.test_file`` (same reader, drops counted in the data info), scored once in ``finalize``."""
