@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 LABELS = ["long", "short", "skip"]
 
-# Pretrained bases (pretrain=clm, the tiny model's default) go to a cache made for this test run, never the
+# Pretrained bases (pretrain=clm) go to a cache made for this test run, never the
 # checkout's .cache/: the run's tests share it as sweep jobs do, and no base of an older code version is reused.
 os.environ["LORALAB_CACHE"] = tempfile.mkdtemp(prefix="loralab-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LORALAB_CACHE"], True)

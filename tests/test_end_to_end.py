@@ -100,15 +100,19 @@ def test_data_report_json(finished, tiny_data):
     assert report["leakage"] == {"ids_in_both": 1, "examples": [tiny_data["leaked_id"]], "policy": "warn"}
 
     before = dict(Counter(r["label"] for r in train_rows))
-    assert min(before.values()) < 0.25 * len(train_rows)  # so the default threshold oversamples
     counts = report["class_counts"]
     assert counts["train_before_oversampling"] == {label: before[label] for label in LABELS}
-    assert counts["train_after_oversampling"] == {label: max(before.values()) for label in LABELS}
-    assert report["oversampled"] is True
-    # Class weights come from the counts after oversampling (all equal here, so inverse frequency gives 1 each);
-    # the counts before it would have given unequal weights.
-    assert report["class_weights"]["computed_from"] == "train_after_oversampling"
-    assert report["class_weights"]["values"] == pytest.approx({label: 1.0 for label in LABELS})
+    # The default duplicates nothing (data.oversample_to=null): the class weights alone rebalance the loss.
+    assert counts["train_after_oversampling"] == counts["train_before_oversampling"]
+    assert report["oversampled"] is False and report["oversampling"] == {"to": None, "duplication": 1.0}
+    weights = report["class_weights"]
+    assert weights["mode"] == "sqrt_inverse" and weights["computed_from"] == "train_after_oversampling"
+    n = [before[label] for label in LABELS]
+    expected = [(1 / c) ** 0.5 for c in n]
+    expected = [w * len(n) / sum(expected) for w in expected]  # mean 1
+    assert [weights["values"][label] for label in LABELS] == pytest.approx(expected)
+    rarest, commonest = LABELS[n.index(min(n))], LABELS[n.index(max(n))]
+    assert weights["values"][rarest] > 1 > weights["values"][commonest]
 
 
 def test_training_summary_json(finished):

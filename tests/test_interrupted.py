@@ -34,6 +34,7 @@ def test_killed_before_a_checkpoint_then_run_again_then_a_corrupt_resume(tmp_pat
         f"data.train_file={data}/train.jsonl",
         f"data.val_file={data}/val.jsonl",
         "data.cache_dir=null",
+        "pretrain=clm",
         "pretrain.epochs=2",
         f"pretrain.cache_dir={tmp_path / 'cache'}",
         "trainer.max_epochs=1",

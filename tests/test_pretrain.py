@@ -49,6 +49,7 @@ def texts_of(path: Path) -> list[str]:
 def stage_and_inputs(demo: Path, cache: Path, *overrides: str):
     """The ``clm`` stage as the run's config builds it, the tiny random source and its tokenizer."""
     conf = typed_conf(
+        "pretrain=clm",
         "pretrain.epochs=1",
         f"pretrain.cache_dir={cache}",
         "model.tokenizer_vocab_size=300",
@@ -218,7 +219,7 @@ def test_the_cards_sweep_composes_with_lora_on_in_every_job():
     for gamma, r in itertools.product(["1.0", "1.5", "2.0"], [8, 16, 32]):
         cfg = check(compose_train(f"loss.gamma={gamma}", f"lora.r={r}"))
         assert cfg.lora.enabled is True and cfg.lora.r == r and cfg.loss.gamma == float(gamma)
-        assert cfg.pretrain.name == "clm" and cfg.model.name == "tiny_qwen2"
+        assert cfg.pretrain.name == "none" and cfg.model.name == "tiny_qwen2"
     assert check(compose_train("lora=none")).lora.enabled is False  # full fine-tuning is asked for by name
 
 
@@ -233,6 +234,7 @@ def train_cmd(demo: Path, *overrides: str, multirun: bool = False) -> list[str]:
         "trainer.max_epochs=1",
         "model.tokenizer_vocab_size=300",
         "model.max_length=64",
+        "pretrain=clm",
         "pretrain.epochs=2",
         "baseline=none",
         "hardware.torch_threads=1",

@@ -45,7 +45,7 @@ GATES = {
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     train, val = write_demo(out, n_train=240, n_val=80)
-    return build_splits(str(train), str(val), LABELS, seed=3)
+    return build_splits(str(train), str(val), LABELS, seed=3, oversample_to="balanced")
 
 
 @pytest.fixture(scope="module")

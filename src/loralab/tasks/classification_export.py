@@ -260,7 +260,7 @@ def lora_settings(lora) -> dict[str, Any]:
 
 
 def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
-    """``auto``: merged + adapter (+ base) when they fit the size gate, else the adapter alone — a real model's
+    """``auto``: merged + adapter (+ base) when they fit the size gate, else the adapter (+ base) — a real model's
     merged weights (GBs) stay in the run dir instead of failing a finished run at the last step."""
     if parts != "auto":
         return [p for p in parts if (out_dir / p).exists()]
@@ -268,13 +268,16 @@ def zip_parts(out_dir: Path, parts, max_mb: float) -> list[str]:
     size_mb = sum(f.stat().st_size for p in present for f in (out_dir / p).rglob("*") if f.is_file()) / 2**20
     if size_mb <= max_mb or "adapter" not in present:
         return present
+    # A base that exists only here (random init, or pretrained by this run) goes with its adapter: without it the
+    # adapter loads nowhere.
     log.warning(
-        "export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter "
+        "export: merged/ + adapter/ are %.0f MB > export.max_size_mb=%g; model_final.zip holds the adapter%s "
         "(merged/ stays in the run dir)",
         size_mb,
         max_mb,
+        " and the base it needs" if "base" in present else "",
     )
-    return [p for p in ("adapter", "baseline", "loralab.json") if p in present]
+    return [p for p in ("adapter", "base", "baseline", "loralab.json") if p in present]
 
 
 def serialization(serializer, source) -> dict[str, Any]:
