@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serialize import collect, run_one  # noqa: E402
+from serialize import append, collect, run_one  # noqa: E402
 from tabular_sets import LABELS  # noqa: E402
 
 
@@ -92,9 +92,7 @@ def main() -> None:
             run_dir = Path(run_one(name, "bins", args.data, args.work, overrides)["run_dir"])
             runs.append(result(run_dir, args.work / "mlflow.db", name, args.variant, overrides))
     for r in runs:
-        with args.out.open("a") as fh:
-            fh.write(json.dumps(r) + "\n")
-        print(json.dumps(r), flush=True)
+        append(args.out, r)
     results = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     print(table(results))
 

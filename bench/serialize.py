@@ -83,6 +83,13 @@ def collect(run_dir: Path, name: str, serializer: str, overrides: list[str]) -> 
     }
 
 
+def append(out: Path, result: dict) -> None:
+    """One result as a JSON line of ``out`` (so runs split across processes add up), echoed to stdout."""
+    with out.open("a") as fh:
+        fh.write(json.dumps(result) + "\n")
+    print(json.dumps(result), flush=True)
+
+
 def ensemble_result(metrics: dict) -> dict:
     """``ensemble=blend`` runs: out-of-fold macro-F1 of model, baseline and blend, the weight, and whether the blend
     meets its target (blend >= max(model, baseline) - 0.01)."""
@@ -248,10 +255,7 @@ def main() -> None:
         os.chdir(args.work)  # the SQLite store puts artifacts under ./mlruns: here, never in the checkout
         for name in args.sets:
             for serializer in args.serializers:
-                result = run_one(name, serializer, args.data, args.work, overrides)
-                with args.out.open("a") as fh:
-                    fh.write(json.dumps(result) + "\n")
-                print(json.dumps(result), flush=True)
+                append(args.out, run_one(name, serializer, args.data, args.work, overrides))
     results = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     print(table(results))
 
