@@ -89,7 +89,7 @@ class Plan:
             f"data.train_file={data}/train.jsonl",
             f"data.val_file={data}/val.jsonl",
             "data.cache_dir=null",
-            "data.oversample_below=null",
+            "data.oversample_to=null",
             "pretrain=none",
             "baseline=none",
             "calibration=none",

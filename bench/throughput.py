@@ -72,6 +72,7 @@ def compose_conf(overrides: list[str], data_dir: Path):
                 "data.oversample_to=null",
                 "baseline=none",
                 "trainer.max_epochs=1",
+                "trainer.val_check_interval=null",  # the timed loop: no evaluation inside it
                 f"paths.output_dir={data_dir}",
                 *overrides,
             ],

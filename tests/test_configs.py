@@ -220,9 +220,9 @@ BAD_VALUES = [
     (["pretrain.lr=0"], "pretrain.lr", "0", "> 0"),
     (["pretrain.holdout=0"], "pretrain.holdout", "0", "(0, 1)"),
     (["pretrain.splits=[train,test]"], "pretrain.splits.1", "'test'", "must be train or val"),
-    (["pretrain.splits=[]"], "pretrain.splits", "[]", "no texts to pretrain on"),
+    (["pretrain=clm", "pretrain.splits=[]"], "pretrain.splits", "[]", "no texts to pretrain on"),
     (
-        ["pretrain.extra_files=[/nonexistent/more.jsonl]"],
+        ["pretrain=clm", "pretrain.extra_files=[/nonexistent/more.jsonl]"],
         "pretrain.extra_files.0",
         "/nonexistent/more.jsonl",
         "file not found",

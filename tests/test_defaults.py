@@ -169,3 +169,16 @@ def test_a_pretrain_budget_ends_the_stage_whatever_the_corpus_size():
     assert budget.trainer(2375).max_steps == 2000  # 38k texts: 5 epochs would be 11,875 steps
     assert budget.trainer(2375).max_epochs == 5  # the budget ends the stage first (and its lr schedule with it)
     assert dataclasses.replace(CONF.pretrain, max_steps=None).trainer(143).max_steps is None
+
+
+def test_the_loop_refuses_a_length_left_at_auto():
+    import pytest
+    import torch
+    from conftest import optim_conf
+
+    from loralab.core.trainer import Trainer
+
+    with pytest.raises(ValueError, match=r"\['val_check_interval'\] still 'auto'"):
+        Trainer(trainer(max_epochs=2), optim_conf(), precision="fp32", device=torch.device("cpu"))
+    resolved, _ = trainer(max_epochs=2).for_epoch_length(100)
+    Trainer(resolved, optim_conf(), precision="fp32", device=torch.device("cpu"))  # numbers: accepted

@@ -23,6 +23,9 @@ from loralab.data.demo import write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6  # float32 rounding of a different addition order, over 24 optimizer steps
+# The weights: 90k adapted parameters (LoRA on every linear layer) drift further by rounding (1.4e-6 measured)
+# than the metrics; a real divergence of the two runs is orders of magnitude more.
+WEIGHT_TOL = 5e-6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -66,7 +69,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     w_ddp, w_single = (load_file(d / "checkpoints" / "last" / "weights.safetensors") for d in (ddp, single))
     assert w_ddp.keys() == w_single.keys()
     worst = max((w_ddp[k] - w_single[k]).abs().max().item() for k in w_ddp)
-    assert worst <= TOL, worst  # the trained weights themselves, not only the metrics they produce
+    assert worst <= WEIGHT_TOL, worst  # the trained weights themselves, not only the metrics they produce
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/ddp.db")
     runs = client.search_runs(client.get_experiment_by_name("loralab").experiment_id)

@@ -103,6 +103,9 @@ class Trainer:
         ddp: Dist = Dist(),
         progress: bool = True,
     ):
+        unresolved = [k for k in ("max_epochs", "val_check_interval") if getattr(trainer, k) == "auto"]
+        if unresolved:  # they depend on the epoch's length: TrainerConf.for_epoch_length turns them into numbers
+            raise ValueError(f"trainer {unresolved} still 'auto': resolve with TrainerConf.for_epoch_length first")
         self.conf, self.optim = trainer, optim
         self.precision, self.device, self.ddp, self.progress = precision, device, ddp, progress
         self.log_every = trainer.log_every_n_steps
