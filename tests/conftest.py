@@ -342,3 +342,39 @@ def fake_cuda(monkeypatch):
 
     use()
     return use
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that must not inherit this process's MLflow target."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    return {**env, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **extra}
+
+
+def serve_predictions(model_uri: str, tracking_uri: str, records: list[dict], home: Path) -> list[dict]:
+    """``mlflow models serve -m MODEL_URI --env-manager local`` on 127.0.0.1, as the docs show: POST ``records``
+    to /invocations and return its predictions; the server is stopped whatever happens."""
+    import urllib.request
+
+    from loralab.tracking.server import free_port, stop, wait_for
+
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # the venv's uvicorn, which `mlflow models serve` runs, as if activated
+    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with (home / "serve.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            try:
+                wait_for(f"http://127.0.0.1:{port}/ping", timeout_s=300, proc=proc)
+            except (RuntimeError, TimeoutError) as err:
+                raise AssertionError((home / "serve.log").read_text()[-3000:]) from err
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                json.dumps({"dataframe_records": records}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.load(response)["predictions"]
+        finally:
+            stop(proc)

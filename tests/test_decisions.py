@@ -319,3 +319,28 @@ def test_an_export_without_a_decision_answers_as_argmax_always_did(decision_run)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(list(r) == ["id", "label", "probs"] for r in rows)
     assert [r["label"] for r in rows] == [max(r["probs"], key=r["probs"].get) for r in rows]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_decides_as_the_run_did(decision_run):
+    """``mlflow models serve`` on the run's logged model answers each val row with the run's decision, whether it
+    abstained, and its probabilities."""
+    from conftest import serve_predictions
+    from mlflow.tracking import MlflowClient
+
+    tmp, val = decision_run["tmp"], decision_run["val"]
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("loralab").experiment_id])
+    records = [
+        {"id": r["id"], "features": r["features"]}
+        for r in map(json.loads, decision_run["val_file"].read_text().splitlines())
+    ]
+    served = serve_predictions(f"runs:/{run.info.run_id}/model", uri, records, tmp)
+    assert [(s["id"], s["label"], s["abstained"]) for s in served] == [
+        (r["id"], val[r["id"]]["decision"], val[r["id"]]["abstained"]) for r in records
+    ]
+    assert any(s["abstained"] for s in served) and any(not s["abstained"] for s in served)
+    assert (
+        np.abs(probs_of([s["probs"] for s in served]) - probs_of([val[s["id"]]["probs"] for s in served])).max() <= 1e-5
+    )

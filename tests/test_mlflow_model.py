@@ -13,28 +13,21 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, compose_train
+from conftest import ROOT, clean_env, compose_train, serve_predictions
 from mlflow.tracking import MlflowClient
 
 from loralab.inference import predict_file
 from loralab.reporting.compare import using_store
 from loralab.tracking.mlflow import ARTIFACTS_DIR, NOTE_TAG, artifact_root
-from loralab.tracking.server import free_port, stop, wait_for
 
 MODEL_NAME = "demo-classifier"
 ROWS = 24  # val rows scored by every path compared here
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
-    return {**env, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -152,45 +145,8 @@ def test_artifacts_land_beside_the_database_never_in_mlruns(demo):
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_same_probabilities(demo):
     """``mlflow models serve -m models:/NAME/1 --env-manager local`` on 127.0.0.1, as the docs show."""
-    port = free_port()
-    bin_dir = Path(sys.executable).parent  # the venv's uvicorn, which `mlflow models serve` runs, as if activated
-    env = clean_env(MLFLOW_TRACKING_URI=demo["uri"], PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        f"models:/{MODEL_NAME}/1",
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with (demo["home"] / "serve.log").open("w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=demo["home"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            try:
-                wait_for(f"http://127.0.0.1:{port}/ping", timeout_s=300, proc=proc)
-            except (RuntimeError, TimeoutError) as err:
-                raise AssertionError((demo["home"] / "serve.log").read_text()[-3000:]) from err
-            body = {"dataframe_records": [{"id": r["id"], "features": r["features"]} for r in demo["rows"]]}
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations",
-                json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=120) as response:
-                served = json.load(response)["predictions"]
-        finally:
-            stop(proc)
+    rows = [{"id": r["id"], "features": r["features"]} for r in demo["rows"]]
+    served = serve_predictions(f"models:/{MODEL_NAME}/1", demo["uri"], rows, demo["home"])
     labels = sorted(demo["predicted"][0]["probs"])
     assert [s["id"] for s in served] == [p["id"] for p in demo["predicted"]]
     assert (
