@@ -93,7 +93,12 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
     base = Path(first.path)
     assert first.pretrained and first.pretrain_key and base.name == f"tiny_qwen2-{first.pretrain_key}"
     assert first.local_base and source.local_base  # an export must carry a base pretrained here, like a random one
-    assert {p.name for p in base.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"}
+    assert {p.name for p in base.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "loralab_checkpoint.json",
+    }
     assert not list(cache.glob("*.partial"))  # the work dir is gone once the base is saved
     tags = client.get_run(run1).data.tags
     assert tags["pretrain.cache_hit"] == "False" and tags["pretrain.cache_key"] == first.pretrain_key
@@ -110,7 +115,7 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
     tags = client.get_run(run2).data.tags
     assert tags["pretrain.cache_hit"] == "True" and tags["pretrain.cache_key"] == first.pretrain_key
     assert client.get_run(run2).data.metrics["pretrain.lm_loss"] == pytest.approx(
-        json.loads((base / "pretrain.json").read_text())["history"][-1]["train_loss"]
+        json.loads((base / "loralab_checkpoint.json").read_text())["history"][-1]["train_loss"]
     )  # the curve, from the cache
 
     other, _ = pretrain_once(*stage_and_inputs(demo, cache, "pretrain.lr=5e-4"), texts, uri)
@@ -122,15 +127,18 @@ def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog)
 @pytest.mark.slow
 def test_a_cached_base_that_does_not_match_its_manifest_is_never_used(demo, tmp_path, caplog):
     """A cache outlives runs and may be shared: an altered weight (same size, finite values) or an unreadable
-    ``pretrain.json`` is caught on the hit, set aside under a name that says so, and the base is trained again,
-    to the same weights (the key fixes every input)."""
+    ``loralab_checkpoint.json`` is caught on the hit, set aside under a name that says so, and the base is trained
+    again, to the same weights (the key fixes every input)."""
     uri, cache = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "cache"
     stage, source, tokenizer, hardware = stage_and_inputs(demo, cache)
     texts = texts_of(demo / "train.jsonl")
     first, _ = pretrain_once(stage, source, tokenizer, hardware, texts, uri)
     base = Path(first.path)
     original = {k: v.clone() for k, v in load_file(base / "model.safetensors").items()}  # not a view of the file
-    assert set(json.loads((base / "pretrain.json").read_text())["files"]) >= {"model.safetensors", "tokenizer.json"}
+    assert set(json.loads((base / "loralab_checkpoint.json").read_text())["files"]) >= {
+        "model.safetensors",
+        "tokenizer.json",
+    }
 
     weights = bytearray((base / "model.safetensors").read_bytes())
     weights[-4:] = bytes(4)  # the last float of the last tensor: still finite, same size
@@ -145,11 +153,11 @@ def test_a_cached_base_that_does_not_match_its_manifest_is_never_used(demo, tmp_
     rebuilt = load_file(base / "model.safetensors")
     assert all(torch.equal(original[k], rebuilt[k]) for k in original)
 
-    (base / "pretrain.json").write_text("{")
+    (base / "loralab_checkpoint.json").write_text("{")
     caplog.clear()
     with caplog.at_level(logging.INFO):
         pretrain_once(stage, source, tokenizer, hardware, texts, uri)
-    assert any("pretrain.json is unreadable" in r.getMessage() for r in caplog.records)
+    assert any("loralab_checkpoint.json is unreadable" in r.getMessage() for r in caplog.records)
 
 
 def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_path, caplog):
@@ -281,7 +289,7 @@ def test_a_sweep_job_trains_lora_adapters_over_the_pretrained_base(sweep_job):
     assert tags["pretrain.cache_hit"] in ("True", "False") and len(tags["pretrain.cache_key"]) == 16
     base = Path(tags["pretrain.base_dir"])  # the base it fine-tuned over is the cached one its key names
     assert base.name.endswith(tags["pretrain.cache_key"])
-    assert json.loads((base / "pretrain.json").read_text())["key"] == tags["pretrain.cache_key"]
+    assert json.loads((base / "loralab_checkpoint.json").read_text())["key"] == tags["pretrain.cache_key"]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "pretrain.lm_loss")] == [1, 2]
 
 

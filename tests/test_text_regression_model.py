@@ -99,6 +99,15 @@ def test_article_model_predicts_the_runs_own_val_scores(tmp_path):
     with pytest.raises(Exception, match="row 1 .*missing_text"):
         model.predict(pd.DataFrame([{"title": "a", "content": "b"}, {"title": " ", "content": ""}]))
 
+    # Every file of the model dir is checked against the manifest saved with it before its weights load.
+    mlflow.pyfunc.load_model(local)
+    weights = next(Path(local).rglob("model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="model.safetensors does not match its sha256"):
+        mlflow.pyfunc.load_model(local)
+
 
 def test_lora_article_run_logs_the_merged_model(tmp_path):
     _, model, val_rows = run_articles(tmp_path, "lora=default", "trainer.max_epochs=1")

@@ -32,19 +32,19 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorWithPadding, set_seed
 
 from loralab.config.schema import PretrainConf
-from loralab.core.checkpoint import Checkpoints, rng_state, set_rng_state
+from loralab.core.checkpoint import Checkpoints, read_model_meta, rng_state, save_checkpoint, set_rng_state
 from loralab.core.loaders import TaskData, make_loaders
 from loralab.core.trainer import FitInputs, Trainer
 from loralab.data.text import TokenizedTexts, tokenizer_fingerprint
-from loralab.errors import DataError
-from loralab.fs import atomic_dir, atomic_write_json, file_manifest, manifest_mismatch, recover
+from loralab.errors import CheckpointError, DataError
+from loralab.fs import recover
 from loralab.models.build import ModelSource, enable_activation_checkpointing
 from loralab.models.pretrain import MeanTokenNLL, TokenNLL
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # part of every cache key: bump it when the stage's training changes in a way the settings do not show
-INFO_FILE = "pretrain.json"  # in each cached base: its key, settings, history, texts
+FORMAT = 2  # part of every cache key: bump it when the stage's training (or the entry's layout) changes in a way
+# the settings do not show
 
 Texts = Callable[[Sequence[str], Sequence[str]], list[str]]  # (splits, extra files) -> unlabelled texts
 
@@ -234,11 +234,7 @@ class CausalLMPretrain(PretrainStage):
                     for h in state.history
                 ],
             }
-            with atomic_dir(final) as tmp:
-                lm.to("cpu").save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                info["files"] = file_manifest(tmp)  # checked on every hit: the cache may be shared
-                atomic_write_json(tmp / INFO_FILE, info)
+            save_checkpoint(final, lm.to("cpu"), tokenizer, info)  # its manifest is checked on every hit
             shutil.rmtree(work, ignore_errors=True)
             return info
         finally:
@@ -246,21 +242,18 @@ class CausalLMPretrain(PretrainStage):
 
 
 def verified_entry(entry: Path) -> dict[str, Any] | None:
-    """The entry's ``pretrain.json`` when every file matches the manifest written with it; None when there is no
-    entry. A cache may be shared (``LORALAB_CACHE``) and outlives runs, so an entry that is unreadable, altered or
-    written without a manifest (by an older loralab) is never used: it is moved aside as ``<entry>.rejected-<time>``
-    (kept to inspect), a warning names it and why, and the caller pretrains the base again (the key fixes every
-    input, so the rebuilt base is the one the entry should have held)."""
+    """The entry's meta (``loralab_checkpoint.json``: key, settings, history) when every file matches the
+    manifest written with it; None when there is no entry. A cache may be shared (``LORALAB_CACHE``) and outlives
+    runs, so an entry that is unreadable, altered or written without a manifest (by an older loralab) is never used:
+    it is moved aside as ``<entry>.rejected-<time>`` (kept to inspect), a warning names it and why, and the caller
+    pretrains the base again (the key fixes every input, so the rebuilt base is the one the entry should have
+    held)."""
     if not entry.is_dir():
         return None
     try:
-        info = json.loads((entry / INFO_FILE).read_text())
-        files = info["files"]
-        problem = manifest_mismatch(entry, files, skip=[INFO_FILE])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        problem = f"{INFO_FILE} is unreadable or has no manifest ({type(err).__name__}: {err})"
-    if problem is None:
-        return info
+        return read_model_meta(entry)
+    except CheckpointError as err:
+        problem = str(err).removeprefix(f"{entry}: ").removesuffix("; refusing to load it")
     rejected = entry.with_name(f"{entry.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
     entry.rename(rejected)
     log.warning("pretrain cache entry %s rejected: %s; moved to %s, pretraining it again", entry, problem, rejected)

@@ -48,31 +48,27 @@ def option_rows() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def output_names(data: DictConfig) -> list[str]:
-    """The model's outputs as the composed (unchecked) data group names them: labels or regression targets."""
-    for key in ("labels", "dimension_names", "target_names"):
-        if key in data and data[key] is not None:
-            return list(data[key])
-    return []
-
-
 def check(cfg: DictConfig) -> str:
-    """The verdict line for a composed config; ConfigError for a misfit. The config rules are not applied (they
-    also ask for data files and a CUDA device on this machine): the question here is the memory only."""
-    from loralab.config.hardware import auto_values  # importing loralab.config registers the YAML's resolvers
-    from loralab.models.memory import BYTES, check_memory, run_label
+    """The verdict line for a composed config; ConfigError for a bad value or a misfit. Every key is typed and
+    checked by its schema, but the cross-field rules are not applied (they also ask for data files and a CUDA
+    device on this machine): the question here is the memory only."""
+    from loralab.config import typed
+    from loralab.config.check import check_fields
+    from loralab.config.hardware import auto_values
+    from loralab.config.tasks import QwenModelConf
+    from loralab.models.memory import check_memory, run_label
 
-    if "pretrained" not in cfg.model:
-        return "nothing to check: this model is not a transformer (no model.pretrained)"
     with open_dict(cfg):
         cfg.hardware.update(auto_values(cfg.hardware))
-    hw = cfg.hardware
-    if hw.precision not in BYTES:
-        raise ConfigError(f"hardware.precision={hw.precision!r}: must be one of {', '.join(BYTES)}")
+        cfg.paths.output_dir = "."  # ${hydra:runtime.output_dir} exists inside a Hydra run only; nothing is written
+    conf = typed(check_fields(cfg))
+    if not isinstance(conf.model, QwenModelConf):
+        return "nothing to check: this model is not a transformer (no model.pretrained)"
+    hw = conf.hardware
     est = check_memory(
-        cfg.model, cfg.lora, hw, num_labels=len(output_names(cfg.data)), batch_size=cfg.optim.batch_size, mode="error"
+        conf.model, conf.lora, hw, num_labels=len(conf.output_names()), batch_size=conf.optim.batch_size, mode="error"
     )
-    label = run_label(cfg.model.name, cfg.lora.r if cfg.lora.enabled else None, hw.name)
+    label = run_label(conf.model.name, conf.lora.r if conf.lora.enabled else None, hw.name)
     if hw.memory_gib is None:
         return f"{label}: {est.describe()}; device memory unknown (set hardware.memory_gib to compare)"
     return f"fits: {label}: {est.describe()} <= {hw.memory_gib:.1f} GiB"

@@ -37,6 +37,18 @@ def check(cfg: DictConfig) -> DictConfig:
     broken rule. Call it right after composition, before anything loads. Interpolations stay unresolved (they
     resolve as usual later, ``${hydra:...}`` inside the Hydra app); closed choices come back as
     ``choices.Choice`` enums, which read as their string values."""
+    typed = check_fields(cfg)
+    task = task_class(typed)
+    for rule in RULES:
+        rule(typed, task)
+    task.check(typed)
+    return typed
+
+
+def check_fields(cfg: DictConfig) -> DictConfig:
+    """``check`` without the cross-field rules (which also ask for data files and the device on this machine):
+    every key typed by the task's schema and within its field rules. For tools that read a config meant for
+    another machine (``loralab-preflight``)."""
     body = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k not in HYDRA_KEYS])
     task = task_class(body)
     root = task.schema
@@ -52,9 +64,6 @@ def check(cfg: DictConfig) -> DictConfig:
         typed.task.name,
         f"must be {task.name}, the name of {typed.task._target_}",
     )
-    for rule in RULES:
-        rule(typed, task)
-    task.check(typed)
     OmegaConf.set_struct(typed, True)
     return typed
 

@@ -15,21 +15,39 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.distributed import Dist
 from loralab.errors import CheckpointError
-from loralab.fs import atomic_dir, sha256_file
+from loralab.fs import atomic_dir, file_manifest, manifest_mismatch, sha256_file
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
+MODEL_META = "loralab_checkpoint.json"  # in a model dir: what the weights are for, and the sha256 of every file
+
+
 def save_checkpoint(directory: str | Path, model, tokenizer, meta: dict[str, Any]) -> Path:
-    """Weights (safetensors; the adapter + head for a peft model, all weights otherwise), tokenizer, config and
-    ``loralab_checkpoint.json`` (labels, epoch, metrics)."""
+    """A model dir: weights (safetensors; the adapter + head for a peft model, all weights otherwise), tokenizer,
+    config and ``loralab_checkpoint.json`` (``meta`` plus ``files``, the manifest ``read_model_meta`` checks). The
+    best epoch's weights (``checkpoint_best/``) and a pretrained base in the cache are both written this way."""
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "loralab_checkpoint.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / MODEL_META).write_text(json.dumps({**meta, "files": file_manifest(tmp)}, indent=2, default=str))
     return Path(directory)
+
+
+def read_model_meta(directory: str | Path) -> dict[str, Any]:
+    """A model dir's ``loralab_checkpoint.json`` once every file matches its manifest; ``CheckpointError`` (one
+    line naming the file) for an unreadable meta, a missing, extra or changed file."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / MODEL_META).read_text())
+        problem = manifest_mismatch(directory, meta["files"], skip=[MODEL_META])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problem = f"{MODEL_META} is unreadable or has no manifest ({type(err).__name__}: {_first_line(err)})"
+    if problem is not None:
+        raise CheckpointError(f"{directory}: {problem}; refusing to load it")
+    return meta
 
 
 # --- resumable training state -------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def log_tabular_regressor(
 
 # --- text regression: the article model on title + content ---------------------------------------------------------
 
-CHECKPOINT_DIR, CHECKPOINT_META = "checkpoint", "loralab_checkpoint.json"
+CHECKPOINT_DIR = "checkpoint"
 
 
 class TextRegressor(PythonModel):
@@ -210,10 +210,11 @@ class TextRegressor(PythonModel):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from loralab.core.checkpoint import read_model_meta
         from loralab.core.device import resolve_device
 
         root = Path(context.artifacts[CHECKPOINT_DIR])
-        self.meta = json.loads((root / CHECKPOINT_META).read_text())
+        self.meta = read_model_meta(root)  # every file checked against its manifest first
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(root, dtype=torch.float32, use_safetensors=True)
             .to(resolve_device("auto"))
