@@ -20,6 +20,7 @@ from loralab.reporting.provenance import PACKAGES
 pytestmark = pytest.mark.slow  # three train.py subprocesses side by side: ~30 s on two idle CPU cores
 
 GAMMA = "2.0"  # set on the command line, so params and the overrides tag have something to show
+WEIGHTS = "sqrt_inverse"  # not the default (none): set so the data report has weights computed from the counts
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def runs(tmp_path_factory, tiny_data):
         f"data.train_file={tiny_data['train']}",
         f"data.val_file={tiny_data['val']}",
         f"loss.gamma={GAMMA}",
+        f"loss.class_weights={WEIGHTS}",
     ]
     overrides = {
         "finished": [*data, "hardware=auto"],
@@ -102,11 +104,11 @@ def test_data_report_json(finished, tiny_data):
     before = dict(Counter(r["label"] for r in train_rows))
     counts = report["class_counts"]
     assert counts["train_before_oversampling"] == {label: before[label] for label in LABELS}
-    # The default duplicates nothing (data.oversample_to=null): the class weights alone rebalance the loss.
+    # The default duplicates nothing (data.oversample_to=null); the weights asked for come from the same counts.
     assert counts["train_after_oversampling"] == counts["train_before_oversampling"]
     assert report["oversampled"] is False and report["oversampling"] == {"to": None, "duplication": 1.0}
     weights = report["class_weights"]
-    assert weights["mode"] == "sqrt_inverse" and weights["computed_from"] == "train_after_oversampling"
+    assert weights["mode"] == WEIGHTS and weights["computed_from"] == "train_after_oversampling"
     n = [before[label] for label in LABELS]
     expected = [(1 / c) ** 0.5 for c in n]
     expected = [w * len(n) / sum(expected) for w in expected]  # mean 1

@@ -1,6 +1,6 @@
 """The shipped recipe, pinned (torchtune style): the train loss of the first optimizer steps of ``python train.py``
-as it ships (demo records, ``serialize=bins``, the tiny Qwen2 base with LoRA on every linear layer, focal loss with
-sqrt-inverse class weights, no oversampling, AdamW), run
+as it ships (demo records, ``serialize=bins``, the tiny Qwen2 base with LoRA on every linear layer, focal loss without
+class weights, no oversampling, AdamW), run
 through the real lifecycle and read back from MLflow. Any change to data, serialization, tokenizer, model, LoRA,
 loss, sampler, optimizer, trainer or lifecycle that moves these numbers fails here; update them only for an
 intended change, and say why in the commit. ``pretrain=none`` keeps it fast: the stage's own loop is the same
@@ -22,10 +22,10 @@ from loralab.data.demo import write_demo
 from loralab.lifecycle import run
 
 PINNED = [
-    0.83228463,
-    0.55079007,
-    0.61814690,
-]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.5, sqrt-inverse weights, seed 42)
+    0.88222289,
+    0.49654213,
+    0.59307593,
+]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.5, no class weights, seed 42)
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_the_first_steps_of_the_shipped_recipe_keep_their_losses(tmp_path, packi
         f"hardware.packing={packing}",
     )
     shipped = (cfg.serialize._target_.endswith("Bins"), cfg.lora.target_modules, cfg.loss.class_weights)
-    assert shipped == (True, "all-linear", "sqrt_inverse") and cfg.data.oversample_to is None  # what this pins
+    assert shipped == (True, "all-linear", "none") and cfg.data.oversample_to is None  # what this pins
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     run(cfg)
