@@ -28,7 +28,9 @@ test: install
 	$(BIN)/mypy
 	# one-way imports between layers (.importlinter; docs/architecture.md)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=30 $(ARGS)
+	# two workers, one torch thread each, a test file's tests on one worker (they share its fixtures), the longest
+	# files first (tests/conftest.py): the suite's runs are small, so one process keeps only about one core busy
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 $(ARGS)
 
 clean:
 	rm -rf outputs/* multirun/* mlflow.db mlruns .pytest_cache

@@ -32,6 +32,41 @@ os.environ["LORALAB_CACHE"] = tempfile.mkdtemp(prefix="loralab-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LORALAB_CACHE"], True)
 
 
+# Under pytest-xdist (``make test`` runs two workers) each worker, and every run it starts, trains with one torch
+# thread: two workers at torch's default of all cores would oversubscribe a small machine and spin, not compute.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# The files whose tests take longest (``--durations``) start first: under ``make test``'s two workers, each taking
+# whole files, the last long file then never runs alone at the end. Order only: every test runs either way.
+LONGEST_FIRST = (
+    "test_resume.py",
+    "test_sweeps.py",
+    "test_pretrain.py",
+    "test_device_check.py",
+    "test_steps.py",
+    "test_distributed.py",
+    "test_mlflow_model.py",
+    "test_new_task.py",
+    "test_faults.py",
+    "test_configs.py",
+    "test_interrupted.py",
+    "test_mlflow_ui.py",
+    "test_tracking_faults.py",
+    "test_end_to_end.py",
+    "test_package.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def row(rid: Any, label: str | None = "long", **features: Any) -> dict[str, Any]:
     """One record as written to JSONL; features default to a single valid value."""
     out = {"id": rid, "features": features or {"x": 1}}

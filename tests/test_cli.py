@@ -153,6 +153,7 @@ def test_preflight_turns_lora_on_for_a_lora_key_like_training(capsys):
     assert "(lora=r=4)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_predict_py_shim_keeps_the_old_spelling():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(
@@ -167,6 +168,7 @@ def test_predict_py_shim_keeps_the_old_spelling():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["lora.rank=16", "+lora.rank=16"])
 def test_an_unknown_key_is_one_line_and_exit_2_with_or_without_plus(override, tmp_path):
     """Without ``+`` Hydra refuses the override itself (five lines, exit 1, before loralab runs); with it the schema

@@ -72,6 +72,7 @@ for i in range(150):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_from_two_processes_leave_one_whole_file(tmp_path):
     path = tmp_path / "shared.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

@@ -160,6 +160,7 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(demo):
 # --- a regression task logs its model the same way ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tabular_regression_logs_a_model_that_predicts_like_its_checkpoint(tmp_path):
     import h5py
     import torch

@@ -100,6 +100,7 @@ def test_cli_reports_proportions_and_rejects_bad_ratios(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_python_m_entry_point(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", classification_rows(60))
     proc = subprocess.run(

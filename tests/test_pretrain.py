@@ -82,6 +82,7 @@ def pretrain_once(stage, source, tokenizer, hardware, texts, uri: str):
     return out, tracker.run_id
 
 
+@pytest.mark.slow
 def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog):
     uri, cache = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "cache"
     stage, source, tokenizer, hardware = stage_and_inputs(demo, cache)
@@ -160,6 +161,7 @@ def test_a_cached_base_that_does_not_match_its_manifest_is_never_used(demo, tmp_
     assert any("loralab_checkpoint.json is unreadable" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_pretraining_through_its_own_lora_saves_a_plain_merged_base(demo, tmp_path, caplog):
     """``pretrain.train=lora``: only adapters train (embeddings stay), and they are merged into the saved base, so the
     task loads it like any checkpoint."""
@@ -202,6 +204,7 @@ stage.base(source, tokenizer, lambda s, e: texts_of(Path(sys.argv[1]) / "train.j
 """
 
 
+@pytest.mark.slow
 def test_two_jobs_asking_at_once_pretrain_once(demo, tmp_path):
     """Two sweep jobs that need the same base: one trains it, the other waits on the lock and then loads it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
@@ -252,10 +255,11 @@ def train_cmd(demo: Path, *overrides: str, multirun: bool = False) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sweep_job(demo, tmp_path_factory) -> dict:
-    """The card's sweep command cut to one job (``-m loss.gamma=1.0 lora.r=8``), run as typed, plus its store."""
+    """The card's sweep command cut to one job (``-m loss.gamma=1.0 lora.r=8``), run as typed, plus its store; its
+    own empty pretrain cache, so the job must pretrain (a miss) whatever other tests cached before it."""
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "LORALAB_CACHE": str(tmp / "cache")}
     proc = subprocess.run(
         train_cmd(
             demo,
@@ -286,8 +290,9 @@ def test_a_sweep_job_trains_lora_adapters_over_the_pretrained_base(sweep_job):
     assert child.info.status == "FINISHED"
     assert params["lora.enabled"] == "True" and params["lora.r"] == "8" and params["pretrain.name"] == "clm"
     assert 0 < metrics["model.trainable_params"] < 0.1 * metrics["model.total_params"]  # adapters + head only
-    assert tags["pretrain.cache_hit"] in ("True", "False") and len(tags["pretrain.cache_key"]) == 16
-    base = Path(tags["pretrain.base_dir"])  # the base it fine-tuned over is the cached one its key names
+    assert tags["pretrain.cache_hit"] == "False" and len(tags["pretrain.cache_key"]) == 16
+    base = Path(tags["pretrain.base_dir"])  # the base it fine-tuned over is the one it cached, under its key
+    assert base.parent == sweep_job["tmp"] / "cache" / "pretrain"
     assert base.name.endswith(tags["pretrain.cache_key"])
     assert json.loads((base / "loralab_checkpoint.json").read_text())["key"] == tags["pretrain.cache_key"]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "pretrain.lm_loss")] == [1, 2]
@@ -300,7 +305,7 @@ def test_export_of_lora_over_a_pretrained_base_reloads_with_stock_libraries(swee
     out = safe_extract(sweep_job["job_dir"] / "model_final.zip", sweep_job["tmp"] / "unzipped")
     meta = json.loads((out / "loralab.json").read_text())
     assert meta["parts"] == ["merged", "adapter", "base"] and meta["model"]["pretrain_key"]
-    cached = Path(os.environ["LORALAB_CACHE"]) / "pretrain" / f"tiny_qwen2-{meta['model']['pretrain_key']}"
+    cached = sweep_job["tmp"] / "cache" / "pretrain" / f"tiny_qwen2-{meta['model']['pretrain_key']}"
     base_weights, pretrained = load_file(out / "base/model.safetensors"), load_file(cached / "model.safetensors")
     body = [k for k in base_weights if k.startswith("model.")]
     assert body and all(torch.equal(base_weights[k], pretrained[k]) for k in body)

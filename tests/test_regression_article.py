@@ -162,6 +162,7 @@ def test_config_error_is_one_line_before_loading(articles, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_article_run_end_to_end(articles, tmp_path):
     out = tmp_path / "run"
     cfg = compose_article(articles, out, "trainer.max_epochs=2", "optim.lr=1e-3")

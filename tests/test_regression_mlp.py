@@ -190,6 +190,7 @@ def test_best_checkpoint_is_weights_only_and_survives_a_failed_write(tmp_path, m
         assert torch.equal(reloaded.state_dict()[key], value)
 
 
+@pytest.mark.slow
 def test_marketsentinel_run_end_to_end(tabular, tmp_path, mlflow_uri):
     out = tmp_path / "run"
     # min_delta larger than any change: epochs 2 and 3 cannot improve, so early stopping ends the run after epoch 3

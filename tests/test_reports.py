@@ -243,6 +243,7 @@ def test_config_tree_marks_overrides():
     assert segments["val_split: 0.2"] is None or segments["val_split: 0.2"].color is None
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
     train, val = write_demo(tmp_path / "data", n_train=60, n_val=30)
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"

@@ -53,6 +53,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path):
     """SIGKILL at several points of a writer's save loop, each after its first save finished (so there is always a
     checkpoint to check): what ``recover`` leaves is always one complete save, never a torn one."""
@@ -141,7 +142,7 @@ def test_fit_stops_on_non_finite_loss(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume_data")
-    write_demo(d, n_train=400, n_val=60)
+    write_demo(d, n_train=240, n_val=60)
     return d
 
 
@@ -188,7 +189,7 @@ def regression_cmd(task: str, data_dir: Path, run_dir: Path) -> list[str]:
         "export.zip=false",
     ]
     if task == "tabular_regression":
-        train, val, schema = write_tabular_demo(data_dir / "t.h5", data_dir / "v.h5", data_dir / "s.txt", 6000, 600)
+        train, val, schema = write_tabular_demo(data_dir / "t.h5", data_dir / "v.h5", data_dir / "s.txt", 2000, 300)
         return [
             sys.executable,
             str(ROOT / "train.py"),
@@ -288,6 +289,7 @@ def test_a_signal_asks_to_stop_and_a_second_ctrl_c_aborts_at_once(sig):
     assert signal.getsignal(sig) is previous  # handlers restored after the run
 
 
+@pytest.mark.slow
 def test_non_finite_training_fails_the_run_with_reason(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(

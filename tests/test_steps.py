@@ -272,6 +272,7 @@ def only_run(run_dir):
     return client, found
 
 
+@pytest.mark.slow
 def test_step_metrics_reach_mlflow_at_optimizer_steps(with_test):
     run_dir = with_test
     client, mlrun = only_run(run_dir)
@@ -291,6 +292,7 @@ def test_step_metrics_reach_mlflow_at_optimizer_steps(with_test):
     assert any(k.startswith("system/cpu_utilization") for k in mlrun.data.metrics)  # tracking.system_metrics
 
 
+@pytest.mark.slow
 def test_the_test_split_is_scored_once_and_reported_everywhere(with_test, test_file):
     run_dir = with_test
     metrics, data_report = read_json(run_dir / "metrics.json"), read_json(run_dir / "data_report.json")
@@ -416,6 +418,7 @@ def test_sigkill_after_a_val_check_then_resume_auto_equals_the_uninterrupted_run
     assert mlrun.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_article_regression_scores_its_test_split_once(tmp_path):
     """The text regression task takes ``data.test_file`` too: ``test_*`` next to ``best.val_*``."""
     train, val, _ = write_article_demo(tmp_path / "data", n_train=48, n_val=16)

@@ -54,6 +54,7 @@ def best_epoch_metrics(out_dir) -> dict[str, float]:
     return min(history, key=lambda h: h["val_mae"])
 
 
+@pytest.mark.slow
 def test_article_model_predicts_the_runs_own_val_scores(tmp_path):
     cfg, model, val_rows = run_articles(tmp_path)
     out_dir = tmp_path / "run"
@@ -109,6 +110,7 @@ def test_article_model_predicts_the_runs_own_val_scores(tmp_path):
         mlflow.pyfunc.load_model(local)
 
 
+@pytest.mark.slow
 def test_lora_article_run_logs_the_merged_model(tmp_path):
     _, model, val_rows = run_articles(tmp_path, "lora=default", "trainer.max_epochs=1")
     pred = model.predict([{"title": r["title"], "content": r["content"]} for r in val_rows])

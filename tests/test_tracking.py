@@ -24,6 +24,7 @@ tracker.end()
 """
 
 
+@pytest.mark.slow
 def test_processes_starting_runs_on_a_new_store_at_once_all_finish(tmp_path):
     """Without the lock beside the database, 2-3 of 3 processes died in MLflow's table migrations
     (``Online migration expected to match one row``, ``duplicate column name``)."""
@@ -47,6 +48,7 @@ def test_processes_starting_runs_on_a_new_store_at_once_all_finish(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+@pytest.mark.slow
 def test_a_run_dir_in_use_is_refused_in_one_line(tmp_path):
     """Two runs in one run dir used to share (and break) each other's checkpoints and logs."""
     cfg = compose_train("trainer.max_epochs=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")

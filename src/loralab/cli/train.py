@@ -20,9 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
 from loralab.fs import writable_dir
-from loralab.lifecycle import run
 from loralab.paths import conf_dir
-from loralab.tracking.sweep import is_multirun
 
 log = logging.getLogger("loralab")
 
@@ -48,6 +46,11 @@ class CheckRunDir(Callback):
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
+    # Imported here, not at the top: the training stack (torch, transformers, peft, mlflow: ~6 s of CPU) loads only
+    # once the config composed, so a mistyped key or an unusable run dir is answered in about a second.
+    from loralab.lifecycle import run
+    from loralab.tracking.sweep import is_multirun
+
     try:
         return run(cfg)
     except TrainingInterrupted as err:  # stops a sweep too: Ctrl-C means stop
