@@ -33,7 +33,8 @@ from loralab.paths import conf_dir  # noqa: E402
 
 def run_one(name: str, serializer: str, data_dir: Path, work: Path, overrides: list[str]) -> dict:
     train_file, val_file = write_set(name, data_dir)
-    run_dir = work / f"{name}-{serializer}-{datetime.now(timezone.utc):%H%M%S}"
+    # the pid too: runs started side by side in the same second get their own dirs
+    run_dir = work / f"{name}-{serializer}-{datetime.now(timezone.utc):%H%M%S}-{os.getpid()}"
     args = [
         "data=jsonl",
         f"data.train_file={train_file}",
