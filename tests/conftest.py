@@ -45,19 +45,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # whole files, the last long file then never runs alone at the end. Order only: every test runs either way.
 LONGEST_FIRST = (
     "test_resume.py",
+    "test_device_check.py",
     "test_sweeps.py",
     "test_pretrain.py",
-    "test_device_check.py",
     "test_steps.py",
     "test_distributed.py",
     "test_mlflow_model.py",
     "test_new_task.py",
     "test_faults.py",
     "test_configs.py",
-    "test_interrupted.py",
     "test_mlflow_ui.py",
-    "test_tracking_faults.py",
+    "test_interrupted.py",
     "test_end_to_end.py",
+    "test_tracking_faults.py",
     "test_package.py",
 )
 

@@ -2,7 +2,8 @@
 experiment's kind, run names, parent/child links, source/version tags, dataset inputs, the parent's description and
 summary, the objective per epoch. ``docs/screenshots.py`` shows the same pages in a browser.
 
-One small sweep for the module (tiny model, 2 × 2 grid, 2 epochs) in a fresh git repo, so the commit is known.
+One small sweep for the module (tiny model, 2 × 2 grid, 2 epochs, two jobs at a time in joblib worker processes)
+in a fresh git repo, so the commit is known; the same sweep pins the parallel launcher end to end.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 import subprocess
 import urllib.parse
 import urllib.request
+from itertools import product
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_sweeps import demo_files, run_train, store  # noqa: F401 (module fixtures, reused)
+from omegaconf import OmegaConf
+from test_sweeps import demo_files, run_train, store, summary_csv, sweep_result  # noqa: F401 (module fixtures, reused)
 
 from loralab.reporting import compare
 from loralab.tracking.mlflow import EXPERIMENT_KIND_TAG, TRAINING_KIND, MLflowTracker
@@ -27,15 +30,26 @@ NAMES = {"gamma=1.0 r=4", "gamma=1.0 r=8", "gamma=2.0 r=4", "gamma=2.0 r=8"}
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, demo_files, store):  # noqa: F811
-    """(sweep dir, git commit of the launching dir): the gamma × rank grid run from a fresh git repo."""
+    """(sweep dir, git commit of the launching dir, the finished ``train.py -m`` process): the gamma × rank grid,
+    two jobs at a time (``hydra/launcher=local_parallel``), run from a fresh git repo."""
     tmp = tmp_path_factory.mktemp("ui_sweep")
     git = ["git", "-C", str(tmp), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
     commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    proc = run_train(tmp, demo_files, store, "lora=default", "loss.gamma=1.0,2.0", "lora.r=4,8", "trainer.max_epochs=2")
+    proc = run_train(
+        tmp,
+        demo_files,
+        store,
+        "hydra/launcher=local_parallel",
+        "hydra.launcher.n_jobs=2",
+        "lora=default",
+        "loss.gamma=1.0,2.0",
+        "lora.r=4,8",
+        "trainer.max_epochs=2",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp / "multirun", commit
+    return tmp / "multirun", commit, proc
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +84,44 @@ def runs(sweep, server):
     by_id = {r["info"]["run_id"]: r for r in found["runs"]}
     parent = by_id.pop(record["run_id"])
     return experiment, parent, list(by_id.values())
+
+
+# --- the sweep as it ran ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grid_in_parallel_processes_gives_one_parent_four_children(sweep, tmp_path):
+    sweep_dir, _, proc = sweep
+    client, parent_id, children = sweep_result(sweep_dir.parent, proc)
+    assert "database is locked" not in proc.stdout + proc.stderr
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["hydra.launcher"].endswith("JoblibLauncher")
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert sorted((c.data.params["loss.gamma"], c.data.params["lora.r"]) for c in children) == sorted(
+        product(["1.0", "2.0"], ["4", "8"])
+    )
+    assert sorted(c.data.tags["hydra.job.num"] for c in children) == ["0", "1", "2", "3"]
+    assert {c.info.run_name for c in children} == {f"gamma={g} r={r}" for g, r in product(["1.0", "2.0"], [4, 8])}
+    assert parent.info.run_name == "gamma×r sweep, 4 jobs"
+    assert all("loss.gamma=" in c.data.tags["hydra.overrides"] for c in children)
+    # The jobs ran in two joblib worker processes (each child run says which: its `process` tag), not one after
+    # another in the launching one; concurrent writers on one SQLite store are pinned in test_tracking.py.
+    launched = OmegaConf.load(sweep_dir / "0" / ".hydra" / "hydra.yaml").hydra.launcher
+    assert launched._target_.endswith("JoblibLauncher") and launched.n_jobs == 2
+    assert len({c.data.tags["process"] for c in children}) == 2
+
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "summary")}
+    assert artifacts == {f"summary/sweep_summary.{ext}" for ext in ("csv", "md")} | {
+        "summary/sweep_summary_heatmap.png"
+    }
+    rows = summary_csv(client, parent_id, tmp_path)
+    best = {c.info.run_id: c.data.metrics["best.val_macro_f1"] for c in children}
+    assert {r["run_id"]: float(r["objective"]) for r in rows} == pytest.approx(best)
+    assert [float(r["objective"]) for r in rows] == sorted(best.values(), reverse=True)
+    assert {k for k in rows[0] if k.startswith("f1_")} == {"f1_long", "f1_short", "f1_skip"}
+    assert parent.data.metrics["best.val_macro_f1"] == pytest.approx(max(best.values()))
 
 
 # --- the sweep through the REST API --------------------------------------------------------------------------------
