@@ -18,7 +18,7 @@ from itertools import product
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from test_sweeps import demo_files, run_train, store, summary_csv, sweep_result  # noqa: F401 (module fixtures, reused)
+from test_sweeps import demo_files, run_train, store, summary_csv, sweep_result  # noqa: F401 (fixtures, helpers)
 
 from loralab.reporting import compare
 from loralab.tracking.mlflow import EXPERIMENT_KIND_TAG, TRAINING_KIND, MLflowTracker
