@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from test_sweeps import demo_files, run_train, store, summary_csv, sweep_result  # noqa: F401 (fixtures, helpers)
 
 from loralab.reporting import compare
-from loralab.tracking.mlflow import EXPERIMENT_KIND_TAG, TRAINING_KIND, MLflowTracker
+from loralab.tracking.mlflow import EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, MLflowTracker
 from loralab.tracking.server import mlflow_server
-from loralab.tracking.sweep import NOTE_TAG, job_name, name_uniquely, read_parent, short_keys, sweep_name, swept_keys
+from loralab.tracking.sweep import job_name, name_uniquely, read_parent, short_keys, sweep_name, swept_keys
 
 NAMES = {"gamma=1.0 r=4", "gamma=1.0 r=8", "gamma=2.0 r=4", "gamma=2.0 r=8"}
 

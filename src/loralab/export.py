@@ -23,7 +23,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from loralab.errors import ExportError
@@ -325,6 +324,9 @@ def verify_export(
     adapter: bool,
 ) -> dict[str, float]:
     """Reload each exported form with stock transformers/peft and compare logits; raise on a mismatch."""
+    # peft (~2 s of CPU to import) loads where a model is exported: readers of an export's files never need it
+    from peft import PeftModel
+
     diffs = {}
     merged = AutoModelForSequenceClassification.from_pretrained(
         out_dir / "merged", dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -367,6 +369,8 @@ def export_model(
     path) is where the adapter's base is loaded from, and is recorded. ``extra_parts``: part dirs the caller wrote
     and checked (``baseline/``), listed in the parts and the manifest like the weights.
     """
+    from peft import PeftModel
+
     out_dir = Path(out_dir)
     batch = {k: v for k, v in batch.items() if k != "labels"}
     device = next(model.parameters()).device

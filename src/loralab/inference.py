@@ -20,7 +20,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -116,6 +115,9 @@ def _load_dir(root: Path, device: torch.device, trust_remote_code: bool, hashed:
                 f"export.zip_parts or use the run dir)"
             )
         base = load_base(location, base_info["label_config"], trust_remote_code)
+        # peft (~2 s of CPU to import) loads only for an adapter-only export; merged/ is plain transformers
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(base, root / "adapter")
     else:
         raise ExportError(f"{root}: neither merged/ nor adapter/ present (parts in {META_FILE}: {meta.get('parts')})")

@@ -28,7 +28,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from filelock import FileLock
-from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorWithPadding, set_seed
 
 from loralab.config.schema import PretrainConf
@@ -184,6 +183,9 @@ class CausalLMPretrain(PretrainStage):
             if hardware.gradient_checkpointing:
                 enable_activation_checkpointing(lm)
             if c.train == "lora":
+                # peft (~2 s of CPU to import) loads only when a stage trains LoRA, not with every run of the recipe
+                from peft import LoraConfig, get_peft_model
+
                 lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", **vars(c.lora)))
             model = TokenNLL(lm).to(device)
             train_texts, held_out = holdout_split(texts, c.holdout, seed)

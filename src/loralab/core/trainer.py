@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from loralab.core.checkpoint import Checkpoints
 from loralab.core.distributed import Dist
@@ -122,6 +121,10 @@ class Trainer:
 
     def setup(self, inputs: FitInputs, checkpoints: Checkpoints) -> None:
         """Build the optimizer, schedule and grad scaler; restore them (and the loop state) when resuming."""
+        # transformers' trainer utilities import peft (~3 s of CPU together): a fit needs them, a prediction
+        # (``predict_logits``, which serving and export checks import) does not
+        from transformers import get_scheduler
+
         self.inputs, self.checkpoints = inputs, checkpoints
         params = [p for p in inputs.model.parameters() if p.requires_grad]
         self.optimizer = self.optim.make_optimizer(params)

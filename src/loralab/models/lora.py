@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
 
 def lora_config(enabled: bool = True, **kwargs) -> LoraConfig | None:
     """``conf/lora``'s target: a peft ``LoraConfig``, or None for full fine-tuning (``enabled: false``)."""
+    # peft (~2 s of CPU to import) loads when a LoRA model is built, not with every module that may build one
+    from peft import LoraConfig
+
     return LoraConfig(**kwargs) if enabled else None
 
 
@@ -23,6 +29,8 @@ def apply_lora(model: PreTrainedModel, config: LoraConfig | None) -> PreTrainedM
         model.requires_grad_(True)
         wrapped = model
     else:
+        from peft import get_peft_model
+
         wrapped = get_peft_model(model, config)
         # peft keeps LoRA weights in fp32 over a 16-bit base, but its trainable copy of the score head keeps the
         # base dtype; fp16 gradients cannot be unscaled by a GradScaler, and 16-bit updates lose small steps.

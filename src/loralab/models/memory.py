@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import torch
 from hydra.utils import instantiate
-from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from loralab.errors import ConfigError
@@ -63,6 +62,9 @@ def meta_model(arch: dict[str, Any] | PretrainedConfig, num_labels: int):
 def lora_trainable(model, r: int, target_modules: Sequence[str] | str | None) -> int:
     """What peft trains (adapters + the saved head) on ``model``: ``target_modules`` None is peft's default for the
     architecture, ``all-linear`` every linear layer but the head. A target peft cannot place is a ConfigError."""
+    # peft (~2 s of CPU to import) loads only for a LoRA run's estimate: an MLP run or a config error never needs it
+    from peft import LoraConfig, get_peft_model
+
     try:
         wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, target_modules=target_modules))
     except ValueError as err:

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -188,6 +187,8 @@ class TextRegression(Task):
     def finalize(self, model: nn.Module, val_loader: DataLoader, result: RunResult) -> Finalized:
         """``checkpoint_best/`` (weights, tokenizer, dimensions), its zip, the history, metadata, plots and the
         MLflow model (a LoRA run's adapter is merged into ``merged/`` first: the model must load on its own)."""
+        from peft import PeftModel  # ~2 s of CPU to import: only runs that finish (a LoRA run has it already)
+
         from loralab.tracking.pyfunc import log_text_regressor  # mlflow.pyfunc and pandas: only runs that finish
 
         conf, out_dir = self.conf, self.ctx.out_dir

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
@@ -23,9 +23,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.fs import atomic_write_json
-from loralab.reporting import compare
 from loralab.reporting.provenance import git_state
-from loralab.tracking.mlflow import NOTE_TAG, MLflowTracker, source_tags
+
+if TYPE_CHECKING:
+    from loralab.tracking.mlflow import MLflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ def get_or_create_parent(
     """The sweep's parent run id; the first caller (of any process) creates the run, the rest read it.
     ``swept``: the keys the sweep varies (None: unknown), recorded so every job can name its run after them;
     ``artifact_location``: of the experiment, should this create it (``tracking.artifact_location``)."""
+    # MLflow and the config stack (~3 s of CPU to import) load where a sweep's runs are read or written, not with
+    # this module: Hydra builds ``SweepTracking`` for every run, also one that a config error or run dir ends at once
+    from loralab.tracking.mlflow import MLflowTracker
+
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(sweep_dir / LOCK_FILE, timeout=LOCK_TIMEOUT_S):
@@ -100,6 +105,8 @@ def sweep_name(swept: Sequence[str], jobs: int | None = None) -> str:
 
 def job_name(overrides: Sequence[str], swept: Sequence[str] | None, num: int) -> str:
     """``gamma=1.5 r=16``: the job's values of the swept keys (all its overrides when those are unknown)."""
+    from loralab.reporting import compare
+
     values = compare.override_values(overrides)
     keys = [k for k in (values if swept is None else swept) if k in values]
     labels = short_keys(keys)
@@ -110,6 +117,8 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
     """(parent run id, child tags) for the current job; (None, {}) outside a multirun or without tracking."""
     if not (tracker.enabled and is_multirun()):
         return None, {}
+    from loralab.reporting import compare
+
     hc = HydraConfig.get()
     parent = get_or_create_parent(
         hc.sweep.dir, tracker.uri, tracker.experiment, artifact_location=tracker.artifact_location
@@ -126,6 +135,8 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
 
 def close_orphans(client, parent_id: str) -> int:
     """Mark children still RUNNING after every job returned (a killed process never ends its run) as FAILED."""
+    from loralab.reporting import compare
+
     orphans = [r for r in compare.child_runs(client, parent_id) if r.info.status == "RUNNING"]
     for run in orphans:
         client.set_tag(run.info.run_id, "error", "job ended without closing its run (killed?)")
@@ -147,6 +158,8 @@ def name_uniquely(client, rows: list[dict[str, Any]]) -> None:
 def sweep_note(rows: Sequence[dict[str, Any]], experiment_id: str, parent_id: str, files: Sequence[str]) -> str:
     """The parent's description in the UI: the best job (linked), its objective, a link to the summary artifacts
     (``files``, under ``summary/``), the heatmap and the table."""
+    from loralab.reporting import compare
+
     page = f"#/experiments/{experiment_id}/runs"
     table = next((f for f in files if f.endswith(".md")), "")
     heatmap = next((f for f in files if f.endswith(".png")), None)
@@ -187,6 +200,8 @@ class SweepTracking(Callback):
         tracking = self._tracking(config)
         if tracking is None:
             return
+        from loralab.tracking.mlflow import source_tags
+
         hydra = config.hydra
         params = OmegaConf.to_container(hydra.sweeper.params) if hydra.sweeper.get("params") else {}
         commit = git_state(config.paths.root_dir)["git_commit"] if config.get("paths") else "unknown"
@@ -207,6 +222,9 @@ class SweepTracking(Callback):
         tracking = self._tracking(config)
         if tracking is None:
             return
+        from loralab.reporting import compare
+        from loralab.tracking.mlflow import NOTE_TAG, MLflowTracker
+
         sweep_dir = Path(config.hydra.sweep.dir)
         parent_id = get_or_create_parent(sweep_dir, tracking.uri, tracking.experiment)
         parent = MLflowTracker(tracking.uri, tracking.experiment)
