@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -65,6 +66,30 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@functools.cache
+def empty_store() -> Path:
+    """An empty SQLite MLflow store, created (and migrated) by MLflow once per test process: creating a store runs
+    MLflow's schema migrations, about a second of CPU, where copying one takes milliseconds. Under xdist each worker
+    makes its own. Its Default experiment's artifact root (``./mlruns`` when created) is the store's own dir."""
+    from mlflow.tracking import MlflowClient
+
+    home = Path(tempfile.mkdtemp(prefix="loralab-test-store-"))
+    atexit.register(shutil.rmtree, home, True)
+    with contextlib.chdir(home):
+        MlflowClient(f"sqlite:///{home / 'mlflow.db'}").search_experiments()
+    return home / "mlflow.db"
+
+
+def new_store(path: Path) -> str:
+    """The URI of the SQLite MLflow store at ``path``, which starts as a copy of ``empty_store()`` when there is none
+    yet (a run then opens a store as MLflow made it, not migrating one of its own). Experiments created in it take
+    their artifact roots from the process that creates them, as in any store."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(empty_store(), path)
+    return f"sqlite:///{path}"
 
 
 def row(rid: Any, label: str | None = "long", **features: Any) -> dict[str, Any]:
@@ -230,7 +255,7 @@ def tiny_run_overrides(tmp: Path, train_file: Path, val_file: Path, test_file: P
         "baseline.threads=1",
         "baseline.params.max_iter=20",
         f"paths.output_dir={tmp / 'run'}",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.uri={new_store(tmp / 'mlflow.db')}",
         "data.cache_dir=null",
         "quiet=true",
     ]
@@ -279,7 +304,7 @@ def compose_run(
         f"model.max_length={max_length}",
         "optim.batch_size=8",
         f"paths.output_dir={tmp_path / name}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={new_store(tmp_path / 'mlflow.db')}",
         *extra,
     ]
     return compose_train(*overrides)

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import new_store
 from safetensors.torch import load_file
 
 from loralab.data.demo import write_demo
@@ -45,7 +46,7 @@ def run(cmd, tmp_path, name, data, *extra, db=None):
         "lora.lora_dropout=0.0",  # dropout masks are drawn per rank: equal only without them
         "baseline=none",
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{tmp_path}/{db or name}.db",
+        f"tracking.uri={new_store(tmp_path / f'{db or name}.db')}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env)

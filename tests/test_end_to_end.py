@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import BAD_TRAIN_LINES, LABELS, ROOT, run_trains
+from conftest import BAD_TRAIN_LINES, LABELS, ROOT, new_store, run_trains
 from mlflow.tracking import MlflowClient
 
 from loralab.reporting.provenance import PACKAGES
@@ -40,6 +40,8 @@ def runs(tmp_path_factory, tiny_data):
         "bad_config": ["loss.gamma=-1"],
     }
     dirs = {name: tmp_path_factory.mktemp(name) for name in overrides}
+    for name in ("finished", "failed"):  # the bad config must leave its run dir without a store
+        new_store(dirs[name] / "mlflow.db")
     results = run_trains(*((dirs[name], overrides[name]) for name in overrides))
     return {name: (*result, dirs[name]) for name, result in zip(overrides, results)}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import ROOT, compose_train, typed_conf
+from conftest import ROOT, compose_train, new_store, typed_conf
 from mlflow.tracking import MlflowClient
 from test_resume import assert_same_run, history, start_and_signal
 
@@ -51,7 +51,7 @@ def toy_cmd(data: Path, run_dir: Path, *extra: str, multirun: bool = False) -> l
         "trainer.early_stopping.patience=20",
         f"hydra.run.dir={run_dir}",
         f"hydra.sweep.dir={run_dir.parent / 'multirun'}",
-        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        f"tracking.uri={new_store(run_dir.parent / 'mlflow.db')}",
         *extra,
     ]
 

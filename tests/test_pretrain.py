@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_train, typed_conf
+from conftest import ROOT, compose_train, new_store, typed_conf
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
@@ -84,7 +84,7 @@ def pretrain_once(stage, source, tokenizer, hardware, texts, uri: str):
 
 @pytest.mark.slow
 def test_cache_miss_then_hit_then_another_setting_misses(demo, tmp_path, caplog):
-    uri, cache = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "cache"
+    uri, cache = new_store(tmp_path / "mlflow.db"), tmp_path / "cache"
     stage, source, tokenizer, hardware = stage_and_inputs(demo, cache)
     assert isinstance(stage, CausalLMPretrain)
     texts = texts_of(demo / "train.jsonl")
@@ -130,7 +130,7 @@ def test_a_cached_base_that_does_not_match_its_manifest_is_never_used(demo, tmp_
     """A cache outlives runs and may be shared: an altered weight (same size, finite values) or an unreadable
     ``loralab_checkpoint.json`` is caught on the hit, set aside under a name that says so, and the base is trained
     again, to the same weights (the key fixes every input)."""
-    uri, cache = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "cache"
+    uri, cache = new_store(tmp_path / "mlflow.db"), tmp_path / "cache"
     stage, source, tokenizer, hardware = stage_and_inputs(demo, cache)
     texts = texts_of(demo / "train.jsonl")
     first, _ = pretrain_once(stage, source, tokenizer, hardware, texts, uri)
@@ -258,7 +258,7 @@ def sweep_job(demo, tmp_path_factory) -> dict:
     """The card's sweep command cut to one job (``-m loss.gamma=1.0 lora.r=8``), run as typed, plus its store; its
     own empty pretrain cache, so the job must pretrain (a miss) whatever other tests cached before it."""
     tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = new_store(tmp / "mlflow.db")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "LORALAB_CACHE": str(tmp / "cache")}
     proc = subprocess.run(
         train_cmd(
@@ -343,7 +343,7 @@ def test_resume_across_the_stage_never_pretrains_twice(demo, tmp_path):
     cmd = train_cmd(
         demo,
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.uri={new_store(tmp_path / 'mlflow.db')}",
         "pretrain.epochs=3",
         "export.zip=false",
     )

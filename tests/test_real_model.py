@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR
+from conftest import CONF_DIR, new_store
 from hydra import compose, initialize_config_dir
 
 from loralab.export import safe_extract
@@ -81,7 +81,7 @@ def test_lora_on_minilm_beats_the_majority_class_on_unseen_words(minilm, tmp_pat
         "export.zip=false",
         "hardware=cpu",
         f"paths.output_dir={tmp_path / 'run'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={new_store(tmp_path / 'mlflow.db')}",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         train(compose("train", overrides=overrides))

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, new_store
 from mlflow import MlflowClient
 from omegaconf import open_dict
 
@@ -42,7 +42,7 @@ def test_the_first_steps_of_the_shipped_recipe_keep_their_losses(tmp_path, packi
         "quiet=true",
         "trainer.max_steps=3",
         "trainer.log_every_n_steps=1",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.uri={new_store(tmp_path / 'mlflow.db')}",
         f"hardware.packing={packing}",
     )
     shipped = (cfg.serialize._target_.endswith("Bins"), cfg.lora.target_modules, cfg.loss.class_weights)

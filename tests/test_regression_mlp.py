@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import new_store
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -38,8 +39,8 @@ CKPT_KEYS = {"model_state_dict", "input_dim", "hidden_dim", "epoch", "val_loss"}
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory) -> str:
-    """One SQLite store for the module (creating one costs seconds); each test uses its own experiment."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    """One SQLite store for the module; each test uses its own experiment."""
+    return new_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,7 @@ def test_train_py_cli(tabular, tmp_path):
         str(ROOT / "train.py"),
         "experiment=marketsentinel",
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{run_dir}/mlflow.db",
+        f"tracking.uri={new_store(run_dir / 'mlflow.db')}",
         "data.demo=false",
         f"data.train_file={tabular['train']}",
         f"data.val_file={tabular['val']}",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_result
+from conftest import new_store, run_result
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -256,7 +256,7 @@ def test_tiny_run_writes_plots_report_and_one_quiet_line(tmp_path):
         "trainer.max_epochs=1",
         "model.tokenizer_vocab_size=300",
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{db}",
+        f"tracking.uri={new_store(db)}",
         "quiet=true",
         "baseline.threads=1",
     ]

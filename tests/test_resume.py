@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import assert_same_run, history, optim_conf, trainer_conf
+from conftest import assert_same_run, history, new_store, optim_conf, trainer_conf
 from safetensors.torch import load_file
 
 from loralab.core.checkpoint import CheckpointError, Checkpoints, load_weights, read_meta, save_train_state
@@ -157,7 +157,7 @@ def train_cmd(data_dir, run_dir, *extra):
         "model.tokenizer_vocab_size=300",
         "export.zip=false",
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        f"tracking.uri={new_store(run_dir.parent / 'mlflow.db')}",
         *extra,
     ]
 
@@ -184,7 +184,7 @@ def regression_cmd(task: str, data_dir: Path, run_dir: Path) -> list[str]:
     """``python train.py experiment=...`` for the two regression tasks, on small demo files in ``data_dir``."""
     common = [
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        f"tracking.uri={new_store(run_dir.parent / 'mlflow.db')}",
         "data.demo=false",
         "export.zip=false",
     ]

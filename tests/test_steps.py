@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import LABELS, ROOT, compose_train, optim_conf, run_result, trainer_conf, write_jsonl
+from conftest import LABELS, ROOT, compose_train, new_store, optim_conf, run_result, trainer_conf, write_jsonl
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 from rich.console import Console
@@ -228,7 +228,7 @@ def run_in_process(run_dir, *overrides):
         "trainer.val_check_interval=4",
         "trainer.max_steps=12",
         "trainer.early_stopping.patience=100",  # these runs end at max_steps, whatever they learn
-        f"tracking.uri=sqlite:///{run_dir}/mlflow.db",
+        f"tracking.uri={new_store(run_dir / 'mlflow.db')}",
         *overrides,
     )
     with open_dict(cfg):
@@ -385,7 +385,7 @@ def train_py(data_dir, run_dir, *extra):
         "baseline=none",
         "export.zip=false",
         f"hydra.run.dir={run_dir}",
-        f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db",
+        f"tracking.uri={new_store(run_dir.parent / 'mlflow.db')}",
         *extra,
     ]
 
@@ -438,7 +438,7 @@ def test_article_regression_scores_its_test_split_once(tmp_path):
         "trainer.max_steps=2",
         "export.zip=false",
         "quiet=true",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.uri={new_store(tmp_path / 'mlflow.db')}",
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")

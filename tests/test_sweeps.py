@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import new_store
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -45,10 +46,8 @@ def demo_files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    """One SQLite store for the module (its schema takes seconds to create); each test uses its own experiment."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
-    return uri
+    """One SQLite store for the module; each test uses its own experiment."""
+    return new_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 def run_train(tmp: Path, data: Path, uri: str, *overrides: str, multirun: bool = True) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, write_table
+from conftest import CONF_DIR, new_store, write_table
 from hydra import compose, initialize_config_dir
 
 from loralab.cli.evaluate import main as evaluate_main
@@ -58,7 +58,7 @@ def table_run(tmp_path_factory):
         "model.max_length=128",
         "optim.batch_size=8",
         f"paths.output_dir={tmp / 'run'}",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.uri={new_store(tmp / 'mlflow.db')}",
         "export.zip=false",
         "hardware=cpu",
     ]
