@@ -274,7 +274,7 @@ def test_launcher_configs_compose_with_sweeps(launcher, keys, target):
     assert cfg.hydra.launcher._target_.endswith(target)
     assert {k: cfg.hydra.launcher[k] for k in keys} == keys
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.hydra.callbacks.sweep_tracking._target_ == "loralab.tracking.sweep.SweepTracking"
+    assert cfg.hydra.callbacks.sweep_tracking._target_ == "loralab.tracking.sweep_callback.SweepTracking"
 
 
 # --- walk-forward folds: a sweep over data.fold summarised per setting -------------------------------------------

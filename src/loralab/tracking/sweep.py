@@ -3,7 +3,7 @@
 Jobs may run in this process, in joblib workers or on SLURM nodes, so none can rely on another's memory: they find
 the parent through a small JSON file in the sweep dir, created once under a file lock (whoever comes first creates
 the run, everyone else reads its id). The Hydra callback opens the parent before the first job and, after the last,
-writes the sweep summary onto it and ends it.
+writes the sweep summary onto it and ends it (``sweep_callback.SweepTracking``).
 """
 
 from __future__ import annotations
@@ -12,21 +12,19 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.fs import atomic_write_json
+from loralab.reporting import compare
 from loralab.reporting.provenance import git_state
-
-if TYPE_CHECKING:
-    from loralab.tracking.mlflow import MLflowTracker
+from loralab.tracking.mlflow import NOTE_TAG, MLflowTracker, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +57,6 @@ def get_or_create_parent(
     """The sweep's parent run id; the first caller (of any process) creates the run, the rest read it.
     ``swept``: the keys the sweep varies (None: unknown), recorded so every job can name its run after them;
     ``artifact_location``: of the experiment, should this create it (``tracking.artifact_location``)."""
-    # MLflow and the config stack (~3 s of CPU to import) load where a sweep's runs are read or written, not with
-    # this module: Hydra builds ``SweepTracking`` for every run, also one that a config error or run dir ends at once
-    from loralab.tracking.mlflow import MLflowTracker
-
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(sweep_dir / LOCK_FILE, timeout=LOCK_TIMEOUT_S):
@@ -105,8 +99,6 @@ def sweep_name(swept: Sequence[str], jobs: int | None = None) -> str:
 
 def job_name(overrides: Sequence[str], swept: Sequence[str] | None, num: int) -> str:
     """``gamma=1.5 r=16``: the job's values of the swept keys (all its overrides when those are unknown)."""
-    from loralab.reporting import compare
-
     values = compare.override_values(overrides)
     keys = [k for k in (values if swept is None else swept) if k in values]
     labels = short_keys(keys)
@@ -117,8 +109,6 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
     """(parent run id, child tags) for the current job; (None, {}) outside a multirun or without tracking."""
     if not (tracker.enabled and is_multirun()):
         return None, {}
-    from loralab.reporting import compare
-
     hc = HydraConfig.get()
     parent = get_or_create_parent(
         hc.sweep.dir, tracker.uri, tracker.experiment, artifact_location=tracker.artifact_location
@@ -135,8 +125,6 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
 
 def close_orphans(client, parent_id: str) -> int:
     """Mark children still RUNNING after every job returned (a killed process never ends its run) as FAILED."""
-    from loralab.reporting import compare
-
     orphans = [r for r in compare.child_runs(client, parent_id) if r.info.status == "RUNNING"]
     for run in orphans:
         client.set_tag(run.info.run_id, "error", "job ended without closing its run (killed?)")
@@ -158,8 +146,6 @@ def name_uniquely(client, rows: list[dict[str, Any]]) -> None:
 def sweep_note(rows: Sequence[dict[str, Any]], experiment_id: str, parent_id: str, files: Sequence[str]) -> str:
     """The parent's description in the UI: the best job (linked), its objective, a link to the summary artifacts
     (``files``, under ``summary/``), the heatmap and the table."""
-    from loralab.reporting import compare
-
     page = f"#/experiments/{experiment_id}/runs"
     table = next((f for f in files if f.endswith(".md")), "")
     heatmap = next((f for f in files if f.endswith(".png")), None)
@@ -182,88 +168,70 @@ def sweep_note(rows: Sequence[dict[str, Any]], experiment_id: str, parent_id: st
     return "\n".join(lines + [compare.to_markdown(rows)])
 
 
-class SweepTracking(Callback):
-    """Hydra callback (``hydra.callbacks`` in conf/hydra/default.yaml): parent run before the sweep, summary after.
+def tracking_of(config: DictConfig) -> DictConfig | None:
+    """The sweep's ``tracking`` group, None when tracking is off."""
+    tracking = config.get("tracking")
+    return tracking if tracking is not None and tracking.get("enabled", True) else None
 
-    ``on_multirun_end`` runs in the launching process once every job has returned, whatever the launcher.
-    """
 
-    def __init__(self, summary_name: str = "sweep_summary") -> None:
-        self.summary_name = summary_name
+def open_sweep(config: DictConfig, tracking: DictConfig) -> None:
+    """The parent run, before the first job: what was swept and how, and the source it ran."""
+    hydra = config.hydra
+    params = OmegaConf.to_container(hydra.sweeper.params) if hydra.sweeper.get("params") else {}
+    commit = git_state(config.paths.root_dir)["git_commit"] if config.get("paths") else "unknown"
+    tags = {
+        "hydra.sweeper": hydra.sweeper.get("_target_", "?"),
+        "hydra.launcher": hydra.launcher.get("_target_", "?"),
+        "hydra.overrides": " ".join(hydra.overrides.task) or "(none)",
+        "sweep.params": json.dumps(params),
+        "git_commit": commit,
+        **source_tags(commit),
+    }
+    swept = swept_keys([*hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
+    get_or_create_parent(
+        hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept, tracking.get("artifact_location")
+    )
 
-    @staticmethod
-    def _tracking(config: DictConfig) -> DictConfig | None:
-        tracking = config.get("tracking")
-        return tracking if tracking is not None and tracking.get("enabled", True) else None
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        tracking = self._tracking(config)
-        if tracking is None:
-            return
-        from loralab.tracking.mlflow import source_tags
-
-        hydra = config.hydra
-        params = OmegaConf.to_container(hydra.sweeper.params) if hydra.sweeper.get("params") else {}
-        commit = git_state(config.paths.root_dir)["git_commit"] if config.get("paths") else "unknown"
-        tags = {
-            "hydra.sweeper": hydra.sweeper.get("_target_", "?"),
-            "hydra.launcher": hydra.launcher.get("_target_", "?"),
-            "hydra.overrides": " ".join(hydra.overrides.task) or "(none)",
-            "sweep.params": json.dumps(params),
-            "git_commit": commit,
-            **source_tags(commit),
-        }
-        swept = swept_keys([*hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
-        get_or_create_parent(
-            hydra.sweep.dir, tracking.uri, tracking.experiment, tags, swept, tracking.get("artifact_location")
-        )
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        tracking = self._tracking(config)
-        if tracking is None:
-            return
-        from loralab.reporting import compare
-        from loralab.tracking.mlflow import NOTE_TAG, MLflowTracker
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        parent_id = get_or_create_parent(sweep_dir, tracking.uri, tracking.experiment)
-        parent = MLflowTracker(tracking.uri, tracking.experiment)
-        parent.run_id = parent_id
-        close_orphans(parent.client, parent_id)
-        rows = compare.sweep_rows(tracking.uri, parent_id)
-        name_uniquely(parent.client, rows)
-        paths = compare.write_summary(rows, sweep_dir, self.summary_name)
-        for path in paths:
-            parent.log_artifact(path, "summary")
-        done = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
-        if done:
-            best = done[0]  # rows come sorted best first
-            parent.log_metrics(
-                {f"best.{best['objective_key']}": best["objective"], "best.objective": best["objective"]}
-            )
-            parent.set_tags(
-                {"best_run_id": best["run_id"], "best_run_name": best["run_name"], "best_overrides": best["overrides"]}
-            )
-        settings = compare.fold_settings(rows)
-        if settings and not math.isnan(settings[0]["mean"]):
-            top = settings[0]  # best mean over its folds
-            parent.log_metrics({f"folds.{k}.{top['objective_key']}": top[k] for k in ("mean", "std", "worst")})
-            parent.set_tags({"best_setting": json.dumps(top["setting"]), "best_setting_folds": " ".join(top["folds"])})
-        parent.log_metrics({"jobs": len(rows), "jobs_failed": sum(r["status"] != "FINISHED" for r in rows)})
-        experiment_id = parent.client.get_run(parent_id).info.experiment_id
+def close_sweep(config: DictConfig, tracking: DictConfig, summary_name: str) -> None:
+    """After the last job, in the launching process: the summary onto the parent, the best job, and the end."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    parent_id = get_or_create_parent(sweep_dir, tracking.uri, tracking.experiment)
+    parent = MLflowTracker(tracking.uri, tracking.experiment)
+    parent.run_id = parent_id
+    close_orphans(parent.client, parent_id)
+    rows = compare.sweep_rows(tracking.uri, parent_id)
+    name_uniquely(parent.client, rows)
+    paths = compare.write_summary(rows, sweep_dir, summary_name)
+    for path in paths:
+        parent.log_artifact(path, "summary")
+    done = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["objective"])]
+    if done:
+        best = done[0]  # rows come sorted best first
+        parent.log_metrics({f"best.{best['objective_key']}": best["objective"], "best.objective": best["objective"]})
         parent.set_tags(
-            {
-                NOTE_TAG: sweep_note(rows, experiment_id, parent_id, [p.name for p in paths]),
-                "summary": f"runs:/{parent_id}/summary",
-            }
+            {"best_run_id": best["run_id"], "best_run_name": best["run_name"], "best_overrides": best["overrides"]}
         )
-        swept = (read_parent(sweep_dir) or {}).get("swept")
-        if swept:
-            parent.client.update_run(parent_id, name=sweep_name(swept, len(rows)))
-        parent.end("FINISHED" if done else "FAILED")
-        log.info("sweep summary: %s", ", ".join(str(p) for p in paths))
-        compare.print_table(rows, title=f"sweep {sweep_dir}")
-        failed = sum(r["status"] != "FINISHED" for r in rows)
-        if failed:  # the sweep went on past them; a script or CI running it must still see that it fell short
-            log.error("%d of %d sweep jobs failed (each MLflow child run says why)", failed, len(rows))
-            raise SystemExit(1)  # a BaseException: Hydra's callback runner lets it through, the process exits 1
+    settings = compare.fold_settings(rows)
+    if settings and not math.isnan(settings[0]["mean"]):
+        top = settings[0]  # best mean over its folds
+        parent.log_metrics({f"folds.{k}.{top['objective_key']}": top[k] for k in ("mean", "std", "worst")})
+        parent.set_tags({"best_setting": json.dumps(top["setting"]), "best_setting_folds": " ".join(top["folds"])})
+    parent.log_metrics({"jobs": len(rows), "jobs_failed": sum(r["status"] != "FINISHED" for r in rows)})
+    experiment_id = parent.client.get_run(parent_id).info.experiment_id
+    parent.set_tags(
+        {
+            NOTE_TAG: sweep_note(rows, experiment_id, parent_id, [p.name for p in paths]),
+            "summary": f"runs:/{parent_id}/summary",
+        }
+    )
+    swept = (read_parent(sweep_dir) or {}).get("swept")
+    if swept:
+        parent.client.update_run(parent_id, name=sweep_name(swept, len(rows)))
+    parent.end("FINISHED" if done else "FAILED")
+    log.info("sweep summary: %s", ", ".join(str(p) for p in paths))
+    compare.print_table(rows, title=f"sweep {sweep_dir}")
+    failed = sum(r["status"] != "FINISHED" for r in rows)
+    if failed:  # the sweep went on past them; a script or CI running it must still see that it fell short
+        log.error("%d of %d sweep jobs failed (each MLflow child run says why)", failed, len(rows))
+        raise SystemExit(1)  # a BaseException: Hydra's callback runner lets it through, the process exits 1
