@@ -4,10 +4,12 @@ bin index (``serialize=bins`` with ``cuts: quantile`` and ``cuts: tree``), same 
 
     python bench/tabular_sets.py /tmp/q/sets
     python bench/bin_ceiling.py /tmp/q/sets mixed demo wine breast_cancer iris
+    python bench/bin_ceiling.py /tmp/q/sets trading_rare --bins 16       # serialize.n_bins=16
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -32,20 +34,25 @@ def binned(records: list[Record], bins: Bins) -> list[Record]:
         if isinstance(v, bool) or not is_number(v) or k not in bins.features:
             return v
         b = bins.value(k, v)
-        return None if b == UNKNOWN else int(b)
+        return None if b == UNKNOWN else int(b, 36)  # one character per bin: 0-9, a-z
 
     return [replace(r, features={k: one(k, v) for k, v in r.features.items()}) for r in records]
 
 
 def main() -> None:
-    sets, names = Path(sys.argv[1]), sys.argv[2:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("sets", type=Path)
+    p.add_argument("names", nargs="+", choices=list(LABELS))
+    p.add_argument("--bins", type=int, default=10, help="serialize.n_bins")
+    args = p.parse_args()
+    sets, names = args.sets, args.names
     for name in names:
         train, val = (
             load_records(sets / name / f"{split}.jsonl", LABELS[name], allow_null=True)[0] for split in ("train", "val")
         )
         scores = {}
         for form in ("raw", "quantile", "tree"):
-            bins = None if form == "raw" else Bins(cuts=form).fit(train)
+            bins = None if form == "raw" else Bins(n_bins=args.bins, cuts=form).fit(train)
             fit_rows, val_rows = (train, val) if bins is None else (binned(train, bins), binned(val, bins))
             model = build_estimator("hgb", 42, {"class_weight": "balanced"})  # the runs' seed
             model.fit(feature_dicts(fit_rows), [r.label for r in fit_rows])

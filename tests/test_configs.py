@@ -292,7 +292,7 @@ BAD_VALUES = [
     ),
     (["experiment=article_regression", "loss=focal"], "loss", "focal", "does not fit task text_regression"),
     (["optim.lr=${oc.env:LORALAB_TEST_UNSET_LR,abc}"], "optim.lr", "oc.env", "resolves to 'abc', must be a float"),
-    (["serialize=bins", "serialize.n_bins=1"], "serialize.n_bins", "1", "[2, 100]"),
+    (["serialize=bins", "serialize.n_bins=1"], "serialize.n_bins", "1", "[2, 36]"),
     (["serialize=kv", "serialize.digits=0"], "serialize.digits", "0", ">= 1 or null"),
     (["serialize=json", "+serialize.n_bins=4"], "serialize.n_bins", "4", "unknown key (known: template)"),
     (["serialize._target_=os.system"], "serialize._target_", "'os.system'", "must be one of loralab.data.serialize"),

@@ -68,6 +68,17 @@ def test_bins_are_train_quantiles_and_few_values_keep_their_order():
     assert bins({"x": 60, "dir": 1, "ok": False, "venue": "a"}) == "dir=1 ok=0 venue=a x=2"
 
 
+def test_more_than_ten_bins_are_one_character_each_and_older_models_keep_their_decimal_bins():
+    """Bins 10 and up are ``a``, ``b``, …: one token each in a tokenizer that splits digits (``12`` would be two,
+    the first shared with bin 1). A model saved before the symbols were recorded reads its bins as it was trained."""
+    bins = fitted_bins(16)
+    texts = [bins.value("x", float(x)) for x in range(100)]
+    assert texts[0] == "0" and texts[99] == "f" and set(texts) == set("0123456789abcdef")
+    old = bins.state()
+    del old["fitted"]["symbols"]
+    assert load_serializer(old).value("x", 99.0) == "15" and load_serializer(bins.state()).value("x", 99.0) == "f"
+
+
 def test_tree_cuts_put_a_rules_threshold_on_a_bin_edge_fitted_on_the_labels_given():
     """A label that flips at x = 37 inside a quantile bin: ``cuts: tree`` cuts there, ``quantile`` does not; a
     feature unrelated to the label still gets ordered bins of at least a quantile bin's rows; the edges depend

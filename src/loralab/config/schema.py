@@ -331,7 +331,7 @@ class KeyValueConf(SerializeConf):
 
 @dataclass
 class BinsConf(SerializeConf):
-    n_bins: int = knob(interval("[2, 100]"))
+    n_bins: int = knob(interval("[2, 36]"))  # one character per bin: 0-9, a-z
     cuts: BinCuts = MISSING
 
 

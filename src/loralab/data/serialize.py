@@ -7,8 +7,9 @@ the fast ones.
 
 - ``json``: ``json.dumps(features, sort_keys=True)`` — the plain JSON form, byte for byte.
 - ``kv``: ``key=value`` pairs, sorted keys, numbers to ``digits`` significant digits, booleans 1/0.
-- ``bins``: every number as its per-feature bin (``0`` … ``n_bins-1``, edges from the training split): ordered
-  single digits a small model can compare; booleans 1/0; categories as written. The edges are quantiles, or
+- ``bins``: every number as its per-feature bin, one character each (``0`` … ``9``, then ``a`` … ``z`` above ten
+  bins; edges from the training split): one token per number whatever the bin count; booleans 1/0; categories
+  as written. The edges are quantiles, or
   (``cuts: tree``) the cut points a small decision tree on that feature alone finds against the training labels,
   so a threshold a rule uses becomes a bin edge instead of falling inside a bin.
 
@@ -34,6 +35,9 @@ from loralab.data.records import Record
 log = logging.getLogger(__name__)
 
 UNKNOWN = "?"  # missing, unseen or mistyped value (kv, bins)
+# One character per bin, so a bin is one token in every tokenizer that splits digits (Qwen's, and the one trained
+# on the data): bin 12 as "12" would be the tokens "1" "2", sharing "1" with bin 1.
+BIN_SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def serialize(features: dict[str, Any], template: str = "{features}") -> str:
@@ -129,7 +133,7 @@ class KeyValue(Serializer):
 
 
 class Bins(Serializer):
-    """``atr=7 session=london wave_strength=9``: numbers as their training-split bin.
+    """``atr=7 session=london wave_strength=c``: numbers as their training-split bin, one character each.
 
     A number with at most ``n_bins`` distinct training values gets one bin per value (edges half-way between
     them: ``ext_dir`` -1/1 reads 0/1). Any other gets at most ``n_bins`` bins: equal-count ones (``cuts:
@@ -145,6 +149,7 @@ class Bins(Serializer):
         self.n_bins, self.cuts = n_bins, str(cuts)
         self.features: dict[str, dict[str, Any]] = {}  # per key: {"type": number|bool|category, edges|values}
         self._known: dict[str, frozenset[str]] = {}
+        self.symbols = "base36"  # how a bin index is written: BIN_SYMBOLS, or "decimal" for older saved models
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "n_bins": self.n_bins, "cuts": self.cuts}
@@ -155,7 +160,8 @@ class Bins(Serializer):
             for k, v in r.features.items():
                 if v is not None:
                     values.setdefault(k, []).append((v, r.label))
-        self.load_fitted({"features": {k: self._fit_one(*zip(*pairs)) for k, pairs in sorted(values.items())}})
+        features = {k: self._fit_one(*zip(*pairs)) for k, pairs in sorted(values.items())}
+        self.load_fitted({"features": features, "symbols": "base36"})
         return self
 
     def _fit_one(self, vs: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
@@ -189,11 +195,13 @@ class Bins(Serializer):
         return np.unique((distinct[above - 1] + distinct[above]) / 2)
 
     def fitted(self) -> dict[str, Any]:
-        return {"features": self.features}
+        return {"features": self.features, "symbols": self.symbols}
 
     def load_fitted(self, fitted: Mapping[str, Any]) -> None:
         self.features = {k: dict(spec) for k, spec in fitted["features"].items()}
         self._known = {k: frozenset(spec.get("values", ())) for k, spec in self.features.items()}
+        # A model saved without its symbols wrote bins as decimal numbers ("12"): it keeps reading them that way.
+        self.symbols = fitted.get("symbols", "decimal")
 
     def value(self, key: str, v: Any) -> str:
         spec = self.features[key]
@@ -203,7 +211,8 @@ class Bins(Serializer):
         if kind == "number":
             if not is_number(v) or not math.isfinite(v):
                 return UNKNOWN
-            return str(int(np.searchsorted(spec["edges"], v, side="right")))
+            b = int(np.searchsorted(spec["edges"], v, side="right"))
+            return BIN_SYMBOLS[b] if self.symbols == "base36" else str(b)
         if v is None or isinstance(v, bool) or str(v) not in self._known[key]:
             return UNKNOWN
         return text_value(str(v))
