@@ -96,7 +96,7 @@ def test_check_keeps_a_config_the_run_can_use():
     assert OmegaConf.select(cfg, "optim.optimizer.lr") == cfg.optim.lr == 2e-4  # interpolations still resolve
     assert cfg.hardware.precision == "fp32" and f"{cfg.hardware.precision}" == "fp32"  # StrEnum reads as str
     assert isinstance(instantiate(cfg.lora), LoraConfig)
-    assert instantiate(cfg.loss, class_weights=[1.0, 2.0, 3.0]).gamma == 1.5
+    assert instantiate(cfg.loss, class_weights=[1.0, 2.0, 3.0]).gamma == cfg.loss.gamma == 1.0
     opt = instantiate(cfg.optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     assert opt.defaults["lr"] == 2e-4
     with pytest.raises(Exception, match="typo"):  # typed: a key that is not in the schema cannot be added later

@@ -13,7 +13,7 @@ from loralab.core.state import EarlyStopping
 from loralab.reporting.console import baseline_verdict, print_summary, run_line
 from loralab.reporting.report import render_report
 
-CONF = typed_conf()  # the shipped trainer group: max_epochs auto, min_steps 1800, patience 3, patience_steps 540
+CONF = typed_conf()  # the shipped trainer group, its min_steps set below (1800) where a test names it
 
 
 def trainer(max_epochs="auto", min_steps=1800, patience=3, patience_steps=540):

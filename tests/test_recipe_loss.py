@@ -22,10 +22,10 @@ from loralab.data.demo import write_demo
 from loralab.lifecycle import run
 
 PINNED = [
-    0.88222289,
-    0.49654213,
-    0.59307593,
-]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.5, no class weights, seed 42)
+    1.01871288,
+    0.61976808,
+    0.70949906,
+]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.0, no class weights, seed 42)
 
 
 @pytest.mark.slow
