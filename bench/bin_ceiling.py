@@ -24,7 +24,7 @@ from tabular_sets import LABELS  # noqa: E402
 
 from loralab.baseline import build_estimator, feature_dicts  # noqa: E402
 from loralab.data.records import Record, load_records  # noqa: E402
-from loralab.data.serialize import UNKNOWN, Bins, is_number  # noqa: E402
+from loralab.data.serialize import Bins, is_number  # noqa: E402
 
 
 def binned(records: list[Record], bins: Bins) -> list[Record]:
@@ -33,8 +33,7 @@ def binned(records: list[Record], bins: Bins) -> list[Record]:
     def one(k, v):
         if isinstance(v, bool) or not is_number(v) or k not in bins.features:
             return v
-        b = bins.value(k, v)
-        return None if b == UNKNOWN else int(b, 36)  # one character per bin: 0-9, a-z
+        return bins.bin_index(k, v) if bins.features[k]["type"] == "number" else None  # the model reads "?"
 
     return [replace(r, features={k: one(k, v) for k, v in r.features.items()}) for r in records]
 

@@ -38,6 +38,7 @@ UNKNOWN = "?"  # missing, unseen or mistyped value (kv, bins)
 # One character per bin, so a bin is one token in every tokenizer that splits digits (Qwen's, and the one trained
 # on the data): bin 12 as "12" would be the tokens "1" "2", sharing "1" with bin 1.
 BIN_SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"
+BASE36, DECIMAL = "base36", "decimal"  # how a fitted Bins writes a bin: BIN_SYMBOLS, or as a number (older models)
 
 
 def serialize(features: dict[str, Any], template: str = "{features}") -> str:
@@ -149,7 +150,7 @@ class Bins(Serializer):
         self.n_bins, self.cuts = n_bins, str(cuts)
         self.features: dict[str, dict[str, Any]] = {}  # per key: {"type": number|bool|category, edges|values}
         self._known: dict[str, frozenset[str]] = {}
-        self.symbols = "base36"  # how a bin index is written: BIN_SYMBOLS, or "decimal" for older saved models
+        self.symbols = BASE36
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "n_bins": self.n_bins, "cuts": self.cuts}
@@ -161,7 +162,7 @@ class Bins(Serializer):
                 if v is not None:
                     values.setdefault(k, []).append((v, r.label))
         features = {k: self._fit_one(*zip(*pairs)) for k, pairs in sorted(values.items())}
-        self.load_fitted({"features": features, "symbols": "base36"})
+        self.load_fitted({"features": features, "symbols": BASE36})
         return self
 
     def _fit_one(self, vs: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
@@ -201,7 +202,13 @@ class Bins(Serializer):
         self.features = {k: dict(spec) for k, spec in fitted["features"].items()}
         self._known = {k: frozenset(spec.get("values", ())) for k, spec in self.features.items()}
         # A model saved without its symbols wrote bins as decimal numbers ("12"): it keeps reading them that way.
-        self.symbols = fitted.get("symbols", "decimal")
+        self.symbols = fitted.get("symbols", DECIMAL)
+
+    def bin_index(self, key: str, v: Any) -> int | None:
+        """The bin of ``v`` under number feature ``key`` (0 … n_bins-1); None where it reads as unknown."""
+        if not is_number(v) or not math.isfinite(v):
+            return None
+        return int(np.searchsorted(self.features[key]["edges"], v, side="right"))
 
     def value(self, key: str, v: Any) -> str:
         spec = self.features[key]
@@ -209,10 +216,10 @@ class Bins(Serializer):
         if kind == "bool":
             return flag(v) if isinstance(v, bool) else UNKNOWN
         if kind == "number":
-            if not is_number(v) or not math.isfinite(v):
+            b = self.bin_index(key, v)
+            if b is None:
                 return UNKNOWN
-            b = int(np.searchsorted(spec["edges"], v, side="right"))
-            return BIN_SYMBOLS[b] if self.symbols == "base36" else str(b)
+            return BIN_SYMBOLS[b] if self.symbols == BASE36 else str(b)
         if v is None or isinstance(v, bool) or str(v) not in self._known[key]:
             return UNKNOWN
         return text_value(str(v))
