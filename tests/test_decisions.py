@@ -239,7 +239,7 @@ def test_run_reports_decisions_and_every_served_path_decides_as_the_run_did(deci
 
     from loralab.cli.evaluate import main as loralab_evaluate
     from loralab.cli.predict import main as loralab_predict
-    from loralab.reporting.compare import using_store
+    from loralab.reporting.runs import using_store
 
     run_dir, val, tmp = decision_run["run_dir"], decision_run["val"], decision_run["tmp"]
     d = decision_run["metrics"]["decision"]

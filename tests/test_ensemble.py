@@ -292,7 +292,7 @@ def test_mlflow_model_serves_the_blend_and_a_tampered_baseline_is_refused(blend_
     import mlflow
 
     from loralab.inference import load_exported
-    from loralab.reporting.compare import using_store
+    from loralab.reporting.runs import using_store
 
     labels, val = blend_run["labels"], blend_run["val"]
     rows = [json.loads(line) for line in blend_run["val_file"].read_text().splitlines()][:8]

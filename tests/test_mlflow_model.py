@@ -23,7 +23,7 @@ from conftest import ROOT, clean_env, compose_train, serve_predictions
 from mlflow.tracking import MlflowClient
 
 from loralab.inference import predict_file
-from loralab.reporting.compare import using_store
+from loralab.reporting.runs import using_store
 from loralab.tracking.mlflow import ARTIFACTS_DIR, NOTE_TAG, artifact_root
 
 MODEL_NAME = "demo-classifier"

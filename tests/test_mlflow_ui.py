@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from test_sweeps import demo_files, run_train, store, summary_csv, sweep_result  # noqa: F401 (fixtures, helpers)
 
-from loralab.reporting import compare
+from loralab.reporting.runs import run_row, search
 from loralab.tracking.mlflow import EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, MLflowTracker
 from loralab.tracking.server import mlflow_server
 from loralab.tracking.sweep import job_name, name_uniquely, read_parent, short_keys, sweep_name, swept_keys
@@ -254,8 +254,8 @@ def test_experiment_kind_is_set_once_and_a_users_kind_is_kept(tmp_path, store): 
 def test_rows_keep_the_run_name(tmp_path, store):  # noqa: F811
     tracker = MLflowTracker(store, tmp_path.name, run_name="gamma=1.5 r=16")
     tracker.start({})
-    (record,) = compare.search(store, [MlflowClient(store).get_run(tracker.run_id).info.experiment_id])
-    assert compare.run_row(record)["run_name"] == "gamma=1.5 r=16"
+    (record,) = search(store, [MlflowClient(store).get_run(tracker.run_id).info.experiment_id])
+    assert run_row(record)["run_name"] == "gamma=1.5 r=16"
 
 
 def test_dataset_inputs_for_any_task_from_the_files_that_exist(tmp_path, store):  # noqa: F811

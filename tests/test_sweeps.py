@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from loralab.cli.compare import main as compare_main
 from loralab.data.demo import write_demo
-from loralab.reporting import compare
+from loralab.reporting import compare, runs
 from loralab.tracking.mlflow import MLflowTracker
 from loralab.tracking.sweep import close_orphans, get_or_create_parent, read_parent
 
@@ -85,7 +85,7 @@ def sweep_result(tmp: Path, proc: subprocess.CompletedProcess, failed: int = 0):
     record = read_parent(tmp / "multirun")
     assert record is not None, "no parent record in the sweep dir"
     client = MlflowClient(record["uri"])
-    return client, record["run_id"], compare.child_runs(client, record["run_id"])
+    return client, record["run_id"], runs.child_runs(client, record["run_id"])
 
 
 def summary_csv(client: MlflowClient, parent_id: str, tmp: Path) -> list[dict[str, str]]:
@@ -167,8 +167,8 @@ def test_parallel_processes_create_one_parent(tmp_path, store):
         ids = list(pool.map(_parent_id, [(tmp_path / "sweep", store, tmp_path.name)] * 4))
     assert len(set(ids)) == 1
     client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
-    assert [r.info.run_id for r in runs] == ids[:1]
+    found = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
+    assert [r.info.run_id for r in found] == ids[:1]
 
 
 def _child(
@@ -184,7 +184,7 @@ def _child(
     tracker = MLflowTracker(uri, exp)
     tracker.start(
         {"objective": "val_macro_f1", "trainer": {"monitor_mode": "max"}},
-        tags={"hydra.job.num": str(job), compare.OVERRIDES_TAG: json.dumps(overrides)},
+        tags={"hydra.job.num": str(job), runs.OVERRIDES_TAG: json.dumps(overrides)},
         parent_run_id=parent,
     )
     if objective is not None:
@@ -215,7 +215,7 @@ def test_summary_rows_sorted_heatmap_only_for_a_grid_and_orphans_closed(tmp_path
 
     assert close_orphans(client, parent) == 1
     assert client.get_run(orphan).info.status == "FAILED"
-    rows = compare.sweep_rows(store, parent)
+    rows = runs.sweep_rows(store, parent)
     assert [r["objective"] for r in rows[:3]] == sorted(values.values(), reverse=True)
     assert rows[-1]["status"] == "FAILED" and rows[-1]["error"]
     assert compare.swept_keys(rows) == ["loss.gamma", "lora.r"]  # lora=default is constant
@@ -287,7 +287,7 @@ def test_a_sweep_over_folds_is_summarised_per_setting_mean_std_worst(tmp_path, s
     for job, ((r, fold), f1) in enumerate(scores.items()):
         overrides = ["data.split=walk_forward", f"lora.r={r}", f"data.fold={fold}"]
         _child(store, exp, parent, job, overrides, f1, "FINISHED" if f1 is not None else "FAILED")
-    rows = compare.sweep_rows(store, parent)
+    rows = runs.sweep_rows(store, parent)
     settings = compare.fold_settings(rows)
     # Ranked by the mean over folds, not by the best single job (r=8's fold 1 is the best job at 0.9).
     assert [s["setting"]["lora.r"] for s in settings] == ["4", "8"]

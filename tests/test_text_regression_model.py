@@ -19,7 +19,7 @@ from loralab.core.trainer import predict_logits
 from loralab.data.articles import TokenizedArticles, load_articles
 from loralab.data.regression_demo import DIMENSIONS, make_articles
 from loralab.lifecycle import run as train
-from loralab.reporting.compare import using_store
+from loralab.reporting.runs import using_store
 from loralab.tracking.mlflow import ARTIFACTS_DIR
 
 

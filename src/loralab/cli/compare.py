@@ -50,7 +50,7 @@ def check_store(uri: str) -> None:
 def target_rows(target: str | Path, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], str]:
     """Rows and a title for a sweep dir (or a job dir inside it: the parent record is looked up upwards) or an
     MLflow experiment name (at ``tracking_uri``, default ``default_store()``). LookupError if neither."""
-    from loralab.reporting.compare import experiment_rows, sweep_rows
+    from loralab.reporting.runs import experiment_rows, sweep_rows
     from loralab.tracking.sweep import read_parent
 
     path = Path(target)

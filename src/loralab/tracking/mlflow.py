@@ -22,7 +22,7 @@ from mlflow.utils.time import get_current_time_millis
 from loralab.config.changes import flatten
 from loralab.errors import ConfigError
 from loralab.fs import writable_file
-from loralab.reporting.compare import using_store
+from loralab.reporting.runs import using_store
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.fs import atomic_write_json
-from loralab.reporting import compare
+from loralab.reporting import compare, runs
 from loralab.reporting.provenance import git_state
 from loralab.tracking.mlflow import NOTE_TAG, MLflowTracker, source_tags
 
@@ -99,7 +99,7 @@ def sweep_name(swept: Sequence[str], jobs: int | None = None) -> str:
 
 def job_name(overrides: Sequence[str], swept: Sequence[str] | None, num: int) -> str:
     """``gamma=1.5 r=16``: the job's values of the swept keys (all its overrides when those are unknown)."""
-    values = compare.override_values(overrides)
+    values = runs.override_values(overrides)
     keys = [k for k in (values if swept is None else swept) if k in values]
     labels = short_keys(keys)
     return " ".join(f"{labels[k]}={compare.short_value(values[k])}" for k in keys)[:MAX_NAME] or f"job{num}"
@@ -118,14 +118,14 @@ def job_context(tracker: MLflowTracker) -> tuple[str | None, dict[str, str]]:
     return parent, {
         ROLE_TAG: "sweep_job",
         SWEEP_DIR_TAG: str(Path(hc.sweep.dir).resolve()),
-        compare.OVERRIDES_TAG: json.dumps(overrides),
+        runs.OVERRIDES_TAG: json.dumps(overrides),
         "mlflow.runName": job_name(overrides, swept, hc.job.get("num", 0)),
     }
 
 
 def close_orphans(client, parent_id: str) -> int:
     """Mark children still RUNNING after every job returned (a killed process never ends its run) as FAILED."""
-    orphans = [r for r in compare.child_runs(client, parent_id) if r.info.status == "RUNNING"]
+    orphans = [r for r in runs.child_runs(client, parent_id) if r.info.status == "RUNNING"]
     for run in orphans:
         client.set_tag(run.info.run_id, "error", "job ended without closing its run (killed?)")
         client.set_terminated(run.info.run_id, status="FAILED")
@@ -200,7 +200,7 @@ def close_sweep(config: DictConfig, tracking: DictConfig, summary_name: str) -> 
     parent = MLflowTracker(tracking.uri, tracking.experiment)
     parent.run_id = parent_id
     close_orphans(parent.client, parent_id)
-    rows = compare.sweep_rows(tracking.uri, parent_id)
+    rows = runs.sweep_rows(tracking.uri, parent_id)
     name_uniquely(parent.client, rows)
     paths = compare.write_summary(rows, sweep_dir, summary_name)
     for path in paths:
