@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -330,6 +331,8 @@ class MLflowTracker:
         with tempfile.TemporaryDirectory(prefix="loralab-model-") as tmp:  # MLflow copies the artifacts
             served_by = Path(tmp) / SERVED_BY
             served_by.write_text(f"{python_model.__module__}.{python_model.__qualname__}\n", encoding="utf-8")
+            # MLflow loads the model back to check it serves the example: a progress bar for each copy of local files
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             with using_store(self.uri):  # MLflow logs and registers models through its fluent API only
                 info = Model.log(
                     artifact_path=None,
