@@ -44,7 +44,23 @@ def result(run_dir: Path, store: Path, name: str, variant: str, overrides: list[
     out["duplication"] = data.get("oversampling", {}).get("duplication")
     out["stage_seconds"] = stage_seconds(run_dir, store) if store.is_file() else {}
     out["peak_rss_mb"] = peak_rss_mb()
+    out["machine"] = machine()
     return out
+
+
+def machine() -> dict[str, object]:
+    """What decides a run's float rounding besides the code: the CPU kernels torch picks and its thread count. Runs
+    of one seed repeat exactly on one machine, not across machines that differ here."""
+    import platform
+
+    import torch
+
+    return {
+        "arch": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def peak_rss_mb() -> float:
