@@ -237,6 +237,7 @@ BAD_VALUES = [
     ),
     (["optim.warmup_ratio=1"], "optim.warmup_ratio", "1.0", "[0, 1)"),
     (["optim.scheduler=cosin"], "optim.scheduler", "'cosin'", "get_scheduler name"),
+    (["optim.scheduler=reduce_lr_on_plateau"], "optim.scheduler", "'reduce_lr_on_plateau'", "per optimizer step"),
     (["optim.max_grad_norm=0"], "optim.max_grad_norm", "0.0", "> 0 or null"),
     (["+optim.optimizer.betas=[0.9,0.95]"], "optim.optimizer.betas", "[0.9, 0.95]", "unknown key"),
     (["calibration.method=platt"], "calibration.method", "'platt'", "temperature, none"),

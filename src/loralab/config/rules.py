@@ -161,7 +161,11 @@ GATE = Rule(_gate, "must be '<op> <number>' with op in >=, >, <=, <")
 def _scheduler(v: str) -> bool:
     from transformers import SchedulerType
 
-    return v in {s.value for s in SchedulerType}
+    # reduce_lr_on_plateau steps on a metric, not once per optimizer step as the loop steps every schedule
+    return v in {s.value for s in SchedulerType} - {"reduce_lr_on_plateau"}
 
 
-SCHEDULER = Rule(_scheduler, "must be a transformers.get_scheduler name (linear, cosine, constant_with_warmup, ...)")
+SCHEDULER = Rule(
+    _scheduler,
+    "must be a transformers.get_scheduler name stepped per optimizer step (linear, cosine, constant_with_warmup, ...)",
+)
