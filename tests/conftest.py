@@ -162,15 +162,17 @@ def trainer_conf(
     mode: str = "max",
     patience: int = 100,
     min_delta: float = 0.0,
+    grace: float = 0.0,
     **knobs: Any,
 ):
     """The shipped ``trainer`` settings (conf/trainer/default.yaml) for a loop test: these values in place, raw
-    (unsmoothed) early stopping, the step-level knobs and gates off unless ``knobs`` set them."""
+    (unsmoothed) early stopping watching from the first evaluation unless ``grace`` says otherwise, the step-level
+    knobs and gates off unless ``knobs`` set them."""
     from loralab.config.choices import MonitorMode
 
     base = shipped_conf().trainer
     stopping = dataclasses.replace(
-        base.early_stopping, patience=patience, patience_steps=0, min_delta=min_delta, smoothing=0.0
+        base.early_stopping, patience=patience, patience_steps=0, min_delta=min_delta, smoothing=0.0, grace=grace
     )
     values = dict(
         max_epochs=max_epochs,

@@ -72,13 +72,14 @@ def make_trainer(
     *,
     patience: int = 100,
     min_delta: float = 0.0,
+    grace: float = 0.0,
     mode: str = "max",
     precision: str = "fp32",
     lr: float = 0.1,
     ddp: Dist = Dist(),
 ) -> Trainer:
     return Trainer(
-        trainer_conf(max_epochs, mode=mode, patience=patience, min_delta=min_delta),
+        trainer_conf(max_epochs, mode=mode, patience=patience, min_delta=min_delta, grace=grace),
         optim_conf(lr=lr),
         precision=precision,
         device=torch.device("cpu"),
@@ -248,6 +249,16 @@ def test_early_stopping_ends_a_fit_with_its_reason(tmp_path):
         tmp_path / "again", max_epochs=5, patience=1, min_delta=0.1, resume_from=tmp_path / "last", metric=scripted([])
     )
     assert resumed.fit().history == state.history  # a resumed run that had stopped stays stopped
+
+
+@pytest.mark.parametrize("grace, epochs_run, best_epoch", [(0.0, 2, 1), (0.5, 5, 4)])
+def test_early_stopping_does_not_weigh_evaluations_in_the_grace_share(tmp_path, grace, epochs_run, best_epoch):
+    """Six planned epochs of 10 steps, patience 1. Watching from the start, the dip at epoch 2 stops the run; with
+    grace 0.5 epochs 1-2 (steps 10, 20 < 30) are not weighed, epoch 3 sets the stopper's bar, 4 beats it, 5 stops.
+    The best epoch is ranked over every evaluation either way."""
+    acc = [0.5, 0.4, 0.3, 0.6, 0.5, 0.9]
+    state = fit(tmp_path, max_epochs=6, patience=1, grace=grace, metric=scripted(acc)).fit()
+    assert len(state.history) == epochs_run and state.best_epoch == best_epoch
 
 
 def test_mid_epoch_resume_equals_the_uninterrupted_fit(tmp_path):

@@ -138,6 +138,13 @@ class Trainer:
             num_training_steps=total_steps,
             num_warmup_steps=int(self.optim.warmup_ratio * total_steps),
         )
+        if self.conf.early_stopping.grace:
+            log.info(
+                "early stopping watches from step %d (trainer.early_stopping.grace=%g of %d planned steps)",
+                math.ceil(self.conf.early_stopping.grace * total_steps),
+                self.conf.early_stopping.grace,
+                total_steps,
+            )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.early_stopping = EarlyStopping(
             self.conf.early_stopping.patience,
@@ -206,7 +213,10 @@ class Trainer:
         # Best = best raw value (as the checkpoint ranking sees it); min_delta only decides when patience runs out.
         value = metrics[monitor]
         improved = not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
-        self.early_stopping.update(value)
+        # Early in a run a rare class's F1 can sit flat for epochs while the loss still falls: evaluations in the
+        # grace share of the planned steps are ranked and checkpointed but never start the stopper's patience.
+        if st.step >= math.ceil(self.conf.early_stopping.grace * self.total_steps):
+            self.early_stopping.update(value)
         st.early_stopping = self.early_stopping.state()
         if improved:
             st.best_epoch, st.best_step = epoch, st.step
