@@ -138,10 +138,11 @@ class Trainer:
             num_training_steps=total_steps,
             num_warmup_steps=int(self.optim.warmup_ratio * total_steps),
         )
-        if self.conf.early_stopping.grace:
+        self.watch_from = math.ceil(self.conf.early_stopping.grace * total_steps)  # the stopper's first step
+        if self.watch_from:
             log.info(
                 "early stopping watches from step %d (trainer.early_stopping.grace=%g of %d planned steps)",
-                math.ceil(self.conf.early_stopping.grace * total_steps),
+                self.watch_from,
                 self.conf.early_stopping.grace,
                 total_steps,
             )
@@ -215,7 +216,7 @@ class Trainer:
         improved = not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
         # Early in a run a rare class's F1 can sit flat for epochs while the loss still falls: evaluations in the
         # grace share of the planned steps are ranked and checkpointed but never start the stopper's patience.
-        if st.step >= math.ceil(self.conf.early_stopping.grace * self.total_steps):
+        if st.step >= self.watch_from:
             self.early_stopping.update(value)
         st.early_stopping = self.early_stopping.state()
         if improved:
