@@ -162,7 +162,7 @@ def trainer_conf(
     mode: str = "max",
     patience: int = 100,
     min_delta: float = 0.0,
-    grace: float = 0.0,
+    grace: int = 0,
     **knobs: Any,
 ):
     """The shipped ``trainer`` settings (conf/trainer/default.yaml) for a loop test: these values in place, raw

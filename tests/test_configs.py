@@ -300,7 +300,7 @@ BAD_VALUES = [
     (["trainer.max_epochs=many"], "trainer.max_epochs", "'many'", "must be auto, an int >= 1"),
     (["trainer.min_steps=0"], "trainer.min_steps", "0", ">= 1"),
     (["trainer.early_stopping.smoothing=1"], "trainer.early_stopping.smoothing", "1.0", "[0, 1)"),
-    (["trainer.early_stopping.grace=1"], "trainer.early_stopping.grace", "1.0", "[0, 1)"),
+    (["trainer.early_stopping.grace=-1"], "trainer.early_stopping.grace", "-1", ">= 0"),
 ]
 
 

@@ -72,7 +72,7 @@ def make_trainer(
     *,
     patience: int = 100,
     min_delta: float = 0.0,
-    grace: float = 0.0,
+    grace: int = 0,
     mode: str = "max",
     precision: str = "fp32",
     lr: float = 0.1,
@@ -251,10 +251,10 @@ def test_early_stopping_ends_a_fit_with_its_reason(tmp_path):
     assert resumed.fit().history == state.history  # a resumed run that had stopped stays stopped
 
 
-@pytest.mark.parametrize("grace, epochs_run, best_epoch", [(0.0, 2, 1), (0.5, 5, 4)])
-def test_early_stopping_does_not_weigh_evaluations_in_the_grace_share(tmp_path, grace, epochs_run, best_epoch):
+@pytest.mark.parametrize("grace, epochs_run, best_epoch", [(0, 2, 1), (2, 5, 4)])
+def test_early_stopping_does_not_weigh_evaluations_in_the_grace_epochs(tmp_path, grace, epochs_run, best_epoch):
     """Six planned epochs of 10 steps, patience 1. Watching from the start, the dip at epoch 2 stops the run; with
-    grace 0.5 epochs 1-2 (steps 10, 20 < 30) are not weighed, epoch 3 sets the stopper's bar, 4 beats it, 5 stops.
+    grace 2 epochs 1-2 (steps 10, 20) are not weighed, epoch 3 sets the stopper's bar, 4 beats it, 5 stops.
     The best epoch is ranked over every evaluation either way."""
     acc = [0.5, 0.4, 0.3, 0.6, 0.5, 0.9]
     state = fit(tmp_path, max_epochs=6, patience=1, grace=grace, metric=scripted(acc)).fit()

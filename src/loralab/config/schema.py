@@ -137,9 +137,7 @@ class PretrainConf:
             min_steps=1,
             monitor="val_perplexity",
             monitor_mode=MonitorMode.min,
-            early_stopping=EarlyStoppingConf(
-                patience=epochs, patience_steps=0, min_delta=0.0, smoothing=0.0, grace=0.0
-            ),
+            early_stopping=EarlyStoppingConf(patience=epochs, patience_steps=0, min_delta=0.0, smoothing=0.0, grace=0),
             save_top_k=1,
             group_by_length=True,
             compile=False,
@@ -188,7 +186,7 @@ class EarlyStoppingConf:
     patience_steps: int = knob(ge(0))  # with max_epochs=auto: patience in epochs covers at least this many steps
     min_delta: float = knob(ge(0))
     smoothing: float = knob(interval("[0, 1)"))  # EMA weight of past evaluations in the stopping decision
-    grace: float = knob(interval("[0, 1)"))  # share of the planned steps whose evaluations the stopper does not weigh
+    grace: int = knob(ge(0))  # epochs whose evaluations the stopper does not weigh
 
 
 @dataclass

@@ -128,7 +128,8 @@ class Trainer:
         self.inputs, self.checkpoints = inputs, checkpoints
         params = [p for p in inputs.model.parameters() if p.requires_grad]
         self.optimizer = self.optim.make_optimizer(params)
-        total_steps = self.conf.max_epochs * -(-len(inputs.train_loader) // inputs.accum_steps)
+        steps_per_epoch = -(-len(inputs.train_loader) // inputs.accum_steps)
+        total_steps = self.conf.max_epochs * steps_per_epoch
         if self.max_steps:  # the schedule ends where training does
             total_steps = min(total_steps, self.max_steps)
         self.total_steps = total_steps  # the planned length (early stopping may end sooner): the progress bar's ETA
@@ -138,13 +139,12 @@ class Trainer:
             num_training_steps=total_steps,
             num_warmup_steps=int(self.optim.warmup_ratio * total_steps),
         )
-        self.watch_from = math.ceil(self.conf.early_stopping.grace * total_steps)  # the stopper's first step
-        if self.watch_from:
+        self.grace_steps = self.conf.early_stopping.grace * steps_per_epoch  # the stopper weighs evaluations after
+        if self.grace_steps:
             log.info(
-                "early stopping watches from step %d (trainer.early_stopping.grace=%g of %d planned steps)",
-                self.watch_from,
+                "early stopping weighs evaluations after step %d (trainer.early_stopping.grace=%d epochs)",
+                self.grace_steps,
                 self.conf.early_stopping.grace,
-                total_steps,
             )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.early_stopping = EarlyStopping(
@@ -214,9 +214,9 @@ class Trainer:
         # Best = best raw value (as the checkpoint ranking sees it); min_delta only decides when patience runs out.
         value = metrics[monitor]
         improved = not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
-        # Early in a run a rare class's F1 can sit flat for epochs while the loss still falls: evaluations in the
-        # grace share of the planned steps are ranked and checkpointed but never start the stopper's patience.
-        if st.step >= self.watch_from:
+        # Early in a run a rare class's F1 can sit flat or swing for epochs while the loss still falls: evaluations
+        # in the first grace epochs are ranked and checkpointed but never start the stopper's patience.
+        if st.step > self.grace_steps:
             self.early_stopping.update(value)
         st.early_stopping = self.early_stopping.state()
         if improved:
