@@ -23,9 +23,9 @@ from loralab.lifecycle import run
 
 PINNED = [
     1.01871288,
-    0.61976808,
-    0.70949906,
-]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.0, no class weights, seed 42)
+    0.62208962,
+    0.70507449,
+]  # step.train_loss at optimizer steps 1-3 (batch 16, focal gamma 1.0, no class weights, LoRA dropout 0.2, seed 42)
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_the_first_steps_of_the_shipped_recipe_keep_their_losses(tmp_path, packi
     ]
     exact = 1 if packing else len(PINNED)  # step 1: zero-initialized LoRA B, so dropout changes nothing yet
     torch.testing.assert_close(torch.tensor(losses[:exact]), torch.tensor(PINNED[:exact]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED), rtol=0, atol=5e-3)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED), rtol=0, atol=1e-2)
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
     assert summary["packing"] is packing and found.data.params["hardware.packing"] == str(packing)
     assert 0 < summary["padding_share"]["train"] < 1 and 0 <= summary["padding_share"]["val"] < 1
