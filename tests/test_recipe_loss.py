@@ -45,8 +45,9 @@ def test_the_first_steps_of_the_shipped_recipe_keep_their_losses(tmp_path, packi
         f"tracking.uri={new_store(tmp_path / 'mlflow.db')}",
         f"hardware.packing={packing}",
     )
-    shipped = (cfg.serialize._target_.endswith("Bins"), cfg.lora.target_modules, cfg.loss.class_weights)
-    assert shipped == (True, "all-linear", "none") and cfg.data.oversample_to is None  # what this pins
+    shipped = (cfg.serialize._target_.endswith("Bins"), cfg.lora.target_modules, cfg.lora.lora_dropout)
+    assert shipped == (True, "all-linear", 0.2) and cfg.loss.class_weights == "none"  # what this pins
+    assert cfg.data.oversample_to is None
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     run(cfg)
