@@ -128,6 +128,8 @@ def test_losing_to_the_baseline_by_more_than_005_is_said_plainly():
     assert baseline_verdict({"val_macro_f1": 0.5, "baseline": None}) is None
     line = baseline_verdict(metrics(0.446, 1.0))
     assert line.startswith("The model loses to the hgb baseline by 0.554 macro-F1 (0.446 vs 1.000)")
+    assert "ensemble=blend" in line  # the override that recovers the baseline's score...
+    assert "ensemble=blend" not in baseline_verdict({**metrics(0.446, 1.0), "ensemble": {"weight": 0.2}})  # ...once
     summary = run_result(metrics=metrics(0.446, 1.0), objective=0.446)
     console = Console(record=True, width=200)
     print_summary(summary, console)

@@ -70,15 +70,17 @@ LOSES_BY = 0.05  # macro-F1 below the baseline that a run's summary calls a loss
 
 
 def baseline_verdict(metrics: Mapping[str, Any]) -> str | None:
-    """One plain line when the model trails the in-run baseline by more than ``LOSES_BY`` macro-F1, else None."""
+    """One plain line when the model trails the in-run baseline by more than ``LOSES_BY`` macro-F1, else None; a run
+    that did not blend is told the override that serves the two together."""
     base = (metrics.get("baseline") or {}).get("scalars", {}).get("val_macro_f1")
     model = metrics.get("val_macro_f1")
     if base is None or model is None or base - model <= LOSES_BY:
         return None
     name = metrics["baseline"]["name"]
+    remedy = "" if metrics.get("ensemble") else f" (ensemble=blend serves the model and the {name} baseline together)"
     return (
         f"The model loses to the {name} baseline by {base - model:.3f} macro-F1 ({model:.3f} vs {base:.3f}): "
-        f"on this data the {name} baseline is the better model."
+        f"on this data the {name} baseline is the better model{remedy}."
     )
 
 
