@@ -97,3 +97,4 @@ class PretrainTrain(Choice):
 class BinCuts(Choice):
     quantile = "quantile"
     tree = "tree"
+    boosted = "boosted"
