@@ -148,7 +148,7 @@ class Bins(Serializer):
     at least half a quantile bin's rows; bins the boosted trees leave over go to the single-feature tree's cuts.
     """
 
-    BOOSTED_MAX_ROWS = 20_000  # rows the boosted trees are fitted on (a seed-fixed sample of bigger sets): seconds
+    BOOSTED_MAX_ROWS = 10_000  # rows the boosted trees fit: a seed-fixed sample of a bigger set (time grows with both)
 
     kind = "bins"
 
