@@ -1,6 +1,6 @@
 """What binning the numbers costs before any model sees them: the run's own HGB baseline (``baseline.build_estimator``,
 class-balanced as ``conf/baseline/hgb.yaml`` sets it) on the raw features against the same baseline on each number's
-bin index (``serialize=bins`` with ``cuts: quantile``, ``tree`` and ``boosted``), same train/val split, val macro-F1.
+bin index (``serialize=bins`` with ``cuts: quantile`` and ``cuts: tree``), same train/val split, val macro-F1.
 
     python bench/tabular_sets.py /tmp/q/sets
     python bench/bin_ceiling.py /tmp/q/sets mixed demo wine breast_cancer iris
@@ -50,7 +50,7 @@ def main() -> None:
             load_records(sets / name / f"{split}.jsonl", LABELS[name], allow_null=True)[0] for split in ("train", "val")
         )
         scores = {}
-        for form in ("raw", "quantile", "tree", "boosted"):
+        for form in ("raw", "quantile", "tree"):
             bins = None if form == "raw" else Bins(n_bins=args.bins, cuts=form).fit(train)
             fit_rows, val_rows = (train, val) if bins is None else (binned(train, bins), binned(val, bins))
             model = build_estimator("hgb", 42, {"class_weight": "balanced"})  # the runs' seed

@@ -101,35 +101,6 @@ def test_tree_cuts_put_a_rules_threshold_on_a_bin_edge_fitted_on_the_labels_give
     assert again.state() == tree.state() and again({"x": 40.0, "noise": 1.0}) == tree({"x": 40.0, "noise": 1.0})
 
 
-def test_boosted_cuts_find_a_threshold_that_only_matters_together_with_another_feature():
-    """``long`` where (a > 47.5) == (z > 32.5) on a grid of a and z: along z alone the labels are half and half
-    everywhere, so the tree on z alone has nothing to cut at, while trees over both features split z at 32.5.
-    Every bin still holds at least half a quantile bin's rows, missing values make no edge, unlabelled rows get
-    quantiles, and the state round-trips."""
-    train = []
-    for i in range(400):
-        a, z = float(i // 20 * 5), float(i % 20 * 5)  # 0, 5, ..., 95 each
-        label = "long" if (a > 47.5) == (z > 32.5) else "skip"
-        train.append(
-            Record(id=str(i), features={"a": a, "z": z, "gap": None if i % 10 == 0 else float(i)}, label=label)
-        )
-    tree, boosted = (Bins(n_bins=6, cuts=c).fit(train) for c in ("tree", "boosted"))
-    assert 32.5 not in tree.features["z"]["edges"] and 32.5 in boosted.features["z"]["edges"]
-    assert 47.5 in boosted.features["a"]["edges"]
-    for key in ("a", "z", "gap"):
-        edges = boosted.features[key]["edges"]
-        values = [r.features[key] for r in train if isinstance(r.features[key], float)]
-        counts = Counter(boosted.value(key, v) for v in values)
-        assert len(edges) <= 5 and len(counts) == len(edges) + 1 and min(counts.values()) >= len(values) // 12
-        assert edges[0] > min(values)  # no edge below the values: missing ones are not a bin of their own
-    unlabelled = [Record(id=r.id, features=r.features, label=None) for r in train]
-    assert (
-        Bins(n_bins=6, cuts="boosted").fit(unlabelled).fitted() == Bins(n_bins=6, cuts="quantile").fit(train).fitted()
-    )
-    again = load_serializer(json.loads(json.dumps(boosted.state())))
-    assert again.state() == boosted.state() and again({"a": 60.0, "z": 30.0}) == boosted({"a": 60.0, "z": 30.0})
-
-
 def test_bins_defined_meanings_for_missing_unseen_mistyped_and_out_of_range():
     bins = fitted_bins(4)
     # null and an absent key: unknown; a category never seen in training: unknown too

@@ -97,4 +97,3 @@ class PretrainTrain(Choice):
 class BinCuts(Choice):
     quantile = "quantile"
     tree = "tree"
-    boosted = "boosted"

@@ -11,9 +11,7 @@ the fast ones.
   bins; edges from the training split): one token per number whatever the bin count; booleans 1/0; categories
   as written. The edges are quantiles, or
   (``cuts: tree``) the cut points a small decision tree on that feature alone finds against the training labels,
-  so a threshold a rule uses becomes a bin edge instead of falling inside a bin, or (``cuts: boosted``) where
-  gradient-boosted trees over all the features split, which also finds a threshold that only matters together
-  with another feature's.
+  so a threshold a rule uses becomes a bin edge instead of falling inside a bin.
 
 Meanings the model can rely on: a missing value (``null`` under ``data.allow_null``, or a key the record lacks)
 reads as ``?`` in ``kv`` and ``bins`` (``null``/absent in ``json``, as the record has it). In ``bins`` a category
@@ -30,7 +28,6 @@ import math
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
-from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.tree import DecisionTreeClassifier
 
 from loralab.data.records import Record
@@ -143,12 +140,8 @@ class Bins(Serializer):
     them: ``ext_dir`` -1/1 reads 0/1). Any other gets at most ``n_bins`` bins: equal-count ones (``cuts:
     quantile``, fewer where ties merge edges), or (``cuts: tree``) those of a decision tree fitted on that feature
     alone against the training labels, every bin holding at least a quantile bin's rows and at least 5 (a
-    feature the tree cannot cut at all keeps its quantile bins), or (``cuts: boosted``) the thresholds
-    gradient-boosted trees over all features split that feature at, the most informative first, every bin holding
-    at least half a quantile bin's rows; bins the boosted trees leave over go to the single-feature tree's cuts.
+    feature the tree cannot cut at all keeps its quantile bins).
     """
-
-    BOOSTED_MAX_ROWS = 10_000  # rows the boosted trees fit: a seed-fixed sample of a bigger set (time grows with both)
 
     kind = "bins"
 
@@ -169,8 +162,6 @@ class Bins(Serializer):
                 if v is not None:
                     values.setdefault(k, []).append((v, r.label))
         features = {k: self._fit_one(*zip(*pairs)) for k, pairs in sorted(values.items())}
-        if self.cuts == "boosted":
-            self._boosted_edges(records, features)
         self.load_fitted({"features": features, "symbols": BASE36})
         return self
 
@@ -183,7 +174,7 @@ class Bins(Serializer):
             if len(distinct) <= self.n_bins:
                 edges = (distinct[:-1] + distinct[1:]) / 2
             else:
-                edges = self._tree_edges(x, labels) if self.cuts != "quantile" else np.array([])
+                edges = self._tree_edges(x, labels) if self.cuts == "tree" else np.array([])
                 if not len(edges):
                     edges = np.unique(np.quantile(x, np.arange(1, self.n_bins) / self.n_bins))
             return {"type": "number", "edges": [float(e) for e in edges]}
@@ -198,36 +189,11 @@ class Bins(Serializer):
         min_rows = max(5, len(x) // self.n_bins)
         tree = DecisionTreeClassifier(max_leaf_nodes=self.n_bins, min_samples_leaf=min_rows, random_state=0)
         tree.fit(x[:, None], [str(y) for y in labels])
-        return np.unique(midpoints(x, tree.tree_.threshold[tree.tree_.feature >= 0]))
-
-    def _boosted_edges(self, records: Sequence[Record], features: dict[str, dict[str, Any]]) -> None:
-        """Replace each many-valued number's single-feature cuts by where boosted trees over all features split it.
-
-        A rule such as ``ret_5 > 1.2 and volume_z > 0.3`` moves the labels along ``volume_z`` only among the rows
-        with a high ``ret_5``: a tree on ``volume_z`` alone barely sees it, trees over every feature split there.
-        """
-        labels = [str(r.label) for r in records]
-        if any(r.label is None for r in records) or len(set(labels)) < 2:
-            return  # nothing to cut against: the single-feature cuts (quantiles) stay
-        keys = sorted(features)
-        X = np.array([[code(features[k], r.features.get(k)) for k in keys] for r in records], dtype=np.float64)
-        rows = np.arange(len(records))
-        if len(rows) > self.BOOSTED_MAX_ROWS:
-            rows = np.sort(np.random.default_rng(0).choice(rows, self.BOOSTED_MAX_ROWS, replace=False))
-        # A missing value sits below every value of its column: the trees can split it off, no edge lands there.
-        missing = np.isnan(X)
-        lowest = np.where(missing, np.inf, X).min(axis=0)
-        X = np.where(missing, np.where(np.isfinite(lowest), lowest - 1, 0.0), X)
-        model = GradientBoostingClassifier(n_estimators=100, max_depth=3, random_state=0)
-        model.fit(X[rows], [labels[i] for i in rows])
-        gains = split_gains([t for stage in model.estimators_ for t in stage])
-        for j, k in enumerate(keys):
-            spec, x = features[k], np.sort(X[~missing[:, j], j])
-            if spec["type"] != "number" or len(np.unique(x)) <= self.n_bins or j not in gains:
-                continue  # one bin per value already, or a feature the trees never split
-            ranked = [c for c, _ in sorted(gains[j].items(), key=lambda cg: -cg[1])]
-            snapped = midpoints(x, np.asarray(ranked))  # most informative first, duplicates kept in rank order
-            spec["edges"] = pick_cuts(x, [*snapped, *spec["edges"]], self.n_bins, max(5, len(x) // (2 * self.n_bins)))
+        cuts = np.unique(tree.tree_.threshold[tree.tree_.feature >= 0])
+        # The tree compares in float32: put each cut half-way between the float64 training values it separates.
+        distinct = np.unique(x)
+        above = np.searchsorted(distinct.astype(np.float32), cuts.astype(np.float32), side="right")
+        return np.unique((distinct[above - 1] + distinct[above]) / 2)
 
     def fitted(self) -> dict[str, Any]:
         return {"features": self.features, "symbols": self.symbols}
@@ -262,54 +228,6 @@ class Bins(Serializer):
         if not self.features:
             raise RuntimeError("serialize=bins: fit() on the training records before serializing")
         return " ".join(f"{k}={self.value(k, features.get(k))}" for k in self.features)
-
-
-def code(spec: Mapping[str, Any], v: Any) -> float:
-    """A feature value as the number boosted trees split on (NaN: missing or mistyped); categories by index."""
-    if spec["type"] == "number":
-        return float(v) if is_number(v) and math.isfinite(v) else math.nan
-    if spec["type"] == "bool":
-        return float(v) if isinstance(v, bool) else math.nan
-    values = spec["values"]
-    return float(values.index(str(v))) if v is not None and str(v) in values else math.nan
-
-
-def midpoints(x: np.ndarray, cuts: np.ndarray) -> np.ndarray:
-    """Each of a tree's thresholds moved half-way between the float64 training values ``x`` it separates (trees
-    compare in float32); a threshold outside the values (a split off of missing values) is dropped."""
-    distinct = np.unique(x)
-    above = np.searchsorted(distinct.astype(np.float32), np.asarray(cuts).astype(np.float32), side="right")
-    inside = (above > 0) & (above < len(distinct))
-    return (distinct[above[inside] - 1] + distinct[above[inside]]) / 2
-
-
-def split_gains(trees: Sequence[Any]) -> dict[int, dict[float, float]]:
-    """Per feature column: each threshold the fitted sklearn trees split it at, with the impurity decrease (times
-    rows) summed over every split there."""
-    gains: dict[int, dict[float, float]] = {}
-    for estimator in trees:
-        t = estimator.tree_
-        w, imp = t.weighted_n_node_samples, t.impurity
-        for node in np.flatnonzero(t.feature >= 0):
-            left, right = t.children_left[node], t.children_right[node]
-            gain = w[node] * imp[node] - w[left] * imp[left] - w[right] * imp[right]
-            per = gains.setdefault(int(t.feature[node]), {})
-            per[float(t.threshold[node])] = per.get(float(t.threshold[node]), 0.0) + float(gain)
-    return gains
-
-
-def pick_cuts(x: np.ndarray, candidates: Sequence[float], n_bins: int, min_rows: int) -> list[float]:
-    """Up to ``n_bins - 1`` of ``candidates``, taken in order, each kept only if every bin of the sorted values
-    ``x`` still holds ``min_rows``."""
-    chosen: list[float] = []
-    for c in candidates:
-        if len(chosen) == n_bins - 1:
-            break
-        edges = np.sort([*chosen, c])
-        counts = np.diff(np.concatenate([[0], np.searchsorted(x, edges, side="right"), [len(x)]]))
-        if c not in chosen and counts.min() >= min_rows:
-            chosen.append(float(c))
-    return sorted(chosen)
 
 
 SERIALIZERS: dict[str, type[Serializer]] = {c.kind: c for c in (Json, KeyValue, Bins)}
