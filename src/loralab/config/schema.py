@@ -75,7 +75,6 @@ class LoraConf:
     lora_dropout: float = knob(interval("[0, 1)"))
     target_modules: Any = knob(LORA_TARGETS)  # null | all-linear | a list of module names
     bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
-    modules_to_save: Optional[List[str]] = None  # trained in full beside the adapters (the head always is)
 
 
 @dataclass
