@@ -13,12 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from loralab.archive import safe_extract, zip_dir
 from loralab.calibrate import probabilities
 from loralab.cli.predict import main as predict_main
 from loralab.data.demo import make_rows
 from loralab.data.records import DataError
 from loralab.data.text import serialize
-from loralab.export import ExportError, export_model, safe_extract, verify_export, zip_dir
+from loralab.export import ExportError, export_model, verify_export
 from loralab.inference import evaluate_file, load_exported, predict_file
 from loralab.models.build import ModelSource
 from loralab.models.lora import apply_lora

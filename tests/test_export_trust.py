@@ -10,8 +10,9 @@ import zipfile
 import pytest
 from test_export import lora_export  # noqa: F401  # the module fixture: one tiny LoRA export
 
+from loralab.archive import zip_dir
 from loralab.errors import ExportError
-from loralab.export import META_FILE, extract_export, meta_digest, zip_dir
+from loralab.export import META_FILE, extract_export, meta_digest
 from loralab.inference import load_exported
 
 

@@ -24,11 +24,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
+from loralab.archive import safe_extract
 from loralab.config import check
 from loralab.data.demo import write_demo
 from loralab.data.records import load_records
 from loralab.data.text import serialize
-from loralab.export import safe_extract
 from loralab.pretrain import CausalLMPretrain
 from loralab.tracking.mlflow import MLflowTracker
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import CONF_DIR, new_store
 from hydra import compose, initialize_config_dir
 
-from loralab.export import safe_extract
+from loralab.archive import safe_extract
 from loralab.inference import predict_file
 from loralab.lifecycle import run as train
 

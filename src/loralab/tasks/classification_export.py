@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralab.archive import zip_dir
 from loralab.baseline import predict_proba
 from loralab.calibrate import calibrate, calibration_metrics, probabilities, reliability_diagram
 from loralab.config.tasks import ClassificationConf
@@ -29,7 +30,7 @@ from loralab.ensemble import (
     scores,
 )
 from loralab.errors import ExportError
-from loralab.export import export_model, zip_dir
+from loralab.export import export_model
 from loralab.fs import atomic_dir, atomic_write_json, sha256_file
 from loralab.metrics import classification_metrics, evaluate_gates
 from loralab.reporting.provenance import code_version

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from loralab.archive import zip_dir
 from loralab.config.tasks import TextRegressionConf
 from loralab.core.checkpoint import save_checkpoint
 from loralab.core.loaders import TaskData, eval_loader, pack_records
@@ -24,7 +25,6 @@ from loralab.data.records import leaked_ids
 from loralab.data.regression_demo import write_article_demo
 from loralab.data.splits import score_tiers, stratified_split, test_overlap
 from loralab.errors import DataError
-from loralab.export import zip_dir
 from loralab.metrics import MetricNames, regression_metric_names, regression_metrics
 from loralab.reporting.provenance import code_version
 from loralab.reporting.regression import write_regression_report
