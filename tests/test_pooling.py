@@ -4,6 +4,8 @@ loaded back from a local model dir); LoRA's default targets and the memory prefl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import LABELS, compose_train
@@ -15,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, LlamaCo
 from loralab.data.demo import make_rows
 from loralab.data.text import serialize
 from loralab.errors import ConfigError
-from loralab.models.build import PAD, ModelSource, read_config
+from loralab.models.build import PAD, ModelSource, read_config, shipped_config
 from loralab.models.lora import apply_lora
 from loralab.models.memory import check_memory
 
@@ -157,3 +159,18 @@ def test_unreadable_or_unknown_configs_are_one_line_config_errors(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="model.arch='no_such_arch': not a shipped architecture name"):
         ModelSource(name="x", pretrained=False, arch="no_such_arch").architecture()
+
+
+def test_a_local_architecture_json_is_read_like_a_shipped_one(tmp_path):
+    """``model.arch=path/to/config.json``: the shipped tiny config with one field changed builds, its vocabulary
+    filled from the tokenizer like the shipped one's; a field of the wrong type or a non-object is one line."""
+    arch = shipped_config("tiny_qwen2") | {"attention_dropout": 0.1}
+    (tmp_path / "tiny.json").write_text(json.dumps(arch))
+    config = ModelSource(name="x", pretrained=False, arch=str(tmp_path / "tiny.json")).architecture(vocab_size=300)
+    assert (config.model_type, config.attention_dropout, config.vocab_size) == ("qwen2", 0.1, 300)
+    (tmp_path / "bad.json").write_text(json.dumps(arch | {"num_hidden_layers": "four"}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for bad in ("bad.json", "list.json"):
+        with pytest.raises(ConfigError, match=rf"^model.arch='.*{bad}': cannot read the model's config.json") as err:
+            ModelSource(name="x", pretrained=False, arch=str(tmp_path / bad)).architecture()
+        assert "\n" not in str(err.value)

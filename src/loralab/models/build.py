@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
@@ -49,16 +50,40 @@ def shipped_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _unreadable(key: str, location: str | Path, err: Exception) -> ConfigError:
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    return ConfigError(f"{key}={str(location)!r}: cannot read the model's config.json ({first})")
+
+
+def read_json(location: str | Path, key: str) -> dict:
+    """A bare config.json as a dict; ConfigError (one line, naming ``key``) when it is not a JSON object."""
+    try:
+        config = json.loads(Path(location).read_text())
+    except (OSError, ValueError) as err:
+        raise _unreadable(key, location, err) from None
+    if not isinstance(config, dict):
+        raise _unreadable(key, location, TypeError("not a JSON object"))
+    return config
+
+
+def config_from_dict(config: dict, location: str | Path, key: str) -> PretrainedConfig:
+    """``AutoConfig.for_model`` of a config.json's fields; a missing ``model_type`` or a field of the wrong type is
+    one ConfigError line naming ``key``."""
+    try:
+        return AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        raise _unreadable(key, location, err) from None
+
+
 def read_config(location: str | Path, key: str, trust_remote_code: bool, local_only: bool = False) -> PretrainedConfig:
     """``AutoConfig`` of a local dir / config.json or a hub id (``local_only``: from the HF cache, no network);
     ConfigError (one line, naming ``key``) when it cannot be read."""
+    if Path(location).is_file():  # a bare config.json
+        return config_from_dict(read_json(location, key), location, key)
     try:
-        if Path(location).is_file():  # a bare config.json
-            return AutoConfig.for_model(**json.loads(Path(location).read_text()))
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, local_files_only=local_only)
-    except (OSError, ValueError, KeyError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"{key}={str(location)!r}: cannot read the model's config.json ({first})") from None
+    except (OSError, ValueError, KeyError, StrictDataclassError) as err:
+        raise _unreadable(key, location, err) from None
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -130,19 +155,16 @@ class ModelSource:
         ``vocab_size`` (the trained tokenizer's), else ``tokenizer_vocab_size``."""
         if not self.pretrained:
             name = self.arch or self.name
-            if Path(name).exists():
-                config = read_config(name, "model.arch", self.trust_remote_code)
-            else:
-                try:
-                    arch = shipped_config(name)
-                except FileNotFoundError as err:
-                    raise ConfigError(
-                        f"model.arch={name!r}: not a shipped architecture name nor a local "
-                        f"config.json or model dir ({err})"
-                    ) from None
-                arch["vocab_size"] = arch.get("vocab_size") or vocab_size or self.tokenizer_vocab_size
-                config = AutoConfig.for_model(**arch)
-            return config
+            if Path(name).is_dir():
+                return read_config(name, "model.arch", self.trust_remote_code)
+            try:
+                arch = read_json(name, "model.arch") if Path(name).is_file() else shipped_config(name)
+            except FileNotFoundError as err:
+                raise ConfigError(
+                    f"model.arch={name!r}: not a shipped architecture name nor a local config.json or model dir ({err})"
+                ) from None
+            arch["vocab_size"] = arch.get("vocab_size") or vocab_size or self.tokenizer_vocab_size
+            return config_from_dict(arch, name, "model.arch")
         if self.path:
             return read_config(self.path, "model.path", self.trust_remote_code)
         if not self.hub_id:
