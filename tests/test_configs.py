@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import CONF_DIR, LABELS, compose_train, typed_conf
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from peft import LoraConfig
@@ -301,6 +302,9 @@ BAD_VALUES = [
     (["trainer.min_steps=0"], "trainer.min_steps", "0", ">= 1"),
     (["trainer.early_stopping.smoothing=1"], "trainer.early_stopping.smoothing", "1.0", "[0, 1)"),
     (["trainer.early_stopping.grace=-1"], "trainer.early_stopping.grace", "-1", ">= 0"),
+    (["lora.enabled=sometimes"], "lora.enabled", "'sometimes'", "must be auto, true or false"),
+    (["lora.full_from_rows=0"], "lora.full_from_rows", "0", ">= 1"),
+    (["lora.full_lr=0"], "lora.full_lr", "0", "> 0"),
 ]
 
 
@@ -319,7 +323,7 @@ def test_bad_values_fail_in_one_line(overrides, key, value, rule, monkeypatch):
     [
         (["loss.gamma=1.5", "lora.r=16"], 16),  # the README's sweep: python train.py -m ... lora.r=8,16,32
         (["lora.r=32"], 32),
-        ([], 8),  # the offline default: tiny_qwen2 + LoRA
+        ([], 8),  # the offline default: tiny_qwen2 + LoRA (on a set under lora.full_from_rows rows)
         (["lora=none"], None),
         (["lora=none", "lora.r=4"], None),  # a rank alone switches nothing: lora=none says off
         (["lora=default", "lora.enabled=false"], None),
@@ -328,10 +332,27 @@ def test_bad_values_fail_in_one_line(overrides, key, value, rule, monkeypatch):
     ],
 )
 def test_lora_is_on_unless_a_config_says_off(overrides, r):
-    cfg = check(compose_train(*overrides))
-    assert cfg.lora.enabled is (r is not None)
-    built = instantiate(cfg.lora)
+    conf = typed_conf(*overrides)
+    lora, _ = conf.lora.for_train_rows(conf.lora.full_from_rows - 1, conf.optim)
+    assert lora.enabled is (r is not None)
+    built = instantiate(lora)
     assert (built.r if built else None) == r
+
+
+def test_the_tiny_model_trains_adapters_on_small_sets_and_every_weight_on_large_ones():
+    conf = typed_conf()
+    assert conf.lora.enabled == "auto"
+    with pytest.raises(InstantiationException, match="lora.enabled=auto: decide it"):
+        instantiate(conf.lora)  # undecided: the run decides once it knows the training rows
+    small, optim = conf.lora.for_train_rows(conf.lora.full_from_rows - 1, conf.optim)
+    assert small.enabled is True and small.target_modules == "all-linear" and optim is conf.optim
+    large, optim = conf.lora.for_train_rows(conf.lora.full_from_rows, conf.optim)
+    assert large.enabled is False and instantiate(large) is None
+    # exactly what `python train.py lora=none optim.lr=<full_lr>` trains with, the optimizer's own lr included
+    assert optim == typed_conf("lora=none", f"optim.lr={conf.lora.full_lr}").optim != conf.optim
+    assert optim.optimizer.lr == conf.lora.full_lr
+    for fixed in (typed_conf("model=qwen2_5_0_5b"), typed_conf("lora=none")):  # not auto: any size, as configured
+        assert fixed.lora.for_train_rows(10**6, fixed.optim) == (fixed.lora, fixed.optim)
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,7 @@ class Recipe:
         self._setup_seed()
         with self._stage("data"):
             self._setup_data()
+            self._setup_finetuning()
         with self._stage("pretrain"):
             self._setup_base(stop_requested)
         with self._stage("model"):
@@ -131,6 +132,25 @@ class Recipe:
         self.provenance = provenance(self.conf.paths["root_dir"], self.data_files)  # after build_data: demo files exist
         ctx.tracker.set_provenance(self.provenance, resumed=ctx.resume_dir is not None)
         ctx.tracker.log_datasets(dataset_inputs(self.data_files, self.provenance))
+
+    def _setup_finetuning(self) -> None:
+        """``lora.enabled=auto``: the training set's size decides between LoRA and training every weight. The
+        decision lands on the one ``RunConf`` the task also reads (model, export); the saved and logged config
+        keeps ``auto``, the run's ``resolved.*`` tags say what it became."""
+        conf, rows = self.conf, len(self.data.train)  # type: ignore[arg-type]  # map-style: sized
+        lora, optim = conf.lora.for_train_rows(rows, conf.optim)
+        if lora is conf.lora:
+            return
+        conf.lora, conf.optim = lora, optim
+        log.info(
+            "lora.enabled=auto: %d training rows %s lora.full_from_rows=%d -> %s at lr %g",
+            rows,
+            "<" if lora.enabled else ">=",
+            lora.full_from_rows,
+            "LoRA adapters" if lora.enabled else "every weight trains (lora.r and the other adapter keys go unused)",
+            optim.lr,
+        )
+        self.ctx.tracker.set_tags({"resolved.lora.enabled": lora.enabled, "resolved.optim.lr": optim.lr})
 
     def _setup_base(self, stop_requested: Callable[[], bool]) -> None:
         """The pretrain stage may replace the task's base. Under DDP rank 0 fills the pretrain cache alone (a

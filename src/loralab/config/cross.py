@@ -124,7 +124,9 @@ def hardware(cfg: DictConfig, task: Any) -> None:
             True,
             f"4-bit (bitsandbytes) needs a CUDA device, hardware.device is {h.device}",
         )
-        require(cfg.lora.enabled, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)")
+        require(
+            cfg.lora.enabled is True, "hardware.load_in_4bit", True, "4-bit base weights train only with LoRA (QLoRA)"
+        )
         require(is_qwen(cfg) and cfg.model.pretrained, "hardware.load_in_4bit", True, "needs model.pretrained=true")
     if h.packing:
         require(is_qwen(cfg), "hardware.packing", True, "packs a text model's records; the MLP reads no token sequence")

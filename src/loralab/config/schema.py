@@ -64,17 +64,28 @@ class TaskConf:
 
 @dataclass
 class LoraConf:
-    """``enabled`` says whether LoRA is on (lora=default: true, lora=none: false); the other keys stay either way."""
+    """``enabled`` says whether LoRA is on (lora=default: true, lora=none: false, lora=auto: the training set's
+    size decides); the other keys stay either way."""
 
     _target_: str = MISSING
     _convert_: str = MISSING
-    enabled: bool = MISSING
+    enabled: Any = knob(auto_or(lambda v: isinstance(v, bool), "true or false"))  # auto: for_train_rows decides
     task_type: str = knob(one_of("SEQ_CLS"))  # passed verbatim to peft.LoraConfig
     r: Optional[int] = knob(gt(0))
     lora_alpha: int = knob(gt(0))
     lora_dropout: float = knob(interval("[0, 1)"))
     target_modules: Any = knob(LORA_TARGETS)  # null | all-linear | a list of module names
     bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
+    full_from_rows: int = knob(ge(1))  # enabled=auto: from this many training rows on, every weight trains
+    full_lr: float = knob(gt(0))  # enabled=auto: optim.lr when every weight trains
+
+    def for_train_rows(self, rows: int, optim: OptimConf) -> tuple["LoraConf", OptimConf]:
+        """``enabled=auto`` decided for a training set of ``rows``: LoRA (at ``optim.lr``) under ``full_from_rows``,
+        every weight at ``full_lr`` from there on. Any other ``enabled`` comes back as it is."""
+        if self.enabled != "auto":
+            return self, optim
+        full = rows >= self.full_from_rows
+        return dataclasses.replace(self, enabled=not full), optim.with_lr(self.full_lr) if full else optim
 
 
 @dataclass
@@ -172,6 +183,10 @@ class OptimConf:
     scheduler: str = knob(SCHEDULER)
     max_grad_norm: Optional[float] = knob(gt(0))
     optimizer: OptimizerConf = MISSING
+
+    def with_lr(self, lr: float) -> "OptimConf":
+        """This optimizer at another learning rate (the ``optimizer`` keys carry it too)."""
+        return dataclasses.replace(self, lr=lr, optimizer=dataclasses.replace(self.optimizer, lr=lr))
 
     def make_optimizer(self, params: Any) -> Any:
         """``optimizer`` (any ``torch.optim`` class by ``_target_``, with its keys) over ``params``."""

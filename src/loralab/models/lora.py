@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def lora_config(enabled: bool = True, **kwargs) -> LoraConfig | None:
-    """``conf/lora``'s target: a peft ``LoraConfig``, or None for full fine-tuning (``enabled: false``)."""
+def lora_config(enabled: bool | str = True, full_from_rows=None, full_lr=None, **kwargs) -> LoraConfig | None:
+    """``conf/lora``'s target: a peft ``LoraConfig``, or None for full fine-tuning (``enabled: false``).
+    ``full_from_rows`` and ``full_lr`` are the run's to use (``LoraConf.for_train_rows``), not peft's."""
+    if enabled == "auto":
+        raise ValueError("lora.enabled=auto: decide it with LoraConf.for_train_rows before building the model")
     # peft (~2 s of CPU to import) loads when a LoRA model is built, not with every module that may build one
     from peft import LoraConfig
 

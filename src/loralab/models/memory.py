@@ -162,7 +162,7 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mod
             f"model.max_length={model.max_length}: must be <= {limit}, the max_position_embeddings "
             f"of this {config.model_type} model"
         )
-    r = lora.r if lora.enabled else None
+    r = lora.r if lora.enabled is True else None  # lora=auto: estimated as full fine-tuning, the larger of two
     targets = lora.target_modules
     est = estimate_memory(
         config,
