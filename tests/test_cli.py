@@ -149,8 +149,10 @@ def test_preflight_fits_and_misfits(capsys):
 
 
 def test_preflight_turns_lora_on_for_a_lora_key_like_training(capsys):
-    assert tool_main("preflight")(["model=tiny_qwen2", "lora.r=4"]) == 0  # LoRA is on by default
+    assert tool_main("preflight")(["model=qwen2_5_0_5b", "lora.r=4"]) == 0  # LoRA is on by default
     assert "(lora=r=4)" in capsys.readouterr().out
+    assert tool_main("preflight")(["model=tiny_qwen2", "lora.r=4"]) == 0  # the training rows will decide
+    assert "(lora=auto: r=4 under 5000 training rows, none from there)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

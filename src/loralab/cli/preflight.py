@@ -68,7 +68,7 @@ def check(cfg: DictConfig) -> str:
     est = check_memory(
         conf.model, conf.lora, hw, num_labels=len(conf.output_names()), batch_size=conf.optim.batch_size, mode="error"
     )
-    label = run_label(conf.model.name, conf.lora.r if conf.lora.enabled is True else None, hw.name)
+    label = run_label(conf.model.name, conf.lora, hw.name)
     if hw.memory_gib is None:
         return f"{label}: {est.describe()}; device memory unknown (set hardware.memory_gib to compare)"
     return f"fits: {label}: {est.describe()} <= {hw.memory_gib:.1f} GiB"

@@ -146,9 +146,14 @@ def preflight(est: MemoryEstimate, memory_gib: float | None, mode: str, what: st
         raise ConfigError(message)
 
 
-def run_label(model_name: str, lora_r: int | None, hardware_name: str) -> str:
-    """How messages name a combination: ``qwen2_5_0_5b (lora=r=8) on hardware=rtx3050``."""
-    return f"{model_name} (lora={f'r={lora_r}' if lora_r else 'none'}) on hardware={hardware_name}"
+def run_label(model_name: str, lora, hardware_name: str) -> str:
+    """How messages name a combination: ``qwen2_5_0_5b (lora=r=8) on hardware=rtx3050``; ``lora=none`` trains every
+    weight, ``lora=auto`` decides by the training rows (estimated as every weight, the larger)."""
+    if lora.enabled == "auto":
+        how = f"auto: r={lora.r} under {lora.full_from_rows} training rows, none from there"
+    else:
+        how = f"r={lora.r}" if lora.enabled and lora.r else "none"
+    return f"{model_name} (lora={how}) on hardware={hardware_name}"
 
 
 def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mode: str | None = None) -> MemoryEstimate:
@@ -178,5 +183,5 @@ def check_memory(model, lora, hardware, *, num_labels: int, batch_size: int, mod
             on_cuda=str(hardware.device).startswith("cuda"),
         ),
     )
-    preflight(est, hardware.memory_gib, mode or hardware.preflight, run_label(model.name, r, hardware.name))
+    preflight(est, hardware.memory_gib, mode or hardware.preflight, run_label(model.name, lora, hardware.name))
     return est
