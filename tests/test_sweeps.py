@@ -7,6 +7,7 @@ temporary SQLite store, exactly as a user would.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -248,7 +249,10 @@ def test_gamma_rank_sweep_is_the_three_by_three_grid():
     values = [dict(o.split("=", 1) for o in job) for job in jobs]
     assert {(v["loss.gamma"], v["lora.r"]) for v in values} == set(product(["1.0", "1.5", "2.0"], ["8", "16", "32"]))
     job = _compose(*jobs[-1])  # a job of the grid composes with LoRA on (the default; no lora=... needed)
-    assert job.lora.enabled is True and job.lora.r == 32 and job.loss.gamma == 2.0
+    assert job.lora.r == 32 and job.loss.gamma == 2.0
+    # the tiny model decides by rows: the demo's are under lora.full_from_rows, so every job trains its adapters
+    demo_rows = inspect.signature(write_demo).parameters["n_train"].default
+    assert job.lora.enabled == "auto" and demo_rows < job.lora.full_from_rows
 
 
 def test_optuna_sweep_config():
