@@ -187,7 +187,7 @@ def test_an_unknown_key_is_one_line_and_exit_2_with_or_without_plus(override, tm
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].endswith(
         "ConfigError: lora.rank=16: unknown key (known: enabled, task_type, r, lora_alpha, lora_dropout, "
-        "target_modules, bias)"
+        "target_modules, bias, full_from_rows, full_lr)"
     )
 
 

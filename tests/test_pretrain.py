@@ -226,11 +226,13 @@ def test_two_jobs_asking_at_once_pretrain_once(demo, tmp_path):
 
 
 def test_the_cards_sweep_composes_with_lora_on_in_every_job():
-    """``python train.py -m loss.gamma=1.0,1.5,2.0 lora.r=8,16,32``: each job's config, as the sweeper builds it."""
+    """``python train.py -m loss.gamma=1.0,1.5,2.0 lora.r=8,16,32``: each job's config, as the sweeper builds it.
+    The tiny model's ``lora=auto`` trains the adapters on sets under ``lora.full_from_rows`` rows (the demo's)."""
     for gamma, r in itertools.product(["1.0", "1.5", "2.0"], [8, 16, 32]):
         cfg = check(compose_train(f"loss.gamma={gamma}", f"lora.r={r}"))
-        assert cfg.lora.enabled is True and cfg.lora.r == r and cfg.loss.gamma == float(gamma)
+        assert cfg.lora.enabled == "auto" and cfg.lora.r == r and cfg.loss.gamma == float(gamma)
         assert cfg.pretrain.name == "none" and cfg.model.name == "tiny_qwen2"
+        assert check(compose_train("model=qwen2_5_0_5b", f"lora.r={r}")).lora.enabled is True  # a real model: LoRA
     assert check(compose_train("lora=none")).lora.enabled is False  # full fine-tuning is asked for by name
 
 
@@ -288,7 +290,8 @@ def test_a_sweep_job_trains_lora_adapters_over_the_pretrained_base(sweep_job):
     (child,) = [r for r in runs if "lora.r" in r.data.params]
     params, metrics, tags = child.data.params, child.data.metrics, child.data.tags
     assert child.info.status == "FINISHED"
-    assert params["lora.enabled"] == "True" and params["lora.r"] == "8" and params["pretrain.name"] == "clm"
+    assert params["lora.enabled"] == "auto" and params["lora.r"] == "8" and params["pretrain.name"] == "clm"
+    assert tags["resolved.lora.enabled"] == "True"  # the demo's rows are under lora.full_from_rows
     assert 0 < metrics["model.trainable_params"] < 0.1 * metrics["model.total_params"]  # adapters + head only
     assert tags["pretrain.cache_hit"] == "False" and len(tags["pretrain.cache_key"]) == 16
     base = Path(tags["pretrain.base_dir"])  # the base it fine-tuned over is the one it cached, under its key
