@@ -76,7 +76,7 @@ class LoraConf:
     lora_dropout: float = knob(interval("[0, 1)"))
     target_modules: Any = knob(LORA_TARGETS)  # null | all-linear | a list of module names
     bias: str = knob(one_of("none", "all", "lora_only"))  # passed verbatim to peft.LoraConfig
-    full_from_rows: int = knob(ge(1))  # enabled=auto: from this many training rows on, every weight trains
+    full_from_rows: int = knob(ge(1))  # enabled=auto: from this many training rows on (as trained: oversampled)
     full_lr: float = knob(gt(0))  # enabled=auto: optim.lr when every weight trains
 
     def for_train_rows(self, rows: int, optim: OptimConf) -> tuple["LoraConf", OptimConf]:
